@@ -1,0 +1,97 @@
+"""Pure-jnp ConvNeXt block: the definition of "correct" and the XLA implementation.
+
+    y = x + drop_path_scale[n] * gamma * fc2(gelu(fc1(LayerNorm(dwconv7x7(x) + b))))
+
+All activations are NHWC.  Parameters may be float32 while ``x`` is bfloat16: the
+convolution and matmul operands are cast to ``x.dtype`` (accumulating in float32) and the
+LayerNorm statistics are computed in float32, which is what the fused kernel does too.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class ConvNeXtBlockParams(NamedTuple):
+  """Parameters of one ConvNeXt block, in the layout the kernels take.
+
+  dw_kernel:  (k, k, C) depthwise kernel (flax ``nnx.Conv`` stores (k, k, 1, C)).
+  dw_bias:    (C,)
+  ln_scale:   (C,)
+  ln_bias:    (C,)
+  fc1_kernel: (C, hidden)   hidden = mlp_ratio * C, usually 4C
+  fc1_bias:   (hidden,)
+  fc2_kernel: (hidden, C)
+  fc2_bias:   (C,)
+  gamma:      (C,) layer scale; pass ones when the block has no layer scale.
+  """
+
+  dw_kernel: jax.Array
+  dw_bias: jax.Array
+  ln_scale: jax.Array
+  ln_bias: jax.Array
+  fc1_kernel: jax.Array
+  fc1_bias: jax.Array
+  fc2_kernel: jax.Array
+  fc2_bias: jax.Array
+  gamma: jax.Array
+
+
+def validate(x: jax.Array, params: ConvNeXtBlockParams) -> None:
+  """Raises ValueError naming the problem when x and params do not fit together."""
+  if x.ndim != 4:
+    raise ValueError(f"convnext_block expects NHWC input of rank 4, got shape {x.shape}")
+  if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+    raise ValueError(f"convnext_block supports float32/bfloat16/float16 input, got {x.dtype}")
+  c = x.shape[-1]
+  k = params.dw_kernel.shape[0]
+  hidden = params.fc1_kernel.shape[-1]
+  expected = {
+      "dw_kernel": (k, k, c), "dw_bias": (c,), "ln_scale": (c,), "ln_bias": (c,),
+      "fc1_kernel": (c, hidden), "fc1_bias": (hidden,), "fc2_kernel": (hidden, c),
+      "fc2_bias": (c,), "gamma": (c,),
+  }
+  for name, shape in expected.items():
+    actual = tuple(getattr(params, name).shape)
+    if actual != shape:
+      raise ValueError(
+          f"convnext_block: params.{name} has shape {actual}, expected {shape} for input "
+          f"with {c} channels (x.shape={x.shape})")
+
+
+def convnext_block_reference(
+    x: jax.Array,
+    params: ConvNeXtBlockParams,
+    drop_path_scale: jax.Array | None = None,
+    *,
+    eps: float = 1e-6,
+) -> jax.Array:
+  """The whole block in plain XLA ops.  ``drop_path_scale``: optional (N,) per-sample
+  multiplier of the residual branch (0 or 1/keep_prob for stochastic depth)."""
+  validate(x, params)
+  dtype = x.dtype
+  c = x.shape[-1]
+  k = params.dw_kernel.shape[0]
+  pad = k // 2
+  z = jax.lax.conv_general_dilated(
+      x, params.dw_kernel.reshape(k, k, 1, c).astype(dtype),
+      window_strides=(1, 1), padding=((pad, pad), (pad, pad)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c,
+      preferred_element_type=jnp.float32)
+  z = z + params.dw_bias.astype(jnp.float32)
+  mean = jnp.mean(z, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(z - mean), axis=-1, keepdims=True)
+  zn = (z - mean) * jax.lax.rsqrt(var + eps)
+  zn = zn * params.ln_scale.astype(jnp.float32) + params.ln_bias.astype(jnp.float32)
+  h = jnp.dot(zn.astype(dtype), params.fc1_kernel.astype(dtype),
+              preferred_element_type=jnp.float32)
+  h = jax.nn.gelu(h + params.fc1_bias.astype(jnp.float32), approximate=False)
+  out = jnp.dot(h.astype(dtype), params.fc2_kernel.astype(dtype),
+                preferred_element_type=jnp.float32)
+  out = (out + params.fc2_bias.astype(jnp.float32)) * params.gamma.astype(jnp.float32)
+  if drop_path_scale is not None:
+    out = out * drop_path_scale.astype(jnp.float32).reshape(-1, 1, 1, 1)
+  return (x.astype(jnp.float32) + out).astype(dtype)

@@ -1,9 +1,24 @@
-"""Fused residual-block kernels in Pallas with pure-jnp references."""
+"""Fused residual-block kernels in Pallas with pure-jnp references.
 
+Every op has one public function taking ``implementation=None | "xla" | "pallas"``:
+None picks the fastest supported implementation and falls back to XLA."""
+
+from pallas_kernels.convfirst_block import (
+    ConvFirstBlockParams,
+    MBConvBlockParams,
+    convfirst_block,
+    convfirst_block_reference,
+    mbconv_block,
+    mbconv_block_reference,
+)
 from pallas_kernels.convnext_block import (
     ConvNeXtBlockParams,
     convnext_block,
     convnext_block_reference,
 )
 
-__all__ = ["ConvNeXtBlockParams", "convnext_block", "convnext_block_reference"]
+__all__ = [
+    "ConvFirstBlockParams", "ConvNeXtBlockParams", "MBConvBlockParams", "convfirst_block",
+    "convfirst_block_reference", "convnext_block", "convnext_block_reference",
+    "mbconv_block", "mbconv_block_reference",
+]

@@ -1,0 +1,1 @@
+"""Benchmarks and parity checks: scripts that print tables and write JSON (not tests)."""

@@ -1,0 +1,99 @@
+"""Whole-model throughput, XLA vs Pallas blocks: inference images/s (and optionally the
+training step), bfloat16 compute, float32 parameters, random inputs.
+
+    PYTHONPATH=. python3 -m benchmarks.models --models convnext_tiny,convfirst_t \
+        --batches 1,16,64,256 --impls xla,pallas --json out.json
+
+ConvFirstNet runs inference in its BatchNorm-folded form (``fold_batchnorm``).  Each
+number is the median of ``--iters`` timed calls after warm-up, synchronised with
+``block_until_ready``; an implementation that is not supported for a model prints n/a.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import convfirst_jax as cj
+
+
+def _median_time(fn, args_list, iters: int, warmup: int = 3) -> float:
+  for i in range(warmup):
+    jax.block_until_ready(fn(*args_list[i % len(args_list)]))
+  times = []
+  for i in range(iters):
+    a = args_list[i % len(args_list)]
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*a))
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def build_inference(name: str, impl: str, dtype):
+  model = cj.create_model(name, num_classes=1000, block_impl=impl, dtype=dtype, rngs=0)
+  model.eval()
+  if isinstance(model, cj.ConvFirstNet):
+    model = cj.fold_batchnorm(model, block_impl=impl)
+  return model
+
+
+def inference_throughput(name, impl, batch, image_size, dtype, iters):
+  model = build_inference(name, impl, dtype)
+  fn = jax.jit(lambda m, x: m(x))
+  keys = jax.random.split(jax.random.key(batch), 2)
+  xs = [(model, jax.random.normal(k, (batch, image_size, image_size, 3), dtype)) for k in keys]
+  t = _median_time(fn, xs, iters)
+  return batch / t, t
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument("--models", default="convnext_tiny,convfirst_t")
+  p.add_argument("--batches", default="1,16,64,256")
+  p.add_argument("--impls", default="xla,pallas")
+  p.add_argument("--image-size", type=int, default=224)
+  p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+  p.add_argument("--iters", type=int, default=20)
+  p.add_argument("--json", default=None)
+  args = p.parse_args(argv)
+  dtype = jnp.dtype(args.dtype)
+  device = jax.devices()[0].device_kind
+  rows = []
+  for name in args.models.split(","):
+    for batch in [int(b) for b in args.batches.split(",")]:
+      for impl in args.impls.split(","):
+        row = dict(model=name, batch=batch, impl=impl, image_size=args.image_size,
+                   dtype=args.dtype, device=device)
+        try:
+          ips, t = inference_throughput(name, impl, batch, args.image_size, dtype, args.iters)
+          row.update(images_per_s=ips, ms=t * 1e3)
+        except NotImplementedError as e:
+          row.update(images_per_s=None, ms=None, note=str(e)[:80])
+        rows.append(row)
+        print(f"{name:<16} {impl:<7} batch {batch:>4}: "
+              + (f"{row['images_per_s']:>10.0f} img/s  {row['ms']:.3f} ms"
+                 if row["ms"] is not None else "n/a  " + row["note"]), flush=True)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(rows, f, indent=2)
+  print(f"\nInference, {args.dtype}, {args.image_size}x{args.image_size}, {device}, "
+        f"{time.strftime('%Y-%m-%d')}")
+  print(f"{'model':<16} {'batch':>5} " + " ".join(f"{i + ' img/s':>14}" for i in args.impls.split(",")))
+  for name in args.models.split(","):
+    for batch in [int(b) for b in args.batches.split(",")]:
+      cells = []
+      for impl in args.impls.split(","):
+        r = next(r for r in rows if r["model"] == name and r["batch"] == batch and r["impl"] == impl)
+        cells.append(f"{r['images_per_s']:>14.0f}" if r["images_per_s"] else f"{'n/a':>14}")
+      print(f"{name:<16} {batch:>5} " + " ".join(cells))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

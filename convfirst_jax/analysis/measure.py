@@ -79,6 +79,11 @@ def median_time(fn: Callable, *args, warmup: int = 5, iters: int = 30) -> float:
   return statistics.median(times)
 
 
+def _first_line(e: Exception) -> str:
+  lines = str(e).strip().splitlines()
+  return lines[0][:300] if lines else ""
+
+
 def _jitted(module, apply):
   if module is None:
     return jax.jit(lambda state, x: apply(None, x)), None
@@ -116,8 +121,8 @@ def _time_group(group: Group, in_shape, dtype, impl, warmup, iters, seed) -> Tim
   except Exception as e:  # a kernel that fails to lower must not stop the whole run
     if impl == "xla":
       raise
-    warnings.warn(f"{group.name} ({impl}) failed: {type(e).__name__}: {e}")
-    return Timing(None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    warnings.warn(f"{group.name} ({impl}) failed: {type(e).__name__}: {_first_line(e)}")
+    return Timing(None, f"{type(e).__name__}: {_first_line(e)}")
   finally:
     if old is not None:
       module.implementation = old
@@ -174,8 +179,8 @@ def measure_model(model, input_shape, dtype, *, impls=IMPLEMENTATIONS, warmup: i
     except Exception as e:
       if impl == "xla":
         raise
-      warnings.warn(f"whole model ({impl}) failed: {type(e).__name__}: {e}")
-      out[impl] = Timing(None, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+      warnings.warn(f"whole model ({impl}) failed: {type(e).__name__}: {_first_line(e)}")
+      out[impl] = Timing(None, f"{type(e).__name__}: {_first_line(e)}")
     finally:
       for b, o in zip(blocks, old):
         b.implementation = o

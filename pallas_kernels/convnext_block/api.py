@@ -1,18 +1,60 @@
-"""Public entry point: ``convnext_block(x, params, implementation=...)``.
+"""Public entry point: ``convnext_block(x, params, drop_path_scale, implementation=...)``.
 
-Placeholder dispatch: only the XLA implementation exists so far; the Pallas kernel
-plugs in here (see issue: fused ConvNeXt block)."""
+``implementation=None`` runs the fused Pallas kernels where they are supported (GPU
+backend, or ``interpret=True`` anywhere) and falls back to the XLA reference otherwise;
+``"pallas"`` raises ``NotImplementedError`` naming what is unsupported; ``"xla"`` always
+runs the reference.  Gradients of the Pallas path come from a ``jax.custom_vjp`` whose
+forward saves only its inputs (see pallas_triton.py for the kernels)."""
 
 from __future__ import annotations
 
-import jax
+import functools
 
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.convnext_block import pallas_triton, tuning
 from pallas_kernels.convnext_block.reference import (
     ConvNeXtBlockParams,
     convnext_block_reference,
+    validate,
 )
 
 IMPLEMENTATIONS = ("xla", "pallas")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _fused(x, params, dps, eps, tiles, interpret):
+  return pallas_triton.forward(x, params, dps, eps=eps, tiles=tiles, interpret=interpret)
+
+
+def _fused_fwd(x, params, dps, eps, tiles, interpret):
+  y = pallas_triton.forward(x, params, dps, eps=eps, tiles=tiles, interpret=interpret)
+  return y, (x, params, dps)
+
+
+def _fused_bwd(eps, tiles, interpret, res, g):
+  x, params, dps = res
+  dx, dparams, ddps = pallas_triton.backward(x, params, dps, g, eps=eps, tiles=tiles,
+                                             interpret=interpret)
+  return dx, dparams, ddps.astype(dps.dtype)
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def pallas_unsupported_reason(x: jax.Array, params: ConvNeXtBlockParams,
+                              interpret: bool) -> str | None:
+  """Why the Pallas path cannot run this call, or None if it can."""
+  if not interpret and jax.default_backend() != "gpu":
+    return (f"the Pallas ConvNeXt block needs a GPU backend (got "
+            f"{jax.default_backend()!r}); pass interpret=True to run it in the interpreter")
+  k = params.dw_kernel.shape[0]
+  if k % 2 == 0:
+    return f"even depthwise kernel size {k}"
+  if x.size >= 2**31 or x.shape[0] * x.shape[1] * x.shape[2] * params.fc1_kernel.shape[1] >= 2**31:
+    return f"input of shape {x.shape} is too large for int32 offsets"
+  return None
 
 
 def convnext_block(
@@ -23,11 +65,28 @@ def convnext_block(
     eps: float = 1e-6,
     implementation: str | None = None,
     interpret: bool = False,
+    tiles: tuning.ConvNeXtTiles | None = None,
 ) -> jax.Array:
+  """ConvNeXt block y = x + dps[n] * gamma * fc2(gelu(fc1(LN(dwconv(x))))) on NHWC x.
+
+  drop_path_scale: optional (N,) per-sample multiplier of the residual branch.
+  tiles: override the tile table (tuning.get_tiles) for this call."""
   if implementation not in (None, *IMPLEMENTATIONS):
     raise ValueError(
         f"implementation must be one of None, {IMPLEMENTATIONS}, got {implementation!r}")
-  if implementation == "pallas":
-    raise NotImplementedError("the Pallas ConvNeXt block kernel is not implemented yet")
-  del interpret
-  return convnext_block_reference(x, params, drop_path_scale, eps=eps)
+  validate(x, params)
+  if drop_path_scale is not None and tuple(jnp.shape(drop_path_scale)) != (x.shape[0],):
+    raise ValueError(f"drop_path_scale must have shape ({x.shape[0]},), got "
+                     f"{jnp.shape(drop_path_scale)}")
+  if implementation == "xla":
+    return convnext_block_reference(x, params, drop_path_scale, eps=eps)
+  reason = pallas_unsupported_reason(x, params, interpret)
+  if reason is not None:
+    if implementation == "pallas":
+      raise NotImplementedError(f"convnext_block(implementation='pallas'): {reason}")
+    return convnext_block_reference(x, params, drop_path_scale, eps=eps)
+  if tiles is None:
+    tiles = tuning.get_tiles(x.shape[-1], x.dtype)
+  dps = (jnp.ones((x.shape[0],), jnp.float32) if drop_path_scale is None
+         else jnp.asarray(drop_path_scale))
+  return _fused(x, params, dps, float(eps), tiles, bool(interpret))

@@ -1,14 +1,21 @@
 """Public entry points for the BatchNorm-folded ConvFirst and MBConv blocks.
 
-Only the XLA implementation exists so far; the fused Pallas kernels plug in here."""
+``implementation``: "xla" runs the reference (intermediates stored in x.dtype); "pallas" runs
+the fused single-launch kernel of ``pallas_triton`` and raises ``NotImplementedError`` naming
+what it does not cover; None picks the kernel where it is supported (GPU backend, or
+``interpret=True``) and falls back to XLA otherwise.
+"""
 
 from __future__ import annotations
 
 import jax
 
+from pallas_kernels.convfirst_block import pallas_triton
+from pallas_kernels.convfirst_block.common import pallas_gpu_unsupported_reason
 from pallas_kernels.convfirst_block.reference import (
     ConvFirstBlockParams,
     MBConvBlockParams,
+    _check,
     convfirst_block_reference,
     mbconv_block_reference,
 )
@@ -16,23 +23,44 @@ from pallas_kernels.convfirst_block.reference import (
 IMPLEMENTATIONS = ("xla", "pallas")
 
 
-def _dispatch(implementation: str | None, name: str) -> None:
+def _pallas_unsupported_reason(x, params, interpret: bool, name: str) -> str | None:
+  reason = pallas_gpu_unsupported_reason(interpret)
+  if reason is not None:
+    return f"fused Pallas {name}: {reason}"
+  try:
+    pallas_triton.check_supported(x, params.conv_kernel.shape[0], name)
+  except NotImplementedError as e:
+    return str(e)
+  return None
+
+
+def _use_pallas(implementation, x, params, interpret: bool, name: str) -> bool:
   if implementation not in (None, *IMPLEMENTATIONS):
     raise ValueError(
         f"implementation must be one of None, {IMPLEMENTATIONS}, got {implementation!r}")
+  if implementation == "xla":
+    return False
+  reason = _pallas_unsupported_reason(x, params, interpret, name)
+  if reason is None:
+    return True
   if implementation == "pallas":
-    raise NotImplementedError(f"the fused Pallas {name} kernel is not implemented yet")
+    raise NotImplementedError(reason)
+  return False
 
 
 def convfirst_block(x: jax.Array, params: ConvFirstBlockParams, *,
                     implementation: str | None = None, interpret: bool = False) -> jax.Array:
-  _dispatch(implementation, "convfirst_block")
-  del interpret
+  """x + fc2(silu(fc1(gconv_kxk(x) + b0) + b1)) + b2, NHWC, group width 8, stride 1."""
+  _check(x, params, x.shape[-1], "convfirst_block")
+  if _use_pallas(implementation, x, params, interpret, "convfirst_block"):
+    return pallas_triton.convfirst_block_pallas(x, params, interpret=interpret)
   return convfirst_block_reference(x, params)
 
 
 def mbconv_block(x: jax.Array, params: MBConvBlockParams, *,
                  implementation: str | None = None, interpret: bool = False) -> jax.Array:
-  _dispatch(implementation, "mbconv_block")
-  del interpret
+  """x + fc2(silu(gconv_kxk(silu(fc1(x) + b1)) + b0)) + b2, NHWC, group width 8, stride 1."""
+  _check(x, params, params.fc1_kernel.shape[-1], "mbconv_block")
+  if _use_pallas(implementation, x, params, interpret, "mbconv_block"):
+    return pallas_triton.mbconv_block_pallas(x, params, interpret=interpret)
   return mbconv_block_reference(x, params)

@@ -1,0 +1,157 @@
+"""Model, optimizer and the jitted train / eval steps over split NNX state.
+
+The model is split once (``nnx.split``) into a static graph definition and a state pytree
+{params, batch_stats, rest (RNG streams)}; the steps are pure functions of that state,
+merged back into a module only inside the trace.  The train step takes the whole
+TrainState (a dict) and donates it, so parameters and optimizer moments are updated in
+place on the device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+import convfirst_jax
+
+TrainState = dict  # {"step", "params", "batch_stats", "rest", "opt_state"[, "ema"]}
+
+
+def compute_dtype(name: str):
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def build_model(model: str, num_classes: int, *, block_impl=None, dtype="float32",
+                drop_path: float = 0.0, seed: int = 0, in_chans: int = 3, **kwargs):
+  rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+  return convfirst_jax.create_model(
+      model, num_classes=num_classes, block_impl=block_impl, dtype=compute_dtype(dtype),
+      param_dtype=jnp.float32, rngs=rngs, drop_path_rate=drop_path, in_chans=in_chans,
+      **kwargs)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitModel:
+  """A model's two graph definitions (train and eval mode) and its initial state."""
+  train_graph: Any
+  eval_graph: Any
+  params: nnx.State
+  batch_stats: nnx.State
+  rest: nnx.State
+
+  @classmethod
+  def from_model(cls, model: nnx.Module) -> "SplitModel":
+    model.train()
+    train_graph, params, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+    model.eval()
+    eval_graph = nnx.split(model, nnx.Param, nnx.BatchStat, ...)[0]
+    model.train()
+    return cls(train_graph, eval_graph, params, batch_stats, rest)
+
+  def merge(self, params, batch_stats, rest, *, train: bool = False) -> nnx.Module:
+    return nnx.merge(self.train_graph if train else self.eval_graph, params, batch_stats, rest)
+
+
+def lr_schedule(lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0):
+  """Linear warm-up from 0 to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr``."""
+  warmup_steps = min(max(warmup_steps, 0), total_steps - 1) if total_steps > 1 else 0
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=lr, warmup_steps=warmup_steps,
+      decay_steps=max(total_steps, warmup_steps + 1), end_value=min_lr)
+
+
+def make_optimizer(params, *, lr: float, total_steps: int, warmup_steps: int,
+                   weight_decay: float, grad_clip: float | None = None,
+                   min_lr: float = 0.0) -> tuple[optax.GradientTransformation, Callable]:
+  """AdamW (b2 = 0.999) on the schedule above; no weight decay on biases and norm scales
+  (arrays of rank <= 1); optional global-norm gradient clipping first."""
+  schedule = lr_schedule(lr, total_steps, warmup_steps, min_lr)
+  decay_mask = jax.tree.map(lambda p: p.ndim > 1, params)
+  parts = []
+  if grad_clip:
+    parts.append(optax.clip_by_global_norm(grad_clip))
+  parts.append(optax.adamw(schedule, b1=0.9, b2=0.999, weight_decay=weight_decay,
+                           mask=decay_mask))
+  return optax.chain(*parts), schedule
+
+
+def init_state(split: SplitModel, tx: optax.GradientTransformation,
+               ema: bool = False) -> TrainState:
+  state = {"step": jnp.zeros((), jnp.int32), "params": split.params,
+           "batch_stats": split.batch_stats, "rest": split.rest,
+           "opt_state": tx.init(split.params)}
+  if ema:
+    state["ema"] = {"params": jax.tree.map(jnp.copy, split.params),
+                    "batch_stats": jax.tree.map(jnp.copy, split.batch_stats)}
+  return state
+
+
+def _normalise(images, mean, std):
+  x = images.astype(jnp.float32)
+  if mean is not None:
+    x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+  return x
+
+
+def cross_entropy(logits, labels, num_classes: int, label_smoothing: float = 0.0):
+  targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+  if label_smoothing:
+    targets = optax.smooth_labels(targets, label_smoothing)
+  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def make_train_step(split: SplitModel, tx: optax.GradientTransformation, *, num_classes: int,
+                    label_smoothing: float = 0.0, ema_decay: float | None = None,
+                    mean=None, std=None):
+  """The pure train step ``(state, images, labels) -> (state, metrics)`` (not yet jitted)."""
+
+  def step_fn(state: TrainState, images, labels):
+    x = _normalise(images, mean, std)
+
+    def loss_fn(params):
+      model = split.merge(params, state["batch_stats"], state["rest"], train=True)
+      logits = model(x)
+      loss = cross_entropy(logits, labels, num_classes, label_smoothing).mean()
+      _, _, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
+      return loss, (logits, batch_stats, rest)
+
+    (loss, (logits, batch_stats, rest)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    step = state["step"] + 1
+    new = {"step": step, "params": params, "batch_stats": batch_stats, "rest": rest,
+           "opt_state": opt_state}
+    if "ema" in state:
+      # Warm-up of the decay (as in TF's ExponentialMovingAverage with num_updates): early
+      # on the average follows the weights closely, which matters for short runs.
+      t = step.astype(jnp.float32)
+      d = jnp.minimum(ema_decay, (1.0 + t) / (10.0 + t))
+      avg = lambda e, p: e * d + p.astype(e.dtype) * (1.0 - d)
+      new["ema"] = {"params": jax.tree.map(avg, state["ema"]["params"], params),
+                    "batch_stats": jax.tree.map(avg, state["ema"]["batch_stats"], batch_stats)}
+    metrics = {"loss": loss,
+               "acc": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
+               "grad_norm": optax.global_norm(grads)}
+    return new, metrics
+
+  return step_fn
+
+
+def make_eval_step(split: SplitModel, *, num_classes: int, mean=None, std=None):
+  """``(params, batch_stats, rest, images, labels, mask) -> (loss sum, correct, count)``."""
+
+  def eval_fn(params, batch_stats, rest, images, labels, mask):
+    model = split.merge(params, batch_stats, rest, train=False)
+    logits = model(_normalise(images, mean, std))
+    loss = cross_entropy(logits, labels, num_classes)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    return jnp.stack([jnp.sum(loss * mask), jnp.sum(correct * mask), jnp.sum(mask)])
+
+  return eval_fn

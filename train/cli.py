@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 
 from train.config import TrainConfig
@@ -31,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--dtype", default=_D.dtype, choices=["float32", "bfloat16"],
                  help="compute dtype (parameters and optimizer state stay float32)")
   g.add_argument("--drop-path", type=float, default=_D.drop_path, help="stochastic depth rate")
+  g.add_argument("--model-kwargs", type=json.loads, default={},
+                 help='more create_model arguments as JSON, e.g. \'{"depths": [1, 1, 2, 1]}\'')
   g = p.add_argument_group("data")
   g.add_argument("--dataset", default=_D.dataset,
                  help="'digits' (built in), 'synthetic' (random, for throughput) or the path "
@@ -89,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--no-plot", dest="plot", action="store_false")
   g.add_argument("--prefetch", type=int, default=_D.prefetch,
                  help="batches transferred to the device ahead of the step")
+  g.add_argument("--num-devices", type=int, default=None,
+                 help="data-parallel over the first N devices (default: all)")
   g = p.add_argument_group("multi-host (jax.distributed.initialize)")
   g.add_argument("--coordinator-address", default=None, help="host:port of process 0")
   g.add_argument("--num-processes", type=int, default=None)

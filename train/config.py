@@ -23,6 +23,7 @@ class TrainConfig:
   block_impl: str | None = None          # "xla" | "pallas" | None (fastest supported)
   dtype: str = "float32"                 # compute dtype; parameters stay float32
   drop_path: float = 0.0
+  model_kwargs: dict = dataclasses.field(default_factory=dict)  # more create_model arguments
   # data
   dataset: str = "digits"                # "digits" | "synthetic" | path of an image folder
   image_size: int = 32
@@ -56,6 +57,7 @@ class TrainConfig:
   progress: bool = True                  # tqdm bar (only shown on a terminal)
   plot: bool = True
   prefetch: int = 2                      # batches put on device ahead of the step
+  num_devices: int | None = None         # use the first N devices (default: all)
   # multi-host (jax.distributed.initialize); leave unset for one process
   coordinator_address: str | None = None
   num_processes: int | None = None
@@ -105,4 +107,4 @@ class TrainConfig:
 # model or the meaning of a step.  (Logging, checkpoint cadence and the like may change.)
 RESUME_INVARIANT_FIELDS = ("model", "dataset", "image_size", "batch_size", "seed", "dtype",
                            "drop_path", "augment", "label_smoothing", "ema_decay",
-                           "synthetic_size", "num_classes")
+                           "synthetic_size", "num_classes", "model_kwargs")

@@ -115,7 +115,10 @@ def make_train_step(split: SplitModel, tx: optax.GradientTransformation, *, num_
     x = _normalise(images, mean, std)
 
     def loss_fn(params):
-      model = split.merge(params, state["batch_stats"], state["rest"], train=True)
+      # Fresh Variable objects in this trace: the model mutates batch statistics and RNG
+      # counters, which NNX allows only for Variables created at the current trace level.
+      fresh = lambda tree: jax.tree.map(lambda x: x, tree)
+      model = split.merge(params, fresh(state["batch_stats"]), fresh(state["rest"]), train=True)
       logits = model(x)
       loss = cross_entropy(logits, labels, num_classes, label_smoothing).mean()
       _, _, batch_stats, rest = nnx.split(model, nnx.Param, nnx.BatchStat, ...)
@@ -138,7 +141,7 @@ def make_train_step(split: SplitModel, tx: optax.GradientTransformation, *, num_
                     "batch_stats": jax.tree.map(avg, state["ema"]["batch_stats"], batch_stats)}
     metrics = {"loss": loss,
                "acc": jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)),
-               "grad_norm": optax.global_norm(grads)}
+               "grad_norm": optax.tree.norm(grads)}
     return new, metrics
 
   return step_fn

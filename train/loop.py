@@ -72,7 +72,12 @@ def fit(config: TrainConfig, *, quiet: bool = False) -> FitResult:
   wall = Timer()
   parallel.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
   is_main = jax.process_index() == 0
-  mesh = parallel.make_mesh()
+  devices = jax.devices()
+  if cfg.num_devices is not None:
+    if not 1 <= cfg.num_devices <= len(devices):
+      raise ValueError(f"num_devices must be in [1, {len(devices)}], got {cfg.num_devices}")
+    devices = devices[:cfg.num_devices]
+  mesh = parallel.make_mesh(devices)
   parallel.check_batch_size(cfg.batch_size, mesh)
 
   out = Path(cfg.output_dir)
@@ -98,7 +103,7 @@ def fit(config: TrainConfig, *, quiet: bool = False) -> FitResult:
 
   model = engine.build_model(cfg.model, dataset.num_classes, block_impl=cfg.block_impl,
                              dtype=cfg.dtype, drop_path=cfg.drop_path, seed=cfg.seed,
-                             in_chans=dataset.channels)
+                             in_chans=dataset.channels, **cfg.model_kwargs)
   split = engine.SplitModel.from_model(model)
   tx, schedule = engine.make_optimizer(
       split.params, lr=cfg.lr, total_steps=total_steps, warmup_steps=warmup,

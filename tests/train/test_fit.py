@@ -1,0 +1,69 @@
+"""End-to-end: the loss falls, outputs (metrics, plot, checkpoints) appear, the API and CLI
+agree."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from tests.train.helpers import TINY, run_python, tiny_config
+from train import CheckpointError, TrainConfig, fit
+from train.cli import config_from_args
+from train.metrics import read_metrics
+
+
+def test_loss_falls_and_outputs_written(tmp_path):
+  cfg = tiny_config(tmp_path, steps=45, ema_decay=0.9, keep=1, save_every=15)
+  result = fit(cfg, quiet=True)
+  train = [r for r in result.records if r["kind"] == "train"]
+  assert len(train) == 9
+  first, last = train[0]["loss"], np.mean([r["loss"] for r in train[-2:]])
+  assert last < 0.6 * first, (first, last)
+  val = [r for r in result.records if r["kind"] == "val"]
+  assert [r["step"] for r in val] == [15, 30, 45]
+  assert val[-1]["acc"] > 0.6 and "ema_acc" in val[-1]
+  out = tmp_path / "run"
+  plot = out / "curves.png"
+  assert plot.stat().st_size > 10_000
+  assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  records = read_metrics(out / "metrics.jsonl")
+  assert records[-1]["kind"] == "summary"
+  assert records[-1]["best_val_acc"] == max(r["acc"] for r in val)
+  assert json.loads((out / "config.json").read_text())["model_kwargs"] == TINY
+  # keep=1 newest + the best by val accuracy (here the newest is also the best or not).
+  best_step = records[-1]["best_step"]
+  assert set(records[-1]["checkpoints"]) == {45, best_step}
+  # The returned models run and agree with the recorded final accuracy's sign of life.
+  logits = result.model(np.zeros((2, 32, 32, 3), np.float32))
+  assert logits.shape == (2, 10) and result.ema_model is not None
+
+
+def test_refuses_to_overwrite_checkpoints(tmp_path):
+  cfg = tiny_config(tmp_path, steps=5, eval_every=5, plot=False)
+  fit(cfg, quiet=True)
+  with pytest.raises(CheckpointError, match="already holds checkpoints"):
+    fit(cfg, quiet=True)
+
+
+def test_resume_rejects_changed_settings(tmp_path):
+  fit(tiny_config(tmp_path, steps=5, eval_every=5, plot=False), quiet=True)
+  with pytest.raises(CheckpointError, match="batch_size"):
+    fit(tiny_config(tmp_path, steps=10, batch_size=16, resume=True), quiet=True)
+
+
+def test_cli_defaults_match_config():
+  cfg = config_from_args([])
+  assert cfg == TrainConfig()
+  cfg = config_from_args(["--epochs", "3", "--block-impl", "xla", "--grad-clip", "0",
+                          "--ema-decay", "0.999", "--model-kwargs", '{"depths": [1, 1, 1, 1]}'])
+  assert cfg.epochs == 3 and cfg.steps is None and cfg.block_impl == "xla"
+  assert cfg.grad_clip is None and cfg.ema_decay == 0.999
+  assert cfg.model_kwargs == {"depths": [1, 1, 1, 1]}
+
+
+def test_cli_reports_bad_dataset_path(tmp_path):
+  r = run_python(["-m", "train", "--dataset", str(tmp_path / "nowhere"), "--output-dir",
+                  str(tmp_path / "run")], timeout=120)
+  assert r.returncode == 2
+  assert "error:" in r.stderr and str(tmp_path / "nowhere") in r.stderr

@@ -139,27 +139,50 @@ def gelu_exact_and_grad(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return x * cdf, cdf + x * jnp.exp(-0.5 * x * x) * _INV_SQRT_2PI
 
 
-def load_nhwc_tap(ref, n, ih, iw, valid, ch, h: int, w: int, c: int):
-  """Masked gather of a (pixels x channel-block) tile from a flat NHWC ref: pixel i
-  reads image n at (ih[i], iw[i]); pixels outside the image or with valid=False and
-  channels >= c read 0 (the conv's zero padding).  Offsets of masked lanes are clamped
-  in range so the CPU interpreter's gather stays in bounds too."""
+def _channel_index(c0, width: int, c: int, clamp_to):
+  """Channel indices of block [c0, c0+width) and their mask (None when the whole block
+  is inside C).  Full blocks use the bare arange so that Triton's axis analysis sees
+  contiguous, aligned offsets and emits 16-byte vector loads/stores; any min/where on the
+  channel axis would hide that and fall back to 2-byte accesses."""
+  ch = c0 + jnp.arange(width, dtype=jnp.int32)
+  # c0 is a Python int, or a traced multiple of width when c % width == 0 (always full).
+  if not isinstance(c0, int) or c0 + width <= c:
+    return ch, None
+  inside = ch < c
+  return jnp.where(inside, ch, clamp_to), inside
+
+
+def load_nhwc_tap(ref, n, ih, iw, valid, c0: int, width: int, h: int, w: int, c: int):
+  """Masked gather of a (pixels x width) tile of channels [c0, c0+width) from a flat
+  NHWC ref: pixel i reads image n at (ih[i], iw[i]); pixels outside the image or with
+  valid=False and channels >= c read 0 (the conv's zero padding).  Offsets of masked
+  lanes are clamped in range so the CPU interpreter's gather stays in bounds too."""
   ok = valid & (ih >= 0) & (ih < h) & (iw >= 0) & (iw < w)
   pix = jnp.where(ok, (n * h + ih) * w + iw, 0)
-  chc = jnp.minimum(ch, c - 1)
-  mask = ok[:, None] & (ch < c)[None, :]
-  return plgpu.load(ref.at[pix[:, None] * c + chc[None, :]], mask=mask, other=0)
+  ch, inside = _channel_index(c0, width, c, c - 1)
+  mask = ok[:, None] if inside is None else ok[:, None] & inside[None, :]
+  return plgpu.load(ref.at[pix[:, None] * c + ch[None, :]], mask=mask, other=0)
 
 
-def store_nhwc(ref, val, n, ih, iw, valid, ch, h: int, w: int, c: int):
-  """Masked scatter of a (pixels x channel-block) tile into a flat NHWC ref.  Masked
-  lanes get the offset ref.size (out of bounds): the GPU never touches them (mask), and
-  the CPU interpreter's scatter drops out-of-bounds updates, whereas clamped offsets
-  would alias real elements and race with their writes."""
+def store_nhwc(ref, val, n, ih, iw, valid, c0: int, width: int, h: int, w: int, c: int):
+  """Masked scatter of a (pixels x width) tile into a flat NHWC ref.  Masked lanes point
+  past the end of the array: the GPU never touches them (mask), and the CPU
+  interpreter's scatter drops out-of-bounds updates, whereas clamped offsets would alias
+  real elements and race with their writes."""
+  size = ref.shape[0]
   ok = valid & (ih < h) & (iw < w)
-  mask = ok[:, None] & (ch < c)[None, :]
-  off = jnp.where(mask, ((n * h + ih) * w + iw)[:, None] * c + ch[None, :], ref.shape[0])
-  plgpu.store(ref.at[off], val.astype(ref.dtype), mask=mask)
+  pix = jnp.where(ok, (n * h + ih) * w + iw, size // c + 1)
+  ch, inside = _channel_index(c0, width, c, size)
+  mask = ok[:, None] if inside is None else ok[:, None] & inside[None, :]
+  plgpu.store(ref.at[pix[:, None] * c + ch[None, :]], val.astype(ref.dtype), mask=mask)
+
+
+def load_rows(ref, rows, valid, c0: int, width: int, c: int):
+  """Masked load of channels [c0, c0+width) of flat (rows x c) ref rows."""
+  pix = jnp.where(valid, rows, 0)
+  ch, inside = _channel_index(c0, width, c, c - 1)
+  mask = valid[:, None] if inside is None else valid[:, None] & inside[None, :]
+  return plgpu.load(ref.at[pix[:, None] * c + ch[None, :]], mask=mask, other=0)
 
 
 def check_flat_size(*shapes) -> None:

@@ -72,8 +72,7 @@ def _dwconv_tile(x_ref, dwk_ref, dwb_ref, n, hh, ww, valid, blocks, h, w, c, k):
     for dx in range(k):
       iw = ww + (dx - pad)
       for bi, (c0, width) in enumerate(blocks):
-        ch = c0 + jnp.arange(width, dtype=jnp.int32)
-        xv = cm.load_nhwc_tap(x_ref, n, ih, iw, valid, ch, h, w, c).astype(f32)
+        xv = cm.load_nhwc_tap(x_ref, n, ih, iw, valid, c0, width, h, w, c).astype(f32)
         kv = dwk_ref[dy * k + dx, pl.ds(c0, width)]
         out[bi] = out[bi] + xv * kv[None, :]
     return tuple(out)
@@ -89,8 +88,11 @@ def _layer_norm_tile(z, blocks, c, eps):
   mean = total / c
   d = []
   for zb, (c0, width) in zip(z, blocks):
-    ch = c0 + jnp.arange(width, dtype=jnp.int32)
-    d.append(jnp.where((ch < c)[None, :], zb - mean[:, None], 0.0))
+    if c0 + width <= c:
+      d.append(zb - mean[:, None])
+    else:
+      ch = c0 + jnp.arange(width, dtype=jnp.int32)
+      d.append(jnp.where((ch < c)[None, :], zb - mean[:, None], 0.0))
   var = sum(jnp.sum(db * db, axis=1) for db in d) / c
   rstd = lax.rsqrt(var + eps)
   return [db * rstd[:, None] for db in d], rstd
@@ -128,10 +130,9 @@ def _forward_kernel(x_ref, dps_ref, dwk_ref, dwb_ref, lns_ref, lnb_ref, w1_ref, 
   acc = lax.fori_loop(0, hidden_padded // chunk, mlp_chunk, acc)
   scale = dps_ref[n]
   for a, (c0, wd) in zip(acc, blocks):
-    ch = c0 + jnp.arange(wd, dtype=jnp.int32)
-    xv = cm.load_nhwc_tap(x_ref, n, hh, ww, valid, ch, h, w, c).astype(f32)
+    xv = cm.load_nhwc_tap(x_ref, n, hh, ww, valid, c0, wd, h, w, c).astype(f32)
     branch = (a + b2_ref[pl.ds(c0, wd)][None, :]) * gamma_ref[pl.ds(c0, wd)][None, :]
-    cm.store_nhwc(y_ref, xv + scale * branch, n, hh, ww, valid, ch, h, w, c)
+    cm.store_nhwc(y_ref, xv + scale * branch, n, hh, ww, valid, c0, wd, h, w, c)
 
 
 class _Prepared:
@@ -195,15 +196,13 @@ def _backward_tile_kernel(x_ref, g_ref, dps_ref, dwk_ref, dwb_ref, lns_ref, lnb_
   z = _dwconv_tile(x_ref, dwk_ref, dwb_ref, n, hh, ww, valid, blocks, h, w, c, k)
   zhat, rstd = _layer_norm_tile(z, blocks, c, eps)
   scale = dps_ref[n]
-  zn, gg, chs = [], [], []
+  zn, gg = [], []
   b2_term = jnp.zeros((), f32)
   for zb, (c0, wd) in zip(zhat, blocks):
-    ch = c0 + jnp.arange(wd, dtype=jnp.int32)
-    chs.append(ch)
     znb = (zb * lns_ref[pl.ds(c0, wd)][None, :] + lnb_ref[pl.ds(c0, wd)][None, :]).astype(dtype)
-    cm.store_nhwc(zn_ref, znb, n, hh, ww, valid, ch, h, w, c)
+    cm.store_nhwc(zn_ref, znb, n, hh, ww, valid, c0, wd, h, w, c)
     zn.append(znb)
-    gb = cm.load_nhwc_tap(g_ref, n, hh, ww, valid, ch, h, w, c).astype(f32)
+    gb = cm.load_nhwc_tap(g_ref, n, hh, ww, valid, c0, wd, h, w, c).astype(f32)
     ggb = gb * gamma_ref[pl.ds(c0, wd)][None, :]
     gg.append(ggb.astype(dtype))
     colsum_g = jnp.sum(gb, axis=0)
@@ -238,11 +237,11 @@ def _backward_tile_kernel(x_ref, g_ref, dps_ref, dwk_ref, dwb_ref, lns_ref, lnb_
   dzhat = [d * lns_ref[pl.ds(c0, wd)][None, :] for d, (c0, wd) in zip(dzn, blocks)]
   m1 = sum(jnp.sum(d, axis=1) for d in dzhat) / c
   m2 = sum(jnp.sum(d * zb, axis=1) for d, zb in zip(dzhat, zhat)) / c
-  for d, dzh, zb, ch, (c0, wd) in zip(dzn, dzhat, zhat, chs, blocks):
+  for d, dzh, zb, (c0, wd) in zip(dzn, dzhat, zhat, blocks):
     vec_ref[t, 0, pl.ds(c0, wd)] = jnp.sum(d * zb, axis=0)
     vec_ref[t, 1, pl.ds(c0, wd)] = jnp.sum(d, axis=0)
     dzb = rstd[:, None] * (dzh - m1[:, None] - zb * m2[:, None])
-    cm.store_nhwc(dz_ref, dzb, n, hh, ww, valid, ch, h, w, c)
+    cm.store_nhwc(dz_ref, dzb, n, hh, ww, valid, c0, wd, h, w, c)
 
 
 # Backward W: fc1 / fc2 weight gradients, one hidden chunk x one row range per program.
@@ -265,12 +264,8 @@ def _weight_grad_kernel(zn_ref, g_ref, dps_ref, w1_ref, b1_ref, w2_ref, gamma_re
     scale = plgpu.load(dps_ref.at[rc // hw], mask=rv, other=0.0)
     zn, gp, gg = [], [], []
     for c0, wd in blocks:
-      ch = c0 + jnp.arange(wd, dtype=jnp.int32)
-      chc = jnp.minimum(ch, c - 1)
-      mask = rv[:, None] & (ch < c)[None, :]
-      off = rc[:, None] * c + chc[None, :]
-      zn.append(plgpu.load(zn_ref.at[off], mask=mask, other=0))
-      gpb = plgpu.load(g_ref.at[off], mask=mask, other=0).astype(f32) * scale[:, None]
+      zn.append(cm.load_rows(zn_ref, r, rv, c0, wd, c))
+      gpb = cm.load_rows(g_ref, r, rv, c0, wd, c).astype(f32) * scale[:, None]
       gp.append(gpb.astype(dtype))
       gg.append((gpb * gamma_ref[pl.ds(c0, wd)][None, :]).astype(dtype))
     hpre = b1c[None, :]
@@ -304,25 +299,24 @@ def _dwconv_backward_kernel(x_ref, dz_ref, g_ref, dwk_ref, dx_ref, dk_ref,
   n, hh, ww = _tile_coords(t, tiling)
   valid = (hh < h) & (ww < w)
   pad = k // 2
-  c0 = cblk * width
-  ch = c0 + jnp.arange(width, dtype=jnp.int32)
-  dz_c = cm.load_nhwc_tap(dz_ref, n, hh, ww, valid, ch, h, w, c).astype(f32)
-  acc = cm.load_nhwc_tap(g_ref, n, hh, ww, valid, ch, h, w, c).astype(f32)
+  c0 = pl.multiple_of(cblk * width, width)  # width divides c: every block is full
+  dz_c = cm.load_nhwc_tap(dz_ref, n, hh, ww, valid, c0, width, h, w, c).astype(f32)
+  acc = cm.load_nhwc_tap(g_ref, n, hh, ww, valid, c0, width, h, w, c).astype(f32)
 
   def row(dy, acc):
     for dx in range(k):
       tap = dy * k + dx
       kv = dwk_ref[tap, pl.ds(c0, width)]
       # dx(q) += dz(q - off) * k[off];  dk[off] += sum_p x(p + off) * dz(p)
-      dzs = cm.load_nhwc_tap(dz_ref, n, hh - (dy - pad), ww - (dx - pad), valid, ch, h, w, c)
+      dzs = cm.load_nhwc_tap(dz_ref, n, hh - (dy - pad), ww - (dx - pad), valid, c0, width, h, w, c)
       acc = acc + dzs.astype(f32) * kv[None, :]
-      xs = cm.load_nhwc_tap(x_ref, n, hh + (dy - pad), ww + (dx - pad), valid, ch, h, w, c)
+      xs = cm.load_nhwc_tap(x_ref, n, hh + (dy - pad), ww + (dx - pad), valid, c0, width, h, w, c)
       dk_ref[t, tap, pl.ds(c0, width)] = jnp.sum(xs.astype(f32) * dz_c, axis=0)
     return acc
 
   acc = lax.fori_loop(0, k, row, acc)
   dk_ref[t, k * k, pl.ds(c0, width)] = jnp.sum(dz_c, axis=0)
-  cm.store_nhwc(dx_ref, acc, n, hh, ww, valid, ch, h, w, c)
+  cm.store_nhwc(dx_ref, acc, n, hh, ww, valid, c0, width, h, w, c)
 
 
 def backward(x, params: ConvNeXtBlockParams, dps, g, *, eps, tiles: ConvNeXtTiles, interpret):
@@ -389,7 +383,7 @@ def backward(x, params: ConvNeXtBlockParams, dps, g, *, eps, tiles: ConvNeXtTile
   d_b2 = gamma * sum_gp
 
   # --- B: depthwise conv backward
-  width = min(tiles.dw_channels, cm.next_power_of_2(c))
+  width = min(tiles.dw_channels, c & -c)  # a power of two dividing c (>= 8 for the family)
   tiling_b = cm.spatial_tiling(h, w, tiles.dw_pixels)
   ntiles_b = n_ * tiling_b.per_image
   ncb = cm.cdiv(c, width)

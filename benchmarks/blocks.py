@@ -1,0 +1,224 @@
+"""Fused-block benchmarks: XLA vs Pallas, forward and forward+backward, against the
+waterline floor max(FLOPs / peak, min_bytes / bandwidth).
+
+    PYTHONPATH=. python3 -m benchmarks.blocks [--blocks convnext] [--batch 128]
+        [--dtype bfloat16] [--iters 50] [--json out.json] [--sweep]
+
+Each time is the median over ``--iters`` samples; a sample dispatches ``--reps`` calls
+back to back (rotating between two random input sets, so inputs that fit in the 50 MB L2
+are not always hot) and divides the wall time, synchronised with block_until_ready, by
+``--reps``, after warm-up.  The Pallas result is checked against XLA in the same run
+(max |a-b| / max |b| of y, and of dx and d fc1 for the backward).
+
+Blocks are ``BlockCase`` entries produced by ``CASES[name](batch, dtype)``; ConvFirst and
+MBConv add an entry there with their own FLOP/byte counts.  ``--sweep`` times candidate
+tile sets for the Pallas kernels (see tuning.ConvNeXtTiles) and prints the best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PEAK_FLOPS = 680e12  # bf16 dense matmul, H100 SXM, measured with XLA (DESIGN.md)
+PEAK_BYTES = 2.0e12  # streaming DRAM bandwidth, H100 (DESIGN.md)
+
+
+@dataclasses.dataclass
+class BlockCase:
+  name: str
+  shape: tuple
+  dtype: str
+  make_inputs: Callable  # key -> (args tuple, cotangent)
+  impls: dict  # impl name -> f(*args) -> y
+  flops_fwd: float
+  bytes_fwd: float
+  flops_bwd: float  # backward alone
+  bytes_bwd: float
+
+  def floor_ms(self, backward: bool) -> float:
+    f = self.flops_fwd + (self.flops_bwd if backward else 0.0)
+    b = self.bytes_fwd + (self.bytes_bwd if backward else 0.0)
+    return max(f / PEAK_FLOPS, b / PEAK_BYTES) * 1e3
+
+
+def convnext_cases(batch: int, dtype, tiles=None):
+  from pallas_kernels.convnext_block import api
+  from pallas_kernels.convnext_block.tuning import reference_params
+
+  cases = []
+  for hw, c in ((56, 96), (28, 192), (14, 384), (7, 768)):
+    shape = (batch, hw, hw, c)
+    m = batch * hw * hw
+    isz = jnp.dtype(dtype).itemsize
+    hidden = 4 * c
+    wbytes = (49 * c + 2 * c * hidden) * isz + (5 * c + hidden) * 4
+
+    def make_inputs(key, shape=shape, c=c):
+      kx, kp, kg, kd = jax.random.split(key, 4)
+      x = jax.random.normal(kx, shape, jnp.float32).astype(dtype)
+      p = reference_params(kp, c)
+      dps = (jax.random.uniform(kd, (shape[0],)) > 0.1).astype(jnp.float32) / 0.9
+      g = jax.random.normal(kg, shape, jnp.float32).astype(dtype)
+      return (x, p, dps), g
+
+    impls = {
+        "xla": lambda x, p, d: api.convnext_block(x, p, d, implementation="xla"),
+        "pallas": lambda x, p, d, tiles=tiles: api.convnext_block(
+            x, p, d, implementation="pallas", tiles=tiles),
+    }
+    flops = 2.0 * m * (49 * c + 2 * c * hidden)
+    cases.append(BlockCase(
+        name=f"convnext {hw}x{hw}x{c}", shape=shape, dtype=jnp.dtype(dtype).name,
+        make_inputs=make_inputs, impls=impls,
+        flops_fwd=flops, bytes_fwd=2 * m * c * isz + wbytes,
+        # backward: dx and the weight grads are each one more pass of the same size
+        flops_bwd=2 * flops, bytes_bwd=3 * m * c * isz + 2 * wbytes))
+  return cases
+
+
+CASES = {"convnext": convnext_cases}
+
+
+def _time_ms(fn, arg_sets, iters: int, reps: int) -> float:
+  for i in range(3):
+    jax.block_until_ready(fn(*arg_sets[i % len(arg_sets)]))
+  samples = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    out = None
+    for r in range(reps):
+      out = fn(*arg_sets[r % len(arg_sets)])
+    jax.block_until_ready(out)
+    samples.append((time.perf_counter() - t0) / reps)
+  return float(np.median(samples)) * 1e3
+
+
+def _rel_err(a, b) -> float:
+  a = np.asarray(jnp.asarray(a, jnp.float32))
+  b = np.asarray(jnp.asarray(b, jnp.float32))
+  return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def _fwd_bwd(f):
+  def run(x, p, d, g):
+    y, vjp = jax.vjp(f, x, p, d)
+    return y, vjp(g)
+  return jax.jit(run)
+
+
+def run_case(case: BlockCase, iters: int, reps: int, backward: bool = True) -> dict:
+  sets = [case.make_inputs(jax.random.key(i)) for i in range(2)]
+  fwd_sets = [a for a, _ in sets]
+  bwd_sets = [(*a, g) for a, g in sets]
+  row = dict(block=case.name, shape=list(case.shape), dtype=case.dtype,
+             floor_fwd_ms=case.floor_ms(False), floor_fwd_bwd_ms=case.floor_ms(True))
+  outs = {}
+  for impl, f in case.impls.items():
+    fj = jax.jit(f)
+    try:
+      row[f"{impl}_fwd_ms"] = _time_ms(fj, fwd_sets, iters, reps)
+      outs[impl] = (fj(*fwd_sets[0]),)
+      if backward:
+        fb = _fwd_bwd(f)
+        row[f"{impl}_fwd_bwd_ms"] = _time_ms(fb, bwd_sets, iters, reps)
+        y, grads = fb(*bwd_sets[0])
+        outs[impl] = (y, grads[0], grads[1].fc1_kernel, grads[1].dw_kernel)
+    except Exception as e:  # noqa: BLE001 - report and keep going
+      row[f"{impl}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+      print(f"{case.name} {impl}: {row[f'{impl}_error']}", flush=True)
+  if "xla" in outs and "pallas" in outs:
+    names = ["y", "dx", "dfc1", "ddw"]
+    for nm, a, b in zip(names, outs["pallas"], outs["xla"]):
+      row[f"max_rel_err_{nm}"] = _rel_err(a, b)
+  for kind in ("fwd", "fwd_bwd"):
+    x, p = row.get(f"xla_{kind}_ms"), row.get(f"pallas_{kind}_ms")
+    if x and p:
+      row[f"speedup_{kind}"] = x / p
+      row[f"efficiency_{kind}"] = row[f"floor_{kind}_ms"] / p
+  return row
+
+
+def print_table(rows):
+  hdr = (f"{'block':<22}{'XLA fwd':>9}{'Pallas':>9}{'x':>6}{'floor':>7}{'eff':>6}"
+         f"{'XLA f+b':>9}{'Pallas':>9}{'x':>6}{'floor':>7}{'eff':>6}{'err y':>9}{'err dx':>9}")
+  print(hdr)
+  f = lambda v, fmt: (format(v, fmt) if isinstance(v, (int, float)) else "n/a")
+  for r in rows:
+    print(f"{r['block']:<22}{f(r.get('xla_fwd_ms'), '9.3f')}{f(r.get('pallas_fwd_ms'), '9.3f')}"
+          f"{f(r.get('speedup_fwd'), '6.2f')}{f(r['floor_fwd_ms'], '7.3f')}"
+          f"{f(r.get('efficiency_fwd'), '6.2f')}"
+          f"{f(r.get('xla_fwd_bwd_ms'), '9.3f')}{f(r.get('pallas_fwd_bwd_ms'), '9.3f')}"
+          f"{f(r.get('speedup_fwd_bwd'), '6.2f')}{f(r['floor_fwd_bwd_ms'], '7.3f')}"
+          f"{f(r.get('efficiency_fwd_bwd'), '6.2f')}"
+          f"{f(r.get('max_rel_err_y'), '9.1e')}{f(r.get('max_rel_err_dx'), '9.1e')}")
+
+
+def sweep(batch, dtype, iters, reps, backward):
+  """Times candidate tile sets per stage shape for the Pallas path."""
+  from pallas_kernels.convnext_block import tuning
+  results = []
+  for case in convnext_cases(batch, dtype):
+    c = case.shape[-1]
+    base = tuning.heuristic_tiles(c, dtype)
+    cands = [base]
+    for fp in (16, 32, 64, 128, 256):
+      for fw in (4, 8):
+        cands.append(dataclasses.replace(base, fwd_pixels=fp, fwd_warps=fw))
+    best = None
+    for t in cands:
+      sub = convnext_cases(batch, dtype, tiles=t)[[cc.shape for cc in convnext_cases(batch, dtype)].index(case.shape)]
+      sub.impls = {"pallas": sub.impls["pallas"]}
+      row = run_case(sub, iters, reps, backward=backward)
+      ms = row.get("pallas_fwd_ms")
+      print(f"{case.name} fwd_pixels={t.fwd_pixels} warps={t.fwd_warps}: {ms}", flush=True)
+      results.append(dict(block=case.name, tiles=t.to_json(), **row))
+      if ms and (best is None or ms < best[1]):
+        best = (t, ms)
+    print(f"BEST {case.name}: {best}", flush=True)
+  return results
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument("--blocks", default="convnext")
+  ap.add_argument("--batch", type=int, default=128)
+  ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+  ap.add_argument("--iters", type=int, default=30)
+  ap.add_argument("--reps", type=int, default=10)
+  ap.add_argument("--no-backward", action="store_true")
+  ap.add_argument("--sweep", action="store_true")
+  ap.add_argument("--json", default=None)
+  args = ap.parse_args(argv)
+  dtype = jnp.dtype(args.dtype)
+  device = jax.devices()[0].device_kind
+  meta = dict(device=device, date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
+              batch=args.batch, dtype=args.dtype, jax=jax.__version__,
+              peak_flops=PEAK_FLOPS, peak_bytes_per_s=PEAK_BYTES)
+  print(f"# {meta}", flush=True)
+  if args.sweep:
+    rows = sweep(args.batch, dtype, args.iters, args.reps, not args.no_backward)
+  else:
+    rows = []
+    for name in args.blocks.split(","):
+      for case in CASES[name](args.batch, dtype):
+        row = run_case(case, args.iters, args.reps, backward=not args.no_backward)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    print_table(rows)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(dict(meta=meta, rows=rows), f, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -14,8 +14,8 @@ class TrainConfig:
   """One training run.  ``train.fit(TrainConfig(...))`` and ``python -m train`` take the same
   fields (the CLI spells ``block_impl`` as ``--block-impl`` and so on).
 
-  The defaults train convnext_atto on the built-in digits data set at 32x32 for 600 steps:
-  a short run (about 1-2 minutes on a 2-core CPU) that ends above 95% validation accuracy.
+  The defaults train convnext_atto on the built-in digits data set at 32x32 for 300 steps of
+  64 (13 epochs): about a minute on a 2-core CPU, ending near 98% validation accuracy.
   """
 
   # model
@@ -35,7 +35,7 @@ class TrainConfig:
   augment: bool = True
   # schedule
   epochs: float | None = None            # either epochs or steps; steps wins if both given
-  steps: int | None = 600
+  steps: int | None = 300
   lr: float = 2e-3
   min_lr: float = 1e-5
   warmup_steps: int | None = None        # default: warmup_epochs, else 5% of the steps

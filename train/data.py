@@ -348,8 +348,10 @@ class ImageFolderDataset(Dataset):
   def _drop_unreadable(self):
     files = self.train_files + self.val_files
     if self.workers > 0:
+      import multiprocessing
       from concurrent.futures import ProcessPoolExecutor
-      with ProcessPoolExecutor(self.workers) as pool:
+      # spawn, not fork: forking a process that runs JAX threads can deadlock.
+      with ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         ok = list(pool.map(_is_readable, files, chunksize=64))
     else:
       ok = [_is_readable(f) for f in files]
@@ -365,6 +367,9 @@ class ImageFolderDataset(Dataset):
 
   def _loader(self, ds):
     grain = _require_grain()
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # grain reads absl flags; use their defaults
+      flags.FLAGS.mark_as_parsed()
     it = ds.to_iter_dataset()
     if self.workers > 0:
       it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=self.workers))

@@ -117,9 +117,9 @@ def plot_curves(records: list[dict], path: str | Path, title: str = "") -> Path:
                   label="val (EMA)", ms=3)
   ax_loss.set(xlabel="step", ylabel="loss (train: with label smoothing)", title="loss")
   ax_acc.set(xlabel="step", ylabel="top-1 accuracy", title="accuracy", ylim=(0, 1.01))
-  for ax in (ax_loss, ax_acc):
+  for ax, loc in ((ax_loss, "upper right"), (ax_acc, "lower right")):
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc=loc)
   if title:
     fig.suptitle(title)
   fig.tight_layout()

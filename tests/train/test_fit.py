@@ -67,3 +67,13 @@ def test_cli_reports_bad_dataset_path(tmp_path):
                   str(tmp_path / "run")], timeout=120)
   assert r.returncode == 2
   assert "error:" in r.stderr and str(tmp_path / "nowhere") in r.stderr
+
+
+def test_throughput_script_runs(tmp_path):
+  from train.throughput import main
+  out = tmp_path / "t.json"
+  r = main(["--model", "convnext_atto", "--batch-size", "4", "--image-size", "32",
+            "--steps", "2", "--warmup", "1", "--dtype", "bfloat16", "--num-classes", "10",
+            "--json", str(out)])
+  assert r["img_per_s"] > 0 and np.isfinite(r["final_loss"])
+  assert json.loads(out.read_text())["model"] == "convnext_atto"

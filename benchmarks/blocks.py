@@ -2,7 +2,7 @@
 waterline floor max(FLOPs / peak, min_bytes / bandwidth).
 
     PYTHONPATH=. python3 -m benchmarks.blocks [--blocks convnext] [--batch 128]
-        [--dtype bfloat16] [--iters 50] [--json out.json] [--sweep]
+        [--dtype bfloat16] [--iters 50] [--json out.json] [--tune]
 
 Each time is the median over ``--iters`` samples; a sample dispatches ``--reps`` calls
 back to back (rotating between two random input sets, so inputs that fit in the 50 MB L2
@@ -12,7 +12,8 @@ are not always hot) and divides the wall time, synchronised with block_until_rea
 
 Blocks are ``BlockCase`` entries produced by ``CASES[name](batch, dtype)``; ConvFirst and
 MBConv add an entry there with their own FLOP/byte counts.  ``--sweep`` times candidate
-tile sets for the Pallas kernels (see tuning.ConvNeXtTiles) and prints the best.
+``--tune`` re-tunes the Pallas tile sets on this GPU first (tuning.retune; the winners are
+cached in the JSON file named by $CONVFIRST_JAX_TUNING_CACHE) and then benchmarks them.
 """
 
 from __future__ import annotations
@@ -162,29 +163,13 @@ def print_table(rows):
           f"{f(r.get('max_rel_err_y'), '9.1e')}{f(r.get('max_rel_err_dx'), '9.1e')}")
 
 
-def sweep(batch, dtype, iters, reps, backward):
-  """Times candidate tile sets per stage shape for the Pallas path."""
+def tune(batch, dtype, iters):
+  """Re-tunes the Pallas tiles for every stage shape on this GPU (tuning.retune, cached
+  in the JSON file the tile table reads) before the benchmark runs."""
   from pallas_kernels.convnext_block import tuning
-  results = []
   for case in convnext_cases(batch, dtype):
-    c = case.shape[-1]
-    base = tuning.heuristic_tiles(c, dtype)
-    cands = [base]
-    for fp in (16, 32, 64, 128, 256):
-      for fw in (4, 8):
-        cands.append(dataclasses.replace(base, fwd_pixels=fp, fwd_warps=fw))
-    best = None
-    for t in cands:
-      sub = convnext_cases(batch, dtype, tiles=t)[[cc.shape for cc in convnext_cases(batch, dtype)].index(case.shape)]
-      sub.impls = {"pallas": sub.impls["pallas"]}
-      row = run_case(sub, iters, reps, backward=backward)
-      ms = row.get("pallas_fwd_ms")
-      print(f"{case.name} fwd_pixels={t.fwd_pixels} warps={t.fwd_warps}: {ms}", flush=True)
-      results.append(dict(block=case.name, tiles=t.to_json(), **row))
-      if ms and (best is None or ms < best[1]):
-        best = (t, ms)
-    print(f"BEST {case.name}: {best}", flush=True)
-  return results
+    best, _ = tuning.retune(case.shape, dtype, iters=iters)
+    print(f"TUNED {case.name}: {best}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -195,7 +180,8 @@ def main(argv=None) -> int:
   ap.add_argument("--iters", type=int, default=30)
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--no-backward", action="store_true")
-  ap.add_argument("--sweep", action="store_true")
+  ap.add_argument("--tune", action="store_true",
+                  help="re-tune the Pallas tiles on this GPU first (cached to JSON)")
   ap.add_argument("--json", default=None)
   args = ap.parse_args(argv)
   dtype = jnp.dtype(args.dtype)
@@ -204,16 +190,18 @@ def main(argv=None) -> int:
               batch=args.batch, dtype=args.dtype, jax=jax.__version__,
               peak_flops=PEAK_FLOPS, peak_bytes_per_s=PEAK_BYTES)
   print(f"# {meta}", flush=True)
-  if args.sweep:
-    rows = sweep(args.batch, dtype, args.iters, args.reps, not args.no_backward)
-  else:
-    rows = []
-    for name in args.blocks.split(","):
-      for case in CASES[name](args.batch, dtype):
-        row = run_case(case, args.iters, args.reps, backward=not args.no_backward)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-    print_table(rows)
+  if args.tune:
+    tune(args.batch, dtype, iters=5)
+  from pallas_kernels.convnext_block import tuning
+  rows = []
+  for name in args.blocks.split(","):
+    for case in CASES[name](args.batch, dtype):
+      row = run_case(case, args.iters, args.reps, backward=not args.no_backward)
+      if name == "convnext":
+        row["tiles"] = tuning.get_tiles(case.shape[-1], dtype).to_json()
+      rows.append(row)
+      print(json.dumps(row), flush=True)
+  print_table(rows)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(dict(meta=meta, rows=rows), f, indent=1)

@@ -90,13 +90,16 @@ class SpatialTiling(NamedTuple):
     return self.tiles_h * self.tiles_w
 
 
-def spatial_tiling(h: int, w: int, pixels: int) -> SpatialTiling:
+def spatial_tiling(h: int, w: int, pixels: int, max_tile_w: int = 0) -> SpatialTiling:
   """Tiles of about ``pixels`` pixels: as wide as the image (rounded up to a power of two,
   so whole rows stay contiguous in NHWC memory), then as many rows as fit.  A tile larger
   than the image shrinks to it (rounded up), so tiny images do not waste work on masked
-  lanes; the pixel count never drops below the dot minimum of 16 rows."""
+  lanes; the pixel count never drops below the dot minimum of 16 rows.  ``max_tile_w``
+  (a power of two, 0 = no limit) gives squarer tiles, which re-read less halo."""
   pixels = next_power_of_2(max(pixels, MIN_DOT_DIM))
   tile_w = min(next_power_of_2(w), pixels)
+  if max_tile_w:
+    tile_w = min(tile_w, next_power_of_2(max_tile_w))
   tile_h = min(pixels // tile_w, next_power_of_2(h))
   while tile_h * tile_w < MIN_DOT_DIM:
     tile_h *= 2

@@ -163,9 +163,9 @@ def forward(x, params: ConvNeXtBlockParams, dps, *, eps, tiles: ConvNeXtTiles, i
   n_, h, w, c = x.shape
   k = params.dw_kernel.shape[0]
   hidden = params.fc1_kernel.shape[1]
-  cm.check_flat_size(x.shape, (n_ * h * w, hidden))
+  cm.check_flat_size(x.shape, (n_ * h * w + 2, hidden))
   cb, chunk, hidden_padded = _matmul_blocking(c, hidden, tiles, tiles.fwd_hidden)
-  tiling = cm.spatial_tiling(h, w, tiles.fwd_pixels)
+  tiling = cm.spatial_tiling(h, w, tiles.fwd_pixels, tiles.fwd_tile_w)
   p = _Prepared(params, c, cb, hidden_padded, x.dtype)
   kernel = functools.partial(
       _forward_kernel, h=h, w=w, c=c, k=k, tiling=tiling, cb=cb, chunk=chunk,
@@ -187,8 +187,9 @@ def forward(x, params: ConvNeXtBlockParams, dps, *, eps, tiles: ConvNeXtTiles, i
 # Backward A: per tile, recompute and back-propagate through MLP and LayerNorm.
 def _backward_tile_kernel(x_ref, g_ref, dps_ref, dwk_ref, dwb_ref, lns_ref, lnb_ref, w1_ref,
                           b1_ref, w2_ref, b2_ref, gamma_ref,
-                          dz_ref, zn_ref, vec_ref, ddps_ref,
-                          *, h, w, c, k, tiling, cb, chunk, hidden_padded, eps, dtype):
+                          dz_ref, zn_ref, vec_ref, ddps_ref, *hdh_refs,
+                          h, w, c, k, tiling, cb, chunk, hidden, hidden_padded, eps, dtype):
+  # hdh_refs = (h_ref, dh_ref, db1_ref) when the weight gradients go through XLA GEMMs
   blocks = _blocks(cb)
   t = pl.program_id(0)
   n, hh, ww = _tile_coords(t, tiling)
@@ -222,7 +223,19 @@ def _backward_tile_kernel(x_ref, g_ref, dps_ref, dwk_ref, dwb_ref, lns_ref, lnb_
                       preferred_element_type=f32)
     hact, dgelu = cm.gelu_exact_and_grad(hpre)
     ddps_acc = ddps_acc + jnp.sum(hact * q, axis=0)
-    dh = (q * dgelu * scale).astype(dtype)
+    dh32 = q * dgelu * scale
+    dh = dh32.astype(dtype)
+    if hdh_refs:
+      h_ref, dh_ref, db1_ref = hdh_refs
+      # rows of the (M, hidden) matrices: pixel index within the flat NHWC array
+      # (masked lanes point past the end: see _common.store_nhwc)
+      rows = jnp.where(valid, (n * h + hh) * w + ww, h_ref.shape[0] // hidden + 1)
+      col = j0 + jnp.arange(chunk, dtype=jnp.int32)
+      cmask = valid[:, None] if hidden_padded == hidden else valid[:, None] & (col < hidden)[None, :]
+      off = rows[:, None] * hidden + col[None, :]
+      plgpu.store(h_ref.at[off], hact.astype(dtype), mask=cmask)
+      plgpu.store(dh_ref.at[off], dh, mask=cmask)
+      db1_ref[t, pl.ds(j0, chunk)] = jnp.sum(dh32, axis=0)
     dzn = tuple(d + jnp.dot(dh, w1_ref[pl.ds(c0, wd), pl.ds(j0, chunk)].T,
                             preferred_element_type=f32)
                 for d, (c0, wd) in zip(dzn, blocks))
@@ -319,8 +332,10 @@ def _dwconv_backward_kernel(x_ref, dz_ref, g_ref, dwk_ref, dx_ref, dk_ref,
   cm.store_nhwc(dx_ref, acc, n, hh, ww, valid, c0, width, h, w, c)
 
 
-def backward(x, params: ConvNeXtBlockParams, dps, g, *, eps, tiles: ConvNeXtTiles, interpret):
-  """Returns (dx, dparams, ddps)."""
+def backward(x, params: ConvNeXtBlockParams, dps, g, *, eps, tiles: ConvNeXtTiles, interpret,
+             stop_after: str | None = None):
+  """Returns (dx, dparams, ddps).  ``stop_after="A"|"W"`` returns the intermediate
+  outputs after that kernel instead (for per-kernel timing in benchmarks)."""
   n_, h, w, c = x.shape
   m = n_ * h * w
   k = params.dw_kernel.shape[0]
@@ -332,56 +347,76 @@ def backward(x, params: ConvNeXtBlockParams, dps, g, *, eps, tiles: ConvNeXtTile
 
   # --- A: recompute + MLP/LN backward per tile
   cb, chunk, hidden_padded = _matmul_blocking(c, hidden, tiles, tiles.bwd_hidden)
-  tiling = cm.spatial_tiling(h, w, tiles.bwd_pixels)
+  tiling = cm.spatial_tiling(h, w, tiles.bwd_pixels, tiles.bwd_tile_w)
   ntiles = n_ * tiling.per_image
   p = _Prepared(params, c, cb, hidden_padded, dtype)
+  gemm = tiles.wgrad == "gemm"
   kernel = functools.partial(
       _backward_tile_kernel, h=h, w=w, c=c, k=k, tiling=tiling, cb=cb, chunk=chunk,
-      hidden_padded=hidden_padded, eps=eps, dtype=dtype)
-  dz, zn, vecs, ddps_part = pl.pallas_call(
+      hidden=hidden, hidden_padded=hidden_padded, eps=eps, dtype=dtype)
+  out_shape = [jax.ShapeDtypeStruct((x.size,), dtype),
+               jax.ShapeDtypeStruct((x.size,), dtype),
+               jax.ShapeDtypeStruct((ntiles, 3, cb.padded), f32),
+               jax.ShapeDtypeStruct((ntiles, 16), f32)]
+  if gemm:
+    out_shape += [jax.ShapeDtypeStruct((m * hidden,), dtype),
+                  jax.ShapeDtypeStruct((m * hidden,), dtype),
+                  jax.ShapeDtypeStruct((ntiles, hidden_padded), f32)]
+  outs = pl.pallas_call(
       kernel,
-      out_shape=(jax.ShapeDtypeStruct((x.size,), dtype),
-                 jax.ShapeDtypeStruct((x.size,), dtype),
-                 jax.ShapeDtypeStruct((ntiles, 3, cb.padded), f32),
-                 jax.ShapeDtypeStruct((ntiles, 16), f32)),
+      out_shape=tuple(out_shape),
       grid=(ntiles,),
       compiler_params=plgpu.CompilerParams(num_warps=tiles.bwd_warps, num_stages=1),
       interpret=interpret,
       name="convnext_block_bwd_tile",
   )(xf, gf, dps, p.dwk, p.dwb, p.lns, p.lnb, p.w1, p.b1, p.w2, p.b2, p.gamma)
+  dz, zn, vecs, ddps_part = outs[:4]
   vecs = jnp.sum(vecs, axis=0)[:, :c]
   d_ln_scale, d_ln_bias, sum_gp = vecs[0], vecs[1], vecs[2]
   ddps = jnp.sum(ddps_part[:, 0].reshape(n_, tiling.per_image), axis=1)
 
+  if stop_after == "A":
+    return dz, zn, d_ln_scale, ddps
   # --- W: fc1/fc2 weight gradients
-  cbw, wchunk, whp = _matmul_blocking(c, hidden, tiles, tiles.wgrad_hidden)
-  pw = p if (cbw, whp) == (cb, hidden_padded) else _Prepared(params, c, cbw, whp, dtype)
-  nchunks = whp // wchunk
-  rows = tiles.wgrad_rows
-  splits = max(1, min(cm.cdiv(m, rows), tiles.wgrad_programs // nchunks))
-  steps = cm.cdiv(cm.cdiv(m, rows), splits)
-  splits = cm.cdiv(cm.cdiv(m, rows), steps)
-  kernel = functools.partial(_weight_grad_kernel, m=m, hw=h * w, c=c, cb=cbw, chunk=wchunk,
-                             rows=rows, steps=steps, dtype=dtype)
-  dw1_part, g2_part, db1_part = pl.pallas_call(
-      kernel,
-      out_shape=(jax.ShapeDtypeStruct((splits, cbw.padded, whp), f32),
-                 jax.ShapeDtypeStruct((splits, whp, cbw.padded), f32),
-                 jax.ShapeDtypeStruct((splits, whp), f32)),
-      grid=(nchunks, splits),
-      compiler_params=plgpu.CompilerParams(num_warps=tiles.wgrad_warps, num_stages=1),
-      interpret=interpret,
-      name="convnext_block_bwd_weights",
-  )(zn, gf, dps, pw.w1, pw.b1, pw.w2, pw.gamma)
-  d_w1 = jnp.sum(dw1_part, axis=0)[:c, :hidden]
-  g2 = jnp.sum(g2_part, axis=0)[:hidden, :c]
-  d_b1 = jnp.sum(db1_part, axis=0)[:hidden]
+  if gemm:
+    # K = N*H*W reductions as XLA GEMMs over the h / dh that kernel A wrote.
+    hmat, dhmat = outs[4].reshape(m, hidden), outs[5].reshape(m, hidden)
+    precision = lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    gp = (g.astype(f32) * dps[:, None, None, None]).astype(dtype).reshape(m, c)
+    d_w1 = jnp.dot(zn.reshape(m, c).T, dhmat, preferred_element_type=f32, precision=precision)
+    g2 = jnp.dot(hmat.T, gp, preferred_element_type=f32, precision=precision)
+    d_b1 = jnp.sum(outs[6], axis=0)[:hidden]
+  else:
+    cbw, wchunk, whp = _matmul_blocking(c, hidden, tiles, tiles.wgrad_hidden)
+    pw = p if (cbw, whp) == (cb, hidden_padded) else _Prepared(params, c, cbw, whp, dtype)
+    nchunks = whp // wchunk
+    rows = tiles.wgrad_rows
+    splits = max(1, min(cm.cdiv(m, rows), tiles.wgrad_programs // nchunks))
+    steps = cm.cdiv(cm.cdiv(m, rows), splits)
+    splits = cm.cdiv(cm.cdiv(m, rows), steps)
+    kernel = functools.partial(_weight_grad_kernel, m=m, hw=h * w, c=c, cb=cbw, chunk=wchunk,
+                               rows=rows, steps=steps, dtype=dtype)
+    dw1_part, g2_part, db1_part = pl.pallas_call(
+        kernel,
+        out_shape=(jax.ShapeDtypeStruct((splits, cbw.padded, whp), f32),
+                   jax.ShapeDtypeStruct((splits, whp, cbw.padded), f32),
+                   jax.ShapeDtypeStruct((splits, whp), f32)),
+        grid=(nchunks, splits),
+        compiler_params=plgpu.CompilerParams(num_warps=tiles.wgrad_warps, num_stages=1),
+        interpret=interpret,
+        name="convnext_block_bwd_weights",
+    )(zn, gf, dps, pw.w1, pw.b1, pw.w2, pw.gamma)
+    d_w1 = jnp.sum(dw1_part, axis=0)[:c, :hidden]
+    g2 = jnp.sum(g2_part, axis=0)[:hidden, :c]
+    d_b1 = jnp.sum(db1_part, axis=0)[:hidden]
   gamma = params.gamma.astype(f32)
   w2 = params.fc2_kernel.astype(dtype).astype(f32)
   d_w2 = g2 * gamma[None, :]
   d_gamma = jnp.sum(w2 * g2, axis=0) + params.fc2_bias.astype(f32) * sum_gp
   d_b2 = gamma * sum_gp
 
+  if stop_after == "W":
+    return dz, d_w1, d_w2, d_gamma
   # --- B: depthwise conv backward
   width = min(tiles.dw_channels, c & -c)  # a power of two dividing c (>= 8 for the family)
   tiling_b = cm.spatial_tiling(h, w, tiles.dw_pixels)

@@ -28,21 +28,31 @@ class ConvNeXtTiles:
   fwd_hidden: int = 64
   fwd_warps: int = 4
   fwd_stages: int = 1
+  fwd_tile_w: int = 0  # max tile width (power of two); 0 = the image width rounded up
   # backward kernel A (recompute + MLP/LN backward -> dz)
   bwd_pixels: int = 32
   bwd_hidden: int = 32
   bwd_warps: int = 4
+  bwd_tile_w: int = 0
+  # fc1/fc2 weight gradients: "gemm" = kernel A also writes h and dh (x.dtype, 4C wide)
+  # and XLA's GEMMs reduce over pixels; "pallas" = kernel W recomputes h/dh per hidden
+  # chunk (no 4C tensor in DRAM, but it re-reads zn and g once per hidden chunk and runs
+  # small dots: measured 3-12 ms vs ~0.5 ms for "gemm" on H100 at the ConvNeXt-T shapes).
+  wgrad: str = "gemm"
   # weight-gradient kernel W (fc1/fc2 grads): rows per step, hidden chunk, programs
   wgrad_rows: int = 64
   wgrad_hidden: int = 32
   wgrad_warps: int = 4
   wgrad_programs: int = 264  # ~2 per SM on H100
   # depthwise-conv backward kernel B: pixels x channels per program
-  dw_pixels: int = 256
+  # (pixels x channels <= 4096 elements per float32 tensor: 256 x 64 spilled, 2026-11-24)
+  dw_pixels: int = 128
   dw_channels: int = 32
   dw_warps: int = 4
   # largest power-of-two channel block used in the matmul kernels
   channel_block: int = 128
+  # implementation=None runs XLA instead when it measured faster for this shape class
+  prefer_xla: bool = False
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -52,16 +62,16 @@ def heuristic_tiles(c: int, dtype) -> ConvNeXtTiles:
   """Defaults by channel count (register budget: see module docstring)."""
   if c <= 128:
     return ConvNeXtTiles(fwd_pixels=128, fwd_hidden=64, bwd_pixels=64, bwd_hidden=64,
-                         wgrad_rows=128, wgrad_hidden=64, dw_channels=32)
+                         wgrad_rows=128, wgrad_hidden=64)
   if c <= 256:
     return ConvNeXtTiles(fwd_pixels=64, fwd_hidden=64, bwd_pixels=64, bwd_hidden=32,
-                         wgrad_rows=64, wgrad_hidden=32, dw_channels=64)
+                         wgrad_rows=64, wgrad_hidden=32)
   if c <= 512:
     return ConvNeXtTiles(fwd_pixels=32, fwd_hidden=64, fwd_warps=4, bwd_pixels=32,
-                         bwd_hidden=32, wgrad_rows=64, wgrad_hidden=32, dw_channels=64)
+                         bwd_hidden=32, wgrad_rows=64, wgrad_hidden=32)
   return ConvNeXtTiles(fwd_pixels=16, fwd_hidden=32, fwd_warps=8, bwd_pixels=16,
                        bwd_hidden=32, bwd_warps=8, wgrad_rows=64, wgrad_hidden=16,
-                       wgrad_warps=8, dw_channels=64)
+                       wgrad_warps=8)
 
 
 # (C, dtype name, device kind) -> tiles measured on that device.  Filled from ``retune``.
@@ -116,53 +126,73 @@ def _time(fn: Callable, args, iters: int = 20) -> float:
   return ts[len(ts) // 2]
 
 
-def retune(x_shape, dtype=jnp.bfloat16, candidates: list[ConvNeXtTiles] | None = None,
-           *, backward: bool = True, save: bool = True, iters: int = 20, verbose: bool = True):
-  """Times each candidate tile set on random data of ``x_shape`` (NHWC) on the current
-  device (forward, plus forward+backward when ``backward``), stores the fastest in the
-  JSON cache (path: $CONVFIRST_JAX_TUNING_CACHE or ~/.cache/convfirst_jax/) and returns
-  (best tiles, [(tiles, seconds), ...]).  Candidates that fail to compile are skipped."""
-  from pallas_kernels.convnext_block import api, reference
+def default_candidates(c: int, dtype) -> tuple[list[dict], list[dict]]:
+  """(forward, backward) candidate changes to the heuristic tiles, per channel count."""
+  if c <= 128:
+    fwd = [dict(fwd_pixels=p, fwd_tile_w=tw, fwd_warps=nw) for p, tw, nw in
+           ((64, 0, 4), (128, 16, 4), (64, 16, 4), (128, 0, 4), (256, 16, 8))]
+  elif c <= 256:
+    fwd = [dict(fwd_pixels=p, fwd_tile_w=tw, fwd_warps=nw) for p, tw, nw in
+           ((64, 0, 4), (64, 8, 4), (128, 16, 8), (32, 0, 4))]
+  elif c <= 512:
+    fwd = [dict(fwd_pixels=p, fwd_tile_w=tw, fwd_warps=nw) for p, tw, nw in
+           ((32, 0, 4), (16, 0, 4), (32, 8, 4), (32, 0, 8))]
+  else:
+    fwd = [dict(fwd_pixels=p, fwd_warps=nw, fwd_stages=2) for p, nw in
+           ((16, 8), (32, 8), (64, 8), (128, 8))]
+  bwd = [dict(bwd_pixels=p, bwd_hidden=hc, dw_pixels=dp, dw_channels=dc) for p, hc, dp, dc in
+         ((32, 32, 128, 32), (64, 32, 64, 16), (32, 64, 128, 16), (16, 32, 64, 32))]
+  return fwd, bwd
+
+
+def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]] | None = None,
+           *, save: bool = True, iters: int = 10, verbose: bool = True):
+  """Times candidate tile sets on random data of ``x_shape`` (NHWC) on the current device
+  and stores the fastest in the JSON cache ($CONVFIRST_JAX_TUNING_CACHE, default
+  ~/.cache/convfirst_jax/convnext_block.json) that ``get_tiles`` reads.  Two phases: the
+  forward fields are chosen by timing the forward kernel, then the backward fields by
+  timing the backward kernels (they are independent launches).  ``candidates``:
+  (forward changes, backward changes) as dicts of ConvNeXtTiles fields.  Candidates that
+  fail to compile (registers, shared memory) are skipped.  Returns (best, timings)."""
+  from pallas_kernels.convnext_block import pallas_triton
 
   c = x_shape[-1]
-  if candidates is None:
-    base = heuristic_tiles(c, dtype)
-    candidates = [base]
-    for fp in (16, 32, 64, 128, 256):
-      for fh in (32, 64, 128):
-        for fw in (4, 8):
-          candidates.append(dataclasses.replace(base, fwd_pixels=fp, fwd_hidden=fh, fwd_warps=fw))
-  key = jax.random.key(0)
-  kx, kp = jax.random.split(key)
+  fwd_c, bwd_c = candidates or default_candidates(c, dtype)
+  kx, kp, kg = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, x_shape, jnp.float32).astype(dtype)
+  g = jax.random.normal(kg, x_shape, jnp.float32).astype(dtype)
   params = reference_params(kp, c)
-  results = []
-  for tiles in candidates:
-    def f(x, p):
-      return api.convnext_block(x, p, implementation="pallas", tiles=tiles)
-    if backward:
-      g = jax.jit(jax.grad(lambda x, p: jnp.sum(f(x, p).astype(jnp.float32)), argnums=(0, 1)))
-      fn = jax.jit(lambda x, p: (f(x, p), g(x, p)))
-    else:
-      fn = jax.jit(f)
-    try:
-      t = _time(fn, (x, params), iters)
-    except Exception as e:  # a candidate that does not compile (registers, shared memory)
+  dps = jnp.ones((x_shape[0],), jnp.float32)
+  best = heuristic_tiles(c, dtype)
+  timings = []
+
+  def phase(changes, make_fn, args, best):
+    scored = []
+    for change in [{}] + list(changes):
+      tiles = dataclasses.replace(best, **change)
+      try:
+        t = _time(jax.jit(make_fn(tiles)), args, iters)
+      except Exception as e:  # noqa: BLE001 - a candidate that does not compile
+        if verbose:
+          print(f"  skip {change}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+        continue
+      scored.append((t, tiles))
+      timings.append((tiles.to_json(), t))
       if verbose:
-        print(f"skip {tiles}: {type(e).__name__}: {str(e)[:100]}")
-      continue
-    results.append((tiles, t))
-    if verbose:
-      print(f"{t * 1e3:8.3f} ms  {tiles}")
-  best = min(results, key=lambda r: r[1])[0]
+        print(f"  {x_shape} {t * 1e3:8.3f} ms  {change or 'current'}", flush=True)
+    return min(scored, key=lambda r: r[0])[1] if scored else best
+
+  best = phase(fwd_c, lambda t: lambda x, p, d: pallas_triton.forward(
+      x, p, d, eps=1e-6, tiles=t, interpret=False), (x, params, dps), best)
+  best = phase(bwd_c, lambda t: lambda x, p, d, g: pallas_triton.backward(
+      x, p, d, g, eps=1e-6, tiles=t, interpret=False), (x, params, dps, g), best)
   if save:
     data = _load_cache()
     data[_key(c, dtype, _device_kind())] = best.to_json()
-    os.makedirs(os.path.dirname(_cache_path()), exist_ok=True)
+    os.makedirs(os.path.dirname(os.path.abspath(_cache_path())), exist_ok=True)
     with open(_cache_path(), "w") as f:
       json.dump(data, f, indent=1, sort_keys=True)
-  del reference
-  return best, results
+  return best, timings
 
 
 def reference_params(key, c: int, hidden_ratio: int = 4, k: int = 7):

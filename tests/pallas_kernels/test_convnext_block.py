@@ -87,11 +87,13 @@ def test_forward_and_grads_float32(c, shape):
   _check(got, want, 2e-5)
 
 
-@pytest.mark.parametrize("c", [96, 40])
-def test_many_tiles_halo_and_partial_sums_float32(c):
-  """9x13 image in 2x8 / 4x4 tiles: halos cross tile borders, partial sums span tiles."""
+@pytest.mark.parametrize("c,wgrad", [(96, "gemm"), (40, "pallas")])
+def test_many_tiles_halo_and_partial_sums_float32(c, wgrad):
+  """9x13 image in 2x8 / 4x4 tiles: halos cross tile borders, partial sums span tiles;
+  both weight-gradient paths (XLA GEMMs over h/dh, and the Pallas kernel W)."""
   x, params, g, dps = _inputs(7 + c, (2, 9, 13, c), jnp.float32)
-  got = _value_and_grads(_pallas(SMALL_TILES), x, params, g, dps)
+  tiles = dataclasses.replace(SMALL_TILES, wgrad=wgrad, fwd_tile_w=4, bwd_tile_w=8)
+  got = _value_and_grads(_pallas(tiles), x, params, g, dps)
   want = _value_and_grads(_reference, x, params, g, dps)
   _check(got, want, 2e-5)
 

@@ -163,15 +163,6 @@ def print_table(rows):
           f"{f(r.get('max_rel_err_y'), '9.1e')}{f(r.get('max_rel_err_dx'), '9.1e')}")
 
 
-def tune(batch, dtype, iters):
-  """Re-tunes the Pallas tiles for every stage shape on this GPU (tuning.retune, cached
-  in the JSON file the tile table reads) before the benchmark runs."""
-  from pallas_kernels.convnext_block import tuning
-  for case in convnext_cases(batch, dtype):
-    best, _ = tuning.retune(case.shape, dtype, iters=iters)
-    print(f"TUNED {case.name}: {best}", flush=True)
-
-
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--blocks", default="convnext")
@@ -190,12 +181,13 @@ def main(argv=None) -> int:
               batch=args.batch, dtype=args.dtype, jax=jax.__version__,
               peak_flops=PEAK_FLOPS, peak_bytes_per_s=PEAK_BYTES)
   print(f"# {meta}", flush=True)
-  if args.tune:
-    tune(args.batch, dtype, iters=5)
   from pallas_kernels.convnext_block import tuning
   rows = []
   for name in args.blocks.split(","):
     for case in CASES[name](args.batch, dtype):
+      if args.tune and name == "convnext":  # tune right before each shape's benchmark
+        best, _ = tuning.retune(case.shape, dtype, iters=5)
+        print(f"TUNED {case.name}: {best}", flush=True)
       row = run_case(case, args.iters, args.reps, backward=not args.no_backward)
       if name == "convnext":
         row["tiles"] = tuning.get_tiles(case.shape[-1], dtype).to_json()

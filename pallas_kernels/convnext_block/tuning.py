@@ -130,7 +130,7 @@ def default_candidates(c: int, dtype) -> tuple[list[dict], list[dict]]:
   """(forward, backward) candidate changes to the heuristic tiles, per channel count."""
   if c <= 128:
     fwd = [dict(fwd_pixels=p, fwd_tile_w=tw, fwd_warps=nw) for p, tw, nw in
-           ((64, 0, 4), (128, 16, 4), (64, 16, 4), (128, 0, 4), (256, 16, 8))]
+           ((64, 0, 4), (128, 16, 4), (64, 16, 4), (256, 16, 8))]
   elif c <= 256:
     fwd = [dict(fwd_pixels=p, fwd_tile_w=tw, fwd_warps=nw) for p, tw, nw in
            ((64, 0, 4), (64, 8, 4), (128, 16, 8), (32, 0, 4))]
@@ -141,7 +141,7 @@ def default_candidates(c: int, dtype) -> tuple[list[dict], list[dict]]:
     fwd = [dict(fwd_pixels=p, fwd_warps=nw, fwd_stages=2) for p, nw in
            ((16, 8), (32, 8), (64, 8), (128, 8))]
   bwd = [dict(bwd_pixels=p, bwd_hidden=hc, dw_pixels=dp, dw_channels=dc) for p, hc, dp, dc in
-         ((32, 32, 128, 32), (64, 32, 64, 16), (32, 64, 128, 16), (16, 32, 64, 32))]
+         ((32, 32, 128, 32), (64, 32, 64, 16), (16, 32, 64, 32))]
   return fwd, bwd
 
 

@@ -2,6 +2,9 @@
 
 ``implementation=None`` runs the fused Pallas kernels where they are supported (GPU
 backend, or ``interpret=True`` anywhere) and falls back to the XLA reference otherwise;
+where the tile table (tuning.py) holds measurements for the channel count and device, None
+follows them: ``auto="xla"`` (XLA measured faster) or ``"hybrid"`` (Pallas forward for
+plain calls, XLA forward+backward under differentiation);
 ``"pallas"`` raises ``NotImplementedError`` naming what is unsupported; ``"xla"`` always
 runs the reference.  Gradients of the Pallas path come from a ``jax.custom_vjp`` whose
 forward saves only its inputs (see pallas_triton.py for the kernels)."""
@@ -23,17 +26,25 @@ from pallas_kernels.convnext_block.reference import (
 IMPLEMENTATIONS = ("xla", "pallas")
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _fused(x, params, dps, eps, tiles, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _fused(x, params, dps, eps, tiles, interpret, xla_grad):
   return pallas_triton.forward(x, params, dps, eps=eps, tiles=tiles, interpret=interpret)
 
 
-def _fused_fwd(x, params, dps, eps, tiles, interpret):
+def _fused_fwd(x, params, dps, eps, tiles, interpret, xla_grad):
+  if xla_grad:
+    # "hybrid": a differentiated call runs XLA forward + backward (faster than the Pallas
+    # backward where the tile table says so); plain calls still take the Pallas forward.
+    y, vjp = jax.vjp(lambda x, p, d: convnext_block_reference(x, p, d, eps=eps),
+                     x, params, dps)
+    return y, vjp
   y = pallas_triton.forward(x, params, dps, eps=eps, tiles=tiles, interpret=interpret)
   return y, (x, params, dps)
 
 
-def _fused_bwd(eps, tiles, interpret, res, g):
+def _fused_bwd(eps, tiles, interpret, xla_grad, res, g):
+  if xla_grad:
+    return res(g)
   x, params, dps = res
   dx, dparams, ddps = pallas_triton.backward(x, params, dps, g, eps=eps, tiles=tiles,
                                              interpret=interpret)
@@ -87,9 +98,11 @@ def convnext_block(
     return convnext_block_reference(x, params, drop_path_scale, eps=eps)
   if tiles is None:
     tiles = tuning.get_tiles(x.shape[-1], x.dtype)
-    if implementation is None and tiles.prefer_xla:
-      # the tile table records that XLA measured faster for this channel count / device
-      return convnext_block_reference(x, params, drop_path_scale, eps=eps)
+  auto = tiles.auto if implementation is None else "pallas"
+  if auto not in ("pallas", "hybrid", "xla"):
+    raise ValueError(f"tiles.auto must be 'pallas', 'hybrid' or 'xla', got {auto!r}")
+  if auto == "xla":  # the tile table records that XLA measured faster here
+    return convnext_block_reference(x, params, drop_path_scale, eps=eps)
   dps = (jnp.ones((x.shape[0],), jnp.float32) if drop_path_scale is None
          else jnp.asarray(drop_path_scale))
-  return _fused(x, params, dps, float(eps), tiles, bool(interpret))
+  return _fused(x, params, dps, float(eps), tiles, bool(interpret), auto == "hybrid")

@@ -1,5 +1,5 @@
 """Fused ConvNeXt block in Pallas (Triton lowering): forward in one launch, backward in
-three.
+two launches plus two XLA GEMMs (or three launches with wgrad="pallas").
 
 Forward (``_forward_kernel``, one launch): each program owns one (tile_h x tile_w) pixel
 tile of one image.  It gathers the tile and its k//2-pixel halo straight from x with
@@ -14,21 +14,30 @@ Channels are split into equal power-of-two blocks (``_common.channel_blocking``:
 32, 768 = 6 x 128) and every (pixels x C) tensor is a Python list of (pixels x block)
 tensors, so no matmul work is spent on padding channels.
 
-Backward (the forward saves only x, params, drop_path_scale; everything else is
-recomputed on chip, as flash attention does):
+Backward, two Pallas launches plus XLA GEMMs (the forward saves only x, params,
+drop_path_scale; everything else is recomputed on chip, as flash attention does):
   A ``_backward_tile_kernel``: per pixel tile, recomputes dwconv + LN + the MLP chunk by
     chunk and back-propagates through GELU, the MLP and LN on chip; writes dz (gradient
     w.r.t. the dwconv output, C wide, not 4C), zn (the normalised LN output, C wide, for
-    kernel W), and per-tile partial sums for the small vectors (ln_scale, ln_bias,
+    the weight gradients), and per-tile partial sums for the small vectors (ln_scale, ln_bias,
     sum of g*dps for fc2_bias/gamma, drop_path_scale).  It cannot also produce the dwconv
     input gradient: that needs dz of the neighbouring tiles (the halo).
-  W ``_weight_grad_kernel``: the fc1/fc2 weight gradients are reductions over all pixels
-    (K = N*H*W), i.e. matmuls whose output (C x 4C) is far too big to keep per tile.
-    Each program owns one hidden chunk and a contiguous range of pixel rows of (zn, g),
-    recomputes h and dh for its chunk (two small matmuls), accumulates
-    dW1[:, chunk] += zn^T dh and G[chunk, :] += h^T (g*dps) in registers and writes one
-    partial per program; XLA sums the few partials.  dW2 = G * gamma and
-    dgamma = sum_k W2 * G + b2 * sum(g*dps) follow from G in XLA (tiny).
+  fc1/fc2 weight gradients are reductions over all pixels (K = N*H*W): matmuls whose
+    (C x 4C) outputs are far too big to keep per tile.  Two ways, chosen by
+    ``ConvNeXtTiles.wgrad``:
+    "gemm" (default): kernel A also writes h = GELU(hpre) and dh (the gradient w.r.t.
+      hpre), 4C wide in x.dtype, plus per-tile sums of dh (fc1_bias); XLA's GEMMs then
+      compute dW1 = zn^T dh and G = h^T (g*dps).  The 4C tensors do touch DRAM in the
+      backward (once written, once read), as in XLA's own backward.
+    "pallas": kernel W ``_weight_grad_kernel``: each program owns one hidden chunk and a
+      range of pixel rows of (zn, g), recomputes h and dh for its chunk, accumulates
+      dW1[:, chunk] and G[chunk, :] in registers and writes one partial per program.  No
+      4C tensor in DRAM, but zn and g are re-read once per hidden chunk and the dots are
+      small: kernel W alone measured 1.0-11.7 ms (H100, ConvNeXt-T stages, bf16, batch
+      128, 2026-11-24), and switching to "gemm" cut the whole backward from 6.6 to 4.4 ms
+      at 56x56x96 and from 14.6 to 2.7 ms at 7x7x768, so it is kept only as an option
+      (and is tested).
+    dW2 = G * gamma and dgamma = sum_k W2 * G + b2 * sum(g*dps) follow from G in XLA.
   B ``_dwconv_backward_kernel``: per (pixel tile, channel block): dx = g + transposed
     depthwise conv of dz (halo gathers of dz), and partial dk (k*k taps) and dw_bias
     sums per program; XLA sums the partials.

@@ -37,7 +37,8 @@ class ConvNeXtTiles:
   # fc1/fc2 weight gradients: "gemm" = kernel A also writes h and dh (x.dtype, 4C wide)
   # and XLA's GEMMs reduce over pixels; "pallas" = kernel W recomputes h/dh per hidden
   # chunk (no 4C tensor in DRAM, but it re-reads zn and g once per hidden chunk and runs
-  # small dots: measured 3-12 ms vs ~0.5 ms for "gemm" on H100 at the ConvNeXt-T shapes).
+  # small dots: measured 1.0-11.7 ms alone on H100 at the ConvNeXt-T shapes, see
+  # pallas_triton.py).
   wgrad: str = "gemm"
   # weight-gradient kernel W (fc1/fc2 grads): rows per step, hidden chunk, programs
   wgrad_rows: int = 64
@@ -51,8 +52,11 @@ class ConvNeXtTiles:
   dw_warps: int = 4
   # largest power-of-two channel block used in the matmul kernels
   channel_block: int = 128
-  # implementation=None runs XLA instead when it measured faster for this shape class
-  prefer_xla: bool = False
+  # What implementation=None runs (from measurements, per channel count and device):
+  # "pallas": Pallas forward and backward; "hybrid": Pallas for plain (inference) calls,
+  # XLA forward+backward when the call is differentiated (the Pallas forward was faster
+  # but the Pallas backward slower); "xla": the XLA reference.
+  auto: str = "pallas"
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -74,8 +78,27 @@ def heuristic_tiles(c: int, dtype) -> ConvNeXtTiles:
                        wgrad_warps=8)
 
 
-# (C, dtype name, device kind) -> tiles measured on that device.  Filled from ``retune``.
-TUNED: dict[tuple[int, str, str], ConvNeXtTiles] = {}
+# (C, dtype name, device kind) -> tiles measured on that device: ``retune`` winners from
+# `python -m benchmarks.blocks --tune` (H100 80GB HBM3, batch 128, 2026-11-24), and the
+# implementation=None choice from the same run (benchmarks/RESULTS.md): Pallas forward
+# 1.20x / 1.17x faster than XLA at C=96 / 192 but its backward slower at every stage, and
+# both slower at C=384 / 768.
+_H100 = "NVIDIA H100 80GB HBM3"
+TUNED: dict[tuple[int, str, str], ConvNeXtTiles] = {
+    (96, "bfloat16", _H100): ConvNeXtTiles(
+        fwd_pixels=128, fwd_hidden=64, fwd_warps=4, bwd_pixels=64, bwd_hidden=64,
+        wgrad_rows=128, wgrad_hidden=64, dw_pixels=128, dw_channels=32, auto="hybrid"),
+    (192, "bfloat16", _H100): ConvNeXtTiles(
+        fwd_pixels=64, fwd_hidden=64, fwd_warps=4, bwd_pixels=64, bwd_hidden=32,
+        wgrad_rows=64, wgrad_hidden=32, dw_pixels=128, dw_channels=32, auto="hybrid"),
+    (384, "bfloat16", _H100): ConvNeXtTiles(
+        fwd_pixels=32, fwd_hidden=64, fwd_warps=4, bwd_pixels=32, bwd_hidden=32,
+        wgrad_rows=64, wgrad_hidden=32, dw_pixels=128, dw_channels=32, auto="xla"),
+    (768, "bfloat16", _H100): ConvNeXtTiles(
+        fwd_pixels=32, fwd_hidden=32, fwd_warps=8, fwd_stages=2, bwd_pixels=32,
+        bwd_hidden=32, bwd_warps=8, wgrad_rows=64, wgrad_hidden=16, wgrad_warps=8,
+        dw_pixels=128, dw_channels=32, auto="xla"),
+}
 
 _CACHE_ENV = "CONVFIRST_JAX_TUNING_CACHE"
 
@@ -108,7 +131,8 @@ def get_tiles(c: int, dtype, device_kind: str | None = None) -> ConvNeXtTiles:
   name = jnp.dtype(dtype).name
   cached = _load_cache().get(_key(c, dtype, kind))
   if cached:
-    return ConvNeXtTiles(**cached)
+    fields = {f.name for f in dataclasses.fields(ConvNeXtTiles)}
+    return ConvNeXtTiles(**{k: v for k, v in cached.items() if k in fields})
   if (c, name, kind) in TUNED:
     return TUNED[(c, name, kind)]
   return heuristic_tiles(c, dtype)

@@ -122,6 +122,23 @@ def test_bfloat16(c, shape):
   _check(got, want, 2e-2)
 
 
+def test_auto_modes_follow_the_tile_table():
+  """implementation=None: "hybrid" = Pallas primal, XLA gradients; "xla" = reference."""
+  x, params, g, dps = _inputs(9, (1, 5, 7, 32), jnp.float32)
+  hybrid = dataclasses.replace(tuning.heuristic_tiles(32, jnp.float32), auto="hybrid")
+  f = lambda x, p, d: convnext_block(x, p, d, interpret=True, tiles=hybrid)
+  y = f(x, params, dps)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(_pallas(hybrid)(x, params, dps)))
+  got = _value_and_grads(f, x, params, g, dps)
+  want = _value_and_grads(_reference, x, params, g, dps)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  xla = dataclasses.replace(hybrid, auto="xla")
+  np.testing.assert_array_equal(
+      np.asarray(convnext_block(x, params, dps, interpret=True, tiles=xla)),
+      np.asarray(convnext_block_reference(x, params, dps)))
+
+
 def test_no_drop_path_scale_and_zero_scale():
   x, params, _, _ = _inputs(5, (2, 5, 7, 64), jnp.float32, dps=False)
   y = convnext_block(x, params, implementation="pallas", interpret=True)

@@ -115,11 +115,14 @@ def _blocks(cb: cm.ChannelBlocking):
 # Forward
 def _forward_kernel(x_ref, dps_ref, dwk_ref, dwb_ref, lns_ref, lnb_ref, w1_ref, b1_ref,
                     w2_ref, b2_ref, gamma_ref, y_ref, *, h, w, c, k, tiling, cb, chunk,
-                    hidden_padded, eps, dtype):
+                    hidden_padded, eps, dtype, parts="all"):
   blocks = _blocks(cb)
   n, hh, ww = _tile_coords(pl.program_id(0), tiling)
   valid = (hh < h) & (ww < w)
-  z = _dwconv_tile(x_ref, dwk_ref, dwb_ref, n, hh, ww, valid, blocks, h, w, c, k)
+  if parts == "no_dwconv":  # diagnostic only: a 1x1 "conv" (one tap) instead of k x k
+    z = _dwconv_tile(x_ref, dwk_ref, dwb_ref, n, hh, ww, valid, blocks, h, w, c, 1)
+  else:
+    z = _dwconv_tile(x_ref, dwk_ref, dwb_ref, n, hh, ww, valid, blocks, h, w, c, k)
   zhat, _ = _layer_norm_tile(z, blocks, c, eps)
   zn = [(zb * lns_ref[pl.ds(c0, wd)][None, :] + lnb_ref[pl.ds(c0, wd)][None, :]).astype(dtype)
         for zb, (c0, wd) in zip(zhat, blocks)]
@@ -136,7 +139,10 @@ def _forward_kernel(x_ref, dps_ref, dwk_ref, dwb_ref, lns_ref, lnb_ref, w1_ref, 
                  for a, (c0, wd) in zip(acc, blocks))
 
   acc = tuple(jnp.zeros((tiling.pixels, wd), f32) for _, wd in blocks)
-  acc = lax.fori_loop(0, hidden_padded // chunk, mlp_chunk, acc)
+  if parts == "no_mlp":  # diagnostic only: skip the two 1x1 convs
+    acc = tuple(znb.astype(f32) for znb in zn)
+  else:
+    acc = lax.fori_loop(0, hidden_padded // chunk, mlp_chunk, acc)
   scale = dps_ref[n]
   for a, (c0, wd) in zip(acc, blocks):
     xv = cm.load_nhwc_tap(x_ref, n, hh, ww, valid, c0, wd, h, w, c).astype(f32)
@@ -168,7 +174,10 @@ def _matmul_blocking(c, hidden, tiles: ConvNeXtTiles, chunk):
   return cb, chunk, hidden_padded
 
 
-def forward(x, params: ConvNeXtBlockParams, dps, *, eps, tiles: ConvNeXtTiles, interpret):
+def forward(x, params: ConvNeXtBlockParams, dps, *, eps, tiles: ConvNeXtTiles, interpret,
+            _parts: str = "all"):
+  """y of the block.  ``_parts`` ("no_dwconv" / "no_mlp") drops a stage: for timing
+  diagnostics only (profile_kernels), the result is then not the block."""
   n_, h, w, c = x.shape
   k = params.dw_kernel.shape[0]
   hidden = params.fc1_kernel.shape[1]
@@ -178,7 +187,7 @@ def forward(x, params: ConvNeXtBlockParams, dps, *, eps, tiles: ConvNeXtTiles, i
   p = _Prepared(params, c, cb, hidden_padded, x.dtype)
   kernel = functools.partial(
       _forward_kernel, h=h, w=w, c=c, k=k, tiling=tiling, cb=cb, chunk=chunk,
-      hidden_padded=hidden_padded, eps=eps, dtype=x.dtype)
+      hidden_padded=hidden_padded, eps=eps, dtype=x.dtype, parts=_parts)
   y = pl.pallas_call(
       kernel,
       out_shape=jax.ShapeDtypeStruct((x.size,), x.dtype),

@@ -17,15 +17,16 @@ from pallas_kernels.convnext_block import pallas_triton, tuning
 STAGES = ((56, 96), (28, 192), (14, 384), (7, 768))
 
 
-def profile(batch=128, dtype=jnp.bfloat16, variants=None, parts=("fwd", "A", "W", "B")):
+def profile(batch=128, dtype=jnp.bfloat16, variants=None, parts=("fwd", "A", "W", "B"),
+            stages=STAGES):
   rows = []
-  for hw, c in STAGES:
+  for hw, c in stages:
     kx, kp, kg = jax.random.split(jax.random.key(c), 3)
     x = jax.random.normal(kx, (batch, hw, hw, c)).astype(dtype)
     p = tuning.reference_params(kp, c)
     g = jax.random.normal(kg, x.shape).astype(dtype)
     dps = jnp.ones((batch,), jnp.float32)
-    base = tuning.heuristic_tiles(c, dtype)
+    base = tuning.get_tiles(c, dtype)
     for name, change in (variants or {"base": {}}).items():
       if callable(change):
         change = change(c)
@@ -35,12 +36,14 @@ def profile(batch=128, dtype=jnp.bfloat16, variants=None, parts=("fwd", "A", "W"
       row = dict(shape=f"{hw}x{hw}x{c}", variant=name)
       fns = {
           "fwd": jax.jit(lambda x, p, d: pallas_triton.forward(x, p, d, eps=1e-6, tiles=tiles, interpret=False)),
+          "fwd_no_dwconv": jax.jit(lambda x, p, d: pallas_triton.forward(x, p, d, eps=1e-6, tiles=tiles, interpret=False, _parts="no_dwconv")),
+          "fwd_no_mlp": jax.jit(lambda x, p, d: pallas_triton.forward(x, p, d, eps=1e-6, tiles=tiles, interpret=False, _parts="no_mlp")),
           "A": jax.jit(lambda x, p, d, g: pallas_triton.backward(x, p, d, g, eps=1e-6, tiles=tiles, interpret=False, stop_after="A")),
           "W": jax.jit(lambda x, p, d, g: pallas_triton.backward(x, p, d, g, eps=1e-6, tiles=tiles, interpret=False, stop_after="W")),
           "B": jax.jit(lambda x, p, d, g: pallas_triton.backward(x, p, d, g, eps=1e-6, tiles=tiles, interpret=False)),
       }
       for part in parts:
-        args = (x, p, dps) if part == "fwd" else (x, p, dps, g)
+        args = (x, p, dps) if part.startswith("fwd") else (x, p, dps, g)
         t0 = time.time()
         try:
           row[part] = round(_time_ms(fns[part], [args], 10, 5), 4)

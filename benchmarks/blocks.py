@@ -152,7 +152,9 @@ def print_table(rows):
   hdr = (f"{'block':<22}{'XLA fwd':>9}{'Pallas':>9}{'x':>6}{'floor':>7}{'eff':>6}"
          f"{'XLA f+b':>9}{'Pallas':>9}{'x':>6}{'floor':>7}{'eff':>6}{'err y':>9}{'err dx':>9}")
   print(hdr)
-  f = lambda v, fmt: (format(v, fmt) if isinstance(v, (int, float)) else "n/a")
+  def f(v, fmt):
+    width = int(fmt.split(".")[0])
+    return format(v, fmt) if isinstance(v, (int, float)) else "n/a".rjust(width)
   for r in rows:
     print(f"{r['block']:<22}{f(r.get('xla_fwd_ms'), '9.3f')}{f(r.get('pallas_fwd_ms'), '9.3f')}"
           f"{f(r.get('speedup_fwd'), '6.2f')}{f(r['floor_fwd_ms'], '7.3f')}"

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The project's GPU measurements in a few batched calls (for a lent GPU machine with
+# nothing installable: run from the repo root with the image's python3).
+#   bash benchmarks/gpu_suite.sh train     # training-step throughput + digits runs
+#   bash benchmarks/gpu_suite.sh analysis  # waterline --measure for convnext_tiny, convfirst_t
+#   bash benchmarks/gpu_suite.sh scaling   # 1 vs all GPUs, training throughput + a real run
+# Results go to $OUT (or ./out) as JSON / PNG / logs; a short summary is printed last.
+set -uo pipefail
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+OUT=${OUT:-out}; mkdir -p "$OUT"
+log() { echo "== $*"; }
+case "${1:-}" in
+  train)
+    for spec in "convnext_tiny xla" "convnext_tiny auto" "convfirst_t xla"; do
+      set -- $spec
+      log "throughput $1 $2"
+      timeout 200 python3 -m train.throughput --model "$1" --block-impl "$2" --batch-size 256 \
+        --image-size 224 --steps 30 --json "$OUT/tput_$1_$2.json" 2>&1 | grep -v cuda_timer
+    done
+    log "digits convnext_atto (default run)"
+    t=$SECONDS; timeout 200 python3 -m train --no-progress --output-dir /tmp/d1 \
+      2>&1 | grep -vE "cuda_timer" | tail -4; echo "wall $((SECONDS - t)) s"
+    cp /tmp/d1/curves.png "$OUT/digits_convnext_atto.png" 2>/dev/null
+    log "digits convfirst_atto"
+    t=$SECONDS; timeout 200 python3 -m train --no-progress --model convfirst_atto \
+      --steps 300 --output-dir /tmp/d2 2>&1 | grep -vE "cuda_timer" | tail -4; echo "wall $((SECONDS - t)) s"
+    ;;
+  analysis)
+    for m in convnext_tiny convfirst_t; do
+      log "analysis $m"
+      timeout 280 python3 -m convfirst_jax.analysis --model "$m" --batch 256 --device h100 \
+        --measure --no-progress --plot "$OUT/$m.png" --json "$OUT/$m.json" 2>&1 | grep -v cuda_timer \
+        | tee "$OUT/analysis_$m.txt" | tail -32
+    done
+    ;;
+  scaling)
+    n=$(python3 -c "import jax; print(jax.device_count())")
+    log "devices: $n"
+    CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -m train.throughput --model convnext_tiny \
+      --block-impl xla --batch-size 256 --steps 20 --json "$OUT/scale_1.json" 2>&1 | grep -v cuda_timer
+    timeout 200 python3 -m train.throughput --model convnext_tiny --block-impl xla \
+      --batch-size $((256 * n)) --steps 20 --json "$OUT/scale_$n.json" 2>&1 | grep -v cuda_timer
+    log "digits on $n devices"
+    timeout 150 python3 -m train --no-progress --output-dir /tmp/d3 2>&1 | grep -v cuda_timer | tail -3
+    ;;
+  *) echo "usage: $0 train|analysis|scaling" >&2; exit 2 ;;
+esac

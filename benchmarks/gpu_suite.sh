@@ -3,7 +3,7 @@
 # nothing installable: run from the repo root with the image's python3).
 #   bash benchmarks/gpu_suite.sh train     # training-step throughput + digits runs
 #   bash benchmarks/gpu_suite.sh analysis  # waterline --measure for convnext_tiny, convfirst_t
-#   bash benchmarks/gpu_suite.sh scaling   # 1 vs all GPUs, training throughput + a real run
+#   MODEL=convfirst_t bash benchmarks/gpu_suite.sh scaling   # 1 vs all GPUs + a real run
 # Results go to $OUT (or ./out) as JSON / PNG / logs; a short summary is printed last.
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -36,10 +36,11 @@ case "${1:-}" in
   scaling)
     n=$(python3 -c "import jax; print(jax.device_count())")
     log "devices: $n"
-    CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -m train.throughput --model convnext_tiny \
-      --block-impl xla --batch-size 256 --steps 20 --json "$OUT/scale_1.json" 2>&1 | grep -v cuda_timer
-    timeout 200 python3 -m train.throughput --model convnext_tiny --block-impl xla \
-      --batch-size $((256 * n)) --steps 20 --json "$OUT/scale_$n.json" 2>&1 | grep -v cuda_timer
+    m=${MODEL:-convnext_tiny}
+    CUDA_VISIBLE_DEVICES=0 timeout 200 python3 -m train.throughput --model "$m" \
+      --block-impl xla --batch-size 256 --steps 10 --warmup 3 --json "$OUT/scale_1.json" 2>&1 | grep -v cuda_timer
+    timeout 200 python3 -m train.throughput --model "$m" --block-impl xla \
+      --batch-size $((256 * n)) --steps 10 --warmup 3 --json "$OUT/scale_$n.json" 2>&1 | grep -v cuda_timer
     log "digits on $n devices"
     timeout 150 python3 -m train --no-progress --output-dir /tmp/d3 2>&1 | grep -v cuda_timer | tail -3
     ;;

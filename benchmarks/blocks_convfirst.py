@@ -45,13 +45,13 @@ SWEEP = {
     "convfirst": [
         BlockConfig(block_pixels=128, conv_tile=16, hidden_chunk=64, num_warps=4),
         BlockConfig(block_pixels=256, conv_tile=32, hidden_chunk=64, num_warps=8),
-        BlockConfig(block_pixels=64, conv_tile=32, hidden_chunk=128, num_warps=4),
         BlockConfig(block_pixels=128, conv_tile=32, hidden_chunk=128, num_warps=8),
     ],
     "mbconv": [
+        BlockConfig(block_pixels=64, conv_tile=32, num_warps=4, halo_scratch=True),
+        BlockConfig(block_pixels=128, conv_tile=32, num_warps=8, halo_scratch=True),
         BlockConfig(block_pixels=64, conv_tile=16, num_warps=4),
-        BlockConfig(block_pixels=128, conv_tile=32, num_warps=8),
-        BlockConfig(block_pixels=32, conv_tile=32, num_warps=4),
+        BlockConfig(block_pixels=128, conv_tile=64, num_warps=8, halo_scratch=True),
     ],
 }
 
@@ -106,12 +106,15 @@ def norm_rel(out, ref):
 
 def gpu_checks():
   """Odd shapes, both dtypes, NaN-poisoned outputs, vs the reference; returns #failures."""
-  cases = ([("convfirst", c, 3, (2, 5, 7)) for c in (32, 64, 96, 128, 192)]
+  cases = ([("convfirst", c, 3, (2, 5, 7)) for c in (32, 96, 192)]
            + [("convfirst", 96, 5, (3, 11, 13))]
-           + [("mbconv", c, 3, (2, 5, 7)) for c in (128, 256, 384, 512, 768)]
+           + [("mbconv", c, 3, (2, 5, 7)) for c in (128, 384, 768)]
            + [("mbconv", 384, 5, (2, 9, 6))])
+  cases += [(kind, c, k, nhw, BlockConfig(block_pixels=32, conv_tile=32, halo_scratch=True))
+            for kind, c, k, nhw in cases if kind == "mbconv"]
   fails = 0
-  for kind, c, k, nhw in cases:
+  for kind, c, k, nhw, *cfg in cases:
+    cfg = cfg[0] if cfg else None
     fn = pallas_triton.convfirst_block_pallas if kind == "convfirst" else pallas_triton.mbconv_block_pallas
     ref_fn = convfirst_block_reference if kind == "convfirst" else mbconv_block_reference
     kx, kp = jax.random.split(jax.random.key(c * 10 + k))
@@ -119,15 +122,15 @@ def gpu_checks():
     p = make_params(kind, kp, c, 4, k)
     with jax.default_matmul_precision("highest"):
       ref32 = ref_fn(x, p)
-      out = fn(x, p, output_init=jnp.full(x.shape, jnp.nan))
+      out = fn(x, p, output_init=jnp.full(x.shape, jnp.nan), config=cfg)
       xb = x.astype(jnp.bfloat16)
-      outb = fn(xb, p, output_init=jnp.full(x.shape, jnp.nan, jnp.bfloat16))
+      outb = fn(xb, p, output_init=jnp.full(x.shape, jnp.nan, jnp.bfloat16), config=cfg)
       refb = ref_fn(xb.astype(jnp.float32), p)
     e32, eb = norm_rel(out, ref32), norm_rel(outb, refb)
     ok = e32 < 1e-5 and eb < 1e-2 and np.isfinite(np.asarray(out)).all() and np.isfinite(
         np.asarray(outb, np.float32)).all()
     fails += not ok
-    print(f"check {kind:<9} C={c:<4} k={k} {nhw}: f32 {e32:.1e} bf16 {eb:.1e} "
+    print(f"check {kind:<9} C={c:<4} k={k} {nhw} {'scratch' if cfg else ''}: f32 {e32:.1e} bf16 {eb:.1e} "
           f"{'ok' if ok else 'FAIL'}", flush=True)
   return fails
 
@@ -170,24 +173,25 @@ def main(argv=None) -> int:
   p.add_argument("--check", action="store_true")
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
-  fails = gpu_checks() if args.check else 0
   rows = bench(args.batch, args.sweep)
+  fails = gpu_checks() if args.check else 0
   if args.json:
     with open(args.json, "w") as f:
       json.dump(rows, f, indent=2)
   device = jax.devices()[0].device_kind
   print(f"\nConvFirst/MBConv blocks, bf16, batch {args.batch}, {device}, "
         f"{time.strftime('%Y-%m-%d')}; floor = max(FLOPs/680T, bytes/2.0TB/s)")
-  print(f"{'block':<24}{'config':<22}{'XLA ms':>8}{'Pallas ms':>10}{'x XLA':>7}"
+  print(f"{'block':<24}{'config':<26}{'XLA ms':>8}{'Pallas ms':>10}{'x XLA':>7}"
         f"{'floor ms':>9}{'eff':>6}{'TFLOP/s':>8}{'max rel':>9}")
   for r in rows:
     c = r["config"]
-    cs = f"P{c['block_pixels']} ct{c['conv_tile']} hc{c['hidden_chunk']} w{c['num_warps']}"
+    cs = (f"P{c['block_pixels']} ct{c['conv_tile']} hc{c['hidden_chunk']} w{c['num_warps']}"
+          f" s{c['num_stages']}{' S' if c['halo_scratch'] else ''}")
     cs += "*" if r["default"] else ""
     if r.get("pallas_ms") is None:
-      print(f"{r['block']:<24}{cs:<22}{r['xla_ms']:>8.3f}  error: {r['error'][:60]}")
+      print(f"{r['block']:<24}{cs:<26}{r['xla_ms']:>8.3f}  error: {r['error'][:60]}")
       continue
-    print(f"{r['block']:<24}{cs:<22}{r['xla_ms']:>8.3f}{r['pallas_ms']:>10.3f}"
+    print(f"{r['block']:<24}{cs:<26}{r['xla_ms']:>8.3f}{r['pallas_ms']:>10.3f}"
           f"{r['speedup']:>7.2f}{r['floor_ms']:>9.3f}{r['efficiency']:>6.2f}"
           f"{r['tflops']:>8.0f}{r['max_rel_err']:>9.1e}")
   if fails:

@@ -41,7 +41,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.convfirst_block.common import channel_tile, num_tiles
+from pallas_kernels.convfirst_block.common import channel_tile, next_power_of_2, num_tiles
 from pallas_kernels.convfirst_block.reference import (
     GROUP_WIDTH,
     ConvFirstBlockParams,
@@ -59,6 +59,11 @@ class BlockConfig:
   conv_tile: channels per block-diagonal conv tile (16 or 32).  In MBConv the conv runs on the
     expanded tensor, so this is also the hidden chunk.
   hidden_chunk: hidden channels per step of the fc1 -> SiLU -> fc2 loop (ConvFirst only).
+  halo_scratch: MBConv only.  False: recompute the expand of the chunk for every tap (k*k
+    times the expand work).  True: compute it once for the tile and its halo rows, park it in
+    a per-program (rows x conv_tile) slot of a small global scratch buffer (L2-resident,
+    reused for every chunk, so it is G*rows*conv_tile elements, not the E*C tensor), and read
+    the taps back from there, with a CTA barrier between the writes and the reads.
   """
 
   block_pixels: int = 64
@@ -66,6 +71,7 @@ class BlockConfig:
   hidden_chunk: int = 64
   num_warps: int = 4
   num_stages: int = 1
+  halo_scratch: bool = False
 
 
 def default_config(kind: str, channels: int, hidden: int) -> BlockConfig:
@@ -190,20 +196,26 @@ def _mbconv_kernel(x_ref, w1_ref, b1_ref, wc_ref, bc_ref, w2_ref, b2_ref, y_ref,
   hc = cfg.conv_tile
   n_io = num_tiles(channels, io_tile)
   q, inside, qc = _pixels(cfg.block_pixels, x_ref.shape[0])
-  taps = [(t, *_tap_rows(qc, inside, dy=dy, dx=dx, height=height, width=width))
-          for t, dy, dx in _taps(kernel_size)]
+  pad = (kernel_size - 1) // 2
 
   def chunk(c, ys):
     cols = pl.ds(c * hc, hc)
     b1 = b1_ref[cols][None, :]
-    acc = jnp.zeros((cfg.block_pixels, hc), jnp.float32)
-    for t, rows, valid in taps:
+
+    # Taps in a loop, not unrolled: unrolled, Triton keeps every tap's dot operands live in
+    # shared memory at once (over 228 KB for C >= 128).
+    def tap(t, acc):
+      rows, valid = _tap_rows(qc, inside, dy=t // kernel_size - pad,
+                              dx=t % kernel_size - pad, height=height, width=width)
       # The expand of this chunk at the tap's source pixels, recomputed on chip.
       h = b1 + sum(_dot(_load_rows(x_ref, rows, valid, i * io_tile, io_tile, channels),
                         w1_ref[pl.ds(i * io_tile, io_tile), cols]) for i in range(n_io))
       # "same" padding pads the *expanded* tensor with zeros, not silu(b1).
       h = jnp.where(valid[:, None], jax.nn.silu(h), 0.0).astype(dtype)
-      acc += _dot(h, wc_ref[t, cols, :])
+      return acc + _dot(h, wc_ref[t, cols, :])
+
+    acc = jax.lax.fori_loop(0, kernel_size * kernel_size, tap,
+                            jnp.zeros((cfg.block_pixels, hc), jnp.float32))
     g = jax.nn.silu(acc + bc_ref[cols][None, :]).astype(dtype)
     return tuple(y + _dot(g, w2_ref[cols, pl.ds(o * io_tile, io_tile)])
                  for o, y in enumerate(ys))
@@ -214,6 +226,64 @@ def _mbconv_kernel(x_ref, w1_ref, b1_ref, wc_ref, bc_ref, w2_ref, b2_ref, y_ref,
     res = _load_rows(x_ref, qc, inside, o * io_tile, io_tile, channels).astype(jnp.float32)
     y = y + b2_ref[pl.ds(o * io_tile, io_tile)][None, :] + res
     _store_rows(y_ref, q, inside, o * io_tile, y, channels)
+
+
+def _mbconv_scratch_kernel(x_ref, w1_ref, b1_ref, wc_ref, bc_ref, w2_ref, b2_ref, y_ref,
+                           s_ref, *, height, width, channels, kernel_size, cfg: BlockConfig,
+                           io_tile, num_chunks, barrier):
+  dtype = x_ref.dtype
+  hc, bp = cfg.conv_tile, cfg.block_pixels
+  n_io = num_tiles(channels, io_tile)
+  num_pixels = x_ref.shape[0]
+  q, inside, qc = _pixels(bp, num_pixels)
+  band = halo_band(kernel_size, width)
+  slot_rows = bp + 2 * band
+  slot0 = pl.program_id(0) * slot_rows
+  q0 = pl.program_id(0) * bp
+  # Halo pieces: `band` rows before the tile, the tile, `band` rows after.
+  pieces = [(q0 - band, band, 0), (q0, bp, band), (q0 + bp, band, band + bp)]
+  pad = (kernel_size - 1) // 2
+  cols_hc = _iota(hc)
+
+  def chunk(c, ys):
+    cols = pl.ds(c * hc, hc)
+    b1 = b1_ref[cols][None, :]
+    for start, rows, offset in pieces:
+      src = start + _iota(rows)
+      ok = (src >= 0) & (src < num_pixels)
+      h = b1 + sum(_dot(_load_rows(x_ref, jnp.where(ok, src, 0), ok, i * io_tile, io_tile,
+                                   channels),
+                        w1_ref[pl.ds(i * io_tile, io_tile), cols]) for i in range(n_io))
+      srow = slot0 + offset + _iota(rows)
+      plgpu.store(s_ref.at[srow[:, None], cols_hc[None, :]], jax.nn.silu(h).astype(dtype))
+    barrier()   # every thread's expand rows are written before any tap reads
+    def tap(t, acc):
+      dy, dx = t // kernel_size - pad, t % kernel_size - pad
+      _, valid = _tap_rows(qc, inside, dy=dy, dx=dx, height=height, width=width)
+      srow = slot0 + band + dy * width + dx + _iota(bp)
+      hs = plgpu.load(s_ref.at[srow[:, None], cols_hc[None, :]], mask=valid[:, None],
+                      other=0.0, cache_modifier=".cg")
+      return acc + _dot(hs, wc_ref[t, cols, :])
+
+    acc = jax.lax.fori_loop(0, kernel_size * kernel_size, tap,
+                            jnp.zeros((bp, hc), jnp.float32))
+    barrier()   # all taps are read before the next chunk overwrites the slot
+    g = jax.nn.silu(acc + bc_ref[cols][None, :]).astype(dtype)
+    return tuple(y + _dot(g, w2_ref[cols, pl.ds(o * io_tile, io_tile)])
+                 for o, y in enumerate(ys))
+
+  ys = tuple(jnp.zeros((bp, io_tile), jnp.float32) for _ in range(n_io))
+  ys = jax.lax.fori_loop(0, num_chunks, chunk, ys)
+  for o, y in enumerate(ys):
+    res = _load_rows(x_ref, qc, inside, o * io_tile, io_tile, channels).astype(jnp.float32)
+    y = y + b2_ref[pl.ds(o * io_tile, io_tile)][None, :] + res
+    _store_rows(y_ref, q, inside, o * io_tile, y, channels)
+
+
+def halo_band(kernel_size: int, width: int) -> int:
+  """Rows of halo each side of a pixel-row tile: a power of two >= p*W + p."""
+  p = (kernel_size - 1) // 2
+  return next_power_of_2(max(p * width + p, 1))
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -228,7 +298,8 @@ def check_supported(x: jax.Array, kernel_size: int, name: str) -> None:
     raise NotImplementedError(f"fused Pallas {name}: even kernel size {kernel_size}")
 
 
-def _launch(kernel, x, weights, *, cfg, name, interpret, output_init, **static):
+def _launch(kernel, x, weights, *, cfg, name, interpret, output_init, scratch_rows=0,
+            scratch_cols=0, **static):
   n, h, w, c = x.shape
   num_pixels = n * h * w
   x2 = x.reshape(num_pixels, c)
@@ -243,24 +314,28 @@ def _launch(kernel, x, weights, *, cfg, name, interpret, output_init, **static):
                        f"{output_init.shape} {output_init.dtype}")
     aliases = {len(args): 0}
     args = (*args, output_init.reshape(x2.shape))
-    body = _ignore_aliased_input(body)
+    body = _ignore_aliased_input(body, len(args))
+  grid = pl.cdiv(num_pixels, cfg.block_pixels)
+  out_shape = [jax.ShapeDtypeStruct(x2.shape, x.dtype)]
+  if scratch_rows:
+    out_shape.append(jax.ShapeDtypeStruct((grid * scratch_rows, scratch_cols), x.dtype))
   out = pl.pallas_call(
       body,
-      grid=(pl.cdiv(num_pixels, cfg.block_pixels),),
-      out_shape=jax.ShapeDtypeStruct(x2.shape, x.dtype),
+      grid=(grid,),
+      out_shape=out_shape,
       input_output_aliases=aliases,
       compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps,
                                            num_stages=cfg.num_stages),
       interpret=interpret,
       name=name,
-  )(*args)
+  )(*args)[0]
   return out.reshape(x.shape)
 
 
-def _ignore_aliased_input(kernel):
+def _ignore_aliased_input(kernel, num_inputs):
+  """The kernel without its last input (the buffer aliased to output 0)."""
   def wrapped(*refs):
-    *inputs, _, out_ref = refs
-    return kernel(*inputs, out_ref)
+    return kernel(*refs[:num_inputs - 1], *refs[num_inputs:])
   return wrapped
 
 
@@ -316,8 +391,15 @@ def mbconv_block_pallas(x: jax.Array, params: MBConvBlockParams, *,
       _pad_to(params.fc2_kernel, (hidden_p, in_c)).astype(dtype),
       _pad_to(params.fc2_bias.astype(f32), (in_c,)),
   )
-  return _launch(_mbconv_kernel, x, weights, cfg=cfg, name="mbconv_block_fwd",
-                 interpret=interpret, output_init=output_init, kernel_size=k, io_tile=io_tile,
+  scratch = {}
+  kernel = _mbconv_kernel
+  if cfg.halo_scratch:
+    kernel = _mbconv_scratch_kernel
+    # Interpret mode runs a program's threads in lock step: no barrier there (nor a lowering).
+    scratch = dict(scratch_rows=cfg.block_pixels + 2 * halo_band(k, x.shape[2]),
+                   scratch_cols=hc, barrier=(lambda: None) if interpret else plgpu.debug_barrier)
+  return _launch(kernel, x, weights, cfg=cfg, name="mbconv_block_fwd",
+                 interpret=interpret, output_init=output_init, **scratch, kernel_size=k, io_tile=io_tile,
                  num_chunks=hidden_p // hc)
 
 

@@ -86,7 +86,36 @@ def convnext_cases(batch: int, dtype, tiles=None):
   return cases
 
 
-CASES = {"convnext": convnext_cases}
+# ----------------------------------------------------------------- ConvFirst / MBConv (issue #6)
+# Forward (inference, BatchNorm-folded) only: run with --blocks convfirst --no-backward.
+# The sweep over kernel configs and GPU correctness checks live in benchmarks.blocks_convfirst.
+
+
+def convfirst_cases(batch: int, dtype, tiles=None):
+  del tiles
+  from benchmarks.blocks_convfirst import SHAPES, floor_s, make_params
+  from pallas_kernels.convfirst_block import api
+
+  cases = []
+  for name, kind, h, w, c, e in SHAPES:
+    fn = api.convfirst_block if kind == "convfirst" else api.mbconv_block
+    shape = (batch, h, w, c)
+
+    def make_inputs(key, shape=shape, kind=kind, c=c, e=e):
+      kx, kp, kg = jax.random.split(key, 3)
+      x = jax.random.normal(kx, shape, jnp.float32).astype(dtype)
+      return (x, make_params(kind, kp, c, e)), jax.random.normal(kg, shape).astype(dtype)
+
+    _, flops, bytes_ = floor_s(kind, batch, h, w, c, e, itemsize=jnp.dtype(dtype).itemsize)
+    cases.append(BlockCase(
+        name=name, shape=shape, dtype=jnp.dtype(dtype).name, make_inputs=make_inputs,
+        impls={impl: (lambda x, p, fn=fn, impl=impl: fn(x, p, implementation=impl))
+               for impl in ("xla", "pallas")},
+        flops_fwd=flops, bytes_fwd=bytes_, flops_bwd=0.0, bytes_bwd=0.0))
+  return cases
+
+
+CASES = {"convnext": convnext_cases, "convfirst": convfirst_cases}
 
 
 def _time_ms(fn, arg_sets, iters: int, reps: int) -> float:

@@ -145,6 +145,13 @@ def _store_rows(ref, rows, valid, col0, value, channels):
   plgpu.store(ref.at[rows[:, None], cols[None, :]], value.astype(ref.dtype), mask=mask)
 
 
+def _tap_offsets(t, kernel_size, pad):
+  """(dy, dx) of loop tap t.  lax.div / lax.rem rather than // and %: t >= 0, and jnp's
+  floor-division and modulo add sign fix-ups (a select on a bool) that the Triton lowering
+  rejects for a loop-carried scalar ("AssertionError: ('i32', 'i1')" on the H100)."""
+  return (jax.lax.div(t, kernel_size) - pad, jax.lax.rem(t, kernel_size) - pad)
+
+
 def _dot(a, b):
   return jnp.dot(a, b, preferred_element_type=jnp.float32)
 
@@ -205,8 +212,8 @@ def _mbconv_kernel(x_ref, w1_ref, b1_ref, wc_ref, bc_ref, w2_ref, b2_ref, y_ref,
     # Taps in a loop, not unrolled: unrolled, Triton keeps every tap's dot operands live in
     # shared memory at once (over 228 KB for C >= 128).
     def tap(t, acc):
-      rows, valid = _tap_rows(qc, inside, dy=t // kernel_size - pad,
-                              dx=t % kernel_size - pad, height=height, width=width)
+      dy, dx = _tap_offsets(t, kernel_size, pad)
+      rows, valid = _tap_rows(qc, inside, dy=dy, dx=dx, height=height, width=width)
       # The expand of this chunk at the tap's source pixels, recomputed on chip.
       h = b1 + sum(_dot(_load_rows(x_ref, rows, valid, i * io_tile, io_tile, channels),
                         w1_ref[pl.ds(i * io_tile, io_tile), cols]) for i in range(n_io))
@@ -258,11 +265,13 @@ def _mbconv_scratch_kernel(x_ref, w1_ref, b1_ref, wc_ref, bc_ref, w2_ref, b2_ref
       plgpu.store(s_ref.at[srow[:, None], cols_hc[None, :]], jax.nn.silu(h).astype(dtype))
     barrier()   # every thread's expand rows are written before any tap reads
     def tap(t, acc):
-      dy, dx = t // kernel_size - pad, t % kernel_size - pad
+      dy, dx = _tap_offsets(t, kernel_size, pad)
       _, valid = _tap_rows(qc, inside, dy=dy, dx=dx, height=height, width=width)
       srow = slot0 + band + dy * width + dx + _iota(bp)
       hs = plgpu.load(s_ref.at[srow[:, None], cols_hc[None, :]], mask=valid[:, None],
-                      other=0.0, cache_modifier=".cg")
+                      # volatile, not cache_modifier=".cg": jax 0.11.2's Triton lowering
+                      # accepts ".cg" but then fails to look it up (KeyError '.cg').
+                      other=0.0, volatile=True)
       return acc + _dot(hs, wc_ref[t, cols, :])
 
     acc = jax.lax.fori_loop(0, kernel_size * kernel_size, tap,

@@ -1,0 +1,87 @@
+"""Every Pallas kernel lowers to Triton for an H100, checked on a CPU-only machine.
+
+Interpret mode runs a kernel's arithmetic but not the Triton lowering, which has its own
+restrictions (it rejected the MBConv kernel's loop-tap arithmetic on the H100 with
+"AssertionError: ('i32', 'i1')" and a ".cg" cache modifier with a KeyError; both were only
+seen on the GPU).  Lowering a jitted call for the "cuda" platform runs that lowering here.
+Pallas asks the driver for the compute capability; with no GPU we give it the H100's
+(9.0) by patching that one query, a private jax API, hence the guard.  Compiling the
+Triton module (register and shared-memory limits) still needs a GPU.
+"""
+
+import dataclasses
+import types
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+try:
+  from jax._src.pallas.triton import pallas_call_registration as _registration
+except ImportError:  # pragma: no cover - private module moved
+  _registration = None
+
+from pallas_kernels.convfirst_block import ConvFirstBlockParams, MBConvBlockParams
+from pallas_kernels.convfirst_block import pallas_triton as cf_triton
+from pallas_kernels.convnext_block import pallas_triton as cn_triton
+from pallas_kernels.convnext_block.tuning import heuristic_tiles, reference_params
+
+pytestmark = pytest.mark.skipif(
+    _registration is None or not hasattr(_registration, "gpu_info_lib"),
+    reason="jax's private Triton registration module changed")
+
+
+@pytest.fixture(autouse=True)
+def h100_compute_capability(monkeypatch):
+  if jax.default_backend() != "gpu":
+    monkeypatch.setattr(_registration.gpu_info_lib, "get_gpu_info",
+                        lambda: types.SimpleNamespace(compute_capability=90))
+
+
+def _lower_for_cuda(fn, *args):
+  return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+def _abstract(shape, dtype=jnp.bfloat16):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+@pytest.mark.parametrize("c", [96, 768])
+def test_convnext_forward_and_backward_lower(c):
+  params = reference_params(jax.random.key(0), c)
+  x = _abstract((2, 9, 13, c))
+  dps = jnp.ones((2,), jnp.float32)
+  tiles = heuristic_tiles(c, jnp.bfloat16)
+  _lower_for_cuda(lambda x: cn_triton.forward(x, params, dps, eps=1e-6, tiles=tiles,
+                                              interpret=False), x)
+  _lower_for_cuda(lambda x, g: cn_triton.backward(x, params, dps, g, eps=1e-6, tiles=tiles,
+                                                  interpret=False), x, x)
+
+
+def _convfirst_params(c, e, k):
+  ks = jax.random.split(jax.random.key(1), 3)
+  return ConvFirstBlockParams(jax.random.normal(ks[0], (k, k, 8, c)), jnp.zeros(c),
+                              jax.random.normal(ks[1], (c, e * c)), jnp.zeros(e * c),
+                              jax.random.normal(ks[2], (e * c, c)), jnp.zeros(c))
+
+
+def _mbconv_params(c, e, k):
+  ks = jax.random.split(jax.random.key(2), 3)
+  return MBConvBlockParams(jax.random.normal(ks[0], (c, e * c)), jnp.zeros(e * c),
+                           jax.random.normal(ks[1], (k, k, 8, e * c)), jnp.zeros(e * c),
+                           jax.random.normal(ks[2], (e * c, c)), jnp.zeros(c))
+
+
+@pytest.mark.parametrize("c,k", [(64, 3), (192, 5)])
+def test_convfirst_lowers(c, k):
+  params = _convfirst_params(c, 4, k)
+  _lower_for_cuda(lambda x: cf_triton.convfirst_block_pallas(x, params), _abstract((2, 9, 13, c)))
+
+
+@pytest.mark.parametrize("c,halo_scratch", [(256, False), (768, False), (256, True)])
+def test_mbconv_lowers(c, halo_scratch):
+  params = _mbconv_params(c, 4, 3)
+  cfg = dataclasses.replace(cf_triton.default_config("mbconv", c, 4 * c),
+                            halo_scratch=halo_scratch)
+  _lower_for_cuda(lambda x: cf_triton.mbconv_block_pallas(x, params, config=cfg),
+                  _abstract((2, 14, 14, c)))

@@ -10,22 +10,10 @@ import convfirst_jax as cj
 from convfirst_jax.convfirst import FoldedConvFirstBlock, FoldedMBConvBlock
 
 
-def _randomise_batchnorm(model, seed=0):
-  """Non-trivial BN statistics and affine parameters, as after training."""
-  keys = iter(jax.random.split(jax.random.key(seed), 10_000))
-  for _, bn in nnx.iter_graph(model):
-    if isinstance(bn, nnx.BatchNorm):
-      c = bn.scale.shape
-      bn.scale[...] = jax.random.uniform(next(keys), c, minval=0.5, maxval=1.5)
-      bn.bias[...] = 0.1 * jax.random.normal(next(keys), c)
-      bn.mean[...] = 0.1 * jax.random.normal(next(keys), c)
-      bn.var[...] = jax.random.uniform(next(keys), c, minval=0.5, maxval=2.0)
-
-
 @pytest.mark.parametrize("name,kernel_size", [("convfirst_atto", 3), ("convfirst_atto", 5)])
-def test_folded_matches_eval_mode(name, kernel_size):
+def test_folded_matches_eval_mode(name, kernel_size, randomise_batchnorm):
   model = cj.create_model(name, num_classes=10, rngs=0, kernel_size=kernel_size)
-  _randomise_batchnorm(model)
+  randomise_batchnorm(model)
   model.eval()
   folded = cj.fold_batchnorm(model)
   x = jax.random.normal(jax.random.key(1), (2, 35, 33, 3))

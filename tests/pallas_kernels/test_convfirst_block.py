@@ -134,21 +134,9 @@ def test_dispatch():
     mbconv_block(x, _params("mbconv", jax.random.key(1), 32, 3), implementation="triton")
 
 
-def _randomise_batchnorm(model, seed=0):
-  from flax import nnx
-  keys = iter(jax.random.split(jax.random.key(seed), 10_000))
-  for _, bn in nnx.iter_graph(model):
-    if isinstance(bn, nnx.BatchNorm):
-      c = bn.scale.shape
-      bn.scale[...] = jax.random.uniform(next(keys), c, minval=0.5, maxval=1.5)
-      bn.bias[...] = 0.1 * jax.random.normal(next(keys), c)
-      bn.mean[...] = 0.1 * jax.random.normal(next(keys), c)
-      bn.var[...] = jax.random.uniform(next(keys), c, minval=0.5, maxval=2.0)
-
-
-def test_folded_model_pallas_matches_xla(monkeypatch):
+def test_folded_model_pallas_matches_xla(monkeypatch, randomise_batchnorm):
   model = cj.create_model("convfirst_atto", num_classes=10, rngs=0)
-  _randomise_batchnorm(model)
+  randomise_batchnorm(model)
   model.eval()
   xla = cj.fold_batchnorm(model, block_impl="xla")
   pallas = cj.fold_batchnorm(model, block_impl="pallas")

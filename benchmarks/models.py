@@ -18,21 +18,9 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import convfirst_jax as cj
-
-
-def _median_time(fn, args_list, iters: int, warmup: int = 3) -> float:
-  for i in range(warmup):
-    jax.block_until_ready(fn(*args_list[i % len(args_list)]))
-  times = []
-  for i in range(iters):
-    a = args_list[i % len(args_list)]
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*a))
-    times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+from pallas_kernels.timing import median_seconds
 
 
 def build_inference(name: str, impl: str, dtype):
@@ -48,7 +36,7 @@ def inference_throughput(name, impl, batch, image_size, dtype, iters):
   fn = jax.jit(lambda m, x: m(x))
   keys = jax.random.split(jax.random.key(batch), 2)
   xs = [(model, jax.random.normal(k, (batch, image_size, image_size, 3), dtype)) for k in keys]
-  t = _median_time(fn, xs, iters)
+  t = median_seconds(fn, arg_sets=xs, iters=iters)
   return batch / t, t
 
 

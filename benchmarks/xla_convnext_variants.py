@@ -6,7 +6,7 @@ the depthwise conv as 49 shifted multiply-adds (slow to compile), and a tanh-GEL
 
     PYTHONPATH=. python3 -m benchmarks.xla_convnext_variants
 """
-import time, functools, jax, jax.numpy as jnp, numpy as np
+import time, jax, jax.numpy as jnp, numpy as np
 from pallas_kernels.convnext_block.reference import ConvNeXtBlockParams, convnext_block_reference as ref
 
 def shifted_dwconv_ref(x, p, scale=None, eps=1e-6, approx=False):

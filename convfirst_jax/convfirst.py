@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
-from pallas_kernels.convfirst_block import GROUP_WIDTH, grouped_conv
+from pallas_kernels.convfirst_block import GROUP_WIDTH
 from convfirst_jax.convnext import ClassifierHead, drop_path_schedule
 from convfirst_jax.layers import DropPath, apply_drop_path, check_implementation, check_input
 

@@ -169,7 +169,6 @@ class _Walker:
 
 
 def _convnext(model, w: _Walker, shape):
-  from convfirst_jax.convnext import ConvNeXt  # noqa: F401  (type documentation)
   shape = w.conv("stem.0", "stem", model.stem[0], shape)
   shape = w.norm("stem.1", "stem", "layernorm", shape, 2 * shape[-1])
   for i, stage in enumerate(model.stages):

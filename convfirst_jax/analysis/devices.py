@@ -10,7 +10,8 @@ drawn at what the hardware actually delivers.
 from __future__ import annotations
 
 import dataclasses
-import time
+
+from pallas_kernels.timing import median_seconds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,18 +70,6 @@ def get_device(name: str) -> Device:
   return DEVICES[key]
 
 
-def _median_seconds(fn, *args, warmup: int, iters: int) -> float:
-  import statistics
-  for _ in range(warmup):
-    fn(*args).block_until_ready()
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    fn(*args).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
-
-
 def measure_ceilings(matmul_size: int = 8192, copy_bytes: int = 1 << 30,
                      dtype: str = "bfloat16", iters: int = 20) -> Device:
   """Measures the two ceilings on jax's default device and returns them as a Device.
@@ -96,13 +85,13 @@ def measure_ceilings(matmul_size: int = 8192, copy_bytes: int = 1 << 30,
   a = jax.random.normal(ka, (matmul_size, matmul_size), dt)
   b = jax.random.normal(kb, (matmul_size, matmul_size), dt)
   matmul = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=dt))
-  t_mm = _median_seconds(matmul, a, b, warmup=3, iters=iters)
+  t_mm = median_seconds(matmul, a, b, warmup=3, iters=iters)
   peak = 2 * matmul_size ** 3 / t_mm
   del a, b
   n = copy_bytes // dt.itemsize
   x = jnp.zeros((n,), dt)
   stream = jax.jit(lambda x: x + jnp.asarray(1, dt))
-  t_cp = _median_seconds(stream, x, warmup=3, iters=iters)
+  t_cp = median_seconds(stream, x, warmup=3, iters=iters)
   bandwidth = 2 * n * dt.itemsize / t_cp
   kind = jax.devices()[0].device_kind
   return Device(f"{kind}, measured ceilings", {dtype: peak}, bandwidth,

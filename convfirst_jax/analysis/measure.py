@@ -13,14 +13,14 @@ reported as n/a.
 from __future__ import annotations
 
 import dataclasses
-import statistics
-import time
 import warnings
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from pallas_kernels.timing import median_seconds
 
 IMPLEMENTATIONS = ("xla", "pallas")
 
@@ -68,15 +68,7 @@ def model_groups(model) -> list[Group]:
 def median_time(fn: Callable, *args, warmup: int = 5, iters: int = 30) -> float:
   """Median wall time of ``fn(*args)`` in seconds, each run synchronised.  The first call
   (compilation) is not timed."""
-  jax.block_until_ready(fn(*args))
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  return median_seconds(fn, *args, warmup=warmup + 1, iters=iters)
 
 
 def _first_line(e: Exception) -> str:

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.convnext_block import api, reference, tuning
+from pallas_kernels.convnext_block import api, tuning
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

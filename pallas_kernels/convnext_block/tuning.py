@@ -14,11 +14,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.timing import median_seconds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,15 +140,7 @@ def get_tiles(c: int, dtype, device_kind: str | None = None) -> ConvNeXtTiles:
 
 
 def _time(fn: Callable, args, iters: int = 20) -> float:
-  for _ in range(2):
-    jax.block_until_ready(fn(*args))
-  ts = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append(time.perf_counter() - t0)
-  ts.sort()
-  return ts[len(ts) // 2]
+  return median_seconds(fn, *args, warmup=2, iters=iters)
 
 
 def default_candidates(c: int, dtype) -> tuple[list[dict], list[dict]]:

@@ -1,9 +1,7 @@
 """timm state-dict conversion, on synthetic state dicts (no torch needed)."""
 
-import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 import convfirst_jax as cj
 from convfirst_jax.timm_convert import convnext_from_timm, convnext_to_timm

@@ -3,7 +3,6 @@ agree."""
 
 import json
 
-import jax
 import numpy as np
 import pytest
 

@@ -1,0 +1,36 @@
+"""One wall-clock timer for tuning, analysis and benchmarks.
+
+JAX dispatch is asynchronous, so every timed call ends in ``block_until_ready``; the first
+calls (compilation, autotuning, allocation) are warm-up and not timed; the median of many
+calls resists outliers.  ``arg_sets`` rotates through several inputs so that repeated calls
+do not all hit one input already resident in L2.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+
+
+def median_seconds(fn: Callable, *args, warmup: int = 3, iters: int = 20,
+                   arg_sets: Sequence[tuple] | None = None) -> float:
+  """Median seconds of one synchronised call of ``fn(*args)`` (or of ``fn(*a)`` for ``a``
+  rotating through ``arg_sets``), after ``warmup`` untimed calls."""
+  if arg_sets is None:
+    arg_sets = (args,)
+  elif args:
+    raise ValueError("pass either positional args or arg_sets, not both")
+  if iters < 1:
+    raise ValueError(f"iters must be >= 1, got {iters}")
+  for i in range(max(warmup, 1)):
+    jax.block_until_ready(fn(*arg_sets[i % len(arg_sets)]))
+  times = []
+  for i in range(iters):
+    a = arg_sets[i % len(arg_sets)]
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*a))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times)

@@ -1,15 +1,17 @@
 """ConvFirst / MBConv block benchmark: XLA vs the fused Pallas inference kernel.
 
-    PYTHONPATH=. python3 -m benchmarks.blocks_convfirst [--sweep] [--check] [--json out.json]
+    PYTHONPATH=. python3 -m benchmarks.blocks_convfirst [--sweep] [--check] [--kinds mbconv]
+        [--json out.json]
 
 Rows: ConvFirst 56x56x64 E4, ConvFirst 64x64x64 E6, MBConv 14x14x256 E4, batch 128, bfloat16,
 BatchNorm-folded (inference) blocks, k=3.  For each: XLA fwd ms, Pallas fwd ms, the floor
 max(FLOPs / 680e12, bytes / 2.0e12) (FLOPs of the real grouped conv + both matmuls; bytes =
 read x + write y + weights once), efficiency = floor / time, and the Pallas output's max
 relative error vs XLA's in the same run (max|pallas - xla| / max|xla|).  ``--sweep`` also
-times alternative ``BlockConfig``s; ``--check`` first runs GPU correctness checks (float32
+times alternative ``BlockConfig``s; ``--check`` then runs GPU correctness checks (float32
 and bfloat16, odd shapes, NaN-poisoned outputs).  Times: median over repeats of the mean of
-back-to-back calls, alternating two input sets.
+back-to-back calls, alternating two input sets.  ``--kinds`` restricts both to ConvFirst
+or MBConv blocks (the k=5 ConvFirst check alone takes about 2 minutes to compile).
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def norm_rel(out, ref):
   return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
 
 
-def gpu_checks():
+def gpu_checks(kinds=("convfirst", "mbconv")):
   """Odd shapes, both dtypes, NaN-poisoned outputs, vs the reference; returns #failures."""
   cases = ([("convfirst", c, 3, (2, 5, 7)) for c in (32, 96, 192)]
            + [("convfirst", 96, 5, (3, 11, 13))]
@@ -112,6 +114,7 @@ def gpu_checks():
            + [("mbconv", 384, 5, (2, 9, 6))])
   cases += [(kind, c, k, nhw, BlockConfig(block_pixels=32, conv_tile=32, halo_scratch=True))
             for kind, c, k, nhw in cases if kind == "mbconv"]
+  cases = [case for case in cases if case[0] in kinds]
   fails = 0
   for kind, c, k, nhw, *cfg in cases:
     cfg = cfg[0] if cfg else None
@@ -135,9 +138,11 @@ def gpu_checks():
   return fails
 
 
-def bench(batch, sweep):
+def bench(batch, sweep, kinds=("convfirst", "mbconv")):
   rows = []
   for name, kind, h, w, c, e in SHAPES:
+    if kind not in kinds:
+      continue
     kx, kp = jax.random.split(jax.random.key(h * c + e))
     xs = [(jax.random.normal(kk, (batch, h, w, c), jnp.bfloat16),)
           for kk in jax.random.split(kx, 2)]
@@ -171,10 +176,15 @@ def main(argv=None) -> int:
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--sweep", action="store_true")
   p.add_argument("--check", action="store_true")
+  p.add_argument("--kinds", default="convfirst,mbconv",
+                 help="which blocks to time and check (comma-separated)")
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
-  rows = bench(args.batch, args.sweep)
-  fails = gpu_checks() if args.check else 0
+  kinds = tuple(args.kinds.split(","))
+  if not set(kinds) <= {"convfirst", "mbconv"}:
+    p.error(f"--kinds takes convfirst and/or mbconv, got {args.kinds!r}")
+  rows = bench(args.batch, args.sweep, kinds)
+  fails = gpu_checks(kinds) if args.check else 0
   if args.json:
     with open(args.json, "w") as f:
       json.dump(rows, f, indent=2)

@@ -4,6 +4,8 @@
 #   bash benchmarks/gpu_suite.sh train     # training-step throughput + digits runs
 #   bash benchmarks/gpu_suite.sh analysis  # waterline --measure for convnext_tiny, convfirst_t
 #   MODEL=convfirst_t bash benchmarks/gpu_suite.sh scaling   # 1 vs all GPUs + a real run
+#   bash benchmarks/gpu_suite.sh convfirst # ConvFirst/MBConv blocks: inference + training
+#   MODELS=convfirst_t,convnext_tiny bash benchmarks/gpu_suite.sh models  # whole-model img/s
 # Results go to $OUT (or ./out) as JSON / PNG / logs; a short summary is printed last.
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -44,5 +46,20 @@ case "${1:-}" in
     log "digits on $n devices"
     timeout 150 python3 -m train --no-progress --output-dir /tmp/d3 2>&1 | grep -v cuda_timer | tail -3
     ;;
-  *) echo "usage: $0 train|analysis|scaling" >&2; exit 2 ;;
+  convfirst)
+    log "training blocks (Pallas grouped-conv layer vs XLA)"
+    timeout 280 python3 -m benchmarks.blocks_convfirst_train --json "$OUT/convfirst_train_blocks.json" \
+      2>&1 | grep -v cuda_timer | tee "$OUT/convfirst_train_blocks.txt" | tail -9
+    log "inference blocks (fused, BatchNorm folded)"
+    timeout 280 python3 -m benchmarks.blocks_convfirst --check --json "$OUT/convfirst_blocks.json" \
+      2>&1 | grep -v cuda_timer | tee "$OUT/convfirst_blocks.txt" | tail -14
+    ;;
+  models)
+    m=${MODELS:-convfirst_t,convnext_tiny}
+    log "whole-model inference $m"
+    timeout 560 python3 -m benchmarks.models --models "$m" --batches "${BATCHES:-1,16,64,256}" \
+      --impls xla,pallas,auto --json "$OUT/models_${m//,/_}.json" 2>&1 | grep -v cuda_timer \
+      | tee "$OUT/models_${m//,/_}.txt" | tail -30
+    ;;
+  *) echo "usage: $0 train|analysis|scaling|convfirst|models" >&2; exit 2 ;;
 esac

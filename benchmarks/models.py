@@ -7,6 +7,8 @@ training step), bfloat16 compute, float32 parameters, random inputs.
 ConvFirstNet runs inference in its BatchNorm-folded form (``fold_batchnorm``).  Each
 number is the median of ``--iters`` timed calls after warm-up, synchronised with
 ``block_until_ready``; an implementation that is not supported for a model prints n/a.
+``--impls`` takes xla, pallas (every block that has a Pallas kernel uses it) and auto
+(``block_impl=None``: each block picks, e.g. ConvFirstNet's MBConv blocks stay on XLA).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from pallas_kernels.timing import median_seconds
 
 
 def build_inference(name: str, impl: str, dtype):
+  impl = None if impl == "auto" else impl
   model = cj.create_model(name, num_classes=1000, block_impl=impl, dtype=dtype, rngs=0)
   model.eval()
   if isinstance(model, cj.ConvFirstNet):
@@ -44,7 +47,9 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument("--models", default="convnext_tiny,convfirst_t")
   p.add_argument("--batches", default="1,16,64,256")
-  p.add_argument("--impls", default="xla,pallas")
+  p.add_argument("--impls", default="xla,pallas,auto",
+                 help="block implementations to compare: xla, pallas (every block Pallas), "
+                      "auto (block_impl=None: Pallas where it was measured faster)")
   p.add_argument("--image-size", type=int, default=224)
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   p.add_argument("--iters", type=int, default=20)

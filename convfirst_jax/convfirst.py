@@ -98,12 +98,16 @@ class _Block(nnx.Module):
   def conv_channels(dim: int, hidden: int) -> int:
     raise NotImplementedError
 
-  def _check_pallas(self):
-    if self.implementation == "pallas":
-      raise NotImplementedError(
-          f"{type(self).__name__}: a Pallas training kernel (BatchNorm with batch "
-          "statistics) is not implemented yet; use implementation='xla' or None, or "
-          "fold_batchnorm(model) for inference")
+  def _grouped_conv(self, h):
+    """The block's grouped conv: the Pallas training kernels (forward, input and weight
+    gradients; ``pallas_kernels.grouped_conv``) for implementation "pallas", XLA's (flax
+    ``nnx.Conv``) for "xla" and None -- None stays on XLA because XLA's grouped conv was the
+    faster one for training on an H100 (benchmarks/RESULTS.md).  BatchNorm with batch
+    statistics, the 1x1 convs and SiLU run in XLA either way."""
+    if self.implementation != "pallas":
+      return self.conv_group(h)
+    return pallas_kernels.grouped_conv(h.astype(self.dtype), self.conv_group.kernel[...],
+                                       implementation=self.implementation)
 
 
 class ConvFirstBlock(_Block):
@@ -114,9 +118,8 @@ class ConvFirstBlock(_Block):
     return dim
 
   def __call__(self, x):
-    self._check_pallas()
     x = x.astype(self.dtype)
-    h = self.bn_group(self.conv_group(x))
+    h = self.bn_group(self._grouped_conv(x))
     h = jax.nn.silu(self.bn1(self.fc1(h)))
     h = self.bn2(self.fc2(h))
     return x + apply_drop_path(h, self.drop_path.scale(x.shape[0]))
@@ -130,10 +133,9 @@ class MBConvBlock(_Block):
     return hidden
 
   def __call__(self, x):
-    self._check_pallas()
     x = x.astype(self.dtype)
     h = jax.nn.silu(self.bn1(self.fc1(x)))
-    h = jax.nn.silu(self.bn_group(self.conv_group(h)))
+    h = jax.nn.silu(self.bn_group(self._grouped_conv(h)))
     h = self.bn2(self.fc2(h))
     return x + apply_drop_path(h, self.drop_path.scale(x.shape[0]))
 

@@ -5,9 +5,12 @@ None picks the fastest supported implementation and falls back to XLA."""
 
 from pallas_kernels.convfirst_block import (
     ConvFirstBlockParams,
+    GroupedConvConfig,
     MBConvBlockParams,
     convfirst_block,
     convfirst_block_reference,
+    grouped_conv,
+    grouped_conv_reference,
     mbconv_block,
     mbconv_block_reference,
 )
@@ -18,7 +21,8 @@ from pallas_kernels.convnext_block import (
 )
 
 __all__ = [
-    "ConvFirstBlockParams", "ConvNeXtBlockParams", "MBConvBlockParams", "convfirst_block",
-    "convfirst_block_reference", "convnext_block", "convnext_block_reference",
+    "ConvFirstBlockParams", "ConvNeXtBlockParams", "GroupedConvConfig", "MBConvBlockParams",
+    "convfirst_block", "convfirst_block_reference", "convnext_block",
+    "convnext_block_reference", "grouped_conv", "grouped_conv_reference",
     "mbconv_block", "mbconv_block_reference",
 ]

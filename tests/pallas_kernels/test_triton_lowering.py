@@ -22,6 +22,7 @@ except ImportError:  # pragma: no cover - private module moved
   _registration = None
 
 from pallas_kernels.convfirst_block import ConvFirstBlockParams, MBConvBlockParams
+from pallas_kernels.convfirst_block import grouped_conv_triton as gc_triton
 from pallas_kernels.convfirst_block import pallas_triton as cf_triton
 from pallas_kernels.convnext_block import pallas_triton as cn_triton
 from pallas_kernels.convnext_block.tuning import heuristic_tiles, reference_params
@@ -85,3 +86,12 @@ def test_mbconv_lowers(c, halo_scratch):
                             halo_scratch=halo_scratch)
   _lower_for_cuda(lambda x: cf_triton.mbconv_block_pallas(x, params, config=cfg),
                   _abstract((2, 14, 14, c)))
+
+
+@pytest.mark.parametrize("c,k", [(64, 3), (1024, 3), (96, 5)])
+def test_grouped_conv_training_kernels_lower(c, k):
+  kernel = jax.random.normal(jax.random.key(3), (k, k, 8, c))
+  cfg = gc_triton.default_config(c, k)
+  x = _abstract((2, 9, 13, c))
+  _lower_for_cuda(lambda x: gc_triton._conv(x, kernel.astype(x.dtype), cfg, False, "fwd"), x)
+  _lower_for_cuda(lambda x, g: gc_triton._wgrad(x, g, k, cfg, False), x, x)

@@ -1,7 +1,8 @@
 """Fused-block benchmarks: XLA vs Pallas, forward and forward+backward, against the
 waterline floor max(FLOPs / peak, min_bytes / bandwidth).
 
-    PYTHONPATH=. python3 -m benchmarks.blocks [--blocks convnext] [--batch 128]
+    PYTHONPATH=. python3 -m benchmarks.blocks [--blocks convnext,convfirst,convfirst_train]
+        [--batch 128]
         [--dtype bfloat16] [--iters 50] [--json out.json] [--tune]
 
 Each time is the median over ``--iters`` samples; a sample dispatches ``--reps`` calls
@@ -44,6 +45,8 @@ class BlockCase:
   bytes_fwd: float
   flops_bwd: float  # backward alone
   bytes_bwd: float
+  # grads of f's arguments -> (d x, d fc1 kernel, d conv kernel) for the error columns
+  pick_grads: Callable = lambda g: (g[0], g[1].fc1_kernel, g[1].dw_kernel)
 
   def floor_ms(self, backward: bool) -> float:
     f = self.flops_fwd + (self.flops_bwd if backward else 0.0)
@@ -87,7 +90,8 @@ def convnext_cases(batch: int, dtype, tiles=None):
 
 
 # ----------------------------------------------------------------- ConvFirst / MBConv (issue #6)
-# Forward (inference, BatchNorm-folded) only: run with --blocks convfirst --no-backward.
+# Inference (BatchNorm-folded) blocks: run with --blocks convfirst --no-backward; training
+# blocks (batch statistics, Pallas grouped-conv layer): --blocks convfirst_train.
 # The sweep over kernel configs and GPU correctness checks live in benchmarks.blocks_convfirst.
 
 
@@ -115,7 +119,51 @@ def convfirst_cases(batch: int, dtype, tiles=None):
   return cases
 
 
-CASES = {"convnext": convnext_cases, "convfirst": convfirst_cases}
+def convfirst_train_cases(batch: int, dtype, tiles=None):
+  """Training-form ConvFirst / MBConv blocks (BatchNorm with batch statistics, float32
+  parameters): "pallas" swaps the grouped conv for the Pallas layer
+  (``pallas_kernels.grouped_conv``), the rest stays XLA.  Floors: the fused block's FLOPs and
+  minimum bytes (as the inference rows; BatchNorm statistics would cost a real fused kernel
+  extra passes), backward twice the FLOPs, reading x and dy and writing dx."""
+  del tiles
+  from flax import nnx
+
+  from benchmarks.blocks_convfirst import SHAPES, floor_s
+  from convfirst_jax.convfirst import ConvFirstBlock, MBConvBlock
+
+  cases = []
+  for name, kind, h, w, c, e in SHAPES:
+    shape = (batch, h, w, c)
+    cls = ConvFirstBlock if kind == "convfirst" else MBConvBlock
+    isz = jnp.dtype(dtype).itemsize
+    blocks = {impl: cls(c, expansion=e, zero_init_last=False, implementation=impl,
+                        dtype=dtype, rngs=nnx.Rngs(0)) for impl in ("xla", "pallas")}
+    graphdef = {impl: nnx.graphdef(b) for impl, b in blocks.items()}
+    _, params, rest = nnx.split(blocks["xla"], nnx.Param, ...)
+
+    def make_inputs(key, shape=shape, params=params, rest=rest):
+      kx, kg = jax.random.split(key)
+      x = jax.random.normal(kx, shape, jnp.float32).astype(dtype)
+      return (x, params, rest), jax.random.normal(kg, shape).astype(dtype)
+
+    def run(x, params, rest, gd):
+      # Fresh Variables at this trace level: train mode writes the batch statistics.
+      return nnx.merge(gd, params, jax.tree.map(lambda a: a, rest))(x)
+
+    _, flops, bytes_ = floor_s(kind, batch, h, w, c, e, itemsize=isz)
+    cases.append(BlockCase(
+        name=f"train {name}", shape=shape, dtype=jnp.dtype(dtype).name,
+        make_inputs=make_inputs,
+        impls={impl: (lambda x, p, r, gd=gd: run(x, p, r, gd)) for impl, gd in graphdef.items()},
+        flops_fwd=flops, bytes_fwd=bytes_, flops_bwd=2 * flops,
+        bytes_bwd=bytes_ + batch * h * w * c * isz,
+        pick_grads=lambda g: (g[0], g[1]["fc1"]["kernel"][...],
+                              g[1]["conv_group"]["kernel"][...])))
+  return cases
+
+
+CASES = {"convnext": convnext_cases, "convfirst": convfirst_cases,
+         "convfirst_train": convfirst_train_cases}
 
 
 def _time_ms(fn, arg_sets, iters: int, reps: int) -> float:
@@ -161,7 +209,7 @@ def run_case(case: BlockCase, iters: int, reps: int, backward: bool = True) -> d
         fb = _fwd_bwd(f)
         row[f"{impl}_fwd_bwd_ms"] = _time_ms(fb, bwd_sets, iters, reps)
         y, grads = fb(*bwd_sets[0])
-        outs[impl] = (y, grads[0], grads[1].fc1_kernel, grads[1].dw_kernel)
+        outs[impl] = (y, *case.pick_grads(grads))
     except Exception as e:  # noqa: BLE001 - report and keep going
       row[f"{impl}_error"] = f"{type(e).__name__}: {str(e)[:300]}"
       print(f"{case.name} {impl}: {row[f'{impl}_error']}", flush=True)
@@ -178,14 +226,14 @@ def run_case(case: BlockCase, iters: int, reps: int, backward: bool = True) -> d
 
 
 def print_table(rows):
-  hdr = (f"{'block':<22}{'XLA fwd':>9}{'Pallas':>9}{'x':>6}{'floor':>7}{'eff':>6}"
+  hdr = (f"{'block':<28}{'XLA fwd':>9}{'Pallas':>9}{'x':>6}{'floor':>7}{'eff':>6}"
          f"{'XLA f+b':>9}{'Pallas':>9}{'x':>6}{'floor':>7}{'eff':>6}{'err y':>9}{'err dx':>9}")
   print(hdr)
   def f(v, fmt):
     width = int(fmt.split(".")[0])
     return format(v, fmt) if isinstance(v, (int, float)) else "n/a".rjust(width)
   for r in rows:
-    print(f"{r['block']:<22}{f(r.get('xla_fwd_ms'), '9.3f')}{f(r.get('pallas_fwd_ms'), '9.3f')}"
+    print(f"{r['block']:<28}{f(r.get('xla_fwd_ms'), '9.3f')}{f(r.get('pallas_fwd_ms'), '9.3f')}"
           f"{f(r.get('speedup_fwd'), '6.2f')}{f(r['floor_fwd_ms'], '7.3f')}"
           f"{f(r.get('efficiency_fwd'), '6.2f')}"
           f"{f(r.get('xla_fwd_bwd_ms'), '9.3f')}{f(r.get('pallas_fwd_bwd_ms'), '9.3f')}"
@@ -196,7 +244,9 @@ def print_table(rows):
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--blocks", default="convnext")
+  ap.add_argument("--blocks", default="convnext",
+                  help=f"comma-separated, from {sorted(CASES)} (convfirst: inference only, "
+                       "use --no-backward)")
   ap.add_argument("--batch", type=int, default=128)
   ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   ap.add_argument("--iters", type=int, default=30)
@@ -214,6 +264,9 @@ def main(argv=None) -> int:
   print(f"# {meta}", flush=True)
   from pallas_kernels.convnext_block import tuning
   rows = []
+  unknown = set(args.blocks.split(",")) - set(CASES)
+  if unknown:
+    ap.error(f"unknown --blocks {sorted(unknown)}; choose from {sorted(CASES)}")
   for name in args.blocks.split(","):
     for case in CASES[name](args.batch, dtype):
       if args.tune and name == "convnext":  # tune right before each shape's benchmark

@@ -42,6 +42,13 @@ SHAPES = [  # (name, kind, H, W, C, E)
     ("ConvFirst 64x64x64 E6", "convfirst", 64, 64, 64, 6),
     ("MBConv 14x14x256 E4", "mbconv", 14, 14, 256, 4),
 ]
+# ConvFirstNet-T's stage shapes (--convfirst-t adds them).
+SHAPES_T = [
+    ("ConvFirst 56x56x96 E4", "convfirst", 56, 56, 96, 4),
+    ("ConvFirst 28x28x192 E4", "convfirst", 28, 28, 192, 4),
+    ("MBConv 14x14x384 E4", "mbconv", 14, 14, 384, 4),
+    ("MBConv 7x7x768 E4", "mbconv", 7, 7, 768, 4),
+]
 
 SWEEP = {
     "convfirst": [
@@ -54,6 +61,10 @@ SWEEP = {
         BlockConfig(block_pixels=128, conv_tile=32, num_warps=8, halo_scratch=True),
         BlockConfig(block_pixels=64, conv_tile=16, num_warps=4),
         BlockConfig(block_pixels=128, conv_tile=64, num_warps=8, halo_scratch=True),
+        # for the wide stages, whose (pixels x C) accumulator limits the tile
+        BlockConfig(block_pixels=32, conv_tile=32, num_warps=4, halo_scratch=True),
+        BlockConfig(block_pixels=32, conv_tile=64, num_warps=4, halo_scratch=True),
+        BlockConfig(block_pixels=64, conv_tile=64, num_warps=8, halo_scratch=True),
     ],
 }
 
@@ -138,9 +149,9 @@ def gpu_checks(kinds=("convfirst", "mbconv")):
   return fails
 
 
-def bench(batch, sweep, kinds=("convfirst", "mbconv")):
+def bench(batch, sweep, kinds=("convfirst", "mbconv"), shapes=SHAPES):
   rows = []
-  for name, kind, h, w, c, e in SHAPES:
+  for name, kind, h, w, c, e in shapes:
     if kind not in kinds:
       continue
     kx, kp = jax.random.split(jax.random.key(h * c + e))
@@ -178,12 +189,15 @@ def main(argv=None) -> int:
   p.add_argument("--check", action="store_true")
   p.add_argument("--kinds", default="convfirst,mbconv",
                  help="which blocks to time and check (comma-separated)")
+  p.add_argument("--convfirst-t", action="store_true",
+                 help="also time ConvFirstNet-T's stage shapes (C=96, 192; MBConv 384, 768)")
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
   kinds = tuple(args.kinds.split(","))
   if not set(kinds) <= {"convfirst", "mbconv"}:
     p.error(f"--kinds takes convfirst and/or mbconv, got {args.kinds!r}")
-  rows = bench(args.batch, args.sweep, kinds)
+  rows = bench(args.batch, args.sweep, kinds,
+               SHAPES + SHAPES_T if args.convfirst_t else SHAPES)
   fails = gpu_checks(kinds) if args.check else 0
   if args.json:
     with open(args.json, "w") as f:

@@ -83,7 +83,6 @@ def bench_conv(kind, batch, h, w, c, e, sweep):
   row["conv_err_dx"] = max_rel(out["pallas"][1], out["xla"][1])
   row["conv_err_dw"] = max_rel(out["pallas"][2], out["xla"][2])
   if sweep:
-    m = batch * h * w
     x2 = xs[0]
     sw = []
     for cfg in [default_config(conv_c, k)] + SWEEP:
@@ -98,7 +97,6 @@ def bench_conv(kind, batch, h, w, c, e, sweep):
         sw.append(dict(config=dataclasses.asdict(cfg), error=f"{type(ex).__name__}: {str(ex)[:200]}"))
       print(json.dumps(sw[-1]), flush=True)
     row["sweep"] = sw
-    del m
   return row
 
 

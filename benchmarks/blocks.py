@@ -126,35 +126,25 @@ def convfirst_train_cases(batch: int, dtype, tiles=None):
   minimum bytes (as the inference rows; BatchNorm statistics would cost a real fused kernel
   extra passes), backward twice the FLOPs, reading x and dy and writing dx."""
   del tiles
-  from flax import nnx
-
   from benchmarks.blocks_convfirst import SHAPES, floor_s
-  from convfirst_jax.convfirst import ConvFirstBlock, MBConvBlock
+  from benchmarks.blocks_convfirst_train import training_block
 
   cases = []
   for name, kind, h, w, c, e in SHAPES:
     shape = (batch, h, w, c)
-    cls = ConvFirstBlock if kind == "convfirst" else MBConvBlock
     isz = jnp.dtype(dtype).itemsize
-    blocks = {impl: cls(c, expansion=e, zero_init_last=False, implementation=impl,
-                        dtype=dtype, rngs=nnx.Rngs(0)) for impl in ("xla", "pallas")}
-    graphdef = {impl: nnx.graphdef(b) for impl, b in blocks.items()}
-    _, params, rest = nnx.split(blocks["xla"], nnx.Param, ...)
+    applies, params, rest = training_block(kind, c, e, dtype)
 
     def make_inputs(key, shape=shape, params=params, rest=rest):
       kx, kg = jax.random.split(key)
       x = jax.random.normal(kx, shape, jnp.float32).astype(dtype)
       return (x, params, rest), jax.random.normal(kg, shape).astype(dtype)
 
-    def run(x, params, rest, gd):
-      # Fresh Variables at this trace level: train mode writes the batch statistics.
-      return nnx.merge(gd, params, jax.tree.map(lambda a: a, rest))(x)
-
     _, flops, bytes_ = floor_s(kind, batch, h, w, c, e, itemsize=isz)
     cases.append(BlockCase(
         name=f"train {name}", shape=shape, dtype=jnp.dtype(dtype).name,
         make_inputs=make_inputs,
-        impls={impl: (lambda x, p, r, gd=gd: run(x, p, r, gd)) for impl, gd in graphdef.items()},
+        impls=applies,
         flops_fwd=flops, bytes_fwd=bytes_, flops_bwd=2 * flops,
         bytes_bwd=bytes_ + batch * h * w * c * isz,
         pick_grads=lambda g: (g[0], g[1]["fc1"]["kernel"][...],

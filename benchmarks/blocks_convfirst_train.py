@@ -100,22 +100,34 @@ def bench_conv(kind, batch, h, w, c, e, sweep):
   return row
 
 
+def training_block(kind, c, e, dtype):
+  """A training-form ConvFirst / MBConv block as pure functions: returns
+  ``({impl: apply(x, params, rest)}, params, rest)`` for impl "xla" and "pallas" (same
+  parameters; "pallas" swaps only the grouped conv)."""
+  cls = ConvFirstBlock if kind == "convfirst" else MBConvBlock
+  applies, state = {}, None
+  for impl in ("xla", "pallas"):
+    block = cls(c, expansion=e, zero_init_last=False, implementation=impl, dtype=dtype,
+                rngs=nnx.Rngs(0))
+    graphdef, params, rest = nnx.split(block, nnx.Param, ...)
+    state = state or (params, rest)
+
+    def apply(x, params, rest, graphdef=graphdef):
+      # Fresh Variables at this trace level: train mode writes the batch statistics.
+      return nnx.merge(graphdef, params, jax.tree.map(lambda a: a, rest))(x)
+    applies[impl] = apply
+  return applies, *state
+
+
 def bench_block(kind, batch, h, w, c, e):
   keys = jax.random.split(jax.random.key(c * e + h), 3)
   xs = [jax.random.normal(kk, (batch, h, w, c), jnp.bfloat16) for kk in keys[:2]]
   cot = jax.random.normal(keys[2], (batch, h, w, c))
-  cls = ConvFirstBlock if kind == "convfirst" else MBConvBlock
+  applies, params, rest = training_block(kind, c, e, jnp.bfloat16)
   row, grads = {}, {}
-  for impl in ("xla", "pallas"):
-    block = cls(c, expansion=e, zero_init_last=False, implementation=impl,
-                dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    graphdef, params, rest = nnx.split(block, nnx.Param, ...)
-
-    def loss(params, x, rest, graphdef=graphdef):
-      # Fresh Variables at this trace level: train mode updates the batch statistics.
-      rest = jax.tree.map(lambda a: a, rest)
-      y = nnx.merge(graphdef, params, rest)(x)
-      return jnp.vdot(y.astype(jnp.float32), cot)
+  for impl, apply in applies.items():
+    def loss(params, x, rest, apply=apply):
+      return jnp.vdot(apply(x, params, rest).astype(jnp.float32), cot)
 
     step = jax.jit(jax.grad(loss, argnums=(0, 1)))
     row[f"{impl}_block_fwdbwd_ms"] = time_fn(step, [(params, x, rest) for x in xs]) * 1e3

@@ -21,6 +21,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.convnext_block import dwconv
+
 
 class ConvNeXtBlockParams(NamedTuple):
   """Parameters of one ConvNeXt block, in the layout the kernels take.
@@ -75,18 +77,17 @@ def convnext_block_reference(
     drop_path_scale: jax.Array | None = None,
     *,
     eps: float = 1e-6,
+    dw_wgrad: str | None = None,
 ) -> jax.Array:
   """The whole block in plain XLA ops.  ``drop_path_scale``: optional (N,) per-sample
-  multiplier of the residual branch (0 or 1/keep_prob for stochastic depth)."""
+  multiplier of the residual branch (0 or 1/keep_prob for stochastic depth).
+  ``dw_wgrad``: how the depthwise kernel's gradient is computed (``dwconv.depthwise_conv``;
+  None = ``dwconv.DEFAULT_WGRAD``, i.e. "auto"); the block's value and gradients are the same
+  up to float32 accumulation order."""
   validate(x, params)
   dtype = x.dtype
   c = x.shape[-1]
-  k = params.dw_kernel.shape[0]
-  pad = k // 2
-  z = jax.lax.conv_general_dilated(
-      x, params.dw_kernel.reshape(k, k, 1, c).astype(dtype),
-      window_strides=(1, 1), padding=((pad, pad), (pad, pad)),
-      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+  z = dwconv.depthwise_conv(x, params.dw_kernel, wgrad=dw_wgrad or dwconv.DEFAULT_WGRAD)
   z = (z + params.dw_bias.astype(dtype)).astype(jnp.float32)
   mean = jnp.mean(z, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(z - mean), axis=-1, keepdims=True)

@@ -1,0 +1,118 @@
+"""Depthwise "same" convolution with a choice of weight-gradient formulation.
+
+XLA differentiates a depthwise conv (``feature_group_count = C``) into a forward conv, an
+input-gradient conv (the same depthwise conv with mirrored taps) and a weight-gradient conv
+with ``batch_group_count = C``.  On an H100 (jax 0.11.2, bfloat16, 2026-11-25,
+``python -m benchmarks.dwconv_train``) that weight-gradient conv is fine at 14x14 and above
+but pathologically slow when the image is no larger than the kernel, which is ConvNeXt's
+last stage (7x7 images, 7x7 kernel): about 4.5 ms at batch 256 for every C from 320 to 1536
+(1.3 ms at batch 64), 15x the block's forward, while at 14x14x768 it takes 0.52 ms.
+
+The way around it: the weight gradient of a *grouped* conv with group width g (kernel
+(k, k, g, C)) contains the depthwise one on its diagonal,
+
+    dW[i, j, a, b*g + o] = sum_{n,h,w} xpad[n, h+i, w+j, b*g + a] * dy[n, h, w, b*g + o],
+
+and a == o is the depthwise term.  It does g times the multiply-adds, but as small matrix
+products on tensor cores, and XLA runs it in 0.34-0.71 ms (g = 64) at those shapes.
+
+``wgrad``:
+* ``"auto"`` (default): ``"grouped<g>"`` with the largest g in (64, 32, 16, 8) dividing C when
+  both image sides are <= the kernel size, else ``"xla"`` -- following the measurements above
+  (at 14x14 and larger XLA's own weight gradient was the fastest of all formulations).
+* ``"xla"``: plain autodiff, XLA's own weight-gradient conv.
+* ``"grouped8"`` ... ``"grouped64"``: the diagonal trick with that group width (falls back to
+  ``"xla"`` when g does not divide C).
+
+Forward and input gradient are XLA's in every case.  All formulations compute the same
+gradient up to float32 accumulation order; like XLA's, it is rounded to ``x.dtype`` before
+being cast to the kernel's dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+WGRAD_METHODS = ("auto", "xla", "grouped8", "grouped16", "grouped32", "grouped64")
+_GROUP_WIDTHS = (64, 32, 16, 8)
+
+# What ``convnext_block_reference`` (the XLA ConvNeXt block) passes as ``wgrad``; set it to
+# "xla" to get plain autodiff everywhere (used by benchmarks/dwconv_train.py).
+DEFAULT_WGRAD = "auto"
+
+
+def _conv(x, kernel_hwio, groups):
+  k = kernel_hwio.shape[0]
+  pad = k // 2
+  return jax.lax.conv_general_dilated(
+      x, kernel_hwio, window_strides=(1, 1), padding=((pad, pad), (pad, pad)),
+      dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
+
+
+def _plain(x, kernel):
+  k, _, c = kernel.shape
+  return _conv(x, kernel.reshape(k, k, 1, c).astype(x.dtype), c)
+
+
+def _wgrad_grouped(x, dy, k, g):
+  c = x.shape[-1]
+  w0 = jnp.zeros((k, k, g, c), x.dtype)
+  _, vjp = jax.vjp(lambda w: _conv(x, w, c // g), w0)
+  (dw,) = vjp(dy)                                       # (k, k, a, b*g + o)
+  dw = dw.reshape(k, k, g, c // g, g)
+  dw = jnp.diagonal(dw, axis1=2, axis2=4)               # (k, k, b, a)
+  return dw.reshape(k, k, c)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _grouped_wgrad_conv(x, kernel, g):
+  return _plain(x, kernel)
+
+
+def _fwd(x, kernel, g):
+  return _plain(x, kernel), (x, kernel)
+
+
+def _bwd(g, res, dy):
+  x, kernel = res
+  dy = dy.astype(x.dtype)
+  _, vjp_x = jax.vjp(lambda x_: _plain(x_, kernel), x)
+  (dx,) = vjp_x(dy)
+  dw = _wgrad_grouped(x, dy, kernel.shape[0], g)
+  return dx, dw.astype(kernel.dtype)
+
+
+_grouped_wgrad_conv.defvjp(_fwd, _bwd)
+
+
+def resolve_wgrad(x_shape, kernel_size: int, wgrad: str = "auto") -> str:
+  """The formulation ``depthwise_conv`` uses for this input shape: "xla" or "grouped<g>"."""
+  if wgrad not in WGRAD_METHODS:
+    raise ValueError(f"wgrad must be one of {WGRAD_METHODS}, got {wgrad!r}")
+  _, h, w, c = x_shape
+  if wgrad == "auto":
+    if max(h, w) > kernel_size:
+      return "xla"
+    wgrad = next((f"grouped{g}" for g in _GROUP_WIDTHS if c % g == 0), "xla")
+  if wgrad.startswith("grouped") and c % int(wgrad[len("grouped"):]):
+    return "xla"
+  return wgrad
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array, *, wgrad: str = "auto") -> jax.Array:
+  """"Same" stride-1 depthwise conv of NHWC ``x`` with ``kernel`` (k, k, C) (cast to
+  ``x.dtype``; float32 accumulation), no bias.  ``wgrad`` picks how the kernel gradient is
+  computed (module docstring); the value is the same either way."""
+  if x.ndim != 4:
+    raise ValueError(f"depthwise_conv expects NHWC input of rank 4, got shape {x.shape}")
+  c = x.shape[-1]
+  if kernel.ndim != 3 or kernel.shape[0] != kernel.shape[1] or kernel.shape[2] != c:
+    raise ValueError(f"depthwise_conv: kernel must be (k, k, {c}) for input {x.shape}, "
+                     f"got {kernel.shape}")
+  method = resolve_wgrad(x.shape, kernel.shape[0], wgrad)
+  if method == "xla":
+    return _plain(x, kernel)
+  return _grouped_wgrad_conv(x, kernel, int(method[len("grouped"):]))

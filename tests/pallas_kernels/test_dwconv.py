@@ -1,0 +1,88 @@
+"""Depthwise conv with alternative weight-gradient formulations (pallas_kernels.convnext_block
+.dwconv) against plain autodiff of XLA's depthwise conv: value, input gradient, kernel
+gradient, for every formulation, float32 (tight) and bfloat16."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import convnext_block_reference
+from pallas_kernels.convnext_block import dwconv, tuning
+
+
+def _plain_autodiff(x, w, g):
+  y, vjp = jax.vjp(lambda a, b: dwconv.depthwise_conv(a, b, wgrad="xla"), x, w)
+  return (y, *vjp(g))
+
+
+def _rel(a, b):
+  a = np.asarray(jnp.asarray(a, jnp.float32))
+  b = np.asarray(jnp.asarray(b, jnp.float32))
+  return np.abs(a - b).max() / np.abs(b).max()
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-6), (jnp.bfloat16, 1e-2)])
+@pytest.mark.parametrize("shape,k", [
+    ((2, 7, 7, 64), 7),    # ConvNeXt's last stage: auto -> grouped64
+    ((1, 5, 3, 40), 7),    # odd sides smaller than the kernel, batch 1: auto -> grouped8
+    ((2, 3, 3, 96), 3),    # auto -> grouped32
+    ((2, 9, 11, 48), 7),   # larger than the kernel: auto -> xla
+])
+@pytest.mark.parametrize("method", ["auto", "grouped8", "grouped16", "grouped32", "grouped64"])
+def test_matches_autodiff(shape, k, method, dtype, tol):
+  kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, shape, jnp.float32).astype(dtype)
+  w = jax.random.normal(kw, (k, k, shape[-1]), jnp.float32) * 0.2
+  g = jax.random.normal(kg, shape, jnp.float32).astype(dtype)
+  want = _plain_autodiff(x, w, g)
+  f = jax.jit(lambda a, b, c: (lambda y, vjp: (y, *vjp(c)))(
+      *jax.vjp(lambda a_, b_: dwconv.depthwise_conv(a_, b_, wgrad=method), a, b)))
+  got = f(x, w, g)
+  for name, a, b in zip(("y", "dx", "dw"), got, want):
+    assert a.shape == b.shape and a.dtype == b.dtype, name
+    assert np.isfinite(np.asarray(a, np.float32)).all(), name
+    assert _rel(a, b) < tol, (name, _rel(a, b))
+
+
+def test_resolve_rule():
+  r = dwconv.resolve_wgrad
+  assert r((256, 7, 7, 768), 7) == "grouped64"
+  assert r((8, 7, 7, 320), 7) == "grouped64"
+  assert r((8, 7, 7, 40), 7) == "grouped8"
+  assert r((8, 7, 5, 96), 7) == "grouped32"
+  assert r((8, 14, 14, 384), 7) == "xla"
+  assert r((8, 8, 7, 768), 7) == "xla"
+  assert r((8, 7, 7, 36), 7) == "xla"          # no group width divides C
+  assert r((8, 7, 7, 96), 7, "grouped64") == "xla"
+  assert r((8, 56, 56, 96), 7, "grouped16") == "grouped16"
+  with pytest.raises(ValueError, match="wgrad must be one of"):
+    r((8, 7, 7, 64), 7, "grouped4")
+
+
+def test_bad_kernel_shape():
+  x = jnp.zeros((1, 7, 7, 16))
+  with pytest.raises(ValueError, match=r"kernel must be \(k, k, 16\)"):
+    dwconv.depthwise_conv(x, jnp.zeros((7, 7, 1, 16)))
+  with pytest.raises(ValueError, match="rank 4"):
+    dwconv.depthwise_conv(x[0], jnp.zeros((7, 7, 16)))
+
+
+def test_block_reference_gradients_independent_of_wgrad():
+  """The XLA ConvNeXt block at a 7x7 image (where "auto" takes the grouped formulation)
+  has the same value and gradients for x and every parameter as with XLA's wgrad."""
+  kx, kp, kg = jax.random.split(jax.random.key(1), 3)
+  x = jax.random.normal(kx, (2, 7, 7, 64), jnp.float32)
+  params = tuning.reference_params(kp, 64)
+  g = jax.random.normal(kg, x.shape, jnp.float32)
+  out = {}
+  for m in ("xla", "auto"):
+    y, vjp = jax.vjp(lambda a, p: convnext_block_reference(a, p, dw_wgrad=m), x, params)
+    out[m] = (y, *vjp(g))
+  flat_x = jax.tree.leaves(out["xla"])
+  flat_a = jax.tree.leaves(out["auto"])
+  assert len(flat_x) == len(flat_a) == 2 + len(params)
+  for a, b in zip(flat_a, flat_x):
+    assert _rel(a, b) < 2e-6

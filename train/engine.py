@@ -8,9 +8,10 @@ place on the device.
 
 The TrainState holds *plain nested dicts* of arrays (``nnx.to_pure_dict`` form), not
 ``nnx.State`` objects: every call of a jitted step flattens its arguments on the host, and
-flattening ConvNeXt-T's TrainState (549 arrays) took 5.6 ms as nnx.State objects against
-0.4 ms as plain dicts (2-core CPU, 2026-11-25), time the GPU otherwise sits idle between
-synchronised steps.  ``SplitModel`` converts between the two forms (a leaf permutation
+flattening ConvNeXt-T's TrainState (549 arrays) took 4.4 ms as nnx.State objects against
+0.17 ms as plain dicts, and dispatching a step 3.8 vs 1.85 ms (H100 machine's host,
+2026-11-25, ``python -m benchmarks.train_dispatch``): time the GPU otherwise sits idle
+between synchronised steps, and the whole step time of small models.  ``SplitModel`` converts between the two forms (a leaf permutation
 computed once), so the model is still an ordinary NNX module inside the steps.
 """
 

@@ -98,7 +98,9 @@ class Checkpointer:
               f"(available: {earlier})" if earlier else "no earlier checkpoint exists")
       raise CheckpointError(
           f"checkpoint {path} (step {step}) could not be read; its files may be truncated "
-          f"or corrupt: {type(e).__name__}: {str(e)[:500]}\nNothing was overwritten; "
+          f"or corrupt, or it holds another model's state or the nnx.State layout of "
+          f"checkpoints written before 2026-11-25 (TrainStates are plain dicts since): "
+          f"{type(e).__name__}: {str(e)[:500]}\nNothing was overwritten; "
           f"{hint}, or move the folder away.") from e
     return state, meta
 

@@ -6,7 +6,8 @@ with ``batch_group_count = C``.  On an H100 (jax 0.11.2, bfloat16, 2026-11-25,
 ``python -m benchmarks.dwconv_train``) that weight-gradient conv is fine at 14x14 and above
 but pathologically slow when the image is no larger than the kernel, which is ConvNeXt's
 last stage (7x7 images, 7x7 kernel): about 4.5 ms at batch 256 for every C from 320 to 1536
-(1.3 ms at batch 64), 15x the block's forward, while at 14x14x768 it takes 0.52 ms.
+(1.3 ms at batch 64), 17x the depthwise conv's own forward (0.26 ms at 7x7x768), while at
+14x14x768 it takes 0.52 ms.
 
 The way around it: the weight gradient of a *grouped* conv with group width g (kernel
 (k, k, g, C)) contains the depthwise one on its diagonal,
@@ -14,7 +15,7 @@ The way around it: the weight gradient of a *grouped* conv with group width g (k
     dW[i, j, a, b*g + o] = sum_{n,h,w} xpad[n, h+i, w+j, b*g + a] * dy[n, h, w, b*g + o],
 
 and a == o is the depthwise term.  It does g times the multiply-adds, but as small matrix
-products on tensor cores, and XLA runs it in 0.34-0.71 ms (g = 64) at those shapes.
+products on tensor cores, and XLA runs it in 0.24-0.78 ms (g = 64) at those shapes.
 
 ``wgrad``:
 * ``"auto"`` (default): on a GPU backend, ``"grouped<g>"`` with the largest g in

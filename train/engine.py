@@ -11,8 +11,9 @@ The TrainState holds *plain nested dicts* of arrays (``nnx.to_pure_dict`` form),
 flattening ConvNeXt-T's TrainState (549 arrays) took 4.4 ms as nnx.State objects against
 0.17 ms as plain dicts, and dispatching a step 3.8 vs 1.85 ms (H100 machine's host,
 2026-11-25, ``python -m benchmarks.train_dispatch``): time the GPU otherwise sits idle
-between synchronised steps, and the whole step time of small models.  ``SplitModel`` converts between the two forms (a leaf permutation
-computed once), so the model is still an ordinary NNX module inside the steps.
+between synchronised steps, and the whole step time of small models.  ``SplitModel``
+converts between the two forms (a leaf permutation computed once), so the model is still
+an ordinary NNX module inside the steps.
 """
 
 from __future__ import annotations

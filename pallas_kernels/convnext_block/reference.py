@@ -86,7 +86,6 @@ def convnext_block_reference(
   up to float32 accumulation order."""
   validate(x, params)
   dtype = x.dtype
-  c = x.shape[-1]
   z = dwconv.depthwise_conv(x, params.dw_kernel, wgrad=dw_wgrad or dwconv.DEFAULT_WGRAD)
   z = (z + params.dw_bias.astype(dtype)).astype(jnp.float32)
   mean = jnp.mean(z, axis=-1, keepdims=True)

@@ -48,6 +48,12 @@ def _block_params(rng, c):
       gamma=1 + f(c))
 
 
+def _wgrad_fn(method):
+  """jit of (x, w, dy) -> the depthwise kernel's gradient with weight-gradient ``method``."""
+  return jax.jit(lambda x, w, g: jax.vjp(
+      lambda b: dwconv.depthwise_conv(x, b, wgrad=method), w)[1](g)[0])
+
+
 def run_shapes(batch, methods, iters):
   rng = np.random.default_rng(0)
   rows = []
@@ -64,8 +70,7 @@ def run_shapes(batch, methods, iters):
     x0, g0 = sets[0]
     ref_dw = None
     for m in methods:
-      fw = jax.jit(lambda x, w, g, m=m: jax.vjp(
-          lambda b: dwconv.depthwise_conv(x, b, wgrad=m), w)[1](g)[0])
+      fw = _wgrad_fn(m)
       dw = fw(x0, w, g0)
       if ref_dw is None:
         ref_dw = dw
@@ -98,10 +103,8 @@ def run_grid(batches, methods, iters):
         w = jnp.asarray(rng.standard_normal((7, 7, c)) * 0.1, jnp.float32)
         row = {"shape": f"{hw}x{hw}x{c}", "batch": n}
         for m in methods:
-          fw = jax.jit(lambda x, w, g, m=m: jax.vjp(
-              lambda b: dwconv.depthwise_conv(x, b, wgrad=m), w)[1](g)[0])
           row[f"wgrad_{m}_ms"] = median_seconds(
-              fw, iters=iters, arg_sets=[(x, w, g) for x, g in sets]) * 1e3
+              _wgrad_fn(m), iters=iters, arg_sets=[(x, w, g) for x, g in sets]) * 1e3
         rows.append(row)
         print(f"grid N={n} {row['shape']}: " + " ".join(
             f"{m} {row[f'wgrad_{m}_ms']:.3f}" for m in methods), flush=True)

@@ -1,7 +1,9 @@
 """Public entry points for the BatchNorm-folded ConvFirst and MBConv blocks.
 
 ``implementation``: "xla" runs the reference (intermediates stored in x.dtype); "pallas" runs
-the fused single-launch kernel of ``pallas_triton`` and raises ``NotImplementedError`` naming
+the fused kernels -- for ConvFirst the Mosaic GPU MLP kernel after XLA's grouped conv where
+it supports the call (see ``convfirst_forward_kernel``), else the single-launch kernel of
+``pallas_triton`` -- and raises ``NotImplementedError`` naming
 what it does not cover; None picks the kernel where it is supported (GPU backend, or
 ``interpret=True``) and falls back to XLA otherwise -- except that for ``mbconv_block`` None
 keeps XLA on a real GPU (it still picks the kernel with ``interpret=True``): the MBConv kernel
@@ -14,7 +16,8 @@ from __future__ import annotations
 
 import jax
 
-from pallas_kernels.convfirst_block import pallas_triton
+from pallas_kernels import mosaic_mlp
+from pallas_kernels.convfirst_block import mosaic, pallas_triton
 from pallas_kernels.convfirst_block.common import pallas_gpu_unsupported_reason
 from pallas_kernels.convfirst_block.reference import (
     ConvFirstBlockParams,
@@ -58,11 +61,40 @@ def _use_pallas(implementation, x, params, interpret: bool, name: str) -> bool:
   return False
 
 
+FORWARD_KERNELS = ("mosaic", "triton")
+
+
+def convfirst_forward_kernel(x, params, interpret: bool, forward_kernel: str | None = None) -> str:
+  """The Pallas kernel a ConvFirst call runs: "mosaic" (XLA grouped conv + one Mosaic GPU
+  kernel for the MLP, mosaic.py) where it supports the call (bfloat16/float16, C % 32 == 0,
+  C <= 256, Hopper or the interpreter), else "triton" (the whole block in one
+  Pallas-Triton kernel).  ``forward_kernel`` forces one; "mosaic" on an unsupported call
+  raises NotImplementedError naming why."""
+  if forward_kernel not in (None, *FORWARD_KERNELS):
+    raise ValueError(f"forward_kernel must be one of None, {FORWARD_KERNELS}, "
+                     f"got {forward_kernel!r}")
+  if forward_kernel == "triton":
+    return "triton"
+  reason = (mosaic_mlp.device_unsupported_reason(interpret)
+            or mosaic.unsupported_reason(x.shape, params, x.dtype))
+  if reason is None:
+    return "mosaic"
+  if forward_kernel == "mosaic":
+    raise NotImplementedError(f"convfirst_block(forward_kernel='mosaic'): {reason}")
+  return "triton"
+
+
 def convfirst_block(x: jax.Array, params: ConvFirstBlockParams, *,
-                    implementation: str | None = None, interpret: bool = False) -> jax.Array:
-  """x + fc2(silu(fc1(gconv_kxk(x) + b0) + b1)) + b2, NHWC, group width 8, stride 1."""
+                    implementation: str | None = None, interpret: bool = False,
+                    forward_kernel: str | None = None) -> jax.Array:
+  """x + fc2(silu(fc1(gconv_kxk(x) + b0) + b1)) + b2, NHWC, group width 8, stride 1.
+
+  forward_kernel: which Pallas kernel runs when Pallas is used (see
+  ``convfirst_forward_kernel``); None = Mosaic GPU where supported, else Triton."""
   _check(x, params, x.shape[-1], "convfirst_block")
   if _use_pallas(implementation, x, params, interpret, "convfirst_block"):
+    if convfirst_forward_kernel(x, params, interpret, forward_kernel) == "mosaic":
+      return mosaic.forward(x, params, interpret=interpret)
     return pallas_triton.convfirst_block_pallas(x, params, interpret=interpret)
   return convfirst_block_reference(x, params)
 

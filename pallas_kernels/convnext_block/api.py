@@ -6,8 +6,12 @@ where the tile table (tuning.py) holds measurements for the channel count and de
 follows them: ``auto="xla"`` (XLA measured faster) or ``"hybrid"`` (Pallas forward for
 plain calls, XLA forward+backward under differentiation);
 ``"pallas"`` raises ``NotImplementedError`` naming what is unsupported; ``"xla"`` always
-runs the reference.  Gradients of the Pallas path come from a ``jax.custom_vjp`` whose
-forward saves only its inputs (see pallas_triton.py for the kernels)."""
+runs the reference.  The Pallas forward is the Mosaic GPU kernel (mosaic.py: XLA's
+depthwise conv, then LN + MLP + residual in one kernel) for bfloat16/float16 with C a
+multiple of 32 up to 256 on a Hopper GPU, and the whole-block Pallas-Triton kernel
+otherwise (``tiles.fwd_kernel`` chooses where both can run).  Gradients of the Pallas path
+come from a ``jax.custom_vjp`` whose forward saves only its inputs; the backward is the
+Pallas-Triton kernels (see pallas_triton.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.convnext_block import pallas_triton, tuning
+from pallas_kernels import mosaic_mlp
+from pallas_kernels.convnext_block import mosaic, pallas_triton, tuning
 from pallas_kernels.convnext_block.reference import (
     ConvNeXtBlockParams,
     convnext_block_reference,
@@ -26,9 +31,29 @@ from pallas_kernels.convnext_block.reference import (
 IMPLEMENTATIONS = ("xla", "pallas")
 
 
+def forward_kernel(x_shape, dtype, params: ConvNeXtBlockParams, tiles: tuning.ConvNeXtTiles,
+                   interpret: bool) -> str:
+  """Which forward kernel the Pallas path runs: "mosaic" where the tile table asks for it
+  and the Mosaic GPU kernel supports the call, else "triton"."""
+  if tiles.fwd_kernel not in ("mosaic", "triton"):
+    raise ValueError(f"tiles.fwd_kernel must be 'mosaic' or 'triton', got {tiles.fwd_kernel!r}")
+  if tiles.fwd_kernel == "mosaic" and mosaic_mlp.device_unsupported_reason(interpret) is None \
+      and mosaic.unsupported_reason(x_shape, params, dtype) is None:
+    return "mosaic"
+  return "triton"
+
+
+def _forward(x, params, dps, eps, tiles, interpret):
+  if forward_kernel(x.shape, x.dtype, params, tiles, interpret) == "mosaic":
+    return mosaic.forward(x, params, dps, eps=eps, hidden_chunk=tiles.mosaic_hidden,
+                          stages=tiles.mosaic_stages, block_m=tiles.mosaic_block_m,
+                          interpret=interpret)
+  return pallas_triton.forward(x, params, dps, eps=eps, tiles=tiles, interpret=interpret)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def _fused(x, params, dps, eps, tiles, interpret, xla_grad):
-  return pallas_triton.forward(x, params, dps, eps=eps, tiles=tiles, interpret=interpret)
+  return _forward(x, params, dps, eps, tiles, interpret)
 
 
 def _fused_fwd(x, params, dps, eps, tiles, interpret, xla_grad):
@@ -38,7 +63,7 @@ def _fused_fwd(x, params, dps, eps, tiles, interpret, xla_grad):
     y, vjp = jax.vjp(lambda x, p, d: convnext_block_reference(x, p, d, eps=eps),
                      x, params, dps)
     return y, vjp
-  y = pallas_triton.forward(x, params, dps, eps=eps, tiles=tiles, interpret=interpret)
+  y = _forward(x, params, dps, eps, tiles, interpret)
   return y, (x, params, dps)
 
 

@@ -53,6 +53,14 @@ class ConvNeXtTiles:
   dw_warps: int = 4
   # largest power-of-two channel block used in the matmul kernels
   channel_block: int = 128
+  # Forward kernel where both can run: "mosaic" = XLA depthwise conv + one Mosaic GPU
+  # kernel for LN + MLP + residual (pallas_kernels/mosaic_mlp.py: bfloat16/float16,
+  # C % 32 == 0, C <= 256, Hopper), "triton" = the whole block in pallas_triton.forward.
+  # Where Mosaic cannot run (float32, other C, non-Hopper GPU) the Triton kernel runs.
+  fwd_kernel: str = "mosaic"
+  mosaic_block_m: int = 64
+  mosaic_hidden: int = 64
+  mosaic_stages: int = 3
   # What implementation=None runs (from measurements, per channel count and device):
   # "pallas": Pallas forward and backward; "hybrid": Pallas for plain (inference) calls,
   # XLA forward+backward when the call is differentiated (the Pallas forward was faster
@@ -64,7 +72,14 @@ class ConvNeXtTiles:
 
 
 def heuristic_tiles(c: int, dtype) -> ConvNeXtTiles:
-  """Defaults by channel count (register budget: see module docstring)."""
+  """Defaults by channel count (register budget: see module docstring).  ``auto`` follows
+  the H100 measurements for GPUs not in the table: Pallas forward for plain calls and XLA
+  when differentiated ("hybrid") up to C=256, XLA above (the Pallas backward and the
+  C >= 384 forward measured slower than XLA; benchmarks/RESULTS.md)."""
+  return dataclasses.replace(_heuristic_tiles(c), auto="hybrid" if c <= 256 else "xla")
+
+
+def _heuristic_tiles(c: int) -> ConvNeXtTiles:
   if c <= 128:
     return ConvNeXtTiles(fwd_pixels=128, fwd_hidden=64, bwd_pixels=64, bwd_hidden=64,
                          wgrad_rows=128, wgrad_hidden=64)

@@ -1,0 +1,55 @@
+"""ConvNeXt block forward with the pointwise half in one Mosaic GPU kernel.
+
+    z = dwconv7x7(x)                       XLA (``dwconv.depthwise_conv``), x.dtype
+    y = x + dps * gamma * fc2(gelu(fc1(LN(z + dw_bias))))     ``mosaic_mlp.fused_mlp``
+
+The LN affine is folded into fc1 (W1' = diag(ln_scale) W1, b1' = b1 + ln_bias W1) and the
+layer scale into fc2 (W2' = W2 diag(gamma), b2' = gamma * b2), in float32 before the cast
+to x.dtype, so the kernel only normalises.  The 4C-wide hidden activation and the
+normalised input never reach DRAM; the depthwise conv's output z does (one write, one
+read: C wide, a quarter of the hidden tensor XLA writes and reads).
+
+Forward only: ``api.convnext_block`` differentiates it with the Triton backward kernels
+or XLA (see tuning.py's ``auto``)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import mosaic_mlp
+from pallas_kernels.convnext_block import dwconv
+from pallas_kernels.convnext_block.reference import ConvNeXtBlockParams
+
+
+def unsupported_reason(x_shape, params: ConvNeXtBlockParams, dtype) -> str | None:
+  n, h, w, c = x_shape
+  return mosaic_mlp.unsupported_reason(n * h * w, c, params.fc1_kernel.shape[1], dtype)
+
+
+def fold_params(params: ConvNeXtBlockParams):
+  """(w1, b1, w2, b2) with the LN affine and the layer scale folded in, float32."""
+  f32 = jnp.float32
+  fc1 = params.fc1_kernel.astype(f32)
+  w1 = params.ln_scale.astype(f32)[:, None] * fc1
+  b1 = params.fc1_bias.astype(f32) + params.ln_bias.astype(f32) @ fc1
+  gamma = params.gamma.astype(f32)
+  w2 = params.fc2_kernel.astype(f32) * gamma[None, :]
+  b2 = params.fc2_bias.astype(f32) * gamma
+  return w1, b1, w2, b2
+
+
+def forward(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | None = None, *,
+            eps: float = 1e-6, hidden_chunk: int = 64, stages: int = 2,
+            h_in_smem: bool | None = None, block_m: int = 64,
+            interpret: bool = False) -> jax.Array:
+  n, h, w, c = x.shape
+  z = dwconv.depthwise_conv(x, params.dw_kernel, wgrad="xla")
+  w1, b1, w2, b2 = fold_params(params)
+  rows = n * h * w
+  row_scale = None if dps is None else jnp.repeat(dps.astype(jnp.float32), h * w)
+  y = mosaic_mlp.fused_mlp(
+      z.reshape(rows, c), x.reshape(rows, c), w1, b1, w2, b2, z_bias=params.dw_bias,
+      row_scale=row_scale, act="gelu", normalize=True, eps=eps, hidden_chunk=hidden_chunk,
+      stages=stages, h_in_smem=h_in_smem, block_m=block_m, interpret=interpret)
+  return y.reshape(n, h, w, c)

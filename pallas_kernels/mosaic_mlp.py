@@ -1,0 +1,280 @@
+"""The pointwise half of a residual block as one Mosaic GPU kernel (Hopper: TMA + wgmma).
+
+    y[r] = res[r] + row_scale[r] * (act(norm(z[r] + zb) @ W1 + b1) @ W2 + b2)
+
+for every row r of (M, C) activations, where ``norm`` is a LayerNorm without its affine
+part (or the identity) and ``act`` is GELU (erf form) or SiLU.  This is the whole ConvNeXt
+block after its depthwise conv (LN -> Dense C->4C -> GELU -> Dense 4C->C -> layer scale ->
++ x, with the LN affine folded into W1/b1 and the layer scale into W2/b2 by the caller) and
+the whole ConvFirst block after its grouped conv (1x1 expand -> SiLU -> 1x1 project -> + x).
+The E-wide hidden activation never leaves the SM: it lives in registers between the two
+tensor-core matmuls.
+
+Why Mosaic GPU and not Pallas-Triton (pallas_triton.py has a Triton version of the whole
+ConvNeXt block): Triton-lowered Pallas cannot place a tile in shared memory explicitly or
+issue wgmma with a register operand; its version re-read the weights from L2 for every
+small dot and ran the MLP at 13x its floor (benchmarks/RESULTS.md).  Here one CTA (one
+warpgroup, 64 rows) loads its z/res tiles once with TMA, normalises them into a swizzled
+shared-memory tile, and then streams (hidden chunk x C) slices of W1^T and W2 through a
+double-buffered TMA pipeline (``plgpu.emit_pipeline``): per chunk one wgmma (64 x C x hc)
+gives the hidden chunk in registers, bias + activation are applied there, and a second
+wgmma with that chunk as its register operand accumulates into the (64 x C) float32 output
+accumulator, which stays in registers for the whole loop.
+
+Limits (checked by ``unsupported_reason``; callers fall back to XLA or to the Triton
+kernels): bfloat16/float16 activations only (wgmma takes 16-bit operands; float32 would run
+as tf32, which is not the float32 the references promise), C a multiple of 32 and at most
+256 (the 64 x C float32 accumulator must fit in registers next to the hidden chunk), E a
+multiple of the hidden chunk.  M need not be a multiple of 64: the wrapper pads the rows.
+Runs in the Mosaic GPU interpreter on CPU with ``interpret=True`` (slow; tests use tiny
+shapes).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+BLOCK_M = 64  # default rows per CTA (one wgmma M; 128 = two, halving weight re-reads)
+ACTIVATIONS = ("gelu", "silu")
+MAX_CHANNELS = 256
+
+
+def _swizzle_bytes(minor: int, itemsize: int) -> int:
+  """Largest TMA/wgmma swizzle (128, 64 or 32 bytes) that divides one row of ``minor``."""
+  row = minor * itemsize
+  for s in (128, 64, 32):
+    if row % s == 0:
+      return s
+  raise ValueError(f"a row of {minor} x {itemsize} bytes is not a multiple of 32 bytes")
+
+
+def _transforms(minor: int, dtype) -> tuple:
+  itemsize = jnp.dtype(dtype).itemsize
+  swizzle = _swizzle_bytes(minor, itemsize)
+  return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+
+def _erf(x):
+  """erf to 1.5e-7 absolute (Abramowitz & Stegun 7.1.26; 4e-7 after float32 rounding):
+  Mosaic GPU lowers exp but not erf, and ConvNeXt's GELU is the erf form."""
+  a = jnp.abs(x)
+  t = 1.0 / (1.0 + 0.3275911 * a)
+  poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027
+                                                                        + t * 1.061405429))))
+  r = 1.0 - poly * jnp.exp(-a * a)
+  return jnp.where(x < 0, -r, r)
+
+
+def _activation(h, act: str):
+  if act == "gelu":
+    return 0.5 * h * (1.0 + _erf(h * (1.0 / math.sqrt(2.0))))
+  if act == "silu":
+    return h / (1.0 + jnp.exp(-h))
+  raise ValueError(f"activation must be one of {ACTIVATIONS}, got {act!r}")
+
+
+def device_unsupported_reason(interpret: bool) -> str | None:
+  """Why the kernel cannot run on the default device (None: it can).  wgmma and TMA as
+  used here are Hopper (sm_90) instructions; the interpreter runs anywhere."""
+  if interpret:
+    return None
+  if jax.default_backend() != "gpu":
+    return (f"the Mosaic GPU kernel needs a GPU backend (got {jax.default_backend()!r}); "
+            f"pass interpret=True to run it in the interpreter")
+  cap = str(getattr(jax.devices()[0], "compute_capability", ""))
+  if not cap.startswith("9."):
+    return f"the Mosaic GPU kernel needs a Hopper GPU (compute capability 9.x), got {cap!r}"
+  return None
+
+
+def unsupported_reason(m: int, c: int, e: int, dtype, hidden_chunk: int = 64) -> str | None:
+  """Why ``fused_mlp`` cannot run this shape/dtype, or None."""
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return (f"the Mosaic GPU kernel takes bfloat16/float16 activations (wgmma operands), "
+            f"got {jnp.dtype(dtype).name}")
+  if c % 32 or c > MAX_CHANNELS:
+    return (f"the Mosaic GPU kernel needs the channel count to be a multiple of 32 and at "
+            f"most {MAX_CHANNELS}, got C={c}")
+  if e % hidden_chunk:
+    return f"hidden width {e} is not a multiple of the hidden chunk {hidden_chunk}"
+  if m <= 0:
+    return f"no rows (M={m})"
+  return None
+
+
+def _kernel(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b2_gmem,
+            out_gmem, *, c: int, e: int, hc: int, act: str, normalize: bool, eps: float,
+            stages: int, h_in_smem: bool, bm: int):
+  dtype = z_gmem.dtype
+  i = lax.axis_index("m")
+  rows = pl.ds(i * bm, bm)
+  tile_t = _transforms(c, dtype)
+
+  def scoped(z_smem, res_smem, zn_smem, rs_smem, zb_smem, b2_smem, bars, h_smem):
+    plgpu.copy_gmem_to_smem(z_gmem.at[rows], z_smem, bars.at[0])
+    plgpu.copy_gmem_to_smem(res_gmem.at[rows], res_smem, bars.at[1])
+    plgpu.copy_gmem_to_smem(rs_gmem.at[rows], rs_smem, bars.at[2])
+    plgpu.copy_gmem_to_smem(zb_gmem, zb_smem, bars.at[3])
+    plgpu.copy_gmem_to_smem(b2_gmem, b2_smem, bars.at[4])
+    plgpu.barrier_wait(bars.at[0])
+    plgpu.barrier_wait(bars.at[3])
+    wg = plgpu.Layout.WGMMA
+    z = plgpu.load(z_smem, layout=wg).astype(jnp.float32)
+    zb = plgpu.load(zb_smem, layout=wg.reduce(0))
+    z = z + lax.broadcast_in_dim(zb, (bm, c), [1])
+    if normalize:
+      mean = z.sum(axis=1) * (1.0 / c)
+      d = z - lax.broadcast_in_dim(mean, (bm, c), [0])
+      var = (d * d).sum(axis=1) * (1.0 / c)
+      z = d * lax.broadcast_in_dim(lax.rsqrt(var + eps), (bm, c), [0])
+    zn_smem[...] = z.astype(dtype)
+    plgpu.commit_smem()  # make the normalised tile visible to the tensor cores
+
+    def accumulate(acc2_ref):
+      def chunk(_, w1t_smem, b1_smem, w2_smem):
+        def mm1(acc_ref):
+          plgpu.wgmma(acc_ref, zn_smem, w1t_smem.transpose((1, 0)))
+          return acc_ref[...]
+        h = pl.run_scoped(mm1, plgpu.ACC((bm, hc), jnp.float32))
+        b1 = plgpu.load(b1_smem, layout=wg.reduce(0))
+        h = _activation(h + lax.broadcast_in_dim(b1, (bm, hc), [1]), act)
+        if h_smem is None:
+          plgpu.wgmma(acc2_ref, h.astype(dtype), w2_smem)
+        else:
+          h_smem[...] = h.astype(dtype)
+          plgpu.commit_smem()
+          plgpu.wgmma(acc2_ref, h_smem, w2_smem)
+        plgpu.wgmma_wait(0)  # w2_smem's slot is refilled once this step returns
+
+      plgpu.emit_pipeline(
+          chunk,
+          grid=(e // hc,),
+          in_specs=[
+              plgpu.BlockSpec((hc, c), lambda j: (j, 0), transforms=_transforms(c, dtype)),
+              plgpu.BlockSpec((hc,), lambda j: (j,)),
+              plgpu.BlockSpec((hc, c), lambda j: (j, 0), transforms=_transforms(c, dtype)),
+          ],
+          max_concurrent_steps=stages,
+      )(w1t_gmem, b1_gmem, w2_gmem)
+      return acc2_ref[...]
+
+    acc = pl.run_scoped(accumulate, plgpu.ACC((bm, c), jnp.float32))
+
+    plgpu.barrier_wait(bars.at[1])
+    plgpu.barrier_wait(bars.at[2])
+    plgpu.barrier_wait(bars.at[4])
+    b2 = plgpu.load(b2_smem, layout=wg.reduce(0))
+    rs = plgpu.load(rs_smem, layout=wg.reduce(1))
+    branch = (acc + lax.broadcast_in_dim(b2, (bm, c), [1])) * lax.broadcast_in_dim(
+        rs, (bm, c), [0])
+    y = plgpu.load(res_smem, layout=wg).astype(jnp.float32) + branch
+    res_smem[...] = y.astype(dtype)  # reuse the residual tile as the output staging tile
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(res_smem, out_gmem.at[rows])
+    plgpu.wait_smem_to_gmem(0)
+
+  pl.run_scoped(
+      scoped,
+      plgpu.SMEM((bm, c), dtype, transforms=tile_t),
+      plgpu.SMEM((bm, c), dtype, transforms=tile_t),
+      plgpu.SMEM((bm, c), dtype, transforms=tile_t),
+      plgpu.SMEM((bm,), jnp.float32),
+      plgpu.SMEM((c,), jnp.float32),
+      plgpu.SMEM((c,), jnp.float32),
+      plgpu.Barrier(num_barriers=5),
+      plgpu.SMEM((bm, hc), dtype, transforms=_transforms(hc, dtype))
+      if h_in_smem else None,
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("act", "normalize", "eps", "hidden_chunk",
+                                             "stages", "h_in_smem", "block_m", "interpret"))
+def fused_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str = "gelu",
+              normalize: bool = True, eps: float = 1e-6, hidden_chunk: int = 64,
+              stages: int = 2, h_in_smem: bool | None = None, block_m: int = BLOCK_M,
+              interpret: bool = False):
+  """y = res + row_scale * (act(norm(z + z_bias) @ w1 + b1) @ w2 + b2) over rows.
+
+  z, res: (M, C) bfloat16/float16 (y has their dtype); w1: (C, E); w2: (E, C); b1: (E,);
+  b2, z_bias: (C,); row_scale: (M,) or None (ones).  Weights are cast to z's dtype, biases
+  and scales used in float32; accumulation is float32.  Raises NotImplementedError naming
+  the reason for shapes/dtypes the kernel does not support (see ``unsupported_reason``).
+
+  block_m: rows per CTA (64 or 128; 128 halves how often the weights are re-read from L2
+  but doubles the accumulator's registers).
+  h_in_smem: pass the activated hidden chunk to the second wgmma through shared memory
+  (True) or as its register operand (False).  None = registers on a GPU, shared memory in
+  the interpreter, which does not model register operands of wgmma."""
+  m, c = z.shape
+  e = w1.shape[1]
+  if res.shape != z.shape or res.dtype != z.dtype:
+    raise ValueError(f"res must match z: got {res.shape} {res.dtype} vs {z.shape} {z.dtype}")
+  if w1.shape != (c, e) or w2.shape != (e, c) or b1.shape != (e,) or b2.shape != (c,):
+    raise ValueError(f"weight shapes do not fit C={c}, E={e}: w1 {w1.shape}, b1 {b1.shape}, "
+                     f"w2 {w2.shape}, b2 {b2.shape}")
+  reason = unsupported_reason(m, c, e, z.dtype, hidden_chunk)
+  if reason is not None:
+    raise NotImplementedError(f"fused_mlp: {reason}")
+  dtype = z.dtype
+  zb = jnp.zeros((c,), jnp.float32) if z_bias is None else z_bias.astype(jnp.float32)
+  rs = jnp.ones((m,), jnp.float32) if row_scale is None else row_scale.astype(jnp.float32)
+  if block_m not in (64, 128):
+    raise ValueError(f"block_m must be 64 or 128, got {block_m}")
+  m_pad = -(-m // block_m) * block_m
+  if m_pad != m:  # the last CTA's rows: padded here, sliced off below
+    z = jnp.pad(z, ((0, m_pad - m), (0, 0)))
+    res = jnp.pad(res, ((0, m_pad - m), (0, 0)))
+    rs = jnp.pad(rs, (0, m_pad - m))
+  interpreting = interpret is not False and interpret is not None
+  if h_in_smem is None:
+    h_in_smem = interpreting
+  if interpreting and not h_in_smem:
+    raise ValueError("h_in_smem=False (wgmma with a register operand) is not modelled by "
+                     "the Mosaic GPU interpreter; use h_in_smem=True or None")
+  kernel = functools.partial(_kernel, c=c, e=e, hc=hidden_chunk, act=act,
+                             normalize=normalize, eps=float(eps), stages=stages,
+                             h_in_smem=bool(h_in_smem), bm=block_m)
+  call = plgpu.kernel(
+      kernel,
+      out_type=jax.ShapeDtypeStruct((m_pad, c), dtype),
+      grid=(m_pad // block_m,),
+      grid_names=("m",),
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=_interpret_params(interpret),
+  )
+  y = call(z, res, rs, zb, w1.T.astype(dtype), b1.astype(jnp.float32), w2.astype(dtype),
+           b2.astype(jnp.float32))
+  return y[:m] if m_pad != m else y
+
+
+def _interpret_params(interpret):
+  """None (compile for the GPU), or the Mosaic GPU interpreter's parameters: ``True`` =
+  defaults (buffers start as NaN, so unwritten output rows show up), or an
+  ``plgpu.InterpretGPUParams`` instance (e.g. with ``detect_races=True``)."""
+  if isinstance(interpret, plgpu.InterpretGPUParams):
+    return interpret
+  return plgpu.InterpretGPUParams() if interpret else None
+
+
+def fused_mlp_reference(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None,
+                        act: str = "gelu", normalize: bool = True, eps: float = 1e-6):
+  """The same function in float32 jnp (the kernel's definition)."""
+  f32 = jnp.float32
+  z = z.astype(f32) + (0.0 if z_bias is None else z_bias.astype(f32))
+  if normalize:
+    mean = z.mean(-1, keepdims=True)
+    var = jnp.square(z - mean).mean(-1, keepdims=True)
+    z = (z - mean) * lax.rsqrt(var + eps)
+  h = z @ w1.astype(f32) + b1.astype(f32)
+  h = jax.nn.gelu(h, approximate=False) if act == "gelu" else jax.nn.silu(h)
+  out = h @ w2.astype(f32) + b2.astype(f32)
+  if row_scale is not None:
+    out = out * row_scale.astype(f32)[:, None]
+  return (res.astype(f32) + out).astype(res.dtype)

@@ -1,0 +1,187 @@
+"""Mosaic GPU fused pointwise kernel (pallas_kernels.mosaic_mlp) in the Mosaic GPU
+interpreter on CPU, and the ConvNeXt / ConvFirst forwards built on it.
+
+The interpreter starts every buffer (shared memory and outputs) as NaN, so an output row the
+kernel fails to write, or a shared-memory tile read before its TMA copy landed, shows up as
+NaN; every comparison asserts there is none.  The references run in float32 on the same
+bf16-rounded inputs; the kernel rounds the normalised input and the hidden activation to
+bf16 (its wgmma operands) and the output to bf16, so agreement is to bf16 precision
+(~4e-3 here; the XLA bf16 block differs from the same reference by about as much).
+On the GPU the same kernels are checked by ``python -m benchmarks.mosaic_blocks``."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import convfirst_block, convnext_block, convnext_block_reference
+from pallas_kernels import mosaic_mlp
+from pallas_kernels.convfirst_block import ConvFirstBlockParams
+from pallas_kernels.convfirst_block import mosaic as convfirst_mosaic
+from pallas_kernels.convfirst_block.api import convfirst_forward_kernel
+from pallas_kernels.convfirst_block.reference import convfirst_block_reference
+from pallas_kernels.convnext_block import api, tuning
+from pallas_kernels.convnext_block import mosaic as convnext_mosaic
+
+BF16_TOL = 1e-2
+
+
+def _rel(a, b):
+  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+  assert not np.isnan(a).any(), "NaN in the kernel output (unwritten or uninitialised)"
+  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def _mlp_inputs(seed, m, c, e, dtype=jnp.bfloat16):
+  k = jax.random.split(jax.random.key(seed), 8)
+  n = jax.random.normal
+  return dict(
+      z=(n(k[0], (m, c)) * 2 + 0.5).astype(dtype), res=n(k[1], (m, c)).astype(dtype),
+      w1=(n(k[2], (c, e)) / c ** 0.5).astype(dtype), b1=n(k[3], (e,)) * 0.1,
+      w2=(n(k[4], (e, c)) / e ** 0.5).astype(dtype), b2=n(k[5], (c,)) * 0.1,
+      z_bias=n(k[6], (c,)) * 0.1, row_scale=jax.random.uniform(k[7], (m,)) + 0.5)
+
+
+@pytest.mark.parametrize("m,c,e,act,normalize,kw", [
+    (64, 32, 128, "gelu", True, {}),                       # one CTA
+    (100, 96, 384, "gelu", True, {}),                      # ConvNeXt-T stage 1; padded rows
+    (70, 192, 768, "gelu", True, dict(hidden_chunk=128)),  # stage 2; 6 chunks of 128
+    (130, 64, 256, "silu", False, dict(block_m=128, stages=3)),  # ConvFirst E4
+    (64, 64, 384, "silu", False, {}),                      # ConvFirst E6
+])
+def test_fused_mlp_matches_reference(m, c, e, act, normalize, kw):
+  a = _mlp_inputs(m + c, m, c, e)
+  got = mosaic_mlp.fused_mlp(**a, act=act, normalize=normalize, interpret=True, **kw)
+  assert got.shape == (m, c) and got.dtype == jnp.bfloat16
+  want = mosaic_mlp.fused_mlp_reference(
+      **{k: v.astype(jnp.float32) for k, v in a.items()}, act=act, normalize=normalize)
+  assert _rel(got, want) < BF16_TOL
+
+
+def test_fused_mlp_float16_no_row_scale_no_bias():
+  a = _mlp_inputs(3, 64, 32, 64, jnp.float16)
+  del a["row_scale"], a["z_bias"]
+  got = mosaic_mlp.fused_mlp(**a, interpret=True)
+  assert got.dtype == jnp.float16
+  want = mosaic_mlp.fused_mlp_reference(**{k: v.astype(jnp.float32) for k, v in a.items()})
+  assert _rel(got, want) < BF16_TOL
+
+
+def test_fused_mlp_has_no_races():
+  """The interpreter's happens-before race detector over TMA copies, barriers and the
+  pipelined weight slots (two CTAs, three pipeline stages)."""
+  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
+  a = _mlp_inputs(4, 128, 32, 256)
+  ipc.reset_gpu_interpret_mode_state()
+  params = plgpu.InterpretGPUParams(detect_races=True)
+  got = mosaic_mlp.fused_mlp(**a, stages=3, interpret=params)
+  jax.block_until_ready(got)
+  assert not ipc.get_races().races_found
+  want = mosaic_mlp.fused_mlp_reference(**{k: v.astype(jnp.float32) for k, v in a.items()})
+  assert _rel(got, want) < BF16_TOL
+
+
+def test_fused_mlp_errors_name_the_problem():
+  a = _mlp_inputs(5, 64, 32, 128)
+  with pytest.raises(NotImplementedError, match="bfloat16/float16.*float32"):
+    mosaic_mlp.fused_mlp(**{**a, "z": a["z"].astype(jnp.float32),
+                            "res": a["res"].astype(jnp.float32)}, interpret=True)
+  b = _mlp_inputs(5, 64, 40, 160)
+  with pytest.raises(NotImplementedError, match="multiple of 32.*C=40"):
+    mosaic_mlp.fused_mlp(**b, interpret=True)
+  with pytest.raises(ValueError, match="res must match"):
+    mosaic_mlp.fused_mlp(**{**a, "res": a["res"][:10]}, interpret=True)
+  with pytest.raises(ValueError, match="weight shapes"):
+    mosaic_mlp.fused_mlp(**{**a, "w2": a["w2"][:64]}, interpret=True)
+  with pytest.raises(NotImplementedError, match="hidden chunk"):
+    mosaic_mlp.fused_mlp(**a, hidden_chunk=96, interpret=True)
+  with pytest.raises(ValueError, match="block_m"):
+    mosaic_mlp.fused_mlp(**a, block_m=32, interpret=True)
+  with pytest.raises(ValueError, match="interpreter"):
+    mosaic_mlp.fused_mlp(**a, h_in_smem=False, interpret=True)
+  with pytest.raises(ValueError, match="activation"):
+    mosaic_mlp.fused_mlp(**a, act="relu", interpret=True)
+  if jax.default_backend() != "gpu":
+    assert "GPU backend" in mosaic_mlp.device_unsupported_reason(False)
+  assert mosaic_mlp.device_unsupported_reason(True) is None
+
+
+def test_erf_polynomial():
+  x = jnp.linspace(-6, 6, 2001)
+  np.testing.assert_allclose(np.asarray(mosaic_mlp._erf(x)),
+                             np.asarray(jax.scipy.special.erf(x)), atol=4e-7)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 96), (1, 3, 5, 192)])
+def test_convnext_block_forward_through_mosaic(shape):
+  """The public entry point picks the Mosaic kernel for bf16 at ConvNeXt-T's first two
+  stage widths (odd H and W, batch 1 and 2, drop-path scale per sample)."""
+  kx, kp, kd = jax.random.split(jax.random.key(shape[-1]), 3)
+  x = jax.random.normal(kx, shape).astype(jnp.bfloat16)
+  params = tuning.reference_params(kp, shape[-1])
+  dps = jax.random.uniform(kd, (shape[0],)) + 0.5
+  tiles = tuning.get_tiles(shape[-1], x.dtype)
+  assert api.forward_kernel(x.shape, x.dtype, params, tiles, True) == "mosaic"
+  got = convnext_block(x, params, dps, implementation="pallas", interpret=True)
+  want = convnext_block_reference(x.astype(jnp.float32), params, dps)
+  assert _rel(got, want) < BF16_TOL
+  # the XLA bf16 block is no closer to the float32 reference than the kernel
+  xla = convnext_block_reference(x, params, dps)
+  assert _rel(got, want) <= 1.5 * _rel(xla, want) + 1e-3
+
+
+def test_convnext_forward_kernel_choice():
+  params = tuning.reference_params(jax.random.key(0), 96)
+  t = tuning.heuristic_tiles(96, jnp.bfloat16)
+  assert api.forward_kernel((1, 5, 5, 96), jnp.bfloat16, params, t, True) == "mosaic"
+  assert api.forward_kernel((1, 5, 5, 96), jnp.float32, params, t, True) == "triton"
+  t_triton = dataclasses.replace(t, fwd_kernel="triton")
+  assert api.forward_kernel((1, 5, 5, 96), jnp.bfloat16, params, t_triton, True) == "triton"
+  p40 = tuning.reference_params(jax.random.key(0), 40)
+  assert api.forward_kernel((1, 5, 5, 40), jnp.bfloat16, p40, t, True) == "triton"
+  p384 = tuning.reference_params(jax.random.key(0), 384)
+  assert api.forward_kernel((1, 5, 5, 384), jnp.bfloat16, p384, t, True) == "triton"
+  with pytest.raises(ValueError, match="fwd_kernel"):
+    api.forward_kernel((1, 5, 5, 96), jnp.bfloat16, params, dataclasses.replace(
+        t, fwd_kernel="cuda"), True)
+
+
+def _convfirst_params(key, c, e, k=3):
+  ks = jax.random.split(key, 6)
+  n = jax.random.normal
+  return ConvFirstBlockParams(
+      conv_kernel=n(ks[0], (k, k, 8, c)) / (8 * k * k) ** 0.5, conv_bias=0.1 * n(ks[1], (c,)),
+      fc1_kernel=n(ks[2], (c, e * c)) / c ** 0.5, fc1_bias=0.1 * n(ks[3], (e * c,)),
+      fc2_kernel=n(ks[4], (e * c, c)) / (e * c) ** 0.5, fc2_bias=0.1 * n(ks[5], (c,)))
+
+
+@pytest.mark.parametrize("shape,k,e", [((1, 5, 7, 64), 3, 4), ((2, 3, 3, 128), 5, 4)])
+def test_convfirst_block_forward_through_mosaic(shape, k, e):
+  kx, kp = jax.random.split(jax.random.key(k), 2)
+  x = jax.random.normal(kx, shape).astype(jnp.bfloat16)
+  params = _convfirst_params(kp, shape[-1], e, k)
+  assert convfirst_mosaic.unsupported_reason(x.shape, params, x.dtype) is None
+  assert convfirst_forward_kernel(x, params, True) == "mosaic"
+  got = convfirst_block(x, params, implementation="pallas", interpret=True)
+  want = convfirst_block_reference(x.astype(jnp.float32), params)
+  assert _rel(got, want) < BF16_TOL
+  xla = convfirst_block_reference(x, params)
+  assert _rel(got, want) <= 1.5 * _rel(xla, want) + 1e-3
+
+
+def test_convfirst_forward_kernel_choice():
+  params = _convfirst_params(jax.random.key(0), 64, 4)
+  x = jnp.zeros((1, 3, 3, 64), jnp.bfloat16)
+  assert convfirst_forward_kernel(x, params, True) == "mosaic"
+  assert convfirst_forward_kernel(x, params, True, "triton") == "triton"
+  assert convfirst_forward_kernel(x.astype(jnp.float32), params, True) == "triton"
+  with pytest.raises(NotImplementedError, match="float32"):
+    convfirst_forward_kernel(x.astype(jnp.float32), params, True, "mosaic")
+  with pytest.raises(ValueError, match="forward_kernel"):
+    convfirst_forward_kernel(x, params, True, "cuda")

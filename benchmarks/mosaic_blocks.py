@@ -97,11 +97,12 @@ def _convfirst_case(rng, batch, hw, c, e, k=3):
               triton=triton)
 
 
-VARIANTS = [
+VARIANTS = [  # block_m=128: two compute warpgroups + a TMA warpgroup (mosaic_mlp._kernel_ws)
     dict(hidden_chunk=64, stages=2, block_m=64),
     dict(hidden_chunk=64, stages=3, block_m=64),
     dict(hidden_chunk=64, stages=2, block_m=128),
     dict(hidden_chunk=64, stages=3, block_m=128),
+    dict(hidden_chunk=64, stages=4, block_m=128),
     dict(hidden_chunk=128, stages=2, block_m=128),
 ]
 

@@ -194,6 +194,132 @@ def _kernel(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b2_g
   )
 
 
+def _kernel_ws(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b2_gmem,
+               out_gmem, *, c: int, e: int, hc: int, act: str, normalize: bool, eps: float,
+               stages: int, h_in_smem: bool):
+  """128 rows per CTA, warp-specialised: warpgroups 0 and 1 each own 64 rows and run the
+  same LN -> (wgmma, activation, wgmma) per hidden chunk as ``_kernel``; warpgroup 2 only
+  issues the TMA copies of the weight chunks into ``stages`` slots, refilling a slot once
+  both compute warpgroups have arrived on its "consumed" barrier.  Each weight chunk is
+  thus read from L2 once per 128 rows, and while one compute warpgroup evaluates its
+  activation the other's wgmma can run (the pattern of jax's Hopper attention kernel)."""
+  dtype = z_gmem.dtype
+  n_chunks = e // hc
+  i = lax.axis_index("m")
+  wg = plgpu.Layout.WGMMA
+
+  def body(zr_smem, zn_smem, rs_smem, zb_smem, b1_smem, b2_smem, w1t_smem, w2_smem,
+           tile_bars, param_bars, w1_bars, w2_bars, consumed, h_smem):
+    wgi = lax.axis_index("wg")
+
+    @pl.when(wgi < 2)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      rows = pl.ds(i * 128 + wgi * 64, 64)
+      my_z, my_zn, my_rs = zr_smem.at[wgi], zn_smem.at[wgi], rs_smem.at[wgi]
+      my_h = None if h_smem is None else h_smem.at[wgi]
+      plgpu.copy_gmem_to_smem(z_gmem.at[rows], my_z, tile_bars.at[3 * wgi])
+      plgpu.copy_gmem_to_smem(rs_gmem.at[rows], my_rs, tile_bars.at[3 * wgi + 1])
+      plgpu.barrier_wait(tile_bars.at[3 * wgi])
+      plgpu.barrier_wait(param_bars.at[0])
+      z = plgpu.load(my_z, layout=wg).astype(jnp.float32)
+      zb = plgpu.load(zb_smem, layout=wg.reduce(0))
+      z = z + lax.broadcast_in_dim(zb, (64, c), [1])
+      if normalize:
+        mean = z.sum(axis=1) * (1.0 / c)
+        d = z - lax.broadcast_in_dim(mean, (64, c), [0])
+        var = (d * d).sum(axis=1) * (1.0 / c)
+        z = d * lax.broadcast_in_dim(lax.rsqrt(var + eps), (64, c), [0])
+      my_zn[...] = z.astype(dtype)
+      plgpu.commit_smem()  # also orders this warpgroup's reads of my_z before the TMA below
+      plgpu.copy_gmem_to_smem(res_gmem.at[rows], my_z, tile_bars.at[3 * wgi + 2])
+      plgpu.barrier_wait(param_bars.at[1])
+
+      def accumulate(acc2_ref):
+        @pl.loop(0, n_chunks)
+        def _chunk(j):
+          slot = lax.rem(j, stages)
+          plgpu.barrier_wait(w1_bars.at[slot])
+
+          def mm1(acc_ref):
+            plgpu.wgmma(acc_ref, my_zn, w1t_smem.at[slot].transpose((1, 0)))
+            return acc_ref[...]
+          h = pl.run_scoped(mm1, plgpu.ACC((64, hc), jnp.float32))
+          b1 = plgpu.load(b1_smem.at[j], layout=wg.reduce(0))
+          h = _activation(h + lax.broadcast_in_dim(b1, (64, hc), [1]), act)
+          plgpu.barrier_wait(w2_bars.at[slot])
+          if my_h is None:
+            plgpu.wgmma(acc2_ref, h.astype(dtype), w2_smem.at[slot])
+          else:
+            my_h[...] = h.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.wgmma(acc2_ref, my_h, w2_smem.at[slot])
+          plgpu.wgmma_wait(0)
+          plgpu.barrier_arrive(consumed.at[slot])
+        return acc2_ref[...]
+
+      acc = pl.run_scoped(accumulate, plgpu.ACC((64, c), jnp.float32))
+      plgpu.barrier_wait(tile_bars.at[3 * wgi + 1])
+      plgpu.barrier_wait(tile_bars.at[3 * wgi + 2])
+      plgpu.barrier_wait(param_bars.at[2])
+      b2 = plgpu.load(b2_smem, layout=wg.reduce(0))
+      rs = plgpu.load(my_rs, layout=wg.reduce(1))
+      branch = (acc + lax.broadcast_in_dim(b2, (64, c), [1])) * lax.broadcast_in_dim(
+          rs, (64, c), [0])
+      y = plgpu.load(my_z, layout=wg).astype(jnp.float32) + branch
+      my_z[...] = y.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(my_z, out_gmem.at[rows])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wgi == 2)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+      plgpu.copy_gmem_to_smem(zb_gmem, zb_smem, param_bars.at[0])
+      plgpu.copy_gmem_to_smem(b1_gmem, b1_smem, param_bars.at[1])
+      plgpu.copy_gmem_to_smem(b2_gmem, b2_smem, param_bars.at[2])
+
+      def issue(j, slot):
+        plgpu.copy_gmem_to_smem(w1t_gmem.at[pl.ds(j * hc, hc)], w1t_smem.at[slot],
+                                w1_bars.at[slot])
+        plgpu.copy_gmem_to_smem(w2_gmem.at[pl.ds(j * hc, hc)], w2_smem.at[slot],
+                                w2_bars.at[slot])
+
+      for s in range(min(stages, n_chunks)):
+        issue(s, s)
+      if n_chunks > stages:
+        @pl.loop(0, n_chunks - stages)
+        def _refill(j):
+          slot = lax.rem(j, stages)
+          plgpu.barrier_wait(consumed.at[slot])
+          issue(j + stages, slot)
+      # Observe the last chunks' "consumed" phases too, so that every barrier phase this
+      # warpgroup waits on is drained before the barriers are freed.
+      for j in range(max(n_chunks - stages, 0), n_chunks):
+        plgpu.barrier_wait(consumed.at[j % stages])
+
+  w_t = _transforms(c, dtype)
+  pl.run_scoped(
+      body,
+      plgpu.SMEM((2, 64, c), dtype, transforms=w_t),
+      plgpu.SMEM((2, 64, c), dtype, transforms=w_t),
+      plgpu.SMEM((2, 64), jnp.float32),
+      plgpu.SMEM((c,), jnp.float32),
+      plgpu.SMEM((n_chunks, hc), jnp.float32),
+      plgpu.SMEM((c,), jnp.float32),
+      plgpu.SMEM((stages, hc, c), dtype, transforms=w_t),
+      plgpu.SMEM((stages, hc, c), dtype, transforms=w_t),
+      plgpu.Barrier(num_barriers=6),
+      plgpu.Barrier(num_barriers=3),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+      plgpu.SMEM((2, 64, hc), dtype, transforms=_transforms(hc, dtype))
+      if h_in_smem else None,
+      collective_axes="wg",
+  )
+
+
 @functools.partial(jax.jit, static_argnames=("act", "normalize", "eps", "hidden_chunk",
                                              "stages", "h_in_smem", "block_m", "interpret"))
 def fused_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str = "gelu",
@@ -207,8 +333,8 @@ def fused_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
   and scales used in float32; accumulation is float32.  Raises NotImplementedError naming
   the reason for shapes/dtypes the kernel does not support (see ``unsupported_reason``).
 
-  block_m: rows per CTA (64 or 128; 128 halves how often the weights are re-read from L2
-  but doubles the accumulator's registers).
+  block_m: rows per CTA: 64 (one warpgroup, ``_kernel``) or 128 (two compute warpgroups of
+  64 rows sharing each weight chunk, fed by a third TMA warpgroup: ``_kernel_ws``).
   h_in_smem: pass the activated hidden chunk to the second wgmma through shared memory
   (True) or as its register operand (False).  None = registers on a GPU, shared memory in
   the interpreter, which does not model register operands of wgmma."""
@@ -238,14 +364,21 @@ def fused_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
   if interpreting and not h_in_smem:
     raise ValueError("h_in_smem=False (wgmma with a register operand) is not modelled by "
                      "the Mosaic GPU interpreter; use h_in_smem=True or None")
-  kernel = functools.partial(_kernel, c=c, e=e, hc=hidden_chunk, act=act,
-                             normalize=normalize, eps=float(eps), stages=stages,
-                             h_in_smem=bool(h_in_smem), bm=block_m)
+  common = dict(c=c, e=e, hc=hidden_chunk, act=act, normalize=normalize, eps=float(eps),
+                stages=stages, h_in_smem=bool(h_in_smem))
+  if block_m == 128:  # two compute warpgroups + one TMA warpgroup
+    kernel = functools.partial(_kernel_ws, **common)
+    threads = dict(num_threads=3, thread_name="wg")
+    b1 = b1.reshape(e // hidden_chunk, hidden_chunk)
+  else:
+    kernel = functools.partial(_kernel, bm=block_m, **common)
+    threads = {}
   call = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((m_pad, c), dtype),
       grid=(m_pad // block_m,),
       grid_names=("m",),
+      **threads,
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params(interpret),
   )

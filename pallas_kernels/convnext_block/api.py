@@ -30,6 +30,13 @@ from pallas_kernels.convnext_block.reference import (
 
 IMPLEMENTATIONS = ("xla", "pallas")
 
+# implementation=None keeps XLA for inputs of fewer pixels (N*H*W) than this: ConvNeXt-T
+# inference at batch 1 (3,136 and 784 pixels in the first two stages) ran at 423 img/s with
+# the Mosaic forward vs 481 with XLA, while batch 16 (50,176 / 12,544) was 5,030 vs 4,187
+# (H200, 2026-11-26; the per-call weight folding and row padding around the kernel cost more
+# than the kernel saves on tiny inputs).  Batches 2-15 were not measured.
+MIN_ROWS_FOR_PALLAS = 4096
+
 
 def forward_kernel(x_shape, dtype, params: ConvNeXtBlockParams, tiles: tuning.ConvNeXtTiles,
                    interpret: bool) -> str:
@@ -127,6 +134,8 @@ def convnext_block(
   if auto not in ("pallas", "hybrid", "xla"):
     raise ValueError(f"tiles.auto must be 'pallas', 'hybrid' or 'xla', got {auto!r}")
   if auto == "xla":  # the tile table records that XLA measured faster here
+    return convnext_block_reference(x, params, drop_path_scale, eps=eps)
+  if implementation is None and x.shape[0] * x.shape[1] * x.shape[2] < MIN_ROWS_FOR_PALLAS:
     return convnext_block_reference(x, params, drop_path_scale, eps=eps)
   dps = (jnp.ones((x.shape[0],), jnp.float32) if drop_path_scale is None
          else jnp.asarray(drop_path_scale))

@@ -58,7 +58,7 @@ class ConvNeXtTiles:
   # C % 32 == 0, C <= 256, Hopper), "triton" = the whole block in pallas_triton.forward.
   # Where Mosaic cannot run (float32, other C, non-Hopper GPU) the Triton kernel runs.
   fwd_kernel: str = "mosaic"
-  mosaic_block_m: int = 64
+  mosaic_block_m: int = 64  # 64: one warpgroup per CTA; 128: two + a TMA warpgroup
   mosaic_hidden: int = 64
   mosaic_stages: int = 3
   # What implementation=None runs (from measurements, per channel count and device):
@@ -83,9 +83,9 @@ def _heuristic_tiles(c: int) -> ConvNeXtTiles:
   if c <= 128:
     return ConvNeXtTiles(fwd_pixels=128, fwd_hidden=64, bwd_pixels=64, bwd_hidden=64,
                          wgrad_rows=128, wgrad_hidden=64)
-  if c <= 256:
+  if c <= 256:  # Mosaic: H200 2026-11-25, C=192: bm128 s2 0.397 ms vs bm64 s3 0.457 ms
     return ConvNeXtTiles(fwd_pixels=64, fwd_hidden=64, bwd_pixels=64, bwd_hidden=32,
-                         wgrad_rows=64, wgrad_hidden=32)
+                         wgrad_rows=64, wgrad_hidden=32, mosaic_block_m=128, mosaic_stages=2)
   if c <= 512:
     return ConvNeXtTiles(fwd_pixels=32, fwd_hidden=64, fwd_warps=4, bwd_pixels=32,
                          bwd_hidden=32, wgrad_rows=64, wgrad_hidden=32)
@@ -98,7 +98,9 @@ def _heuristic_tiles(c: int) -> ConvNeXtTiles:
 # `python -m benchmarks.blocks --tune` (H100 80GB HBM3, batch 128, 2026-11-24), and the
 # implementation=None choice from the same run (benchmarks/RESULTS.md): Pallas forward
 # 1.20x / 1.17x faster than XLA at C=96 / 192 but its backward slower at every stage, and
-# both slower at C=384 / 768.
+# both slower at C=384 / 768.  The Mosaic forward's tiles (mosaic_*) were measured on an
+# H200 (2026-11-25, benchmarks.mosaic_blocks): C=96 best with one warpgroup per CTA and 3
+# weight stages (0.603-0.607 ms), C=192 with two compute warpgroups (0.397 ms).
 _H100 = "NVIDIA H100 80GB HBM3"
 TUNED: dict[tuple[int, str, str], ConvNeXtTiles] = {
     (96, "bfloat16", _H100): ConvNeXtTiles(
@@ -106,7 +108,8 @@ TUNED: dict[tuple[int, str, str], ConvNeXtTiles] = {
         wgrad_rows=128, wgrad_hidden=64, dw_pixels=128, dw_channels=32, auto="hybrid"),
     (192, "bfloat16", _H100): ConvNeXtTiles(
         fwd_pixels=64, fwd_hidden=64, fwd_warps=4, bwd_pixels=64, bwd_hidden=32,
-        wgrad_rows=64, wgrad_hidden=32, dw_pixels=128, dw_channels=32, auto="hybrid"),
+        wgrad_rows=64, wgrad_hidden=32, dw_pixels=128, dw_channels=32, auto="hybrid",
+        mosaic_block_m=128, mosaic_stages=2),
     (384, "bfloat16", _H100): ConvNeXtTiles(
         fwd_pixels=32, fwd_hidden=64, fwd_warps=4, bwd_pixels=32, bwd_hidden=32,
         wgrad_rows=64, wgrad_hidden=32, dw_pixels=128, dw_channels=32, auto="xla"),

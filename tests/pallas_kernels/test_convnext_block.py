@@ -122,12 +122,19 @@ def test_bfloat16(c, shape):
   _check(got, want, 2e-2)
 
 
-def test_auto_modes_follow_the_tile_table():
-  """implementation=None: "hybrid" = Pallas primal, XLA gradients; "xla" = reference."""
+def test_auto_modes_follow_the_tile_table(monkeypatch):
+  """implementation=None: "hybrid" = Pallas primal, XLA gradients; "xla" = reference;
+  inputs under MIN_ROWS_FOR_PALLAS pixels: reference."""
+  from pallas_kernels.convnext_block import api
   x, params, g, dps = _inputs(9, (1, 5, 7, 32), jnp.float32)
   hybrid = dataclasses.replace(tuning.heuristic_tiles(32, jnp.float32), auto="hybrid")
   f = lambda x, p, d: convnext_block(x, p, d, interpret=True, tiles=hybrid)
+  assert 35 < api.MIN_ROWS_FOR_PALLAS  # tiny input: None keeps XLA
+  np.testing.assert_array_equal(np.asarray(f(x, params, dps)),
+                                np.asarray(convnext_block_reference(x, params, dps)))
+  monkeypatch.setattr(api, "MIN_ROWS_FOR_PALLAS", 0)
   y = f(x, params, dps)
+  assert _rel(y, convnext_block_reference(x, params, dps)) > 0  # the kernel ran
   np.testing.assert_array_equal(np.asarray(y), np.asarray(_pallas(hybrid)(x, params, dps)))
   got = _value_and_grads(f, x, params, g, dps)
   want = _value_and_grads(_reference, x, params, g, dps)

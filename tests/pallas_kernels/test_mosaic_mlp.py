@@ -52,7 +52,8 @@ def _mlp_inputs(seed, m, c, e, dtype=jnp.bfloat16):
     (64, 32, 128, "gelu", True, {}),                       # one CTA
     (100, 96, 384, "gelu", True, {}),                      # ConvNeXt-T stage 1; padded rows
     (70, 192, 768, "gelu", True, dict(hidden_chunk=128)),  # stage 2; 6 chunks of 128
-    (130, 64, 256, "silu", False, dict(block_m=128, stages=3)),  # ConvFirst E4
+    (130, 64, 256, "silu", False, dict(block_m=128, stages=3)),  # ConvFirst E4, 2 WGs
+    (200, 192, 768, "gelu", True, dict(block_m=128)),      # warp-specialised, stage 2
     (64, 64, 384, "silu", False, {}),                      # ConvFirst E6
 ])
 def test_fused_mlp_matches_reference(m, c, e, act, normalize, kw):
@@ -73,14 +74,16 @@ def test_fused_mlp_float16_no_row_scale_no_bias():
   assert _rel(got, want) < BF16_TOL
 
 
-def test_fused_mlp_has_no_races():
+@pytest.mark.parametrize("block_m", [64, 128])
+def test_fused_mlp_has_no_races(block_m):
   """The interpreter's happens-before race detector over TMA copies, barriers and the
-  pipelined weight slots (two CTAs, three pipeline stages)."""
+  pipelined weight slots (several CTAs; for block_m=128 two compute warpgroups and the
+  TMA warpgroup sharing three slots over four hidden chunks)."""
   from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
-  a = _mlp_inputs(4, 128, 32, 256)
+  a = _mlp_inputs(4, 256, 32, 256)
   ipc.reset_gpu_interpret_mode_state()
   params = plgpu.InterpretGPUParams(detect_races=True)
-  got = mosaic_mlp.fused_mlp(**a, stages=3, interpret=params)
+  got = mosaic_mlp.fused_mlp(**a, stages=3, block_m=block_m, interpret=params)
   jax.block_until_ready(got)
   assert not ipc.get_races().races_found
   want = mosaic_mlp.fused_mlp_reference(**{k: v.astype(jnp.float32) for k, v in a.items()})

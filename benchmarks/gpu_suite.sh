@@ -6,6 +6,7 @@
 #   MODEL=convfirst_t bash benchmarks/gpu_suite.sh scaling   # 1 vs all GPUs + a real run
 #   bash benchmarks/gpu_suite.sh convfirst # ConvFirst/MBConv blocks: inference + training
 #   MODELS=convfirst_t,convnext_tiny bash benchmarks/gpu_suite.sh models  # whole-model img/s
+#   bash benchmarks/gpu_suite.sh mosaic    # Mosaic GPU kernel variants vs XLA and Triton
 # Results go to $OUT (or ./out) as JSON / PNG / logs; a short summary is printed last.
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -61,5 +62,10 @@ case "${1:-}" in
       --impls xla,pallas,auto --json "$OUT/models_${m//,/_}.json" 2>&1 | grep -v cuda_timer \
       | tee "$OUT/models_${m//,/_}.txt" | tail -30
     ;;
-  *) echo "usage: $0 train|analysis|scaling|convfirst|models" >&2; exit 2 ;;
+  mosaic)
+    log "Mosaic GPU fused pointwise kernel vs XLA (and Triton): variants, checks, timings"
+    timeout 560 python3 -m benchmarks.mosaic_blocks --json "$OUT/mosaic_blocks.json" 2>&1 \
+      | grep -v cuda_timer | tee "$OUT/mosaic_blocks.txt" | tail -10
+    ;;
+  *) echo "usage: $0 train|analysis|scaling|convfirst|models|mosaic" >&2; exit 2 ;;
 esac

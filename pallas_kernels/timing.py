@@ -16,21 +16,25 @@ import jax
 
 
 def median_seconds(fn: Callable, *args, warmup: int = 3, iters: int = 20,
-                   arg_sets: Sequence[tuple] | None = None) -> float:
-  """Median seconds of one synchronised call of ``fn(*args)`` (or of ``fn(*a)`` for ``a``
-  rotating through ``arg_sets``), after ``warmup`` untimed calls."""
+                   arg_sets: Sequence[tuple] | None = None, reps: int = 1) -> float:
+  """Median seconds of one call of ``fn(*args)`` (or of ``fn(*a)`` for ``a`` rotating
+  through ``arg_sets``), after ``warmup`` untimed calls.  Each of the ``iters`` samples
+  dispatches ``reps`` calls back to back, synchronises once and divides by ``reps``
+  (reps > 1 keeps the host's dispatch and synchronisation gaps out of sub-millisecond
+  kernel times)."""
   if arg_sets is None:
     arg_sets = (args,)
   elif args:
     raise ValueError("pass either positional args or arg_sets, not both")
-  if iters < 1:
-    raise ValueError(f"iters must be >= 1, got {iters}")
+  if iters < 1 or reps < 1:
+    raise ValueError(f"iters and reps must be >= 1, got {iters}, {reps}")
   for i in range(max(warmup, 1)):
     jax.block_until_ready(fn(*arg_sets[i % len(arg_sets)]))
   times = []
   for i in range(iters):
-    a = arg_sets[i % len(arg_sets)]
     t0 = time.perf_counter()
-    jax.block_until_ready(fn(*a))
-    times.append(time.perf_counter() - t0)
+    for r in range(reps):
+      out = fn(*arg_sets[(i * reps + r) % len(arg_sets)])
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / reps)
   return statistics.median(times)

@@ -8,7 +8,18 @@ from flax import nnx
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+# Tests that run whole training processes: started first so that, with pytest-xdist
+# (README's command uses two workers), they overlap the many short kernel tests instead of
+# forming the tail of the run.
+_LONG_FIRST = ("tests/train/test_resume.py", "tests/train/test_sharding.py",
+               "tests/train/test_data.py", "tests/train/test_fit.py")
+
+
 def pytest_collection_modifyitems(config, items):
+  def rank(item):
+    path = item.nodeid.split("::")[0]
+    return _LONG_FIRST.index(path) if path in _LONG_FIRST else len(_LONG_FIRST)
+  items.sort(key=rank)  # stable: the order within each group is kept
   on_gpu = jax.default_backend() == "gpu"
   run_slow = os.environ.get("RUN_SLOW") == "1"
   skip_gpu = pytest.mark.skip(reason="needs an NVIDIA GPU")

@@ -158,7 +158,9 @@ def get_tiles(c: int, dtype, device_kind: str | None = None) -> ConvNeXtTiles:
 
 
 def _time(fn: Callable, args, iters: int = 20) -> float:
-  return median_seconds(fn, *args, warmup=2, iters=iters)
+  # 10 back-to-back calls per sample: single synchronised calls of these sub-millisecond
+  # kernels measured up to 1.7x slower and ranked candidates differently (H200, 2026-11-26).
+  return median_seconds(fn, *args, warmup=3, iters=iters, reps=10)
 
 
 def default_candidates(c: int, dtype) -> tuple[list[dict], list[dict]]:
@@ -180,16 +182,24 @@ def default_candidates(c: int, dtype) -> tuple[list[dict], list[dict]]:
   return fwd, bwd
 
 
+MOSAIC_CANDIDATES = [dict(mosaic_block_m=bm, mosaic_stages=st, mosaic_hidden=hc)
+                     for bm, st, hc in ((64, 2, 64), (64, 3, 64), (128, 2, 64), (128, 3, 64),
+                                        (128, 2, 128))]
+
+
 def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]] | None = None,
            *, save: bool = True, iters: int = 10, verbose: bool = True):
   """Times candidate tile sets on random data of ``x_shape`` (NHWC) on the current device
   and stores the fastest in the JSON cache ($CONVFIRST_JAX_TUNING_CACHE, default
-  ~/.cache/convfirst_jax/convnext_block.json) that ``get_tiles`` reads.  Two phases: the
-  forward fields are chosen by timing the forward kernel, then the backward fields by
-  timing the backward kernels (they are independent launches).  ``candidates``:
-  (forward changes, backward changes) as dicts of ConvNeXtTiles fields.  Candidates that
-  fail to compile (registers, shared memory) are skipped.  Returns (best, timings)."""
-  from pallas_kernels.convnext_block import pallas_triton
+  ~/.cache/convfirst_jax/convnext_block.json) that ``get_tiles`` reads.  Phases: the
+  Triton forward fields, then -- where the Mosaic GPU forward can run (bfloat16/float16,
+  C % 32 == 0, C <= 256, Hopper) -- the Mosaic forward's tiles (``MOSAIC_CANDIDATES``), and
+  ``fwd_kernel`` is set to whichever forward was faster; then the backward fields (timing
+  the backward kernels, an independent launch).  ``candidates``: (forward changes,
+  backward changes) as dicts of ConvNeXtTiles fields for the Triton kernels.  Candidates
+  that fail to compile (registers, shared memory) are skipped.  Returns (best, timings)."""
+  from pallas_kernels import mosaic_mlp
+  from pallas_kernels.convnext_block import mosaic, pallas_triton
 
   c = x_shape[-1]
   fwd_c, bwd_c = candidates or default_candidates(c, dtype)
@@ -201,9 +211,9 @@ def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]
   best = heuristic_tiles(c, dtype)
   timings = []
 
-  def phase(changes, make_fn, args, best):
+  def phase(changes, make_fn, args, best, include_current=True):
     scored = []
-    for change in [{}] + list(changes):
+    for change in ([{}] if include_current else []) + list(changes):
       tiles = dataclasses.replace(best, **change)
       try:
         t = _time(jax.jit(make_fn(tiles)), args, iters)
@@ -215,11 +225,27 @@ def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]
       timings.append((tiles.to_json(), t))
       if verbose:
         print(f"  {x_shape} {t * 1e3:8.3f} ms  {change or 'current'}", flush=True)
-    return min(scored, key=lambda r: r[0])[1] if scored else best
+    return min(scored, key=lambda r: r[0]) if scored else (float("inf"), best)
 
-  best = phase(fwd_c, lambda t: lambda x, p, d: pallas_triton.forward(
-      x, p, d, eps=1e-6, tiles=t, interpret=False), (x, params, dps), best)
-  best = phase(bwd_c, lambda t: lambda x, p, d, g: pallas_triton.backward(
+  t_triton, best = phase(
+      [dict(ch, fwd_kernel="triton") for ch in fwd_c],
+      lambda t: lambda x, p, d: pallas_triton.forward(x, p, d, eps=1e-6, tiles=t,
+                                                      interpret=False),
+      (x, params, dps), dataclasses.replace(best, fwd_kernel="triton"))
+  if (mosaic_mlp.device_unsupported_reason(False) is None
+      and mosaic.unsupported_reason(x_shape, params, dtype) is None):
+    t_mosaic, best_m = phase(
+        [dict(ch, fwd_kernel="mosaic") for ch in MOSAIC_CANDIDATES],
+        lambda t: lambda x, p, d: mosaic.forward(
+            x, p, d, eps=1e-6, hidden_chunk=t.mosaic_hidden, stages=t.mosaic_stages,
+            block_m=t.mosaic_block_m),
+        (x, params, dps), best, include_current=False)
+    if verbose:
+      print(f"  forward: Triton {t_triton * 1e3:.3f} ms, Mosaic {t_mosaic * 1e3:.3f} ms",
+            flush=True)
+    if t_mosaic < t_triton:
+      best = best_m
+  _, best = phase(bwd_c, lambda t: lambda x, p, d, g: pallas_triton.backward(
       x, p, d, g, eps=1e-6, tiles=t, interpret=False), (x, params, dps, g), best)
   if save:
     data = _load_cache()

@@ -188,3 +188,27 @@ def test_convfirst_forward_kernel_choice():
     convfirst_forward_kernel(x.astype(jnp.float32), params, True, "mosaic")
   with pytest.raises(ValueError, match="forward_kernel"):
     convfirst_forward_kernel(x, params, True, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_m", [64, 128])
+@pytest.mark.parametrize("shape", [(2, 56, 56, 96), (3, 28, 28, 192), (1, 7, 9, 64)])
+def test_compiled_kernel_on_gpu(shape, block_m):
+  """The compiled (non-interpreted) kernel on a Hopper GPU, hidden chunk in registers:
+  ConvNeXt-T's two supported stage widths and a ConvFirst width with an odd, padded row
+  count; outputs compared with the float32 reference of the whole block."""
+  if mosaic_mlp.device_unsupported_reason(False) is not None:
+    pytest.skip(mosaic_mlp.device_unsupported_reason(False))
+  c = shape[-1]
+  kx, kp, kd = jax.random.split(jax.random.key(c), 3)
+  x = jax.random.normal(kx, shape).astype(jnp.bfloat16)
+  dps = jax.random.uniform(kd, (shape[0],)) + 0.5
+  if c == 64:
+    params = _convfirst_params(kp, c, 4)
+    got = convfirst_mosaic.forward(x, params, block_m=block_m)
+    want = convfirst_block_reference(x.astype(jnp.float32), params)
+  else:
+    params = tuning.reference_params(kp, c)
+    got = convnext_mosaic.forward(x, params, dps, block_m=block_m, stages=2)
+    want = convnext_block_reference(x.astype(jnp.float32), params, dps)
+  assert _rel(got, want) < BF16_TOL

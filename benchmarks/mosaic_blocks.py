@@ -68,7 +68,18 @@ def _convnext_case(rng, batch, hw, c):
   m = batch * hw * hw
   flops = 2 * 2 * m * c * 4 * c + 2 * 49 * m * c
   bytes_ = 2 * m * c * 2
+  from pallas_kernels import mosaic_mlp
+  w1, b1, w2, b2 = mosaic.fold_params(p)
+  t = tuning.get_tiles(c, jnp.bfloat16)
+  def kernel_only(**kw):  # the fused kernel alone on a precomputed conv output
+    kw = dict(dict(hidden_chunk=t.mosaic_hidden, stages=t.mosaic_stages,
+                   block_m=t.mosaic_block_m), **kw)
+    return jax.jit(lambda z, x: mosaic_mlp.fused_mlp(
+        z.reshape(-1, c), x.reshape(-1, c), w1, b1, w2, b2, z_bias=p.dw_bias, **kw))
+  diagnostics = {"kernel alone": kernel_only(), "kernel, identity activation":
+                 kernel_only(act="identity"), "kernel, tanh GELU": kernel_only(act="gelu_tanh"), "kernel, no LN": kernel_only(normalize=False)}
   return dict(name=f"ConvNeXt {hw}x{hw}x{c}", shape=(batch, hw, hw, c), xla=xla, ref32=ref32,
+              diagnostics=diagnostics,
               conv=conv, make=make, reason=reason, flops=flops,
               bytes=bytes_, triton=triton)
 
@@ -164,6 +175,11 @@ def main(argv=None):
           rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
         row["variants"].append(rec)
         print(f"{case['name']} {v}: {rec}", flush=True)
+    if not case["reason"] and case.get("diagnostics"):
+      z_sets = [(case["conv"](x), x) for x in xs]
+      row["diagnostics_ms"] = {k: _time(f, z_sets, args.iters, args.reps)
+                               for k, f in case["diagnostics"].items()}
+      print(f"{case['name']} diagnostics (ms): {row['diagnostics_ms']}", flush=True)
     rows.append(row)
   print(f"\n| block (N={b}, bf16) | XLA fwd ms | Triton fwd ms | XLA conv alone ms | "
         f"best Mosaic fwd ms | config | x XLA | floor ms | eff | err vs f32 ref (XLA's) |")

@@ -42,7 +42,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 BLOCK_M = 64  # default rows per CTA (one wgmma M; 128 = two, halving weight re-reads)
-ACTIVATIONS = ("gelu", "silu")
+# "gelu_tanh" (tanh approximation) and "identity" exist to time the activation's cost.
+ACTIVATIONS = ("gelu", "silu", "gelu_tanh", "identity")
 MAX_CHANNELS = 256
 
 
@@ -77,6 +78,10 @@ def _activation(h, act: str):
     return 0.5 * h * (1.0 + _erf(h * (1.0 / math.sqrt(2.0))))
   if act == "silu":
     return h / (1.0 + jnp.exp(-h))
+  if act == "gelu_tanh":
+    return 0.5 * h * (1.0 + jnp.tanh(0.7978845608028654 * (h + 0.044715 * h * h * h)))
+  if act == "identity":
+    return h
   raise ValueError(f"activation must be one of {ACTIVATIONS}, got {act!r}")
 
 

@@ -102,8 +102,10 @@ def test_fused_mlp_errors_name_the_problem():
     mosaic_mlp.fused_mlp(**{**a, "res": a["res"][:10]}, interpret=True)
   with pytest.raises(ValueError, match="weight shapes"):
     mosaic_mlp.fused_mlp(**{**a, "w2": a["w2"][:64]}, interpret=True)
-  with pytest.raises(NotImplementedError, match="hidden chunk"):
-    mosaic_mlp.fused_mlp(**a, hidden_chunk=96, interpret=True)
+  with pytest.raises(NotImplementedError, match="hidden chunk must be a multiple of 64"):
+    mosaic_mlp.fused_mlp(**a, hidden_chunk=32, interpret=True)
+  with pytest.raises(NotImplementedError, match="hidden width 128 is not a multiple"):
+    mosaic_mlp.fused_mlp(**a, hidden_chunk=192, interpret=True)
   with pytest.raises(ValueError, match="block_m"):
     mosaic_mlp.fused_mlp(**a, block_m=32, interpret=True)
   with pytest.raises(ValueError, match="interpreter"):

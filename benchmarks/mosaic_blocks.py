@@ -76,8 +76,10 @@ def _convnext_case(rng, batch, hw, c):
                    block_m=t.mosaic_block_m), **kw)
     return jax.jit(lambda z, x: mosaic_mlp.fused_mlp(
         z.reshape(-1, c), x.reshape(-1, c), w1, b1, w2, b2, z_bias=p.dw_bias, **kw))
-  diagnostics = {"kernel alone": kernel_only(), "kernel, identity activation":
-                 kernel_only(act="identity"), "kernel, tanh GELU": kernel_only(act="gelu_tanh"), "kernel, no LN": kernel_only(normalize=False)}
+  diagnostics = {"kernel alone": kernel_only(),
+                 "kernel, identity activation": kernel_only(act="identity"),
+                 "kernel, tanh GELU": kernel_only(act="gelu_tanh"),
+                 "kernel, no LN": kernel_only(normalize=False)}
   return dict(name=f"ConvNeXt {hw}x{hw}x{c}", shape=(batch, hw, hw, c), xla=xla, ref32=ref32,
               diagnostics=diagnostics,
               conv=conv, make=make, reason=reason, flops=flops,

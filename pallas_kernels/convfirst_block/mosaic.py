@@ -28,6 +28,7 @@ def forward(x: jax.Array, params: ConvFirstBlockParams, *, hidden_chunk: int = 6
   y = mosaic_mlp.fused_mlp(
       z.reshape(rows, c), x.reshape(rows, c), params.fc1_kernel, params.fc1_bias,
       params.fc2_kernel, params.fc2_bias, z_bias=params.conv_bias, act="silu",
-      normalize=False, hidden_chunk=hidden_chunk, stages=stages, h_in_smem=h_in_smem, block_m=block_m,
+      normalize=False, hidden_chunk=hidden_chunk, stages=stages, h_in_smem=h_in_smem,
+      block_m=block_m,
       interpret=interpret)
   return y.reshape(n, h, w, c)

@@ -122,4 +122,3 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *, wgrad: str = "auto") -> j
   if method == "xla":
     return _plain(x, kernel)
   return _grouped_wgrad_conv(x, kernel, int(method[len("grouped"):]))
-

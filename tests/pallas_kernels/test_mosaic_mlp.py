@@ -54,6 +54,7 @@ def _mlp_inputs(seed, m, c, e, dtype=jnp.bfloat16):
     (70, 192, 768, "gelu", True, dict(hidden_chunk=128)),  # stage 2; 6 chunks of 128
     (130, 64, 256, "silu", False, dict(block_m=128, stages=3)),  # ConvFirst E4, 2 WGs
     (200, 192, 768, "gelu", True, dict(block_m=128)),      # warp-specialised, stage 2
+    (128, 32, 64, "gelu", True, dict(block_m=128, stages=3)),  # one chunk < stages
     (64, 64, 384, "silu", False, {}),                      # ConvFirst E6
 ])
 def test_fused_mlp_matches_reference(m, c, e, act, normalize, kw):

@@ -17,27 +17,21 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pallas_kernels.timing import median_seconds
 
 PEAK_FLOPS = 680e12
 PEAK_BYTES = 2.0e12
 
 
 def _time(fn, arg_sets, iters, reps):
-  for a in arg_sets:
-    jax.block_until_ready(fn(*a))
-  samples = []
-  for i in range(iters):
-    t0 = time.perf_counter()
-    for r in range(reps):
-      out = fn(*arg_sets[(i * reps + r) % len(arg_sets)])
-    jax.block_until_ready(out)
-    samples.append((time.perf_counter() - t0) / reps)
-  return float(np.median(samples)) * 1e3
+  """Milliseconds per call: median of ``iters`` samples of ``reps`` back-to-back calls."""
+  return median_seconds(fn, arg_sets=arg_sets, warmup=len(arg_sets), iters=iters,
+                        reps=reps) * 1e3
 
 
 def _rel(a, b):

@@ -120,6 +120,62 @@ def unsupported_reason(m: int, c: int, e: int, dtype, hidden_chunk: int = 64) ->
   return None
 
 
+_WG = plgpu.Layout.WGMMA
+
+
+def _normalise_into(z_smem, zb_smem, zn_smem, *, normalize: bool, eps: float):
+  """zn_smem <- LN(z + zb) (or z + zb) in zn_smem's dtype, fenced for the tensor cores."""
+  rows, c = z_smem.shape
+  z = plgpu.load(z_smem, layout=_WG).astype(jnp.float32)
+  zb = plgpu.load(zb_smem, layout=_WG.reduce(0))
+  z = z + lax.broadcast_in_dim(zb, (rows, c), [1])
+  if normalize:
+    mean = z.sum(axis=1) * (1.0 / c)
+    d = z - lax.broadcast_in_dim(mean, (rows, c), [0])
+    var = (d * d).sum(axis=1) * (1.0 / c)
+    z = d * lax.broadcast_in_dim(lax.rsqrt(var + eps), (rows, c), [0])
+  zn_smem[...] = z.astype(zn_smem.dtype)
+  plgpu.commit_smem()  # visible to the tensor cores; orders the reads of z_smem before any TMA
+
+
+def _hidden_chunk(acc2_ref, zn_smem, w1t_smem, b1_ref, w2_smem, h_smem, *, act: str,
+                  wait_w2=None):
+  """acc2 += act(zn @ W1[:, chunk] + b1[chunk]) @ W2[chunk, :] for one hidden chunk, the
+  activated chunk passed as wgmma's register operand (h_smem None) or through h_smem.
+  ``wait_w2``: called between the two matmuls (the W2 chunk's TMA barrier)."""
+  rows, hc = zn_smem.shape[0], w1t_smem.shape[0]
+
+  def mm1(acc_ref):
+    plgpu.wgmma(acc_ref, zn_smem, w1t_smem.transpose((1, 0)))
+    return acc_ref[...]
+  h = pl.run_scoped(mm1, plgpu.ACC((rows, hc), jnp.float32))
+  b1 = plgpu.load(b1_ref, layout=_WG.reduce(0))
+  h = _activation(h + lax.broadcast_in_dim(b1, (rows, hc), [1]), act).astype(zn_smem.dtype)
+  if wait_w2 is not None:
+    wait_w2()
+  if h_smem is None:
+    plgpu.wgmma(acc2_ref, h, w2_smem)
+  else:
+    h_smem[...] = h
+    plgpu.commit_smem()
+    plgpu.wgmma(acc2_ref, h_smem, w2_smem)
+  plgpu.wgmma_wait(0)  # the weight slots are refilled once the chunk returns
+
+
+def _residual_out(acc, b2_smem, rs_smem, res_smem, out_gmem_rows):
+  """res_smem <- res + rs * (acc + b2), then TMA it to ``out_gmem_rows``."""
+  rows, c = acc.shape
+  b2 = plgpu.load(b2_smem, layout=_WG.reduce(0))
+  rs = plgpu.load(rs_smem, layout=_WG.reduce(1))
+  branch = (acc + lax.broadcast_in_dim(b2, (rows, c), [1])) * lax.broadcast_in_dim(
+      rs, (rows, c), [0])
+  y = plgpu.load(res_smem, layout=_WG).astype(jnp.float32) + branch
+  res_smem[...] = y.astype(res_smem.dtype)  # the residual tile is the output staging tile
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(res_smem, out_gmem_rows)
+  plgpu.wait_smem_to_gmem(0)
+
+
 def _kernel(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b2_gmem,
             out_gmem, *, c: int, e: int, hc: int, act: str, normalize: bool, eps: float,
             stages: int, h_in_smem: bool, bm: int):
@@ -136,33 +192,11 @@ def _kernel(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b2_g
     plgpu.copy_gmem_to_smem(b2_gmem, b2_smem, bars.at[4])
     plgpu.barrier_wait(bars.at[0])
     plgpu.barrier_wait(bars.at[3])
-    wg = plgpu.Layout.WGMMA
-    z = plgpu.load(z_smem, layout=wg).astype(jnp.float32)
-    zb = plgpu.load(zb_smem, layout=wg.reduce(0))
-    z = z + lax.broadcast_in_dim(zb, (bm, c), [1])
-    if normalize:
-      mean = z.sum(axis=1) * (1.0 / c)
-      d = z - lax.broadcast_in_dim(mean, (bm, c), [0])
-      var = (d * d).sum(axis=1) * (1.0 / c)
-      z = d * lax.broadcast_in_dim(lax.rsqrt(var + eps), (bm, c), [0])
-    zn_smem[...] = z.astype(dtype)
-    plgpu.commit_smem()  # make the normalised tile visible to the tensor cores
+    _normalise_into(z_smem, zb_smem, zn_smem, normalize=normalize, eps=eps)
 
     def accumulate(acc2_ref):
       def chunk(_, w1t_smem, b1_smem, w2_smem):
-        def mm1(acc_ref):
-          plgpu.wgmma(acc_ref, zn_smem, w1t_smem.transpose((1, 0)))
-          return acc_ref[...]
-        h = pl.run_scoped(mm1, plgpu.ACC((bm, hc), jnp.float32))
-        b1 = plgpu.load(b1_smem, layout=wg.reduce(0))
-        h = _activation(h + lax.broadcast_in_dim(b1, (bm, hc), [1]), act)
-        if h_smem is None:
-          plgpu.wgmma(acc2_ref, h.astype(dtype), w2_smem)
-        else:
-          h_smem[...] = h.astype(dtype)
-          plgpu.commit_smem()
-          plgpu.wgmma(acc2_ref, h_smem, w2_smem)
-        plgpu.wgmma_wait(0)  # w2_smem's slot is refilled once this step returns
+        _hidden_chunk(acc2_ref, zn_smem, w1t_smem, b1_smem, w2_smem, h_smem, act=act)
 
       plgpu.emit_pipeline(
           chunk,
@@ -181,15 +215,7 @@ def _kernel(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b2_g
     plgpu.barrier_wait(bars.at[1])
     plgpu.barrier_wait(bars.at[2])
     plgpu.barrier_wait(bars.at[4])
-    b2 = plgpu.load(b2_smem, layout=wg.reduce(0))
-    rs = plgpu.load(rs_smem, layout=wg.reduce(1))
-    branch = (acc + lax.broadcast_in_dim(b2, (bm, c), [1])) * lax.broadcast_in_dim(
-        rs, (bm, c), [0])
-    y = plgpu.load(res_smem, layout=wg).astype(jnp.float32) + branch
-    res_smem[...] = y.astype(dtype)  # reuse the residual tile as the output staging tile
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(res_smem, out_gmem.at[rows])
-    plgpu.wait_smem_to_gmem(0)
+    _residual_out(acc, b2_smem, rs_smem, res_smem, out_gmem.at[rows])
 
   pl.run_scoped(
       scoped,
@@ -217,7 +243,6 @@ def _kernel_ws(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b
   dtype = z_gmem.dtype
   n_chunks = e // hc
   i = lax.axis_index("m")
-  wg = plgpu.Layout.WGMMA
 
   def body(zr_smem, zn_smem, rs_smem, zb_smem, b1_smem, b2_smem, w1t_smem, w2_smem,
            tile_bars, param_bars, w1_bars, w2_bars, consumed, h_smem):
@@ -233,16 +258,7 @@ def _kernel_ws(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b
       plgpu.copy_gmem_to_smem(rs_gmem.at[rows], my_rs, tile_bars.at[3 * wgi + 1])
       plgpu.barrier_wait(tile_bars.at[3 * wgi])
       plgpu.barrier_wait(param_bars.at[0])
-      z = plgpu.load(my_z, layout=wg).astype(jnp.float32)
-      zb = plgpu.load(zb_smem, layout=wg.reduce(0))
-      z = z + lax.broadcast_in_dim(zb, (64, c), [1])
-      if normalize:
-        mean = z.sum(axis=1) * (1.0 / c)
-        d = z - lax.broadcast_in_dim(mean, (64, c), [0])
-        var = (d * d).sum(axis=1) * (1.0 / c)
-        z = d * lax.broadcast_in_dim(lax.rsqrt(var + eps), (64, c), [0])
-      my_zn[...] = z.astype(dtype)
-      plgpu.commit_smem()  # also orders this warpgroup's reads of my_z before the TMA below
+      _normalise_into(my_z, zb_smem, my_zn, normalize=normalize, eps=eps)
       plgpu.copy_gmem_to_smem(res_gmem.at[rows], my_z, tile_bars.at[3 * wgi + 2])
       plgpu.barrier_wait(param_bars.at[1])
 
@@ -252,20 +268,9 @@ def _kernel_ws(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b
           slot = lax.rem(j, stages)
           plgpu.barrier_wait(w1_bars.at[slot])
 
-          def mm1(acc_ref):
-            plgpu.wgmma(acc_ref, my_zn, w1t_smem.at[slot].transpose((1, 0)))
-            return acc_ref[...]
-          h = pl.run_scoped(mm1, plgpu.ACC((64, hc), jnp.float32))
-          b1 = plgpu.load(b1_smem.at[j], layout=wg.reduce(0))
-          h = _activation(h + lax.broadcast_in_dim(b1, (64, hc), [1]), act)
-          plgpu.barrier_wait(w2_bars.at[slot])
-          if my_h is None:
-            plgpu.wgmma(acc2_ref, h.astype(dtype), w2_smem.at[slot])
-          else:
-            my_h[...] = h.astype(dtype)
-            plgpu.commit_smem()
-            plgpu.wgmma(acc2_ref, my_h, w2_smem.at[slot])
-          plgpu.wgmma_wait(0)
+          _hidden_chunk(acc2_ref, my_zn, w1t_smem.at[slot], b1_smem.at[j], w2_smem.at[slot],
+                        my_h, act=act,
+                        wait_w2=lambda: plgpu.barrier_wait(w2_bars.at[slot]))
           plgpu.barrier_arrive(consumed.at[slot])
         return acc2_ref[...]
 
@@ -273,15 +278,7 @@ def _kernel_ws(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b
       plgpu.barrier_wait(tile_bars.at[3 * wgi + 1])
       plgpu.barrier_wait(tile_bars.at[3 * wgi + 2])
       plgpu.barrier_wait(param_bars.at[2])
-      b2 = plgpu.load(b2_smem, layout=wg.reduce(0))
-      rs = plgpu.load(my_rs, layout=wg.reduce(1))
-      branch = (acc + lax.broadcast_in_dim(b2, (64, c), [1])) * lax.broadcast_in_dim(
-          rs, (64, c), [0])
-      y = plgpu.load(my_z, layout=wg).astype(jnp.float32) + branch
-      my_z[...] = y.astype(dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(my_z, out_gmem.at[rows])
-      plgpu.wait_smem_to_gmem(0)
+      _residual_out(acc, b2_smem, my_rs, my_z, out_gmem.at[rows])
 
     @pl.when(wgi == 2)
     def _memory():

@@ -6,10 +6,11 @@ where the tile table (tuning.py) holds measurements for the channel count and de
 follows them: ``auto="xla"`` (XLA measured faster) or ``"hybrid"`` (Pallas forward for
 plain calls, XLA forward+backward under differentiation);
 ``"pallas"`` raises ``NotImplementedError`` naming what is unsupported; ``"xla"`` always
-runs the reference.  The Pallas forward is the Mosaic GPU kernel (mosaic.py: XLA's
-depthwise conv, then LN + MLP + residual in one kernel) for bfloat16/float16 with C a
-multiple of 32 up to 256 on a Hopper GPU, and the whole-block Pallas-Triton kernel
-otherwise (``tiles.fwd_kernel`` chooses where both can run).  Gradients of the Pallas path
+runs the reference.  The Pallas forward is a Mosaic GPU form (mosaic.py: XLA's depthwise
+conv, then LN + MLP + residual in one kernel for bfloat16/float16 with C a multiple of 32
+up to 256, or in two kernels -- mosaic_split.py -- for C a multiple of 64 above that) on a
+Hopper GPU, and the whole-block Pallas-Triton kernel otherwise (``tiles.fwd_kernel``
+chooses).  Gradients of the Pallas path
 come from a ``jax.custom_vjp`` whose forward saves only its inputs; the backward is the
 Pallas-Triton kernels (see pallas_triton.py)."""
 
@@ -39,23 +40,30 @@ IMPLEMENTATIONS = ("xla", "pallas")
 MIN_ROWS_FOR_PALLAS = 4096
 
 
+FWD_KERNELS = ("mosaic", "mosaic_split", "triton")
+
+
 def forward_kernel(x_shape, dtype, params: ConvNeXtBlockParams, tiles: tuning.ConvNeXtTiles,
                    interpret: bool) -> str:
-  """Which forward kernel the Pallas path runs: "mosaic" where the tile table asks for it
-  and the Mosaic GPU kernel supports the call, else "triton"."""
-  if tiles.fwd_kernel not in ("mosaic", "triton"):
-    raise ValueError(f"tiles.fwd_kernel must be 'mosaic' or 'triton', got {tiles.fwd_kernel!r}")
-  if tiles.fwd_kernel == "mosaic" and mosaic_mlp.device_unsupported_reason(interpret) is None \
-      and mosaic.unsupported_reason(x_shape, params, dtype) is None:
-    return "mosaic"
+  """Which forward kernel the Pallas path runs: "mosaic" or "mosaic_split" where the tile
+  table asks for it and that Mosaic GPU form supports the call, else "triton"."""
+  if tiles.fwd_kernel not in FWD_KERNELS:
+    raise ValueError(f"tiles.fwd_kernel must be one of {FWD_KERNELS}, got {tiles.fwd_kernel!r}")
+  if tiles.fwd_kernel == "triton" or mosaic_mlp.device_unsupported_reason(interpret) is not None:
+    return "triton"
+  split = tiles.fwd_kernel == "mosaic_split"
+  if mosaic.unsupported_reason(x_shape, params, dtype, split=split) is None:
+    return tiles.fwd_kernel
   return "triton"
 
 
 def _forward(x, params, dps, eps, tiles, interpret):
-  if forward_kernel(x.shape, x.dtype, params, tiles, interpret) == "mosaic":
+  kernel = forward_kernel(x.shape, x.dtype, params, tiles, interpret)
+  if kernel in ("mosaic", "mosaic_split"):
     return mosaic.forward(x, params, dps, eps=eps, hidden_chunk=tiles.mosaic_hidden,
                           stages=tiles.mosaic_stages, block_m=tiles.mosaic_block_m,
-                          interpret=interpret)
+                          split=kernel == "mosaic_split",
+                          project_stages=tiles.mosaic_project_stages, interpret=interpret)
   return pallas_triton.forward(x, params, dps, eps=eps, tiles=tiles, interpret=interpret)
 
 

@@ -17,13 +17,16 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import mosaic_mlp
-from pallas_kernels.convnext_block import dwconv
+from pallas_kernels import mosaic_mlp, mosaic_split
+from pallas_kernels.convnext_block import dwconv, dwconv_triton
 from pallas_kernels.convnext_block.reference import ConvNeXtBlockParams
 
 
-def unsupported_reason(x_shape, params: ConvNeXtBlockParams, dtype) -> str | None:
+def unsupported_reason(x_shape, params: ConvNeXtBlockParams, dtype,
+                       split: bool = False) -> str | None:
   n, h, w, c = x_shape
+  if split:
+    return mosaic_split.unsupported_reason(n * h * w, c, params.fc1_kernel.shape[1], dtype)
   return mosaic_mlp.unsupported_reason(n * h * w, c, params.fc1_kernel.shape[1], dtype)
 
 
@@ -42,12 +45,28 @@ def fold_params(params: ConvNeXtBlockParams):
 def forward(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | None = None, *,
             eps: float = 1e-6, hidden_chunk: int = 64, stages: int = 2,
             h_in_smem: bool | None = None, block_m: int = 64,
-            interpret: bool = False) -> jax.Array:
+            dwconv_tiles: dwconv_triton.DwconvTiles | None = None, split: bool = False,
+            project_stages: int = 3, interpret: bool = False) -> jax.Array:
+  """``dwconv_tiles``: None runs XLA's depthwise conv, else the Pallas-Triton one
+  (dwconv_triton.py) with these tiles.  ``split``: the pointwise half as the two kernels of
+  mosaic_split.py (any C multiple of 64; ``block_m`` and ``h_in_smem`` do not apply)
+  instead of the one of mosaic_mlp.py (C <= 256); ``stages`` is then its expand kernel's
+  pipeline depth and ``project_stages`` its project kernel's."""
   n, h, w, c = x.shape
-  z = dwconv.depthwise_conv(x, params.dw_kernel, wgrad="xla")
+  if dwconv_tiles is None:
+    z = dwconv.depthwise_conv(x, params.dw_kernel, wgrad="xla")
+  else:
+    z = dwconv_triton.depthwise_conv(x, params.dw_kernel, tiles=dwconv_tiles,
+                                     interpret=interpret)
   w1, b1, w2, b2 = fold_params(params)
   rows = n * h * w
   row_scale = None if dps is None else jnp.repeat(dps.astype(jnp.float32), h * w)
+  if split:
+    y = mosaic_split.split_mlp(
+        z.reshape(rows, c), x.reshape(rows, c), w1, b1, w2, b2, z_bias=params.dw_bias,
+        row_scale=row_scale, act="gelu", normalize=True, eps=eps, stages=stages,
+        project_stages=project_stages, interpret=interpret)
+    return y.reshape(n, h, w, c)
   y = mosaic_mlp.fused_mlp(
       z.reshape(rows, c), x.reshape(rows, c), w1, b1, w2, b2, z_bias=params.dw_bias,
       row_scale=row_scale, act="gelu", normalize=True, eps=eps, hidden_chunk=hidden_chunk,

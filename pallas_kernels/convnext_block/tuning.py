@@ -53,14 +53,18 @@ class ConvNeXtTiles:
   dw_warps: int = 4
   # largest power-of-two channel block used in the matmul kernels
   channel_block: int = 128
-  # Forward kernel where both can run: "mosaic" = XLA depthwise conv + one Mosaic GPU
-  # kernel for LN + MLP + residual (pallas_kernels/mosaic_mlp.py: bfloat16/float16,
-  # C % 32 == 0, C <= 256, Hopper), "triton" = the whole block in pallas_triton.forward.
-  # Where Mosaic cannot run (float32, other C, non-Hopper GPU) the Triton kernel runs.
+  # Forward kernel: "mosaic" = XLA depthwise conv + one Mosaic GPU kernel for LN + MLP +
+  # residual (pallas_kernels/mosaic_mlp.py: bfloat16/float16, C % 32 == 0, C <= 256,
+  # Hopper); "mosaic_split" = XLA depthwise conv + two Mosaic GPU kernels, LN + fc1 + GELU
+  # and fc2 + residual, the hidden activation through DRAM (pallas_kernels/mosaic_split.py:
+  # bfloat16/float16, C % 64 == 0, Hopper; for C > 256); "triton" = the whole block in
+  # pallas_triton.forward.  Where the chosen Mosaic form cannot run (float32, other C,
+  # non-Hopper GPU) the Triton kernel runs.
   fwd_kernel: str = "mosaic"
   mosaic_block_m: int = 64  # 64: one warpgroup per CTA; 128: two + a TMA warpgroup
-  mosaic_hidden: int = 64
-  mosaic_stages: int = 3
+  mosaic_hidden: int = 64   # "mosaic" only ("mosaic_split" picks 64 or 32 by shared memory)
+  mosaic_stages: int = 3    # weight pipeline depth ("mosaic_split": of its expand kernel)
+  mosaic_project_stages: int = 3  # "mosaic_split": pipeline depth of its project kernel
   # What implementation=None runs (from measurements, per channel count and device):
   # "pallas": Pallas forward and backward; "hybrid": Pallas for plain (inference) calls,
   # XLA forward+backward when the call is differentiated (the Pallas forward was faster
@@ -73,10 +77,12 @@ class ConvNeXtTiles:
 
 def heuristic_tiles(c: int, dtype) -> ConvNeXtTiles:
   """Defaults by channel count (register budget: see module docstring).  ``auto`` follows
-  the H100 measurements for GPUs not in the table: Pallas forward for plain calls and XLA
-  when differentiated ("hybrid") up to C=256, XLA above (the Pallas backward and the
-  C >= 384 forward measured slower than XLA; benchmarks/RESULTS.md)."""
-  return dataclasses.replace(_heuristic_tiles(c), auto="hybrid" if c <= 256 else "xla")
+  the measurements for GPUs not in the table: Pallas forward for plain calls and XLA
+  when differentiated ("hybrid") up to C=512 (the Mosaic forward up to 256, the split
+  Mosaic forward above: 1.2-1.3x XLA at C=384 on an H200, 2026-11-26), XLA above (the split
+  forward measured slower than XLA at C=768, the Triton one too; the Pallas backward is
+  slower than XLA's at every C; benchmarks/RESULTS.md)."""
+  return dataclasses.replace(_heuristic_tiles(c), auto="hybrid" if c <= 512 else "xla")
 
 
 def _heuristic_tiles(c: int) -> ConvNeXtTiles:
@@ -86,9 +92,10 @@ def _heuristic_tiles(c: int) -> ConvNeXtTiles:
   if c <= 256:  # Mosaic: H200 2026-11-25, C=192: bm128 s2 0.397 ms vs bm64 s3 0.457 ms
     return ConvNeXtTiles(fwd_pixels=64, fwd_hidden=64, bwd_pixels=64, bwd_hidden=32,
                          wgrad_rows=64, wgrad_hidden=32, mosaic_block_m=128, mosaic_stages=2)
-  if c <= 512:
+  if c <= 512:  # split Mosaic: H200 2026-11-26, C=384: expand 2 stages 0.132 ms vs 0.165
     return ConvNeXtTiles(fwd_pixels=32, fwd_hidden=64, fwd_warps=4, bwd_pixels=32,
-                         bwd_hidden=32, wgrad_rows=64, wgrad_hidden=32)
+                         bwd_hidden=32, wgrad_rows=64, wgrad_hidden=32,
+                         fwd_kernel="mosaic_split", mosaic_stages=2)
   return ConvNeXtTiles(fwd_pixels=16, fwd_hidden=32, fwd_warps=8, bwd_pixels=16,
                        bwd_hidden=32, bwd_warps=8, wgrad_rows=64, wgrad_hidden=16,
                        wgrad_warps=8)
@@ -100,7 +107,8 @@ def _heuristic_tiles(c: int) -> ConvNeXtTiles:
 # 1.20x / 1.17x faster than XLA at C=96 / 192 but its backward slower at every stage, and
 # both slower at C=384 / 768.  The Mosaic forward's tiles (mosaic_*) were measured on an
 # H200 (2026-11-25, benchmarks.mosaic_blocks): C=96 best with one warpgroup per CTA and 3
-# weight stages (0.603-0.607 ms), C=192 with two compute warpgroups (0.397 ms).
+# weight stages (0.603-0.607 ms), C=192 with two compute warpgroups (0.397 ms).  C=384 now
+# runs the split Mosaic forward under None ("hybrid"): H200 2026-11-26, see heuristic_tiles.
 _H100 = "NVIDIA H100 80GB HBM3"
 TUNED: dict[tuple[int, str, str], ConvNeXtTiles] = {
     (96, "bfloat16", _H100): ConvNeXtTiles(
@@ -112,7 +120,8 @@ TUNED: dict[tuple[int, str, str], ConvNeXtTiles] = {
         mosaic_block_m=128, mosaic_stages=2),
     (384, "bfloat16", _H100): ConvNeXtTiles(
         fwd_pixels=32, fwd_hidden=64, fwd_warps=4, bwd_pixels=32, bwd_hidden=32,
-        wgrad_rows=64, wgrad_hidden=32, dw_pixels=128, dw_channels=32, auto="xla"),
+        wgrad_rows=64, wgrad_hidden=32, dw_pixels=128, dw_channels=32, auto="hybrid",
+        fwd_kernel="mosaic_split", mosaic_stages=2),
     (768, "bfloat16", _H100): ConvNeXtTiles(
         fwd_pixels=32, fwd_hidden=32, fwd_warps=8, fwd_stages=2, bwd_pixels=32,
         bwd_hidden=32, bwd_warps=8, wgrad_rows=64, wgrad_hidden=16, wgrad_warps=8,
@@ -182,9 +191,13 @@ def default_candidates(c: int, dtype) -> tuple[list[dict], list[dict]]:
   return fwd, bwd
 
 
-MOSAIC_CANDIDATES = [dict(mosaic_block_m=bm, mosaic_stages=st, mosaic_hidden=hc)
+MOSAIC_CANDIDATES = [dict(fwd_kernel="mosaic", mosaic_block_m=bm, mosaic_stages=st,
+                          mosaic_hidden=hc)
                      for bm, st, hc in ((64, 2, 64), (64, 3, 64), (128, 2, 64), (128, 3, 64),
                                         (128, 2, 128))]
+MOSAIC_SPLIT_CANDIDATES = [dict(fwd_kernel="mosaic_split", mosaic_stages=st,
+                                mosaic_project_stages=pst)
+                           for st, pst in ((2, 3), (2, 2), (2, 4), (3, 3))]
 
 
 def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]] | None = None,
@@ -192,9 +205,10 @@ def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]
   """Times candidate tile sets on random data of ``x_shape`` (NHWC) on the current device
   and stores the fastest in the JSON cache ($CONVFIRST_JAX_TUNING_CACHE, default
   ~/.cache/convfirst_jax/convnext_block.json) that ``get_tiles`` reads.  Phases: the
-  Triton forward fields, then -- where the Mosaic GPU forward can run (bfloat16/float16,
-  C % 32 == 0, C <= 256, Hopper) -- the Mosaic forward's tiles (``MOSAIC_CANDIDATES``), and
-  ``fwd_kernel`` is set to whichever forward was faster; then the backward fields (timing
+  Triton forward fields, then -- where the Mosaic GPU forwards can run (bfloat16/float16,
+  Hopper; C % 32 == 0 and C <= 256 for the fused kernel, C % 64 == 0 for the split one) --
+  their tiles (``MOSAIC_CANDIDATES``, ``MOSAIC_SPLIT_CANDIDATES``), and ``fwd_kernel`` is
+  set to whichever forward was fastest; then the backward fields (timing
   the backward kernels, an independent launch).  ``candidates``: (forward changes,
   backward changes) as dicts of ConvNeXtTiles fields for the Triton kernels.  Candidates
   that fail to compile (registers, shared memory) are skipped.  Returns (best, timings)."""
@@ -232,19 +246,25 @@ def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]
       lambda t: lambda x, p, d: pallas_triton.forward(x, p, d, eps=1e-6, tiles=t,
                                                       interpret=False),
       (x, params, dps), dataclasses.replace(best, fwd_kernel="triton"))
-  if (mosaic_mlp.device_unsupported_reason(False) is None
-      and mosaic.unsupported_reason(x_shape, params, dtype) is None):
-    t_mosaic, best_m = phase(
-        [dict(ch, fwd_kernel="mosaic") for ch in MOSAIC_CANDIDATES],
-        lambda t: lambda x, p, d: mosaic.forward(
-            x, p, d, eps=1e-6, hidden_chunk=t.mosaic_hidden, stages=t.mosaic_stages,
-            block_m=t.mosaic_block_m),
-        (x, params, dps), best, include_current=False)
-    if verbose:
-      print(f"  forward: Triton {t_triton * 1e3:.3f} ms, Mosaic {t_mosaic * 1e3:.3f} ms",
-            flush=True)
-    if t_mosaic < t_triton:
-      best = best_m
+  if mosaic_mlp.device_unsupported_reason(False) is None:
+    changes = []
+    if mosaic.unsupported_reason(x_shape, params, dtype) is None:
+      changes += MOSAIC_CANDIDATES
+    if mosaic.unsupported_reason(x_shape, params, dtype, split=True) is None:
+      changes += MOSAIC_SPLIT_CANDIDATES
+    if changes:
+      t_mosaic, best_m = phase(
+          changes,
+          lambda t: lambda x, p, d: mosaic.forward(
+              x, p, d, eps=1e-6, hidden_chunk=t.mosaic_hidden, stages=t.mosaic_stages,
+              block_m=t.mosaic_block_m, split=t.fwd_kernel == "mosaic_split",
+              project_stages=t.mosaic_project_stages),
+          (x, params, dps), best, include_current=False)
+      if verbose:
+        print(f"  forward: Triton {t_triton * 1e3:.3f} ms, Mosaic {t_mosaic * 1e3:.3f} ms "
+              f"({best_m.fwd_kernel})", flush=True)
+      if t_mosaic < t_triton:
+        best = best_m
   _, best = phase(bwd_c, lambda t: lambda x, p, d, g: pallas_triton.backward(
       x, p, d, g, eps=1e-6, tiles=t, interpret=False), (x, params, dps, g), best)
   if save:

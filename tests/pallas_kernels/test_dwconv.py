@@ -90,3 +90,24 @@ def test_block_reference_gradients_independent_of_wgrad():
   assert len(flat_x) == len(flat_a) == 2 + len(params)
   for a, b in zip(flat_a, flat_x):
     assert _rel(a, b) < 2e-6
+
+
+@pytest.mark.parametrize("shape,k,tiles", [
+    ((2, 9, 7, 40), 7, dict(strip=4, cblock=16)),                   # C not a block multiple
+    ((1, 10, 9, 32), 7, dict(strip=3, cblock=16, prefetch=True, unroll=3)),
+    ((1, 5, 6, 64), 3, dict(strip=5, tile_w=4, cblock=32, unroll=2)),  # W split in tiles
+])
+def test_pallas_depthwise_conv_matches_xla(shape, k, tiles):
+  """dwconv_triton (the Pallas-Triton depthwise conv, interpreter): strips that do not
+  divide H, the rolling window across strip edges, channel padding, bias."""
+  from pallas_kernels.convnext_block import dwconv_triton
+  kx, kk, kb = jax.random.split(jax.random.key(shape[-1] + k), 3)
+  x = jax.random.normal(kx, shape)
+  kernel = jax.random.normal(kk, (k, k, shape[-1]))
+  bias = jax.random.normal(kb, (shape[-1],))
+  got = dwconv_triton.depthwise_conv(x, kernel, bias, interpret=True,
+                                     tiles=dwconv_triton.DwconvTiles(**tiles))
+  want = dwconv._plain(x, kernel) + bias
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="kernel must be"):
+    dwconv_triton.depthwise_conv(x, kernel[:, :, :1], interpret=True)

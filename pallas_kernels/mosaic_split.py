@@ -1,0 +1,288 @@
+"""The pointwise half of a residual block for wide channel counts: two Mosaic GPU kernels.
+
+    h = act(norm(z + zb) @ W1 + b1)              ``_expand_kernel``   (M, E) in z's dtype
+    y = res + row_scale * (h @ W2 + b2)          ``_project_kernel``
+
+The same function as ``mosaic_mlp.fused_mlp``, for the channel counts it cannot take
+(C > 256: ConvNeXt-T's 384 and 768).  There one CTA would have to hold a 64 x C float32
+output accumulator (192+ registers per thread at C=384) next to the hidden chunk, and the
+normalised tile plus two stages of (hidden chunk x C) slices of both weights exceed shared
+memory.  Splitting the block at the hidden activation removes both limits: each kernel is
+a pipelined GEMM with the block's element-wise work fused into its prologue or epilogue,
+
+* expand: one CTA per 64 rows loads its z tile once (TMA), LayerNorms it in place in
+  shared memory (in column blocks of at most 256, so a row never needs C float32 registers),
+  then streams (hc x C) slices of W1^T: per slice one wgmma (64 x C x hc), bias + activation
+  in registers, and the (64 x hc) result goes back to DRAM through the pipeline's TMA store;
+* project: one CTA per (64 rows, ``block_n`` output channels) streams (64 x kc) tiles of h
+  and (kc x block_n) tiles of W2, accumulates in registers, and writes
+  res + row_scale * (acc + b2) once.
+
+The E-wide activation makes one round trip through DRAM in z's dtype (XLA's unfused block
+makes several: the GEMM output, the bias + GELU pass, and in float32 where it upcasts).
+Compared with the fused kernel this costs 2 * M * E * 2 bytes of DRAM traffic and no
+repeated matmul work.  Limits: bfloat16/float16, C a multiple of 64, E a multiple of 64.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import mosaic_mlp
+from pallas_kernels.mosaic_mlp import _WG, _activation, _interpret_params, _transforms
+
+BLOCK_M = 64
+SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA (opt-in maximum)
+_COLUMN_BLOCKS = (256, 192, 128, 64)
+
+
+def _column_block(c: int) -> int:
+  return next(b for b in _COLUMN_BLOCKS if c % b == 0)
+
+
+def expand_smem_bytes(c: int, hc: int, stages: int, itemsize: int = 2, bm: int = BLOCK_M) -> int:
+  """Shared memory of ``_expand_kernel``: the z tile, ``stages`` W1^T slices, two output
+  staging tiles, and the small vectors."""
+  return itemsize * (bm * c + stages * hc * c + 2 * bm * hc) + 4 * (c + stages * hc) + 1024
+
+
+def project_smem_bytes(bn: int, kc: int, stages: int, itemsize: int = 2,
+                       bm: int = BLOCK_M) -> int:
+  return itemsize * (bm * bn + stages * (bm * kc + kc * bn)) + 4 * (bm + bn) + 1024
+
+
+def choose_hidden_chunk(c: int, stages: int) -> int | None:
+  """The largest expand slice width (64 or 32) whose pipeline fits in shared memory."""
+  for hc in (64, 32):
+    if expand_smem_bytes(c, hc, stages) <= SMEM_BYTES:
+      return hc
+  return None
+
+
+def unsupported_reason(m: int, c: int, e: int, dtype, stages: int = 2) -> str | None:
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return (f"the Mosaic GPU kernels take bfloat16/float16 activations (wgmma operands), "
+            f"got {jnp.dtype(dtype).name}")
+  if c % 64:
+    return f"the split Mosaic kernels need C to be a multiple of 64, got C={c}"
+  if e % 64:
+    return f"the split Mosaic kernels need the hidden width to be a multiple of 64, got {e}"
+  if choose_hidden_chunk(c, stages) is None:
+    return (f"C={c} with {stages} pipeline stages does not fit the expand kernel's shared "
+            f"memory ({expand_smem_bytes(c, 32, stages)} > {SMEM_BYTES} bytes)")
+  if m <= 0:
+    return f"no rows (M={m})"
+  return None
+
+
+def _normalise_in_place(z_smem, zb_smem, *, normalize: bool, eps: float):
+  """z_smem <- LN(z + zb) (or z + zb) for z_smem (n_cb, rows, cb) holding the row tile's
+  channels in n_cb column blocks, block by block: one pass for the row sums, one for the
+  variance, one to write (each thread rewrites exactly the elements it read, so in place is
+  safe), so a row never needs C float32 registers."""
+  n_cb, rows, cb = z_smem.shape
+  c = n_cb * cb
+
+  def load(b):
+    z = plgpu.load(z_smem.at[b], layout=_WG).astype(jnp.float32)
+    zb = plgpu.load(zb_smem.at[b], layout=_WG.reduce(0))
+    return z + lax.broadcast_in_dim(zb, (rows, cb), [1])
+
+  if normalize:
+    mean = sum(load(b).sum(axis=1) for b in range(n_cb)) * (1.0 / c)
+    bmean = lambda: lax.broadcast_in_dim(mean, (rows, cb), [0])
+    var = sum(jnp.square(load(b) - bmean()).sum(axis=1) for b in range(n_cb)) * (1.0 / c)
+    rstd = lax.broadcast_in_dim(lax.rsqrt(var + eps), (rows, cb), [0])
+  for b in range(n_cb):
+    z = load(b)
+    if normalize:
+      z = (z - bmean()) * rstd
+    z_smem.at[b][...] = z.astype(z_smem.dtype)
+  plgpu.commit_smem()
+
+
+def _expand_kernel(z_gmem, zb_gmem, w1t_gmem, b1_gmem, h_gmem, *, e: int, hc: int,
+                   act: str, normalize: bool, eps: float, stages: int):
+  """zb_gmem: (n_cb, cb); w1t_gmem: (n_cb, E, cb) = W1^T in column blocks (a TMA copy moves
+  at most 256 elements along each dimension, so C=384/768 rows go in blocks)."""
+  dtype = z_gmem.dtype
+  n_cb, _, cb = w1t_gmem.shape
+  rows = pl.ds(lax.axis_index("m") * BLOCK_M, BLOCK_M)
+
+  def scoped(z_smem, zb_smem, h_smem, bars):
+    for b in range(n_cb):
+      plgpu.copy_gmem_to_smem(z_gmem.at[rows, pl.ds(b * cb, cb)], z_smem.at[b], bars.at[b])
+    plgpu.copy_gmem_to_smem(zb_gmem, zb_smem, bars.at[n_cb])
+    for b in range(n_cb + 1):
+      plgpu.barrier_wait(bars.at[b])
+    _normalise_in_place(z_smem, zb_smem, normalize=normalize, eps=eps)
+
+    def chunk(idx, w1t_smem, b1_smem):
+      (j,) = idx
+      def mm1(acc_ref):
+        for b in range(n_cb):
+          plgpu.wgmma(acc_ref, z_smem.at[b], w1t_smem.at[b].transpose((1, 0)))
+        return acc_ref[...]
+      h = pl.run_scoped(mm1, plgpu.ACC((BLOCK_M, hc), jnp.float32))
+      b1 = plgpu.load(b1_smem, layout=_WG.reduce(0))
+      h = _activation(h + lax.broadcast_in_dim(b1, (BLOCK_M, hc), [1]), act).astype(dtype)
+      # Two staging tiles: the TMA store issued two chunks ago must have read this one.
+      # (Not the pipeline's own out_specs: their predicated stores are not modelled by
+      # the interpreter the tests run in.)
+      slot = lax.rem(j, 2)
+      plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+      h_smem.at[slot][...] = h
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(h_smem.at[slot], h_gmem.at[rows, pl.ds(j * hc, hc)])
+
+    plgpu.emit_pipeline(
+        chunk,
+        grid=(e // hc,),
+        in_specs=[
+            plgpu.BlockSpec((n_cb, hc, cb), lambda j: (0, j, 0),
+                            transforms=_transforms(cb, dtype)),
+            plgpu.BlockSpec((hc,), lambda j: (j,)),
+        ],
+        max_concurrent_steps=stages,
+    )(w1t_gmem, b1_gmem)
+    plgpu.wait_smem_to_gmem(0)
+
+  pl.run_scoped(
+      scoped,
+      plgpu.SMEM((n_cb, BLOCK_M, cb), dtype, transforms=_transforms(cb, dtype)),
+      plgpu.SMEM((n_cb, cb), jnp.float32),
+      plgpu.SMEM((2, BLOCK_M, hc), dtype, transforms=_transforms(hc, dtype)),
+      plgpu.Barrier(num_barriers=n_cb + 1),
+  )
+
+
+def _project_kernel(h_gmem, res_gmem, rs_gmem, w2_gmem, b2_gmem, out_gmem, *, e: int,
+                    kc: int, bn: int, stages: int):
+  dtype = h_gmem.dtype
+  rows = pl.ds(lax.axis_index("m") * BLOCK_M, BLOCK_M)
+  cols = pl.ds(lax.axis_index("n") * bn, bn)
+
+  def scoped(res_smem, rs_smem, b2_smem, bars):
+    plgpu.copy_gmem_to_smem(res_gmem.at[rows, cols], res_smem, bars.at[0])
+    plgpu.copy_gmem_to_smem(rs_gmem.at[rows], rs_smem, bars.at[1])
+    plgpu.copy_gmem_to_smem(b2_gmem.at[cols], b2_smem, bars.at[2])
+
+    def accumulate(acc_ref):
+      def step(_, h_smem, w2_smem):
+        plgpu.wgmma(acc_ref, h_smem, w2_smem)
+        # Keep one wgmma in flight: this step's slots are released one step late
+        # (delay_release=1), once the next step's wait has retired this wgmma.
+        plgpu.wgmma_wait(1)
+
+      plgpu.emit_pipeline(
+          step,
+          grid=(e // kc,),
+          in_specs=[
+              plgpu.BlockSpec((BLOCK_M, kc), lambda k: (0, k), transforms=_transforms(kc, dtype),
+                              delay_release=1),
+              plgpu.BlockSpec((kc, bn), lambda k: (k, 0), transforms=_transforms(bn, dtype),
+                              delay_release=1),
+          ],
+          max_concurrent_steps=stages,
+      )(h_gmem.at[rows], w2_gmem.at[:, cols])
+      plgpu.wgmma_wait(0)
+      return acc_ref[...]
+
+    acc = pl.run_scoped(accumulate, plgpu.ACC((BLOCK_M, bn), jnp.float32))
+    for b in range(3):
+      plgpu.barrier_wait(bars.at[b])
+    mosaic_mlp._residual_out(acc, b2_smem, rs_smem, res_smem, out_gmem.at[rows, cols])
+
+  pl.run_scoped(
+      scoped,
+      plgpu.SMEM((BLOCK_M, bn), dtype, transforms=_transforms(bn, dtype)),
+      plgpu.SMEM((BLOCK_M,), jnp.float32),
+      plgpu.SMEM((bn,), jnp.float32),
+      plgpu.Barrier(num_barriers=3),
+  )
+
+
+def expand_call(z, zb, w1, b1, *, hc, cb, act, normalize, eps, stages, **params):
+  """h = act(norm(z + zb) @ w1 + b1) for z with a multiple of 64 rows (``_expand_kernel``)."""
+  m, c = z.shape
+  e = w1.shape[1]
+  dtype = z.dtype
+  return plgpu.kernel(
+      functools.partial(_expand_kernel, e=e, hc=hc, act=act, normalize=normalize,
+                        eps=float(eps), stages=stages),
+      out_type=jax.ShapeDtypeStruct((m, e), dtype),
+      grid=(m // BLOCK_M,), grid_names=("m",), **params,
+  )(z, zb.reshape(c // cb, cb),
+    w1.T.astype(dtype).reshape(e, c // cb, cb).transpose(1, 0, 2), b1.astype(jnp.float32))
+
+
+def project_call(h, res, rs, w2, b2, *, bn, kc, stages, **params):
+  """y = res + rs * (h @ w2 + b2) for h with a multiple of 64 rows (``_project_kernel``)."""
+  m, e = h.shape
+  c = w2.shape[1]
+  return plgpu.kernel(
+      functools.partial(_project_kernel, e=e, kc=kc, bn=bn, stages=stages),
+      out_type=jax.ShapeDtypeStruct((m, c), res.dtype),
+      grid=(m // BLOCK_M, c // bn), grid_names=("m", "n"), **params,
+  )(h, res, rs, w2.astype(h.dtype), b2.astype(jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("act", "normalize", "eps", "hidden_chunk",
+                                             "block_n", "stages", "project_stages",
+                                             "col_block", "interpret"))
+def split_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str = "gelu",
+              normalize: bool = True, eps: float = 1e-6, hidden_chunk: int | None = None,
+              block_n: int | None = None, stages: int = 2, project_stages: int = 3,
+              col_block: int | None = None,
+              interpret=False):
+  """y = res + row_scale * (act(norm(z + z_bias) @ w1 + b1) @ w2 + b2) over rows, as
+  ``mosaic_mlp.fused_mlp`` (same arguments and result), in two kernels.
+
+  hidden_chunk: width of the expand kernel's W1 slices (None: 64, or 32 where 64 does
+  not fit shared memory); stages / project_stages: TMA pipeline depth of each kernel;
+  block_n: output channels per project CTA (None: the largest of
+  256/192/128/64 dividing C); col_block: the expand kernel's column blocks of z and W1^T
+  (its TMA copies and LayerNorm passes; None: likewise)."""
+  m, c = z.shape
+  e = w1.shape[1]
+  if res.shape != z.shape or res.dtype != z.dtype:
+    raise ValueError(f"res must match z: got {res.shape} {res.dtype} vs {z.shape} {z.dtype}")
+  if w1.shape != (c, e) or w2.shape != (e, c) or b1.shape != (e,) or b2.shape != (c,):
+    raise ValueError(f"weight shapes do not fit C={c}, E={e}: w1 {w1.shape}, b1 {b1.shape}, "
+                     f"w2 {w2.shape}, b2 {b2.shape}")
+  reason = unsupported_reason(m, c, e, z.dtype, stages)
+  if reason is not None:
+    raise NotImplementedError(f"split_mlp: {reason}")
+  if act not in mosaic_mlp.ACTIVATIONS:
+    raise ValueError(f"activation must be one of {mosaic_mlp.ACTIVATIONS}, got {act!r}")
+  hc = hidden_chunk or choose_hidden_chunk(c, stages)
+  bn = block_n or _column_block(c)
+  cb = col_block or _column_block(c)
+  for name, v, total in (("hidden_chunk", hc, e), ("block_n", bn, c), ("col_block", cb, c)):
+    if v % 32 or total % v or v > 256:
+      raise ValueError(f"{name}={v} must be a multiple of 32 dividing {total}, at most 256")
+  kc = 64
+  if project_stages < 2:
+    raise ValueError(f"project_stages must be >= 2 (one wgmma stays in flight), got "
+                     f"{project_stages}")
+  if project_smem_bytes(bn, kc, project_stages) > SMEM_BYTES:
+    raise ValueError(f"block_n={bn} with {project_stages} stages does not fit shared memory")
+  zb = jnp.zeros((c,), jnp.float32) if z_bias is None else z_bias.astype(jnp.float32)
+  rs = jnp.ones((m,), jnp.float32) if row_scale is None else row_scale.astype(jnp.float32)
+  m_pad = -(-m // BLOCK_M) * BLOCK_M
+  if m_pad != m:  # the last CTA's rows: padded here, sliced off below
+    z = jnp.pad(z, ((0, m_pad - m), (0, 0)))
+    res = jnp.pad(res, ((0, m_pad - m), (0, 0)))
+    rs = jnp.pad(rs, (0, m_pad - m))
+  params = dict(compiler_params=plgpu.CompilerParams(approx_math=True),
+                interpret=_interpret_params(interpret))
+  h = expand_call(z, zb, w1, b1, hc=hc, cb=cb, act=act, normalize=normalize, eps=eps,
+                  stages=stages, **params)
+  y = project_call(h, res, rs, w2, b2, bn=bn, kc=kc, stages=project_stages, **params)
+  return y[:m] if m_pad != m else y

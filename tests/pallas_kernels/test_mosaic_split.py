@@ -1,0 +1,153 @@
+"""The split Mosaic GPU forward (pallas_kernels.mosaic_split: LN + fc1 + GELU, then fc2 +
+residual, the hidden activation through DRAM) in the Mosaic GPU interpreter on CPU, and the
+ConvNeXt block forward at C > 256 built on it.
+
+As in test_mosaic_mlp.py, the interpreter starts every buffer (shared memory, outputs and
+the intermediate h) as NaN, so anything unwritten shows up; the references run in float32
+on the same bf16-rounded inputs, agreement is to bf16 precision.  The compiled kernels are
+checked on the GPU by the ``gpu`` tests at the end (and by ``python -m benchmarks.blocks``)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import convnext_block, convnext_block_reference
+from pallas_kernels import mosaic_mlp, mosaic_split
+from pallas_kernels.convnext_block import api, tuning
+from pallas_kernels.convnext_block import mosaic as convnext_mosaic
+
+BF16_TOL = 1e-2
+
+
+def _rel(a, b):
+  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+  assert not np.isnan(a).any(), "NaN in the kernel output (unwritten or uninitialised)"
+  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def _inputs(seed, m, c, e, dtype=jnp.bfloat16):
+  k = jax.random.split(jax.random.key(seed), 8)
+  n = jax.random.normal
+  return dict(
+      z=(n(k[0], (m, c)) * 2 + 0.5).astype(dtype), res=n(k[1], (m, c)).astype(dtype),
+      w1=(n(k[2], (c, e)) / c ** 0.5).astype(dtype), b1=n(k[3], (e,)) * 0.1,
+      w2=(n(k[4], (e, c)) / e ** 0.5).astype(dtype), b2=n(k[5], (c,)) * 0.1,
+      z_bias=n(k[6], (c,)) * 0.1, row_scale=jax.random.uniform(k[7], (m,)) + 0.5)
+
+
+@pytest.mark.parametrize("m,c,e,act,normalize,kw", [
+    (64, 384, 128, "gelu", True, {}),                     # ConvNeXt-T stage 3 width: 2 x 192
+    (100, 128, 256, "gelu", True, dict(block_n=64, col_block=64)),  # padded rows, blocks
+    (130, 192, 384, "silu", False, dict(hidden_chunk=32, project_stages=2)),
+    (64, 64, 128, "gelu", True, dict(stages=1, project_stages=4)),  # fewer steps than stages
+])
+def test_split_mlp_matches_reference(m, c, e, act, normalize, kw):
+  a = _inputs(m + c, m, c, e)
+  got = mosaic_split.split_mlp(**a, act=act, normalize=normalize, interpret=True, **kw)
+  assert got.shape == (m, c) and got.dtype == jnp.bfloat16
+  want = mosaic_mlp.fused_mlp_reference(
+      **{k: v.astype(jnp.float32) for k, v in a.items()}, act=act, normalize=normalize)
+  assert _rel(got, want) < BF16_TOL
+
+
+def test_split_mlp_float16_no_row_scale_no_bias():
+  a = _inputs(3, 64, 64, 128, jnp.float16)
+  del a["row_scale"], a["z_bias"]
+  got = mosaic_split.split_mlp(**a, interpret=True)
+  assert got.dtype == jnp.float16
+  want = mosaic_mlp.fused_mlp_reference(**{k: v.astype(jnp.float32) for k, v in a.items()})
+  assert _rel(got, want) < BF16_TOL
+
+
+def test_split_mlp_has_no_races():
+  """Race detector over both kernels: the expand kernel's double-buffered TMA stores of h
+  (4 chunks through 2 staging tiles), the project kernel's slots released one step late."""
+  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
+  a = _inputs(4, 128, 64, 256)
+  ipc.reset_gpu_interpret_mode_state()
+  params = plgpu.InterpretGPUParams(detect_races=True)
+  got = mosaic_split.split_mlp(**a, interpret=params)
+  jax.block_until_ready(got)
+  assert not ipc.get_races().races_found
+  want = mosaic_mlp.fused_mlp_reference(**{k: v.astype(jnp.float32) for k, v in a.items()})
+  assert _rel(got, want) < BF16_TOL
+
+
+def test_split_mlp_errors_name_the_problem():
+  a = _inputs(5, 64, 64, 128)
+  with pytest.raises(NotImplementedError, match="bfloat16/float16.*float32"):
+    mosaic_split.split_mlp(**{**a, "z": a["z"].astype(jnp.float32),
+                              "res": a["res"].astype(jnp.float32)}, interpret=True)
+  b = _inputs(5, 64, 96, 384)
+  with pytest.raises(NotImplementedError, match="multiple of 64, got C=96"):
+    mosaic_split.split_mlp(**b, interpret=True)
+  with pytest.raises(ValueError, match="res must match"):
+    mosaic_split.split_mlp(**{**a, "res": a["res"][:10]}, interpret=True)
+  with pytest.raises(ValueError, match="weight shapes"):
+    mosaic_split.split_mlp(**{**a, "w2": a["w2"][:64]}, interpret=True)
+  with pytest.raises(ValueError, match="block_n=48"):
+    mosaic_split.split_mlp(**a, block_n=48, interpret=True)
+  with pytest.raises(ValueError, match="project_stages"):
+    mosaic_split.split_mlp(**a, project_stages=1, interpret=True)
+  with pytest.raises(ValueError, match="activation"):
+    mosaic_split.split_mlp(**a, act="relu", interpret=True)
+  # C=1536 (ConvNeXt-XL's last stage) with 4 stages does not fit shared memory
+  reason = mosaic_split.unsupported_reason(64, 1536, 6144, jnp.bfloat16, stages=4)
+  assert "shared memory" in reason
+  assert mosaic_split.choose_hidden_chunk(384, 2) == 64
+  assert mosaic_split.choose_hidden_chunk(768, 2) == 32
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 5, 384), (2, 2, 3, 256)])
+def test_convnext_block_forward_through_split(shape):
+  """The public entry point with the split Mosaic forward (the default tiles at C=384;
+  odd H and W, batch 1 and 2, drop-path scale per sample)."""
+  c = shape[-1]
+  kx, kp, kd = jax.random.split(jax.random.key(c), 3)
+  x = jax.random.normal(kx, shape).astype(jnp.bfloat16)
+  params = tuning.reference_params(kp, c)
+  dps = jax.random.uniform(kd, (shape[0],)) + 0.5
+  tiles = dataclasses.replace(tuning.get_tiles(c, x.dtype), fwd_kernel="mosaic_split")
+  assert api.forward_kernel(x.shape, x.dtype, params, tiles, True) == "mosaic_split"
+  got = convnext_block(x, params, dps, implementation="pallas", interpret=True, tiles=tiles)
+  want = convnext_block_reference(x.astype(jnp.float32), params, dps)
+  assert _rel(got, want) < BF16_TOL
+  xla = convnext_block_reference(x, params, dps)
+  assert _rel(got, want) <= 1.5 * _rel(xla, want) + 1e-3
+
+
+def test_split_forward_kernel_choice():
+  p384 = tuning.reference_params(jax.random.key(0), 384)
+  t = tuning.heuristic_tiles(384, jnp.bfloat16)
+  assert (t.fwd_kernel, t.auto) == ("mosaic_split", "hybrid")
+  assert tuning.heuristic_tiles(768, jnp.bfloat16).auto == "xla"
+  assert api.forward_kernel((1, 5, 5, 384), jnp.bfloat16, p384, t, True) == "mosaic_split"
+  assert api.forward_kernel((1, 5, 5, 384), jnp.float32, p384, t, True) == "triton"
+  p96 = tuning.reference_params(jax.random.key(0), 96)
+  assert api.forward_kernel((1, 5, 5, 96), jnp.bfloat16, p96, t, True) == "triton"
+  reason = convnext_mosaic.unsupported_reason((1, 5, 5, 96), p96, jnp.bfloat16, split=True)
+  assert "multiple of 64" in reason
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(2, 14, 14, 384), (1, 7, 9, 768), (3, 5, 5, 256)])
+def test_compiled_split_kernels_on_gpu(shape):
+  """The compiled kernels on a Hopper GPU: ConvNeXt-T's stage 3 and 4 widths (768: hidden
+  slices of 32) and a padded row count, vs the float32 reference of the whole block."""
+  if mosaic_mlp.device_unsupported_reason(False) is not None:
+    pytest.skip(mosaic_mlp.device_unsupported_reason(False))
+  c = shape[-1]
+  kx, kp, kd = jax.random.split(jax.random.key(c), 3)
+  x = jax.random.normal(kx, shape).astype(jnp.bfloat16)
+  params = tuning.reference_params(kp, c)
+  dps = jax.random.uniform(kd, (shape[0],)) + 0.5
+  got = convnext_mosaic.forward(x, params, dps, split=True, stages=2)
+  want = convnext_block_reference(x.astype(jnp.float32), params, dps)
+  assert _rel(got, want) < BF16_TOL

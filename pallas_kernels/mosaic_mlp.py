@@ -29,7 +29,8 @@ kernels): bfloat16/float16 activations only (wgmma takes 16-bit operands; float3
 as tf32, which is not the float32 the references promise), C a multiple of 32 and at most
 256 (the 64 x C float32 accumulator must fit in registers next to the hidden chunk), E a
 multiple of the hidden chunk, which must be a multiple of 64 (it is the second wgmma's K;
-32 fails to lower).  M need not be a multiple of 64: the wrapper pads the rows.
+32 fails to lower).  Wider blocks (C = 384, 768, ...) run as two kernels with the hidden
+activation through DRAM: ``pallas_kernels.mosaic_split``.  M need not be a multiple of 64: the wrapper pads the rows.
 Runs in the Mosaic GPU interpreter on CPU with ``interpret=True`` (slow; tests use tiny
 shapes).
 """

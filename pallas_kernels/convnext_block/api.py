@@ -6,8 +6,8 @@ where the tile table (tuning.py) holds measurements for the channel count and de
 follows them: ``auto="xla"`` (XLA measured faster) or ``"hybrid"`` (Pallas forward for
 plain calls, XLA forward+backward under differentiation);
 ``"pallas"`` raises ``NotImplementedError`` naming what is unsupported; ``"xla"`` always
-runs the reference.  The Pallas forward is a Mosaic GPU form (mosaic.py: XLA's depthwise
-conv, then LN + MLP + residual in one kernel for bfloat16/float16 with C a multiple of 32
+runs the reference.  The Pallas forward is a Mosaic GPU form (mosaic.py: the Pallas-Triton
+depthwise conv of dwconv_triton.py, or XLA's, then LN + MLP + residual in one kernel for bfloat16/float16 with C a multiple of 32
 up to 256, or in two kernels -- mosaic_split.py -- for C a multiple of 64 above that) on a
 Hopper GPU, and the whole-block Pallas-Triton kernel otherwise (``tiles.fwd_kernel``
 chooses).  Gradients of the Pallas path
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import mosaic_mlp
-from pallas_kernels.convnext_block import mosaic, pallas_triton, tuning
+from pallas_kernels.convnext_block import dwconv_triton, mosaic, pallas_triton, tuning
 from pallas_kernels.convnext_block.reference import (
     ConvNeXtBlockParams,
     convnext_block_reference,
@@ -60,10 +60,15 @@ def forward_kernel(x_shape, dtype, params: ConvNeXtBlockParams, tiles: tuning.Co
 def _forward(x, params, dps, eps, tiles, interpret):
   kernel = forward_kernel(x.shape, x.dtype, params, tiles, interpret)
   if kernel in ("mosaic", "mosaic_split"):
+    if tiles.mosaic_dwconv not in ("pallas", "xla"):
+      raise ValueError(f"tiles.mosaic_dwconv must be 'pallas' or 'xla', got "
+                       f"{tiles.mosaic_dwconv!r}")
+    dw_tiles = dwconv_triton.DwconvTiles() if tiles.mosaic_dwconv == "pallas" else None
     return mosaic.forward(x, params, dps, eps=eps, hidden_chunk=tiles.mosaic_hidden,
                           stages=tiles.mosaic_stages, block_m=tiles.mosaic_block_m,
                           split=kernel == "mosaic_split",
-                          project_stages=tiles.mosaic_project_stages, interpret=interpret)
+                          project_stages=tiles.mosaic_project_stages,
+                          dwconv_tiles=dw_tiles, interpret=interpret)
   return pallas_triton.forward(x, params, dps, eps=eps, tiles=tiles, interpret=interpret)
 
 

@@ -1,19 +1,25 @@
-"""Depthwise k x k "same" convolution (+ bias) as a Pallas-Triton kernel, row by row.
+"""Depthwise k x k "same" convolution (+ bias) as a Pallas-Triton kernel.
 
-The Mosaic forward (mosaic.py) runs the block's pointwise half in one kernel but leaves the
-7x7 depthwise conv to XLA, and that conv was half of the block's time: 0.32 of 0.60 ms at
-56x56x96, batch 128, bf16 on an H200 (2026-11-25), about 0.5 TB/s against a DRAM floor of
-~0.03 ms for reading x and writing z once.
+The Mosaic forwards (mosaic.py) run the ConvNeXt block's pointwise half in Mosaic GPU
+kernels; its 7x7 depthwise conv was XLA's, and that conv was half of the block's time
+(0.32 of 0.60 ms at 56x56x96, batch 128, bf16, H200, 2026-11-25) at ~0.5 TB/s, against a
+DRAM floor of ~0.03 ms.  It is compute-bound: 49 multiply-adds per output element.
 
-Each program owns a strip of ``strip`` output rows x ``tile_w`` columns x ``cblock``
-channels of one image.  It walks the strip's input rows (the strip plus k//2 rows of halo
-above and below) once; for each input row and each of the k horizontal taps it loads one
-shifted (tile_w x cblock) slice (zero outside the image, by masking) and adds it, times
-the k vertical taps' weights, into the accumulators of the (up to k) output rows that input
-row feeds.  An output row is stored (+ bias, in the output dtype) as soon as its last input
-row has been added.  So each input element is loaded k times per strip (once per
-horizontal shift, mostly L1 hits) instead of k*k times, and accumulation is float32.  The
-loops are unrolled in Python, so accumulators of rows outside the strip are never formed.
+Each program owns ``strip`` output rows x ``tile_w`` columns x ``cblock`` channels of one
+image and keeps all ``strip`` output rows in float32 registers.  A ``fori_loop`` over the k
+horizontal taps dx loads that column's k weights once; then, unrolled, it walks the strip's
+strip + k - 1 input rows, loads each row shifted by dx once (masked: zero outside the
+image) and adds it, times the right vertical tap, into every output row it feeds.  So
+every multiply-add is useful (none for halo rows), each input row is loaded k times per
+strip (mostly L1 hits), and the weights k*k times per strip.  The output rows are stored
+once, plus bias, in the input dtype.
+
+Measured (H100, batch 128, bf16, 2026-11-26, ``python -m benchmarks.dwconv_kernel``):
+0.249 / 0.123 / 0.061 / 0.035 ms at ConvNeXt-T's four stage shapes vs XLA's conv + bias
+0.345 / 0.202 / 0.113 / 0.068 ms.  An earlier form -- a rolling window of k row
+accumulators walking down a long strip, all k*k weights reloaded per input row -- only
+matched XLA (it was bound by the weight loads through L1), and unrolling its row loop in
+Python made Triton compile for ~3 minutes; both are why the loop is over dx here.
 
 The transposed conv (the input gradient of a depthwise conv) is the same conv with the
 taps mirrored: ``depthwise_conv(dy, kernel[::-1, ::-1])``.
@@ -33,36 +39,39 @@ from pallas_kernels import _common as cm
 
 f32 = jnp.float32
 
+# Float32 accumulator elements per program (strip x tile_w x cblock): 112 registers per
+# thread at 4 warps, the largest that did not spill in the H100 sweep (56x56x96: strip 7 of
+# 64 x 32 tiles 0.249 ms, strip 14 0.700 ms).
+ACC_ELEMENTS = 14336
+MAX_STRIP = 14
+
 
 class DwconvTiles(NamedTuple):
-  """strip: output rows per program; tile_w: columns (power of two); cblock: channels
-  (power of two); num_warps: Triton warps per program."""
+  """strip: output rows per program (0: the largest with at most ACC_ELEMENTS accumulator
+  elements, at most MAX_STRIP); tile_w: columns (power of two; 0: the image width rounded
+  up, at most 64); cblock: channels (power of two); num_warps: Triton warps per program."""
 
-  strip: int = 28
-  tile_w: int = 0  # 0: the image width rounded up to a power of two, at most 64
+  strip: int = 0
+  tile_w: int = 0
   cblock: int = 32
   num_warps: int = 4
-  num_stages: int = 1
-  prefetch: bool = False  # load input row i + 1 while accumulating row i
-  unroll: int = 1         # input rows per iteration of the row loop
 
 
 def resolve_tiles(h: int, w: int, c: int, tiles: DwconvTiles | None = None) -> DwconvTiles:
-  """``tiles`` (default DwconvTiles()) made concrete for an (h, w, c) image: strip at most
-  h, tile_w 0 resolved, cblock at most C rounded up to a power of two."""
+  """``tiles`` (default DwconvTiles()) made concrete for an (h, w, c) image."""
   t = tiles or DwconvTiles()
   tile_w = t.tile_w or min(cm.next_power_of_2(w), 64)
   cblock = min(t.cblock, cm.next_power_of_2(c))
   for name, v in (("tile_w", tile_w), ("cblock", cblock)):
     if v < 1 or v & (v - 1):
       raise ValueError(f"DwconvTiles.{name} must be a power of two, got {v}")
-  if t.strip < 1 or t.unroll < 1:
-    raise ValueError(f"DwconvTiles.strip and .unroll must be >= 1, got {t.strip}, {t.unroll}")
-  return t._replace(strip=min(t.strip, h), tile_w=tile_w, cblock=cblock)
+  if t.strip < 0 or t.num_warps < 1:
+    raise ValueError(f"DwconvTiles.strip must be >= 0 and num_warps >= 1, got {t}")
+  strip = t.strip or max(1, min(MAX_STRIP, ACC_ELEMENTS // (tile_w * cblock)))
+  return t._replace(strip=min(strip, h), tile_w=tile_w, cblock=cblock)
 
 
-def _kernel(x_ref, k_ref, b_ref, y_ref, *, h, w, c, k, cpad, strips, tiles: DwconvTiles,
-            diag=None):
+def _kernel(x_ref, k_ref, b_ref, y_ref, *, h, w, c, k, cpad, strips, tiles: DwconvTiles):
   pad = k // 2
   strip, tile_w, cblock = tiles.strip, tiles.tile_w, tiles.cblock
   pid = pl.program_id(0)
@@ -78,71 +87,32 @@ def _kernel(x_ref, k_ref, b_ref, y_ref, *, h, w, c, k, cpad, strips, tiles: Dwco
   def mask_of(pix_ok):
     return pix_ok[:, None] if ch_ok is None else pix_ok[:, None] & ch_ok[None, :]
 
-  def load_row(i, dx):
+  def column_pass(dx, accs):
+    taps = [k_ref[pl.ds((dy * k + dx) * cpad + c0, cblock)][None, :] for dy in range(k)]
     iw = ww + (dx - pad)
-    ok = (iw >= 0) & (iw < w) & (i >= 0) & (i < h)
-    pix = jnp.where(ok, (n * h + i) * w + iw, 0)
-    return plgpu.load(x_ref.at[pix[:, None] * c + ch[None, :]], mask=mask_of(ok), other=0)
-
-  def tap(dy, dx):
-    if diag == "const_taps":  # timing diagnostic only: no weight loads
-      return 0.02 * (dy * k + dx + 1)
-    return k_ref[pl.ds((dy * k + dx) * cpad + c0, cblock)][None, :]
-
-  bias = b_ref[pl.ds(c0, cblock)][None, :]
-  size = y_ref.shape[0]
-
-  def store_row(o, acc, row_ok):
-    ok = row_ok & (o < h) & (ww < w)
-    # Masked lanes point past the end: the GPU never touches them, and the CPU
-    # interpreter's scatter drops out-of-bounds updates (clamping would alias real rows).
-    pix = jnp.where(ok, (n * h + o) * w + ww, size // c + 1)
-    plgpu.store(y_ref.at[pix[:, None] * c + ch[None, :]], (acc + bias).astype(y_ref.dtype),
-                mask=mask_of(ok))
-
-  # Rolling window: before the step for input row i, accs[j] holds the partial sum of
-  # output row i - pad + j (j = 0 .. k-1); input row i feeds it through vertical tap
-  # dy = k - 1 - j, after which row i - pad is complete.
-  def accumulate(accs, vs):
+    col_ok = (iw >= 0) & (iw < w)
     accs = list(accs)
-    for dx in range(k):
-      v = vs[dx].astype(f32)
-      for j in range(k):
-        accs[j] = accs[j] + v * tap(k - 1 - j, dx)
-    return accs
-
-  def finish(i, accs):
-    o = i - pad
-    store_row(o, accs[0], (o >= r0) & (o < r0 + strip))
-    return (*accs[1:], jnp.zeros_like(accs[0]))
-
-  def load_all(i):
-    return tuple(load_row(i, dx) for dx in range(k))
-
-  # ``unroll`` input rows per loop iteration (lax.fori_loop's own unroll does not lower
-  # through Pallas-Triton); steps past the strip's last row store nothing.
-  u = tiles.unroll
-  steps = cm.cdiv(strip + 2 * pad, u)
-
-  def body(s, accs):
-    for q in range(u):
-      i = r0 - pad + s * u + q
-      accs = finish(i, accumulate(accs, load_all(i)))
-    return accs
-
-  def body_prefetch(s, carry):
-    accs, vs = carry
-    for q in range(u):
-      i = r0 - pad + s * u + q
-      nxt = load_all(i + 1)
-      accs, vs = finish(i, accumulate(accs, vs)), nxt
-    return accs, vs
+    for t in range(strip + 2 * pad):
+      i = r0 - pad + t
+      ok = col_ok & (i >= 0) & (i < h)
+      pix = jnp.where(ok, (n * h + i) * w + iw, 0)
+      v = plgpu.load(x_ref.at[pix[:, None] * c + ch[None, :]], mask=mask_of(ok),
+                     other=0).astype(f32)
+      for dy in range(k):
+        o = t - dy                        # output row r0 + o reads input row r0 + o + dy - pad
+        if 0 <= o < strip:
+          accs[o] = accs[o] + v * taps[dy]
+    return tuple(accs)
 
   zero = jnp.zeros((tile_w, cblock), f32)
-  if tiles.prefetch:
-    jax.lax.fori_loop(0, steps, body_prefetch, ((zero,) * k, load_all(r0 - pad)))
-  else:
-    jax.lax.fori_loop(0, steps, body, (zero,) * k)
+  accs = jax.lax.fori_loop(0, k, column_pass, (zero,) * strip)
+  bias = b_ref[pl.ds(c0, cblock)][None, :]
+  size = y_ref.shape[0]
+  for o in range(strip):
+    ok = (r0 + o < h) & (ww < w)
+    pix = jnp.where(ok, (n * h + r0 + o) * w + ww, size // c + 1)
+    plgpu.store(y_ref.at[pix[:, None] * c + ch[None, :]], (accs[o] + bias).astype(y_ref.dtype),
+                mask=mask_of(ok))
 
 
 def unsupported_reason(x_shape, kernel_shape) -> str | None:
@@ -159,10 +129,9 @@ def unsupported_reason(x_shape, kernel_shape) -> str | None:
   return None
 
 
-@functools.partial(jax.jit, static_argnames=("tiles", "interpret", "_diag"))
+@functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
 def depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
-                   tiles: DwconvTiles | None = None, interpret: bool = False,
-                   _diag: str | None = None) -> jax.Array:
+                   tiles: DwconvTiles | None = None, interpret: bool = False) -> jax.Array:
   """"Same" stride-1 depthwise conv of NHWC ``x`` with ``kernel`` (k, k, C) plus ``bias``
   (C,) (optional), float32 accumulation, result in ``x.dtype``.  Forward only (no VJP):
   the block's backward differentiates its own reference."""
@@ -180,13 +149,12 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = Non
   b = jnp.zeros((c,), f32) if bias is None else bias.astype(f32)
   b = cm.pad_axis(b, 0, cpad)
   strips = cm.cdiv(h, t.strip)
-  kern = functools.partial(_kernel, h=h, w=w, c=c, k=k, cpad=cpad, strips=strips, tiles=t,
-                           diag=_diag)
+  kern = functools.partial(_kernel, h=h, w=w, c=c, k=k, cpad=cpad, strips=strips, tiles=t)
   y = pl.pallas_call(
       kern,
       out_shape=jax.ShapeDtypeStruct((x.size,), x.dtype),
       grid=(n * strips, cm.cdiv(w, t.tile_w), cpad // t.cblock),
-      compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages),
+      compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=1),
       interpret=interpret,
       name="depthwise_conv",
   )(x.reshape(-1), kflat, b)

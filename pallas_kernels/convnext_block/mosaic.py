@@ -1,13 +1,16 @@
-"""ConvNeXt block forward with the pointwise half in one Mosaic GPU kernel.
+"""ConvNeXt block forward with the pointwise half in Mosaic GPU kernels.
 
-    z = dwconv7x7(x)                       XLA (``dwconv.depthwise_conv``), x.dtype
-    y = x + dps * gamma * fc2(gelu(fc1(LN(z + dw_bias))))     ``mosaic_mlp.fused_mlp``
+    z = dwconv7x7(x)                       Pallas-Triton (dwconv_triton.py) or XLA, x.dtype
+    y = x + dps * gamma * fc2(gelu(fc1(LN(z + dw_bias))))
+                                           ``mosaic_mlp.fused_mlp`` (one kernel, C <= 256)
+                                           or ``mosaic_split.split_mlp`` (two, C > 256)
 
 The LN affine is folded into fc1 (W1' = diag(ln_scale) W1, b1' = b1 + ln_bias W1) and the
 layer scale into fc2 (W2' = W2 diag(gamma), b2' = gamma * b2), in float32 before the cast
-to x.dtype, so the kernel only normalises.  The 4C-wide hidden activation and the
-normalised input never reach DRAM; the depthwise conv's output z does (one write, one
-read: C wide, a quarter of the hidden tensor XLA writes and reads).
+to x.dtype, so the kernel only normalises.  With one kernel the 4C-wide hidden activation
+and the normalised input never reach DRAM (with two, the hidden activation makes one bf16
+round trip); the depthwise conv's output z does (one write, one read: C wide, a quarter of
+the hidden tensor XLA writes and reads).
 
 Forward only: ``api.convnext_block`` differentiates it with the Triton backward kernels
 or XLA (see tuning.py's ``auto``)."""
@@ -57,7 +60,7 @@ def forward(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | None = N
     z = dwconv.depthwise_conv(x, params.dw_kernel, wgrad="xla")
   else:
     z = dwconv_triton.depthwise_conv(x, params.dw_kernel, tiles=dwconv_tiles,
-                                     interpret=interpret)
+                                     interpret=interpret is not False and interpret is not None)
   w1, b1, w2, b2 = fold_params(params)
   rows = n * h * w
   row_scale = None if dps is None else jnp.repeat(dps.astype(jnp.float32), h * w)

@@ -65,6 +65,9 @@ class ConvNeXtTiles:
   mosaic_hidden: int = 64   # "mosaic" only ("mosaic_split" picks 64 or 32 by shared memory)
   mosaic_stages: int = 3    # weight pipeline depth ("mosaic_split": of its expand kernel)
   mosaic_project_stages: int = 3  # "mosaic_split": pipeline depth of its project kernel
+  # The depthwise conv before the Mosaic kernels: "pallas" = dwconv_triton.py (default
+  # tiles; 1.4-2.0x XLA's conv on an H100, 2026-11-26), "xla" = XLA's conv.
+  mosaic_dwconv: str = "pallas"
   # What implementation=None runs (from measurements, per channel count and device):
   # "pallas": Pallas forward and backward; "hybrid": Pallas for plain (inference) calls,
   # XLA forward+backward when the call is differentiated (the Pallas forward was faster

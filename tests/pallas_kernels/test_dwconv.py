@@ -93,13 +93,13 @@ def test_block_reference_gradients_independent_of_wgrad():
 
 
 @pytest.mark.parametrize("shape,k,tiles", [
-    ((2, 9, 7, 40), 7, dict(strip=4, cblock=16)),                   # C not a block multiple
-    ((1, 10, 9, 32), 7, dict(strip=3, cblock=16, prefetch=True, unroll=3)),
-    ((1, 5, 6, 64), 3, dict(strip=5, tile_w=4, cblock=32, unroll=2)),  # W split in tiles
+    ((2, 9, 7, 40), 7, dict(strip=4, cblock=16)),      # C not a block multiple, 3 strips
+    ((1, 10, 9, 32), 7, {}),                           # default tiles: one strip of 10
+    ((1, 5, 6, 64), 3, dict(strip=2, tile_w=4)),       # W split in tiles, k = 3
 ])
 def test_pallas_depthwise_conv_matches_xla(shape, k, tiles):
   """dwconv_triton (the Pallas-Triton depthwise conv, interpreter): strips that do not
-  divide H, the rolling window across strip edges, channel padding, bias."""
+  divide H (halo rows from the neighbouring strips), column tiles, channel padding, bias."""
   from pallas_kernels.convnext_block import dwconv_triton
   kx, kk, kb = jax.random.split(jax.random.key(shape[-1] + k), 3)
   x = jax.random.normal(kx, shape)
@@ -111,3 +111,22 @@ def test_pallas_depthwise_conv_matches_xla(shape, k, tiles):
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match="kernel must be"):
     dwconv_triton.depthwise_conv(x, kernel[:, :, :1], interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(2, 56, 56, 96), (2, 28, 28, 192), (2, 14, 14, 384),
+                                   (3, 7, 7, 768), (1, 9, 70, 40)])
+def test_pallas_depthwise_conv_compiled_on_gpu(shape):
+  """The compiled kernel with its default tiles at ConvNeXt-T's stage shapes and an odd one
+  (W > 64: two column tiles; C=40: a partial channel block), bf16, vs XLA in float32."""
+  if jax.default_backend() != "gpu":
+    pytest.skip("needs a GPU")
+  from pallas_kernels.convnext_block import dwconv_triton
+  kx, kk, kb = jax.random.split(jax.random.key(shape[-1]), 3)
+  x = jax.random.normal(kx, shape).astype(jnp.bfloat16)
+  kernel = jax.random.normal(kk, (7, 7, shape[-1])) * 0.1
+  bias = jax.random.normal(kb, (shape[-1],))
+  got = dwconv_triton.depthwise_conv(x, kernel, bias)
+  want = dwconv._plain(x.astype(jnp.float32), kernel) + bias
+  err = float(jnp.abs(got.astype(jnp.float32) - want).max() / jnp.abs(want).max())
+  assert err < 1e-2

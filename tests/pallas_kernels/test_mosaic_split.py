@@ -151,3 +151,25 @@ def test_compiled_split_kernels_on_gpu(shape):
   got = convnext_mosaic.forward(x, params, dps, split=True, stages=2)
   want = convnext_block_reference(x.astype(jnp.float32), params, dps)
   assert _rel(got, want) < BF16_TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(2, 56, 56, 96), (3, 28, 28, 192), (2, 14, 14, 384),
+                                   (1, 9, 13, 384)])
+def test_public_block_forward_on_gpu(shape):
+  """``convnext_block(implementation="pallas")`` compiled on a Hopper GPU with the default
+  tiles: the Pallas depthwise conv followed by the one-kernel (C <= 256) or split (C=384)
+  Mosaic forward, vs the float32 reference."""
+  if mosaic_mlp.device_unsupported_reason(False) is not None:
+    pytest.skip(mosaic_mlp.device_unsupported_reason(False))
+  c = shape[-1]
+  kx, kp, kd = jax.random.split(jax.random.key(c + 1), 3)
+  x = jax.random.normal(kx, shape).astype(jnp.bfloat16)
+  params = tuning.reference_params(kp, c)
+  dps = jax.random.uniform(kd, (shape[0],)) + 0.5
+  tiles = tuning.get_tiles(c, x.dtype)
+  assert tiles.mosaic_dwconv == "pallas"
+  assert api.forward_kernel(x.shape, x.dtype, params, tiles, False) in ("mosaic", "mosaic_split")
+  got = convnext_block(x, params, dps, implementation="pallas")
+  want = convnext_block_reference(x.astype(jnp.float32), params, dps)
+  assert _rel(got, want) < BF16_TOL

@@ -80,9 +80,12 @@ def _fused(x, params, dps, eps, tiles, interpret, xla_grad):
 def _fused_fwd(x, params, dps, eps, tiles, interpret, xla_grad):
   if xla_grad:
     # "hybrid": a differentiated call runs XLA forward + backward (faster than the Pallas
-    # backward where the tile table says so); plain calls still take the Pallas forward.
-    y, vjp = jax.vjp(lambda x, p, d: convnext_block_reference(x, p, d, eps=eps),
-                     x, params, dps)
+    # backward where the tile table says so), except the depthwise conv's forward and input
+    # gradient, which take the Pallas-Triton conv where the tiles ask for it for the forward
+    # (``mosaic_dwconv``); plain calls take the whole Pallas forward.
+    dw_conv = "pallas" if tiles.mosaic_dwconv == "pallas" else "xla"
+    y, vjp = jax.vjp(lambda x, p, d: convnext_block_reference(
+        x, p, d, eps=eps, dw_conv=dw_conv, interpret=interpret), x, params, dps)
     return y, vjp
   y = _forward(x, params, dps, eps, tiles, interpret)
   return y, (x, params, dps)

@@ -28,7 +28,8 @@ products on tensor cores, and XLA runs it in 0.24-0.78 ms (g = 64) at those shap
 * ``"grouped8"`` ... ``"grouped64"``: the diagonal trick with that group width (falls back to
   ``"xla"`` when g does not divide C).
 
-Forward and input gradient are XLA's in every case.  All formulations compute the same
+Forward and input gradient are XLA's unless ``conv="pallas"`` (then the Pallas-Triton
+kernel of dwconv_triton.py runs both: the input gradient is the conv with mirrored taps).  All formulations compute the same
 gradient up to float32 accumulation order; like XLA's, it is rounded to ``x.dtype`` before
 being cast to the kernel's dtype.
 """
@@ -108,10 +109,43 @@ def resolve_wgrad(x_shape, kernel_size: int, wgrad: str = "auto",
   return wgrad
 
 
-def depthwise_conv(x: jax.Array, kernel: jax.Array, *, wgrad: str = "auto") -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _pallas_conv(x, kernel, wgrad_method, interpret):
+  from pallas_kernels.convnext_block import dwconv_triton
+  return dwconv_triton.depthwise_conv(x, kernel, interpret=interpret)
+
+
+def _pallas_fwd(x, kernel, wgrad_method, interpret):
+  return _pallas_conv(x, kernel, wgrad_method, interpret), (x, kernel)
+
+
+def _pallas_bwd(wgrad_method, interpret, res, dy):
+  from pallas_kernels.convnext_block import dwconv_triton
+  x, kernel = res
+  dy = dy.astype(x.dtype)
+  # The transpose of a "same" stride-1 depthwise conv is the same conv with mirrored taps.
+  dx = dwconv_triton.depthwise_conv(dy, kernel[::-1, ::-1], interpret=interpret)
+  if wgrad_method == "xla":
+    _, vjp_w = jax.vjp(lambda w: _plain(x, w), kernel)
+    (dw,) = vjp_w(dy)
+  else:
+    dw = _wgrad_grouped(x, dy, kernel.shape[0], int(wgrad_method[len("grouped"):]))
+  return dx, dw.astype(kernel.dtype)
+
+
+_pallas_conv.defvjp(_pallas_fwd, _pallas_bwd)
+
+CONVS = ("xla", "pallas")
+
+
+def depthwise_conv(x: jax.Array, kernel: jax.Array, *, wgrad: str = "auto", conv: str = "xla",
+                   interpret: bool = False) -> jax.Array:
   """"Same" stride-1 depthwise conv of NHWC ``x`` with ``kernel`` (k, k, C) (cast to
   ``x.dtype``; float32 accumulation), no bias.  ``wgrad`` picks how the kernel gradient is
-  computed (module docstring); the value is the same either way."""
+  computed (module docstring); the value is the same either way.  ``conv="pallas"``: the
+  forward and the input gradient run the Pallas-Triton kernel (dwconv_triton.py; a GPU, or
+  ``interpret=True``; the taps are used in float32 rather than rounded to x.dtype first),
+  the kernel gradient as ``wgrad`` says."""
   if x.ndim != 4:
     raise ValueError(f"depthwise_conv expects NHWC input of rank 4, got shape {x.shape}")
   c = x.shape[-1]
@@ -119,6 +153,10 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *, wgrad: str = "auto") -> j
     raise ValueError(f"depthwise_conv: kernel must be (k, k, {c}) for input {x.shape}, "
                      f"got {kernel.shape}")
   method = resolve_wgrad(x.shape, kernel.shape[0], wgrad)
+  if conv not in CONVS:
+    raise ValueError(f"conv must be one of {CONVS}, got {conv!r}")
+  if conv == "pallas":
+    return _pallas_conv(x, kernel, method, bool(interpret))
   if method == "xla":
     return _plain(x, kernel)
   return _grouped_wgrad_conv(x, kernel, int(method[len("grouped"):]))

@@ -78,15 +78,20 @@ def convnext_block_reference(
     *,
     eps: float = 1e-6,
     dw_wgrad: str | None = None,
+    dw_conv: str = "xla",
+    interpret: bool = False,
 ) -> jax.Array:
   """The whole block in plain XLA ops.  ``drop_path_scale``: optional (N,) per-sample
   multiplier of the residual branch (0 or 1/keep_prob for stochastic depth).
   ``dw_wgrad``: how the depthwise kernel's gradient is computed (``dwconv.depthwise_conv``;
   None = ``dwconv.DEFAULT_WGRAD``, i.e. "auto"); the block's value and gradients are the same
-  up to float32 accumulation order."""
+  up to float32 accumulation order.  ``dw_conv="pallas"`` runs the depthwise conv's forward
+  and input gradient with the Pallas-Triton kernel (``interpret`` for its interpreter); the
+  default "xla" keeps the block pure XLA."""
   validate(x, params)
   dtype = x.dtype
-  z = dwconv.depthwise_conv(x, params.dw_kernel, wgrad=dw_wgrad or dwconv.DEFAULT_WGRAD)
+  z = dwconv.depthwise_conv(x, params.dw_kernel, wgrad=dw_wgrad or dwconv.DEFAULT_WGRAD,
+                            conv=dw_conv, interpret=interpret)
   z = (z + params.dw_bias.astype(dtype)).astype(jnp.float32)
   mean = jnp.mean(z, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(z - mean), axis=-1, keepdims=True)

@@ -65,8 +65,9 @@ class ConvNeXtTiles:
   mosaic_hidden: int = 64   # "mosaic" only ("mosaic_split" picks 64 or 32 by shared memory)
   mosaic_stages: int = 3    # weight pipeline depth ("mosaic_split": of its expand kernel)
   mosaic_project_stages: int = 3  # "mosaic_split": pipeline depth of its project kernel
-  # The depthwise conv before the Mosaic kernels: "pallas" = dwconv_triton.py (default
-  # tiles; 1.4-2.0x XLA's conv on an H100, 2026-11-26), "xla" = XLA's conv.
+  # The depthwise conv before the Mosaic kernels, and in "hybrid" differentiated calls its
+  # forward and input gradient (dwconv.depthwise_conv(conv=...)): "pallas" = dwconv_triton.py
+  # (default tiles; 1.4-2.0x XLA's conv on an H100, 2026-11-26), "xla" = XLA's conv.
   mosaic_dwconv: str = "pallas"
   # What implementation=None runs (from measurements, per channel count and device):
   # "pallas": Pallas forward and backward; "hybrid": Pallas for plain (inference) calls,
@@ -195,12 +196,16 @@ def default_candidates(c: int, dtype) -> tuple[list[dict], list[dict]]:
 
 
 MOSAIC_CANDIDATES = [dict(fwd_kernel="mosaic", mosaic_block_m=bm, mosaic_stages=st,
-                          mosaic_hidden=hc)
-                     for bm, st, hc in ((64, 2, 64), (64, 3, 64), (128, 2, 64), (128, 3, 64),
-                                        (128, 2, 128))]
+                          mosaic_hidden=hc, mosaic_dwconv=dw)
+                     for bm, st, hc, dw in ((64, 2, 64, "pallas"), (64, 3, 64, "pallas"),
+                                            (128, 2, 64, "pallas"), (128, 3, 64, "pallas"),
+                                            (128, 2, 128, "pallas"), (64, 3, 64, "xla"),
+                                            (128, 2, 64, "xla"))]
 MOSAIC_SPLIT_CANDIDATES = [dict(fwd_kernel="mosaic_split", mosaic_stages=st,
-                                mosaic_project_stages=pst)
-                           for st, pst in ((2, 3), (2, 2), (2, 4), (3, 3))]
+                                mosaic_project_stages=pst, mosaic_dwconv=dw)
+                           for st, pst, dw in ((2, 3, "pallas"), (2, 2, "pallas"),
+                                               (2, 4, "pallas"), (3, 3, "pallas"),
+                                               (2, 3, "xla"))]
 
 
 def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]] | None = None,
@@ -210,13 +215,13 @@ def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]
   ~/.cache/convfirst_jax/convnext_block.json) that ``get_tiles`` reads.  Phases: the
   Triton forward fields, then -- where the Mosaic GPU forwards can run (bfloat16/float16,
   Hopper; C % 32 == 0 and C <= 256 for the fused kernel, C % 64 == 0 for the split one) --
-  their tiles (``MOSAIC_CANDIDATES``, ``MOSAIC_SPLIT_CANDIDATES``), and ``fwd_kernel`` is
-  set to whichever forward was fastest; then the backward fields (timing
+  their tiles and the depthwise conv before them (``MOSAIC_CANDIDATES``,
+  ``MOSAIC_SPLIT_CANDIDATES``), and ``fwd_kernel`` is set to whichever forward was fastest; then the backward fields (timing
   the backward kernels, an independent launch).  ``candidates``: (forward changes,
   backward changes) as dicts of ConvNeXtTiles fields for the Triton kernels.  Candidates
   that fail to compile (registers, shared memory) are skipped.  Returns (best, timings)."""
   from pallas_kernels import mosaic_mlp
-  from pallas_kernels.convnext_block import mosaic, pallas_triton
+  from pallas_kernels.convnext_block import dwconv_triton, mosaic, pallas_triton
 
   c = x_shape[-1]
   fwd_c, bwd_c = candidates or default_candidates(c, dtype)
@@ -261,7 +266,8 @@ def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]
           lambda t: lambda x, p, d: mosaic.forward(
               x, p, d, eps=1e-6, hidden_chunk=t.mosaic_hidden, stages=t.mosaic_stages,
               block_m=t.mosaic_block_m, split=t.fwd_kernel == "mosaic_split",
-              project_stages=t.mosaic_project_stages),
+              project_stages=t.mosaic_project_stages,
+              dwconv_tiles=None if t.mosaic_dwconv == "xla" else dwconv_triton.DwconvTiles()),
           (x, params, dps), best, include_current=False)
       if verbose:
         print(f"  forward: Triton {t_triton * 1e3:.3f} ms, Mosaic {t_mosaic * 1e3:.3f} ms "

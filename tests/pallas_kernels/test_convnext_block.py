@@ -136,9 +136,22 @@ def test_auto_modes_follow_the_tile_table(monkeypatch):
   y = f(x, params, dps)
   assert _rel(y, convnext_block_reference(x, params, dps)) > 0  # the kernel ran
   np.testing.assert_array_equal(np.asarray(y), np.asarray(_pallas(hybrid)(x, params, dps)))
+  # Differentiated: the XLA block, with the Pallas depthwise conv (forward and input
+  # gradient) where the tiles ask for it (mosaic_dwconv, default "pallas").
+  assert hybrid.mosaic_dwconv == "pallas"
   got = _value_and_grads(f, x, params, g, dps)
-  want = _value_and_grads(_reference, x, params, g, dps)
+  want = _value_and_grads(
+      lambda x, p, d: convnext_block_reference(x, p, d, dw_conv="pallas", interpret=True),
+      x, params, g, dps)
   for a, b in zip(got, want):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  _check(got, _value_and_grads(_reference, x, params, g, dps), 2e-5)
+  hybrid_xla_conv = dataclasses.replace(hybrid, mosaic_dwconv="xla")
+  got = _value_and_grads(lambda x, p, d: convnext_block(x, p, d, interpret=True,
+                                                        tiles=hybrid_xla_conv),
+                         x, params, g, dps)
+  want = _value_and_grads(_reference, x, params, g, dps)
+  for a, b in zip(got[1:], want[1:]):  # gradients: pure XLA
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   xla = dataclasses.replace(hybrid, auto="xla")
   np.testing.assert_array_equal(

@@ -6,13 +6,14 @@ where the tile table (tuning.py) holds measurements for the channel count and de
 follows them: ``auto="xla"`` (XLA measured faster) or ``"hybrid"`` (Pallas forward for
 plain calls, XLA forward+backward under differentiation);
 ``"pallas"`` raises ``NotImplementedError`` naming what is unsupported; ``"xla"`` always
-runs the reference.  The Pallas forward is a Mosaic GPU form (mosaic.py: the Pallas-Triton
-depthwise conv of dwconv_triton.py, or XLA's, then LN + MLP + residual in one kernel for bfloat16/float16 with C a multiple of 32
-up to 256, or in two kernels -- mosaic_split.py -- for C a multiple of 64 above that) on a
-Hopper GPU, and the whole-block Pallas-Triton kernel otherwise (``tiles.fwd_kernel``
-chooses).  Gradients of the Pallas path
-come from a ``jax.custom_vjp`` whose forward saves only its inputs; the backward is the
-Pallas-Triton kernels (see pallas_triton.py)."""
+runs the reference.  The Pallas forward is a Mosaic GPU form on a Hopper GPU (mosaic.py:
+the Pallas-Triton depthwise conv of dwconv_triton.py, or XLA's, then LN + MLP + residual in
+one kernel for bfloat16/float16 with C a multiple of 32 up to 256, or in two kernels --
+mosaic_split.py -- for C a multiple of 64 above that), and the whole-block Pallas-Triton
+kernel otherwise (``tiles.fwd_kernel`` chooses).  Gradients of the Pallas path come from a
+``jax.custom_vjp`` whose forward saves only its inputs; the backward is the Pallas-Triton
+kernels (see pallas_triton.py).  Under "hybrid" the differentiated block is XLA's except
+its depthwise conv's forward and input gradient (``tiles.mosaic_dwconv``)."""
 
 from __future__ import annotations
 
@@ -60,9 +61,6 @@ def forward_kernel(x_shape, dtype, params: ConvNeXtBlockParams, tiles: tuning.Co
 def _forward(x, params, dps, eps, tiles, interpret):
   kernel = forward_kernel(x.shape, x.dtype, params, tiles, interpret)
   if kernel in ("mosaic", "mosaic_split"):
-    if tiles.mosaic_dwconv not in ("pallas", "xla"):
-      raise ValueError(f"tiles.mosaic_dwconv must be 'pallas' or 'xla', got "
-                       f"{tiles.mosaic_dwconv!r}")
     dw_tiles = dwconv_triton.DwconvTiles() if tiles.mosaic_dwconv == "pallas" else None
     return mosaic.forward(x, params, dps, eps=eps, hidden_chunk=tiles.mosaic_hidden,
                           stages=tiles.mosaic_stages, block_m=tiles.mosaic_block_m,
@@ -150,6 +148,9 @@ def convnext_block(
   auto = tiles.auto if implementation is None else "pallas"
   if auto not in ("pallas", "hybrid", "xla"):
     raise ValueError(f"tiles.auto must be 'pallas', 'hybrid' or 'xla', got {auto!r}")
+  if tiles.mosaic_dwconv not in ("pallas", "xla"):
+    raise ValueError(f"tiles.mosaic_dwconv must be 'pallas' or 'xla', got "
+                     f"{tiles.mosaic_dwconv!r}")
   if auto == "xla":  # the tile table records that XLA measured faster here
     return convnext_block_reference(x, params, drop_path_scale, eps=eps)
   if implementation is None and x.shape[0] * x.shape[1] * x.shape[2] < MIN_ROWS_FOR_PALLAS:

@@ -29,9 +29,9 @@ products on tensor cores, and XLA runs it in 0.24-0.78 ms (g = 64) at those shap
   ``"xla"`` when g does not divide C).
 
 Forward and input gradient are XLA's unless ``conv="pallas"`` (then the Pallas-Triton
-kernel of dwconv_triton.py runs both: the input gradient is the conv with mirrored taps).  All formulations compute the same
-gradient up to float32 accumulation order; like XLA's, it is rounded to ``x.dtype`` before
-being cast to the kernel's dtype.
+kernel of dwconv_triton.py runs both: the input gradient is the conv with mirrored taps).
+All formulations compute the same gradient up to float32 accumulation order; like XLA's,
+it is rounded to ``x.dtype`` before being cast to the kernel's dtype.
 """
 
 from __future__ import annotations

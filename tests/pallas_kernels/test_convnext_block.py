@@ -190,6 +190,9 @@ def test_dispatch_and_errors():
   with pytest.raises(NotImplementedError, match="even"):
     bad = params._replace(dw_kernel=jnp.zeros((6, 6, 64)))
     convnext_block(x, bad, implementation="pallas", interpret=True)
+  with pytest.raises(ValueError, match="mosaic_dwconv"):
+    tiles = dataclasses.replace(tuning.heuristic_tiles(64, x.dtype), mosaic_dwconv="cudnn")
+    convnext_block(x, params, implementation="pallas", interpret=True, tiles=tiles)
 
 
 def test_erf_and_gelu_helpers():

@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_suite.sh convfirst # ConvFirst/MBConv blocks: inference + training
 #   MODELS=convfirst_t,convnext_tiny bash benchmarks/gpu_suite.sh models  # whole-model img/s
 #   bash benchmarks/gpu_suite.sh mosaic    # Mosaic GPU kernel variants vs XLA and Triton
+#   bash benchmarks/gpu_suite.sh dwconv    # Pallas depthwise conv vs XLA, block forwards
 # Results go to $OUT (or ./out) as JSON / PNG / logs; a short summary is printed last.
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -67,5 +68,13 @@ case "${1:-}" in
     timeout 560 python3 -m benchmarks.mosaic_blocks --json "$OUT/mosaic_blocks.json" 2>&1 \
       | grep -v cuda_timer | tee "$OUT/mosaic_blocks.txt" | tail -10
     ;;
-  *) echo "usage: $0 train|analysis|scaling|convfirst|models|mosaic" >&2; exit 2 ;;
+  dwconv)
+    log "Pallas depthwise conv tiles vs XLA, and the ConvNeXt block forward with each conv"
+    timeout 400 python3 -m benchmarks.dwconv_kernel --json "$OUT/dwconv_kernel.json" 2>&1 \
+      | grep -v cuda_timer | tee "$OUT/dwconv_kernel.txt" | tail -7
+    log "block forwards (benchmarks.blocks, no backward)"
+    timeout 200 python3 -m benchmarks.blocks --blocks convnext --no-backward --iters 30 \
+      --json "$OUT/blocks_convnext_fwd.json" 2>&1 | grep -v cuda_timer | tail -6
+    ;;
+  *) echo "usage: $0 train|analysis|scaling|convfirst|models|mosaic|dwconv" >&2; exit 2 ;;
 esac

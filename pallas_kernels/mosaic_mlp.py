@@ -329,6 +329,32 @@ def _kernel_ws(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b
   )
 
 
+def check_mlp_args(z, res, w1, b1, w2, b2) -> tuple[int, int, int]:
+  """(M, C, E) of a ``fused_mlp``-style call, after checking the shapes fit together."""
+  m, c = z.shape
+  e = w1.shape[1]
+  if res.shape != z.shape or res.dtype != z.dtype:
+    raise ValueError(f"res must match z: got {res.shape} {res.dtype} vs {z.shape} {z.dtype}")
+  if w1.shape != (c, e) or w2.shape != (e, c) or b1.shape != (e,) or b2.shape != (c,):
+    raise ValueError(f"weight shapes do not fit C={c}, E={e}: w1 {w1.shape}, b1 {b1.shape}, "
+                     f"w2 {w2.shape}, b2 {b2.shape}")
+  return m, c, e
+
+
+def row_inputs(z, res, z_bias, row_scale, block_m: int):
+  """(z, res, zb, rs): the optional vectors as float32 (zeros / ones when None), the rows
+  zero-padded to a multiple of ``block_m`` (the last CTA's rows; callers slice them off)."""
+  m, c = z.shape
+  zb = jnp.zeros((c,), jnp.float32) if z_bias is None else z_bias.astype(jnp.float32)
+  rs = jnp.ones((m,), jnp.float32) if row_scale is None else row_scale.astype(jnp.float32)
+  m_pad = -(-m // block_m) * block_m
+  if m_pad != m:
+    z = jnp.pad(z, ((0, m_pad - m), (0, 0)))
+    res = jnp.pad(res, ((0, m_pad - m), (0, 0)))
+    rs = jnp.pad(rs, (0, m_pad - m))
+  return z, res, zb, rs
+
+
 @functools.partial(jax.jit, static_argnames=("act", "normalize", "eps", "hidden_chunk",
                                              "stages", "h_in_smem", "block_m", "interpret"))
 def fused_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str = "gelu",
@@ -347,26 +373,15 @@ def fused_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
   h_in_smem: pass the activated hidden chunk to the second wgmma through shared memory
   (True) or as its register operand (False).  None = registers on a GPU, shared memory in
   the interpreter, which does not model register operands of wgmma."""
-  m, c = z.shape
-  e = w1.shape[1]
-  if res.shape != z.shape or res.dtype != z.dtype:
-    raise ValueError(f"res must match z: got {res.shape} {res.dtype} vs {z.shape} {z.dtype}")
-  if w1.shape != (c, e) or w2.shape != (e, c) or b1.shape != (e,) or b2.shape != (c,):
-    raise ValueError(f"weight shapes do not fit C={c}, E={e}: w1 {w1.shape}, b1 {b1.shape}, "
-                     f"w2 {w2.shape}, b2 {b2.shape}")
+  m, c, e = check_mlp_args(z, res, w1, b1, w2, b2)
   reason = unsupported_reason(m, c, e, z.dtype, hidden_chunk)
   if reason is not None:
     raise NotImplementedError(f"fused_mlp: {reason}")
   dtype = z.dtype
-  zb = jnp.zeros((c,), jnp.float32) if z_bias is None else z_bias.astype(jnp.float32)
-  rs = jnp.ones((m,), jnp.float32) if row_scale is None else row_scale.astype(jnp.float32)
   if block_m not in (64, 128):
     raise ValueError(f"block_m must be 64 or 128, got {block_m}")
-  m_pad = -(-m // block_m) * block_m
-  if m_pad != m:  # the last CTA's rows: padded here, sliced off below
-    z = jnp.pad(z, ((0, m_pad - m), (0, 0)))
-    res = jnp.pad(res, ((0, m_pad - m), (0, 0)))
-    rs = jnp.pad(rs, (0, m_pad - m))
+  z, res, zb, rs = row_inputs(z, res, z_bias, row_scale, block_m)
+  m_pad = z.shape[0]
   interpreting = interpret is not False and interpret is not None
   if h_in_smem is None:
     h_in_smem = interpreting

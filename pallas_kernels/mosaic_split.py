@@ -252,13 +252,7 @@ def split_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
   block_n: output channels per project CTA (None: the largest of
   256/192/128/64 dividing C); col_block: the expand kernel's column blocks of z and W1^T
   (its TMA copies and LayerNorm passes; None: likewise)."""
-  m, c = z.shape
-  e = w1.shape[1]
-  if res.shape != z.shape or res.dtype != z.dtype:
-    raise ValueError(f"res must match z: got {res.shape} {res.dtype} vs {z.shape} {z.dtype}")
-  if w1.shape != (c, e) or w2.shape != (e, c) or b1.shape != (e,) or b2.shape != (c,):
-    raise ValueError(f"weight shapes do not fit C={c}, E={e}: w1 {w1.shape}, b1 {b1.shape}, "
-                     f"w2 {w2.shape}, b2 {b2.shape}")
+  m, c, e = mosaic_mlp.check_mlp_args(z, res, w1, b1, w2, b2)
   reason = unsupported_reason(m, c, e, z.dtype, stages)
   if reason is not None:
     raise NotImplementedError(f"split_mlp: {reason}")
@@ -276,13 +270,8 @@ def split_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
                      f"{project_stages}")
   if project_smem_bytes(bn, kc, project_stages) > SMEM_BYTES:
     raise ValueError(f"block_n={bn} with {project_stages} stages does not fit shared memory")
-  zb = jnp.zeros((c,), jnp.float32) if z_bias is None else z_bias.astype(jnp.float32)
-  rs = jnp.ones((m,), jnp.float32) if row_scale is None else row_scale.astype(jnp.float32)
-  m_pad = -(-m // BLOCK_M) * BLOCK_M
-  if m_pad != m:  # the last CTA's rows: padded here, sliced off below
-    z = jnp.pad(z, ((0, m_pad - m), (0, 0)))
-    res = jnp.pad(res, ((0, m_pad - m), (0, 0)))
-    rs = jnp.pad(rs, (0, m_pad - m))
+  z, res, zb, rs = mosaic_mlp.row_inputs(z, res, z_bias, row_scale, BLOCK_M)
+  m_pad = z.shape[0]
   params = dict(compiler_params=plgpu.CompilerParams(approx_math=True),
                 interpret=_interpret_params(interpret))
   h = expand_call(z, zb, w1, b1, hc=hc, cb=cb, act=act, normalize=normalize, eps=eps,

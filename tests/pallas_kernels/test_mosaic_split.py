@@ -13,7 +13,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
@@ -22,24 +21,8 @@ from pallas_kernels import mosaic_mlp, mosaic_split
 from pallas_kernels.convnext_block import api, tuning
 from pallas_kernels.convnext_block import mosaic as convnext_mosaic
 
-BF16_TOL = 1e-2
-
-
-def _rel(a, b):
-  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-  b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
-  assert not np.isnan(a).any(), "NaN in the kernel output (unwritten or uninitialised)"
-  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-
-
-def _inputs(seed, m, c, e, dtype=jnp.bfloat16):
-  k = jax.random.split(jax.random.key(seed), 8)
-  n = jax.random.normal
-  return dict(
-      z=(n(k[0], (m, c)) * 2 + 0.5).astype(dtype), res=n(k[1], (m, c)).astype(dtype),
-      w1=(n(k[2], (c, e)) / c ** 0.5).astype(dtype), b1=n(k[3], (e,)) * 0.1,
-      w2=(n(k[4], (e, c)) / e ** 0.5).astype(dtype), b2=n(k[5], (c,)) * 0.1,
-      z_bias=n(k[6], (c,)) * 0.1, row_scale=jax.random.uniform(k[7], (m,)) + 0.5)
+from tests.pallas_kernels.test_mosaic_mlp import BF16_TOL, _rel
+from tests.pallas_kernels.test_mosaic_mlp import _mlp_inputs as _inputs
 
 
 @pytest.mark.parametrize("m,c,e,act,normalize,kw", [

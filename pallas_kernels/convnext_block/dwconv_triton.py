@@ -133,8 +133,9 @@ def unsupported_reason(x_shape, kernel_shape) -> str | None:
 def depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
                    tiles: DwconvTiles | None = None, interpret: bool = False) -> jax.Array:
   """"Same" stride-1 depthwise conv of NHWC ``x`` with ``kernel`` (k, k, C) plus ``bias``
-  (C,) (optional), float32 accumulation, result in ``x.dtype``.  Forward only (no VJP):
-  the block's backward differentiates its own reference."""
+  (C,) (optional), float32 accumulation, result in ``x.dtype``.  No VJP of its own:
+  ``dwconv.depthwise_conv(conv="pallas")`` wraps it in one (input gradient = this conv with
+  mirrored taps)."""
   reason = unsupported_reason(x.shape, kernel.shape)
   if reason is not None:
     raise ValueError(f"dwconv_triton.depthwise_conv: {reason}")

@@ -80,29 +80,42 @@ def test_fused_mlp_has_no_races(block_m):
   """The interpreter's happens-before race detector over TMA copies, barriers and the
   pipelined weight slots (several CTAs; for block_m=128 two compute warpgroups and the
   TMA warpgroup sharing three slots over four hidden chunks)."""
+  check_race_free(lambda interpret, **a: mosaic_mlp.fused_mlp(
+      **a, stages=3, block_m=block_m, interpret=interpret), _mlp_inputs(4, 256, 32, 256))
+
+
+def check_race_free(call, a):
+  """Runs ``call(interpret=<race-detecting interpreter>, **a)``; asserts no race was found
+  and the result matches the float32 reference."""
   from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
-  a = _mlp_inputs(4, 256, 32, 256)
   ipc.reset_gpu_interpret_mode_state()
-  params = plgpu.InterpretGPUParams(detect_races=True)
-  got = mosaic_mlp.fused_mlp(**a, stages=3, block_m=block_m, interpret=params)
+  got = call(interpret=plgpu.InterpretGPUParams(detect_races=True), **a)
   jax.block_until_ready(got)
   assert not ipc.get_races().races_found
   want = mosaic_mlp.fused_mlp_reference(**{k: v.astype(jnp.float32) for k, v in a.items()})
   assert _rel(got, want) < BF16_TOL
 
 
+def check_common_errors(fn, a):
+  """Errors every fused_mlp-style entry point gives: float32 activations, a residual of
+  another shape, weights that do not fit, an unknown activation."""
+  with pytest.raises(NotImplementedError, match="bfloat16/float16.*float32"):
+    fn(**{**a, "z": a["z"].astype(jnp.float32), "res": a["res"].astype(jnp.float32)},
+       interpret=True)
+  with pytest.raises(ValueError, match="res must match"):
+    fn(**{**a, "res": a["res"][:10]}, interpret=True)
+  with pytest.raises(ValueError, match="weight shapes"):
+    fn(**{**a, "w2": a["w2"][:64]}, interpret=True)
+  with pytest.raises(ValueError, match="activation"):
+    fn(**a, act="relu", interpret=True)
+
+
 def test_fused_mlp_errors_name_the_problem():
   a = _mlp_inputs(5, 64, 32, 128)
-  with pytest.raises(NotImplementedError, match="bfloat16/float16.*float32"):
-    mosaic_mlp.fused_mlp(**{**a, "z": a["z"].astype(jnp.float32),
-                            "res": a["res"].astype(jnp.float32)}, interpret=True)
+  check_common_errors(mosaic_mlp.fused_mlp, a)
   b = _mlp_inputs(5, 64, 40, 160)
   with pytest.raises(NotImplementedError, match="multiple of 32.*C=40"):
     mosaic_mlp.fused_mlp(**b, interpret=True)
-  with pytest.raises(ValueError, match="res must match"):
-    mosaic_mlp.fused_mlp(**{**a, "res": a["res"][:10]}, interpret=True)
-  with pytest.raises(ValueError, match="weight shapes"):
-    mosaic_mlp.fused_mlp(**{**a, "w2": a["w2"][:64]}, interpret=True)
   with pytest.raises(NotImplementedError, match="hidden chunk must be a multiple of 64"):
     mosaic_mlp.fused_mlp(**a, hidden_chunk=32, interpret=True)
   with pytest.raises(NotImplementedError, match="hidden width 128 is not a multiple"):
@@ -111,8 +124,6 @@ def test_fused_mlp_errors_name_the_problem():
     mosaic_mlp.fused_mlp(**a, block_m=32, interpret=True)
   with pytest.raises(ValueError, match="interpreter"):
     mosaic_mlp.fused_mlp(**a, h_in_smem=False, interpret=True)
-  with pytest.raises(ValueError, match="activation"):
-    mosaic_mlp.fused_mlp(**a, act="relu", interpret=True)
   if jax.default_backend() != "gpu":
     assert "GPU backend" in mosaic_mlp.device_unsupported_reason(False)
   assert mosaic_mlp.device_unsupported_reason(True) is None

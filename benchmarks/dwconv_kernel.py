@@ -111,9 +111,10 @@ def main(argv=None):
       if mosaic.unsupported_reason(xs[0].shape, p, jnp.bfloat16, split=split) is None:
         t = tuning.get_tiles(c, jnp.bfloat16)
         kw = dict(hidden_chunk=t.mosaic_hidden, stages=t.mosaic_stages, block_m=t.mosaic_block_m,
-                  split=split, project_stages=t.mosaic_project_stages)
-        if split:  # the split form's defaults (stage 4 uses XLA under None, so untuned)
-          kw.update(stages=2, project_stages=3)
+                  split=split, project_stages=t.mosaic_project_stages,
+                  project_block_m=t.mosaic_project_block_m, block_n=t.mosaic_block_n or None)
+        if split and c > 512:  # the split form's defaults (stage 4 uses XLA under None)
+          kw.update(stages=2, project_stages=3, project_block_m=64, block_n=None)
         blk_xla = jax.jit(lambda x: convnext_block_reference(x, p))
         blk_m = jax.jit(lambda x: mosaic.forward(x, p, **kw))
         blk_md = jax.jit(lambda x: mosaic.forward(x, p, dwconv_tiles=best[0], **kw))

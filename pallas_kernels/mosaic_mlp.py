@@ -14,8 +14,8 @@ Why Mosaic GPU and not Pallas-Triton (pallas_triton.py has a Triton version of t
 ConvNeXt block): Triton-lowered Pallas cannot place a tile in shared memory explicitly or
 issue wgmma with a register operand; its version re-read the weights from L2 for every
 small dot and ran the MLP at 13x its floor (benchmarks/RESULTS.md).  Here one CTA (one
-warpgroup, 64 rows) loads its z/res tiles once with TMA, normalises them into a swizzled
-shared-memory tile, and then streams (hidden chunk x C) slices of W1^T and W2 through a
+warpgroup, 64 rows) loads its z/res tiles once with TMA, normalises z in place in its
+swizzled shared-memory tile (so that three C=96 CTAs fit an SM), and then streams (hidden chunk x C) slices of W1^T and W2 through a
 double-buffered TMA pipeline (``plgpu.emit_pipeline``): per chunk one wgmma (64 x C x hc)
 gives the hidden chunk in registers, bias + activation are applied there, and a second
 wgmma with that chunk as its register operand accumulates into the (64 x C) float32 output
@@ -67,9 +67,24 @@ def _transforms(minor: int, dtype) -> tuple:
   return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
 
 
+def _recip_pos(q):
+  """1 / q for q > 0 as rsqrt(q)**2: with approx_math Mosaic GPU lowers rsqrt to one
+  rsqrt.approx.f32 (about 2^-22 relative error; squared, ~2.4e-7), whereas ``/`` is an IEEE
+  division (a multi-instruction sequence).  Used by SiLU (H100 2026-11-26, batch 128: the
+  C=64 ConvFirst MLP kernel 0.126 vs 0.132 ms).  Not by the erf: there the extra rounding
+  grows to 7.7e-7 absolute near 0 (cancellation in 1 - poly * exp), twice the form's 4e-7,
+  for a gain measured only at C=192 (0.191 vs 0.203 ms; none at C=96)."""
+  r = lax.rsqrt(q)
+  return r * r
+
+
 def _erf(x):
   """erf to 1.5e-7 absolute (Abramowitz & Stegun 7.1.26; 4e-7 after float32 rounding):
-  Mosaic GPU lowers exp but not erf, and ConvNeXt's GELU is the erf form."""
+  Mosaic GPU lowers exp but not erf, and ConvNeXt's GELU is the erf form.  Its cost per
+  element is a division, an exp (ex2.approx: MUFU, the SM's slowest pipe) and ~10 FP32
+  ops: at C=96 the GELU is ~0.08 ms of the fused kernel's 0.30 ms on an H100 (identity
+  activation 0.22, tanh form 0.24; 2026-11-26).  A rational fit x P(x^2) / Q(x^2) (3.3e-7,
+  one reciprocal, ~16 FP32 ops) was no faster (0.31-0.32 ms)."""
   a = jnp.abs(x)
   t = 1.0 / (1.0 + 0.3275911 * a)
   poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027
@@ -82,7 +97,7 @@ def _activation(h, act: str):
   if act == "gelu":
     return 0.5 * h * (1.0 + _erf(h * (1.0 / math.sqrt(2.0))))
   if act == "silu":
-    return h / (1.0 + jnp.exp(-h))
+    return h * _recip_pos(1.0 + jnp.exp(-h))
   if act == "gelu_tanh":
     return 0.5 * h * (1.0 + jnp.tanh(0.7978845608028654 * (h + 0.044715 * h * h * h)))
   if act == "identity":
@@ -185,7 +200,7 @@ def _kernel(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b2_g
   rows = pl.ds(i * bm, bm)
   tile_t = _transforms(c, dtype)
 
-  def scoped(z_smem, res_smem, zn_smem, rs_smem, zb_smem, b2_smem, bars, h_smem):
+  def scoped(z_smem, res_smem, rs_smem, zb_smem, b2_smem, bars, h_smem):
     plgpu.copy_gmem_to_smem(z_gmem.at[rows], z_smem, bars.at[0])
     plgpu.copy_gmem_to_smem(res_gmem.at[rows], res_smem, bars.at[1])
     plgpu.copy_gmem_to_smem(rs_gmem.at[rows], rs_smem, bars.at[2])
@@ -193,7 +208,10 @@ def _kernel(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b2_g
     plgpu.copy_gmem_to_smem(b2_gmem, b2_smem, bars.at[4])
     plgpu.barrier_wait(bars.at[0])
     plgpu.barrier_wait(bars.at[3])
-    _normalise_into(z_smem, zb_smem, zn_smem, normalize=normalize, eps=eps)
+    # In place: each thread rewrites exactly the elements it loaded.  Without a separate
+    # normalised tile a C=96 CTA needs 72 KiB with 2 weight stages, so 3 CTAs fit an SM.
+    _normalise_into(z_smem, zb_smem, z_smem, normalize=normalize, eps=eps)
+    zn_smem = z_smem
 
     def accumulate(acc2_ref):
       def chunk(_, w1t_smem, b1_smem, w2_smem):
@@ -220,7 +238,6 @@ def _kernel(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b2_g
 
   pl.run_scoped(
       scoped,
-      plgpu.SMEM((bm, c), dtype, transforms=tile_t),
       plgpu.SMEM((bm, c), dtype, transforms=tile_t),
       plgpu.SMEM((bm, c), dtype, transforms=tile_t),
       plgpu.SMEM((bm,), jnp.float32),

@@ -60,10 +60,10 @@ def project_smem_bytes(bn: int, kc: int, stages: int, itemsize: int = 2,
   return itemsize * (bm * bn + stages * (bm * kc + kc * bn)) + 4 * (bm + bn) + 1024
 
 
-def choose_hidden_chunk(c: int, stages: int) -> int | None:
+def choose_hidden_chunk(c: int, stages: int, bm: int = BLOCK_M) -> int | None:
   """The largest expand slice width (64 or 32) whose pipeline fits in shared memory."""
   for hc in (64, 32):
-    if expand_smem_bytes(c, hc, stages) <= SMEM_BYTES:
+    if expand_smem_bytes(c, hc, stages, bm=bm) <= SMEM_BYTES:
       return hc
   return None
 
@@ -111,12 +111,12 @@ def _normalise_in_place(z_smem, zb_smem, *, normalize: bool, eps: float):
 
 
 def _expand_kernel(z_gmem, zb_gmem, w1t_gmem, b1_gmem, h_gmem, *, e: int, hc: int,
-                   act: str, normalize: bool, eps: float, stages: int):
+                   act: str, normalize: bool, eps: float, stages: int, bm: int):
   """zb_gmem: (n_cb, cb); w1t_gmem: (n_cb, E, cb) = W1^T in column blocks (a TMA copy moves
   at most 256 elements along each dimension, so C=384/768 rows go in blocks)."""
   dtype = z_gmem.dtype
   n_cb, _, cb = w1t_gmem.shape
-  rows = pl.ds(lax.axis_index("m") * BLOCK_M, BLOCK_M)
+  rows = pl.ds(lax.axis_index("m") * bm, bm)
 
   def scoped(z_smem, zb_smem, h_smem, bars):
     for b in range(n_cb):
@@ -132,9 +132,9 @@ def _expand_kernel(z_gmem, zb_gmem, w1t_gmem, b1_gmem, h_gmem, *, e: int, hc: in
         for b in range(n_cb):
           plgpu.wgmma(acc_ref, z_smem.at[b], w1t_smem.at[b].transpose((1, 0)))
         return acc_ref[...]
-      h = pl.run_scoped(mm1, plgpu.ACC((BLOCK_M, hc), jnp.float32))
+      h = pl.run_scoped(mm1, plgpu.ACC((bm, hc), jnp.float32))
       b1 = plgpu.load(b1_smem, layout=_WG.reduce(0))
-      h = _activation(h + lax.broadcast_in_dim(b1, (BLOCK_M, hc), [1]), act).astype(dtype)
+      h = _activation(h + lax.broadcast_in_dim(b1, (bm, hc), [1]), act).astype(dtype)
       # Two staging tiles: the TMA store issued two chunks ago must have read this one.
       # (Not the pipeline's own out_specs: their predicated stores are not modelled by
       # the interpreter the tests run in.)
@@ -158,17 +158,17 @@ def _expand_kernel(z_gmem, zb_gmem, w1t_gmem, b1_gmem, h_gmem, *, e: int, hc: in
 
   pl.run_scoped(
       scoped,
-      plgpu.SMEM((n_cb, BLOCK_M, cb), dtype, transforms=_transforms(cb, dtype)),
+      plgpu.SMEM((n_cb, bm, cb), dtype, transforms=_transforms(cb, dtype)),
       plgpu.SMEM((n_cb, cb), jnp.float32),
-      plgpu.SMEM((2, BLOCK_M, hc), dtype, transforms=_transforms(hc, dtype)),
+      plgpu.SMEM((2, bm, hc), dtype, transforms=_transforms(hc, dtype)),
       plgpu.Barrier(num_barriers=n_cb + 1),
   )
 
 
 def _project_kernel(h_gmem, res_gmem, rs_gmem, w2_gmem, b2_gmem, out_gmem, *, e: int,
-                    kc: int, bn: int, stages: int):
+                    kc: int, bn: int, stages: int, bm: int):
   dtype = h_gmem.dtype
-  rows = pl.ds(lax.axis_index("m") * BLOCK_M, BLOCK_M)
+  rows = pl.ds(lax.axis_index("m") * bm, bm)
   cols = pl.ds(lax.axis_index("n") * bn, bn)
 
   def scoped(res_smem, rs_smem, b2_smem, bars):
@@ -187,7 +187,7 @@ def _project_kernel(h_gmem, res_gmem, rs_gmem, w2_gmem, b2_gmem, out_gmem, *, e:
           step,
           grid=(e // kc,),
           in_specs=[
-              plgpu.BlockSpec((BLOCK_M, kc), lambda k: (0, k), transforms=_transforms(kc, dtype),
+              plgpu.BlockSpec((bm, kc), lambda k: (0, k), transforms=_transforms(kc, dtype),
                               delay_release=1),
               plgpu.BlockSpec((kc, bn), lambda k: (k, 0), transforms=_transforms(bn, dtype),
                               delay_release=1),
@@ -197,53 +197,54 @@ def _project_kernel(h_gmem, res_gmem, rs_gmem, w2_gmem, b2_gmem, out_gmem, *, e:
       plgpu.wgmma_wait(0)
       return acc_ref[...]
 
-    acc = pl.run_scoped(accumulate, plgpu.ACC((BLOCK_M, bn), jnp.float32))
+    acc = pl.run_scoped(accumulate, plgpu.ACC((bm, bn), jnp.float32))
     for b in range(3):
       plgpu.barrier_wait(bars.at[b])
     mosaic_mlp._residual_out(acc, b2_smem, rs_smem, res_smem, out_gmem.at[rows, cols])
 
   pl.run_scoped(
       scoped,
-      plgpu.SMEM((BLOCK_M, bn), dtype, transforms=_transforms(bn, dtype)),
-      plgpu.SMEM((BLOCK_M,), jnp.float32),
+      plgpu.SMEM((bm, bn), dtype, transforms=_transforms(bn, dtype)),
+      plgpu.SMEM((bm,), jnp.float32),
       plgpu.SMEM((bn,), jnp.float32),
       plgpu.Barrier(num_barriers=3),
   )
 
 
-def expand_call(z, zb, w1, b1, *, hc, cb, act, normalize, eps, stages, **params):
-  """h = act(norm(z + zb) @ w1 + b1) for z with a multiple of 64 rows (``_expand_kernel``)."""
+def expand_call(z, zb, w1, b1, *, hc, cb, act, normalize, eps, stages, bm=BLOCK_M, **params):
+  """h = act(norm(z + zb) @ w1 + b1) for z with a multiple of ``bm`` rows (``_expand_kernel``)."""
   m, c = z.shape
   e = w1.shape[1]
   dtype = z.dtype
   return plgpu.kernel(
       functools.partial(_expand_kernel, e=e, hc=hc, act=act, normalize=normalize,
-                        eps=float(eps), stages=stages),
+                        eps=float(eps), stages=stages, bm=bm),
       out_type=jax.ShapeDtypeStruct((m, e), dtype),
-      grid=(m // BLOCK_M,), grid_names=("m",), **params,
+      grid=(m // bm,), grid_names=("m",), **params,
   )(z, zb.reshape(c // cb, cb),
     w1.T.astype(dtype).reshape(e, c // cb, cb).transpose(1, 0, 2), b1.astype(jnp.float32))
 
 
-def project_call(h, res, rs, w2, b2, *, bn, kc, stages, **params):
-  """y = res + rs * (h @ w2 + b2) for h with a multiple of 64 rows (``_project_kernel``)."""
+def project_call(h, res, rs, w2, b2, *, bn, kc, stages, bm=BLOCK_M, **params):
+  """y = res + rs * (h @ w2 + b2) for h with a multiple of ``bm`` rows (``_project_kernel``)."""
   m, e = h.shape
   c = w2.shape[1]
   return plgpu.kernel(
-      functools.partial(_project_kernel, e=e, kc=kc, bn=bn, stages=stages),
+      functools.partial(_project_kernel, e=e, kc=kc, bn=bn, stages=stages, bm=bm),
       out_type=jax.ShapeDtypeStruct((m, c), res.dtype),
-      grid=(m // BLOCK_M, c // bn), grid_names=("m", "n"), **params,
+      grid=(m // bm, c // bn), grid_names=("m", "n"), **params,
   )(h, res, rs, w2.astype(h.dtype), b2.astype(jnp.float32))
 
 
 @functools.partial(jax.jit, static_argnames=("act", "normalize", "eps", "hidden_chunk",
                                              "block_n", "stages", "project_stages",
-                                             "col_block", "interpret"))
+                                             "col_block", "expand_block_m",
+                                             "project_block_m", "interpret"))
 def split_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str = "gelu",
               normalize: bool = True, eps: float = 1e-6, hidden_chunk: int | None = None,
               block_n: int | None = None, stages: int = 2, project_stages: int = 3,
-              col_block: int | None = None,
-              interpret=False):
+              col_block: int | None = None, expand_block_m: int = BLOCK_M,
+              project_block_m: int = BLOCK_M, interpret=False):
   """y = res + row_scale * (act(norm(z + z_bias) @ w1 + b1) @ w2 + b2) over rows, as
   ``mosaic_mlp.fused_mlp`` (same arguments and result), in two kernels.
 
@@ -251,14 +252,22 @@ def split_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
   not fit shared memory); stages / project_stages: TMA pipeline depth of each kernel;
   block_n: output channels per project CTA (None: the largest of
   256/192/128/64 dividing C); col_block: the expand kernel's column blocks of z and W1^T
-  (its TMA copies and LayerNorm passes; None: likewise)."""
+  (its TMA copies and LayerNorm passes; None: likewise); expand_block_m / project_block_m:
+  rows per CTA of each kernel, 64 or 128 (one warpgroup issuing two 64-row wgmmas per
+  weight tile: each weight tile is read from L2 once per 128 rows instead of per 64)."""
   m, c, e = mosaic_mlp.check_mlp_args(z, res, w1, b1, w2, b2)
   reason = unsupported_reason(m, c, e, z.dtype, stages)
   if reason is not None:
     raise NotImplementedError(f"split_mlp: {reason}")
   if act not in mosaic_mlp.ACTIVATIONS:
     raise ValueError(f"activation must be one of {mosaic_mlp.ACTIVATIONS}, got {act!r}")
-  hc = hidden_chunk or choose_hidden_chunk(c, stages)
+  for name, v in (("expand_block_m", expand_block_m), ("project_block_m", project_block_m)):
+    if v not in (64, 128):
+      raise ValueError(f"{name} must be 64 or 128, got {v}")
+  hc = hidden_chunk or choose_hidden_chunk(c, stages, expand_block_m)
+  if hc is None:
+    raise ValueError(f"C={c} with expand_block_m={expand_block_m} and {stages} stages does "
+                     f"not fit the expand kernel's shared memory")
   bn = block_n or _column_block(c)
   cb = col_block or _column_block(c)
   for name, v, total in (("hidden_chunk", hc, e), ("block_n", bn, c), ("col_block", cb, c)):
@@ -268,13 +277,19 @@ def split_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
   if project_stages < 2:
     raise ValueError(f"project_stages must be >= 2 (one wgmma stays in flight), got "
                      f"{project_stages}")
-  if project_smem_bytes(bn, kc, project_stages) > SMEM_BYTES:
-    raise ValueError(f"block_n={bn} with {project_stages} stages does not fit shared memory")
-  z, res, zb, rs = mosaic_mlp.row_inputs(z, res, z_bias, row_scale, BLOCK_M)
+  if expand_smem_bytes(c, hc, stages, bm=expand_block_m) > SMEM_BYTES:
+    raise ValueError(f"hidden_chunk={hc} with {stages} stages and expand_block_m="
+                     f"{expand_block_m} does not fit shared memory")
+  if project_smem_bytes(bn, kc, project_stages, bm=project_block_m) > SMEM_BYTES:
+    raise ValueError(f"block_n={bn} with {project_stages} stages and project_block_m="
+                     f"{project_block_m} does not fit shared memory")
+  z, res, zb, rs = mosaic_mlp.row_inputs(z, res, z_bias, row_scale,
+                                         max(expand_block_m, project_block_m))
   m_pad = z.shape[0]
   params = dict(compiler_params=plgpu.CompilerParams(approx_math=True),
                 interpret=_interpret_params(interpret))
   h = expand_call(z, zb, w1, b1, hc=hc, cb=cb, act=act, normalize=normalize, eps=eps,
-                  stages=stages, **params)
-  y = project_call(h, res, rs, w2, b2, bn=bn, kc=kc, stages=project_stages, **params)
+                  stages=stages, bm=expand_block_m, **params)
+  y = project_call(h, res, rs, w2, b2, bn=bn, kc=kc, stages=project_stages,
+                   bm=project_block_m, **params)
   return y[:m] if m_pad != m else y

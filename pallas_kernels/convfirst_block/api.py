@@ -5,7 +5,8 @@ the fused kernels -- for ConvFirst the Mosaic GPU MLP kernel after XLA's grouped
 it supports the call (see ``convfirst_forward_kernel``), else the single-launch kernel of
 ``pallas_triton`` -- and raises ``NotImplementedError`` naming
 what it does not cover; None picks the kernel where it is supported (GPU backend, or
-``interpret=True``) and falls back to XLA otherwise -- except that for ``mbconv_block`` None
+``interpret=True``) and the input has at least ``MIN_ROWS_FOR_PALLAS`` pixels (N*H*W), and
+falls back to XLA otherwise -- except that for ``mbconv_block`` None
 keeps XLA on a real GPU (it still picks the kernel with ``interpret=True``): the MBConv kernel
 in this revision has passed its tests only in interpret mode (its previous revision overflowed
 shared memory on an H100), so it is opt-in with ``implementation="pallas"`` until it has been
@@ -44,6 +45,13 @@ def _pallas_unsupported_reason(x, params, interpret: bool, name: str) -> str | N
 # Kernels that None picks on a GPU; the others run there only when asked for by name.
 _GPU_VERIFIED = {"convfirst_block"}
 
+# implementation=None keeps XLA for inputs of fewer pixels (N*H*W) than this.  H100,
+# 2026-11-26, one ConvFirst block forward (k=3, E=4, bf16; scratch sweep recorded in
+# benchmarks/RESULTS.md), Pallas vs XLA ms: 28x28x192 batch 1 (784 px) 0.065 vs 0.058, batch 2
+# (1,568 px) 0.094 vs 0.058; but 56x56x96 batch 1 (3,136 px) 0.071 vs 0.076 and 28x28x192
+# batch 4 (3,136 px) 0.058 vs 0.083.
+MIN_ROWS_FOR_PALLAS = 2048
+
 
 def _use_pallas(implementation, x, params, interpret: bool, name: str) -> bool:
   if implementation not in (None, *IMPLEMENTATIONS):
@@ -52,6 +60,8 @@ def _use_pallas(implementation, x, params, interpret: bool, name: str) -> bool:
   if implementation == "xla":
     return False
   if implementation is None and not interpret and name not in _GPU_VERIFIED:
+    return False
+  if implementation is None and x.shape[0] * x.shape[1] * x.shape[2] < MIN_ROWS_FOR_PALLAS:
     return False
   reason = _pallas_unsupported_reason(x, params, interpret, name)
   if reason is None:

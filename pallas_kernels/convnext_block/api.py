@@ -66,6 +66,8 @@ def _forward(x, params, dps, eps, tiles, interpret):
                           stages=tiles.mosaic_stages, block_m=tiles.mosaic_block_m,
                           split=kernel == "mosaic_split",
                           project_stages=tiles.mosaic_project_stages,
+                          project_block_m=tiles.mosaic_project_block_m,
+                          block_n=tiles.mosaic_block_n or None,
                           dwconv_tiles=dw_tiles, interpret=interpret)
   return pallas_triton.forward(x, params, dps, eps=eps, tiles=tiles, interpret=interpret)
 

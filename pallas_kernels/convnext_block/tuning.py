@@ -65,6 +65,11 @@ class ConvNeXtTiles:
   mosaic_hidden: int = 64   # "mosaic" only ("mosaic_split" picks 64 or 32 by shared memory)
   mosaic_stages: int = 3    # weight pipeline depth ("mosaic_split": of its expand kernel)
   mosaic_project_stages: int = 3  # "mosaic_split": pipeline depth of its project kernel
+  # "mosaic_split": rows per project CTA (64, or 128: one warpgroup, two 64-row wgmmas per
+  # weight tile, halving the W2 reads from L2) and its output channels (0: largest of
+  # 256/192/128/64 dividing C).  H100 2026-11-26, C=384: 128 x 192 0.212 ms, 64 x 192 0.241.
+  mosaic_project_block_m: int = 64
+  mosaic_block_n: int = 0
   # The depthwise conv before the Mosaic kernels, and in "hybrid" differentiated calls its
   # forward and input gradient (dwconv.depthwise_conv(conv=...)): "pallas" = dwconv_triton.py
   # (default tiles; 1.4-2.0x XLA's conv on an H100, 2026-11-26), "xla" = XLA's conv.
@@ -90,16 +95,18 @@ def heuristic_tiles(c: int, dtype) -> ConvNeXtTiles:
 
 
 def _heuristic_tiles(c: int) -> ConvNeXtTiles:
-  if c <= 128:
+  if c <= 128:  # Mosaic, normalising in place: 2 stages = 3 CTAs per SM at C=96 (H100
+    # 2026-11-26: 0.296 ms vs 0.303 with 3 stages)
     return ConvNeXtTiles(fwd_pixels=128, fwd_hidden=64, bwd_pixels=64, bwd_hidden=64,
-                         wgrad_rows=128, wgrad_hidden=64)
+                         wgrad_rows=128, wgrad_hidden=64, mosaic_stages=2)
   if c <= 256:  # Mosaic: H200 2026-11-25, C=192: bm128 s2 0.397 ms vs bm64 s3 0.457 ms
     return ConvNeXtTiles(fwd_pixels=64, fwd_hidden=64, bwd_pixels=64, bwd_hidden=32,
                          wgrad_rows=64, wgrad_hidden=32, mosaic_block_m=128, mosaic_stages=2)
   if c <= 512:  # split Mosaic: H200 2026-11-26, C=384: expand 2 stages 0.132 ms vs 0.165
     return ConvNeXtTiles(fwd_pixels=32, fwd_hidden=64, fwd_warps=4, bwd_pixels=32,
                          bwd_hidden=32, wgrad_rows=64, wgrad_hidden=32,
-                         fwd_kernel="mosaic_split", mosaic_stages=2)
+                         fwd_kernel="mosaic_split", mosaic_stages=2,
+                         mosaic_project_block_m=128, mosaic_block_n=192 if c % 192 == 0 else 0)
   return ConvNeXtTiles(fwd_pixels=16, fwd_hidden=32, fwd_warps=8, bwd_pixels=16,
                        bwd_hidden=32, bwd_warps=8, wgrad_rows=64, wgrad_hidden=16,
                        wgrad_warps=8)
@@ -113,11 +120,14 @@ def _heuristic_tiles(c: int) -> ConvNeXtTiles:
 # H200 (2026-11-25, benchmarks.mosaic_blocks): C=96 best with one warpgroup per CTA and 3
 # weight stages (0.603-0.607 ms), C=192 with two compute warpgroups (0.397 ms).  C=384 now
 # runs the split Mosaic forward under None ("hybrid"): H200 2026-11-26, see heuristic_tiles.
+# H100 2026-11-26 (normalised tile in place, 128-row project CTAs): C=96 2 stages, C=384
+# project 128 x 192 (the kernel pair 0.198 ms vs 0.241 with 64 x 192).
 _H100 = "NVIDIA H100 80GB HBM3"
 TUNED: dict[tuple[int, str, str], ConvNeXtTiles] = {
     (96, "bfloat16", _H100): ConvNeXtTiles(
         fwd_pixels=128, fwd_hidden=64, fwd_warps=4, bwd_pixels=64, bwd_hidden=64,
-        wgrad_rows=128, wgrad_hidden=64, dw_pixels=128, dw_channels=32, auto="hybrid"),
+        wgrad_rows=128, wgrad_hidden=64, dw_pixels=128, dw_channels=32, auto="hybrid",
+        mosaic_stages=2),
     (192, "bfloat16", _H100): ConvNeXtTiles(
         fwd_pixels=64, fwd_hidden=64, fwd_warps=4, bwd_pixels=64, bwd_hidden=32,
         wgrad_rows=64, wgrad_hidden=32, dw_pixels=128, dw_channels=32, auto="hybrid",
@@ -125,7 +135,8 @@ TUNED: dict[tuple[int, str, str], ConvNeXtTiles] = {
     (384, "bfloat16", _H100): ConvNeXtTiles(
         fwd_pixels=32, fwd_hidden=64, fwd_warps=4, bwd_pixels=32, bwd_hidden=32,
         wgrad_rows=64, wgrad_hidden=32, dw_pixels=128, dw_channels=32, auto="hybrid",
-        fwd_kernel="mosaic_split", mosaic_stages=2),
+        fwd_kernel="mosaic_split", mosaic_stages=2, mosaic_project_block_m=128,
+        mosaic_block_n=192),
     (768, "bfloat16", _H100): ConvNeXtTiles(
         fwd_pixels=32, fwd_hidden=32, fwd_warps=8, fwd_stages=2, bwd_pixels=32,
         bwd_hidden=32, bwd_warps=8, wgrad_rows=64, wgrad_hidden=16, wgrad_warps=8,
@@ -202,10 +213,14 @@ MOSAIC_CANDIDATES = [dict(fwd_kernel="mosaic", mosaic_block_m=bm, mosaic_stages=
                                             (128, 2, 128, "pallas"), (64, 3, 64, "xla"),
                                             (128, 2, 64, "xla"))]
 MOSAIC_SPLIT_CANDIDATES = [dict(fwd_kernel="mosaic_split", mosaic_stages=st,
-                                mosaic_project_stages=pst, mosaic_dwconv=dw)
-                           for st, pst, dw in ((2, 3, "pallas"), (2, 2, "pallas"),
-                                               (2, 4, "pallas"), (3, 3, "pallas"),
-                                               (2, 3, "xla"))]
+                                mosaic_project_stages=pst, mosaic_project_block_m=pbm,
+                                mosaic_block_n=bn, mosaic_dwconv=dw)
+                           for st, pst, pbm, bn, dw in (
+                               (2, 3, 64, 0, "pallas"), (2, 3, 64, 128, "pallas"),
+                               (2, 3, 128, 0, "pallas"), (2, 3, 128, 128, "pallas"),
+                               (2, 3, 128, 192, "pallas"), (2, 2, 128, 0, "pallas"),
+                               (2, 4, 128, 128, "pallas"), (3, 3, 64, 0, "pallas"),
+                               (2, 3, 128, 0, "xla"))]
 
 
 def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]] | None = None,
@@ -267,6 +282,7 @@ def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]
               x, p, d, eps=1e-6, hidden_chunk=t.mosaic_hidden, stages=t.mosaic_stages,
               block_m=t.mosaic_block_m, split=t.fwd_kernel == "mosaic_split",
               project_stages=t.mosaic_project_stages,
+              project_block_m=t.mosaic_project_block_m, block_n=t.mosaic_block_n or None,
               dwconv_tiles=None if t.mosaic_dwconv == "xla" else dwconv_triton.DwconvTiles()),
           (x, params, dps), best, include_current=False)
       if verbose:

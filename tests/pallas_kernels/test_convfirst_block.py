@@ -116,7 +116,7 @@ def test_block_diagonal_weight_matches_grouped_conv():
                              rtol=1e-5, atol=1e-5)
 
 
-def test_dispatch():
+def test_dispatch(monkeypatch):
   x = jax.random.normal(jax.random.key(0), (1, 3, 3, 32))
   params = _params("convfirst", jax.random.key(1), 32, 3)
   ref = convfirst_block_reference(x, params)
@@ -128,6 +128,14 @@ def test_dispatch():
     np.testing.assert_array_equal(convfirst_block(x, params), ref)
   out = convfirst_block(x, params, implementation="pallas", interpret=True)
   assert _rel_err(out, ref) < F32_TOL
+  # None keeps XLA below MIN_ROWS_FOR_PALLAS pixels even where the kernel could run, and
+  # runs the kernel from there on.
+  from pallas_kernels.convfirst_block import api as convfirst_api
+  assert x.shape[0] * x.shape[1] * x.shape[2] < convfirst_api.MIN_ROWS_FOR_PALLAS
+  assert not np.array_equal(out, ref)  # the two paths are distinguishable
+  np.testing.assert_array_equal(convfirst_block(x, params, interpret=True), ref)
+  monkeypatch.setattr(convfirst_api, "MIN_ROWS_FOR_PALLAS", 9)
+  np.testing.assert_array_equal(convfirst_block(x, params, interpret=True), out)
   with pytest.raises(NotImplementedError, match="float16"):
     convfirst_block(x.astype(jnp.float16), params, implementation="pallas", interpret=True)
   with pytest.raises(ValueError, match="implementation must be one of"):

@@ -34,6 +34,9 @@ from tests.pallas_kernels.test_mosaic_mlp import _mlp_inputs as _inputs
     (100, 128, 256, "gelu", True, dict(block_n=64, col_block=64)),  # padded rows, blocks
     (130, 192, 384, "silu", False, dict(hidden_chunk=32, project_stages=2)),
     (64, 64, 128, "gelu", True, dict(stages=1, project_stages=4)),  # fewer steps than stages
+    # 128-row CTAs (rows padded to 256; C=384 as tuned: project 128 x 192)
+    (130, 128, 256, "gelu", True, dict(expand_block_m=128, project_block_m=128, block_n=64)),
+    (70, 384, 128, "gelu", True, dict(project_block_m=128, block_n=192)),
 ])
 def test_split_mlp_matches_reference(m, c, e, act, normalize, kw):
   a = _inputs(m + c, m, c, e)
@@ -69,6 +72,10 @@ def test_split_mlp_errors_name_the_problem():
     mosaic_split.split_mlp(**a, block_n=48, interpret=True)
   with pytest.raises(ValueError, match="project_stages"):
     mosaic_split.split_mlp(**a, project_stages=1, interpret=True)
+  with pytest.raises(ValueError, match="project_block_m must be 64 or 128, got 96"):
+    mosaic_split.split_mlp(**a, project_block_m=96, interpret=True)
+  with pytest.raises(ValueError, match="expand_block_m=128 .* does not fit"):
+    mosaic_split.split_mlp(**_inputs(5, 64, 768, 256), expand_block_m=128, interpret=True)
   # C=1536 (ConvNeXt-XL's last stage) with 4 stages does not fit shared memory
   reason = mosaic_split.unsupported_reason(64, 1536, 6144, jnp.bfloat16, stages=4)
   assert "shared memory" in reason

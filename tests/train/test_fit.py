@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from tests.train.helpers import TINY, run_python, tiny_config
+from tests.train.helpers import CHECKPOINTED_RUN, TINY, run_python, tiny_config
 from train import CheckpointError, TrainConfig, fit
 from train.cli import config_from_args
 from train.metrics import read_metrics
@@ -39,14 +39,14 @@ def test_loss_falls_and_outputs_written(tmp_path):
 
 
 def test_refuses_to_overwrite_checkpoints(tmp_path):
-  cfg = tiny_config(tmp_path, steps=5, eval_every=5, plot=False)
+  cfg = tiny_config(tmp_path, **CHECKPOINTED_RUN)
   fit(cfg, quiet=True)
   with pytest.raises(CheckpointError, match="already holds checkpoints"):
     fit(cfg, quiet=True)
 
 
 def test_resume_rejects_changed_settings(tmp_path):
-  fit(tiny_config(tmp_path, steps=5, eval_every=5, plot=False), quiet=True)
+  fit(tiny_config(tmp_path, **CHECKPOINTED_RUN), quiet=True)
   with pytest.raises(CheckpointError, match="batch_size"):
     fit(tiny_config(tmp_path, steps=10, batch_size=16, resume=True), quiet=True)
 

@@ -11,7 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.train.helpers import REPO, TINY, tiny_config
+from tests.train.helpers import CHECKPOINTED_RUN, REPO, TINY, subprocess_env, tiny_config
 from train import CheckpointError, fit
 from train.metrics import read_metrics
 
@@ -28,9 +28,8 @@ def _train_cmd(out, *extra):
           "--keep", "3", "--no-plot", "--no-progress", "--output-dir", str(out), *extra]
 
 
-def _env():
-  env = dict(os.environ, PYTHONPATH=str(REPO), JAX_PLATFORMS="cpu")
-  return env
+def _env(compile_cache):
+  return subprocess_env({"JAX_PLATFORMS": "cpu"}, compile_cache=compile_cache)
 
 
 def _final_state(out):
@@ -46,9 +45,16 @@ def _flat(tree):
 
 def test_kill_and_resume_is_bitwise_exact(tmp_path):
   full, killed = tmp_path / "full", tmp_path / "killed"
-  ref = subprocess.Popen(_train_cmd(full), cwd=REPO, env=_env(),
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-  proc = subprocess.Popen(_train_cmd(killed), cwd=REPO, env=_env(),
+  # The three processes run the same programs and share one persistent compilation cache:
+  # the uninterrupted reference run compiles them, the killed and the resumed run load them
+  # (which only saves time: a loaded executable is the program that was compiled).  The
+  # reference runs first and to the end, so that no process reads an entry while another
+  # one is still writing it.
+  env = _env(tmp_path / "jax_cache")
+  ref = subprocess.run(_train_cmd(full), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.PIPE, text=True, timeout=600)
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  proc = subprocess.Popen(_train_cmd(killed), cwd=REPO, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   metrics = killed / "metrics.jsonl"
   deadline = time.time() + 600  # generous: CI runs tests in parallel
@@ -68,11 +74,10 @@ def test_kill_and_resume_is_bitwise_exact(tmp_path):
   saved = sorted(int(p.name) for p in (killed / "checkpoints").iterdir() if p.name.isdigit())
   assert saved and saved[-1] < STEPS
 
-  resumed = subprocess.run(_train_cmd(killed, "--resume"), cwd=REPO, env=_env(),
+  resumed = subprocess.run(_train_cmd(killed, "--resume"), cwd=REPO, env=env,
                            capture_output=True, text=True, timeout=600)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed at step" in resumed.stdout
-  assert ref.wait(timeout=600) == 0, ref.stderr.read()[-3000:]
 
   a, b = _flat(_final_state(full)), _flat(_final_state(killed))
   assert a.keys() == b.keys()
@@ -101,22 +106,23 @@ def _snapshot(d):
 
 
 def test_corrupt_checkpoint_is_reported_and_kept(tmp_path):
-  cfg = tiny_config(tmp_path, steps=10, save_every=5, eval_every=10, keep=3, plot=False)
+  # CHECKPOINTED_RUN: steps=10 with checkpoints at 5 and 10.  The resumed runs keep its
+  # settings (the same program: conftest.py's compilation cache has it) and train steps
+  # 6..10 again from checkpoint 5.
+  cfg = tiny_config(tmp_path, **CHECKPOINTED_RUN)
   fit(cfg, quiet=True)
   ckpts = tmp_path / "run" / "checkpoints"
   _corrupt(ckpts / "10")
   before = _snapshot(ckpts)
   with pytest.raises(CheckpointError) as err:
-    fit(tiny_config(tmp_path, steps=20, save_every=5, eval_every=10, keep=3, resume=True),
-        quiet=True)
+    fit(tiny_config(tmp_path, **CHECKPOINTED_RUN, resume=True), quiet=True)
   msg = str(err.value)
   assert str(ckpts / "10") in msg and "--resume-step 5" in msg
   assert _snapshot(ckpts) == before  # nothing written, nothing deleted
 
   # The earlier checkpoint still works; the corrupt one is moved aside, not deleted.
-  result = fit(tiny_config(tmp_path, steps=20, save_every=5, eval_every=10, keep=3,
-                           resume_step=5), quiet=True)
-  assert result.summary["step"] == 20
+  result = fit(tiny_config(tmp_path, **CHECKPOINTED_RUN, resume_step=5), quiet=True)
+  assert result.summary["step"] == 10
   aside = list((tmp_path / "run" / "checkpoints.superseded").glob("*/10"))
   assert len(aside) == 1
 

@@ -10,6 +10,7 @@ checked on the GPU by the ``gpu`` tests at the end (and by ``python -m benchmark
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,8 @@ from tests.pallas_kernels.test_mosaic_mlp import _mlp_inputs as _inputs
     (64, 64, 128, "gelu", True, dict(stages=1, project_stages=4)),  # fewer steps than stages
     # 128-row CTAs (rows padded to 256; C=384 as tuned: project 128 x 192)
     (130, 128, 256, "gelu", True, dict(expand_block_m=128, project_block_m=128, block_n=64)),
-    (70, 384, 128, "gelu", True, dict(project_block_m=128, block_n=192)),
+    # 128-row expand CTAs at C=384: one output staging tile (two do not fit)
+    (70, 384, 128, "gelu", True, dict(expand_block_m=128, project_block_m=128, block_n=192)),
 ])
 def test_split_mlp_matches_reference(m, c, e, act, normalize, kw):
   a = _inputs(m + c, m, c, e)
@@ -62,6 +64,15 @@ def test_split_mlp_has_no_races():
   check_race_free(mosaic_split.split_mlp, _inputs(4, 128, 64, 256))
 
 
+def test_split_mlp_one_staging_tile_has_no_races(monkeypatch):
+  """With one output staging tile the expand kernel must wait for the previous chunk's TMA
+  store to finish reading it before overwriting it."""
+  monkeypatch.setattr(mosaic_split, "choose_staging", lambda *a, **k: 1)
+  assert mosaic_split.choose_staging(384, 64, 2, 128) == 1
+  check_race_free(functools.partial(mosaic_split.split_mlp, hidden_chunk=64),
+                  _inputs(6, 128, 64, 256))
+
+
 def test_split_mlp_errors_name_the_problem():
   a = _inputs(5, 64, 64, 128)
   check_common_errors(mosaic_split.split_mlp, a)
@@ -70,6 +81,8 @@ def test_split_mlp_errors_name_the_problem():
     mosaic_split.split_mlp(**b, interpret=True)
   with pytest.raises(ValueError, match="block_n=48"):
     mosaic_split.split_mlp(**a, block_n=48, interpret=True)
+  with pytest.raises(ValueError, match="block_n=96 must be a multiple of 64"):
+    mosaic_split.split_mlp(**_inputs(5, 64, 192, 256), block_n=96, interpret=True)
   with pytest.raises(ValueError, match="project_stages"):
     mosaic_split.split_mlp(**a, project_stages=1, interpret=True)
   with pytest.raises(ValueError, match="project_block_m must be 64 or 128, got 96"):

@@ -48,6 +48,16 @@ def _mlp_inputs(seed, m, c, e, dtype=jnp.bfloat16):
       z_bias=n(k[6], (c,)) * 0.1, row_scale=jax.random.uniform(k[7], (m,)) + 0.5)
 
 
+def check_against_reference(call, a, act="gelu", normalize=True, **kw):
+  """``call(**a, interpret=True, ...)`` has z's shape and dtype and matches the float32
+  reference on the same (rounded) inputs to bf16 precision."""
+  got = call(**a, act=act, normalize=normalize, interpret=True, **kw)
+  assert got.shape == a["z"].shape and got.dtype == a["z"].dtype
+  want = mosaic_mlp.fused_mlp_reference(
+      **{k: v.astype(jnp.float32) for k, v in a.items()}, act=act, normalize=normalize)
+  assert _rel(got, want) < BF16_TOL
+
+
 @pytest.mark.parametrize("m,c,e,act,normalize,kw", [
     (64, 32, 128, "gelu", True, {}),                       # one CTA
     (100, 96, 384, "gelu", True, {}),                      # ConvNeXt-T stage 1; padded rows
@@ -58,21 +68,14 @@ def _mlp_inputs(seed, m, c, e, dtype=jnp.bfloat16):
     (64, 64, 384, "silu", False, {}),                      # ConvFirst E6
 ])
 def test_fused_mlp_matches_reference(m, c, e, act, normalize, kw):
-  a = _mlp_inputs(m + c, m, c, e)
-  got = mosaic_mlp.fused_mlp(**a, act=act, normalize=normalize, interpret=True, **kw)
-  assert got.shape == (m, c) and got.dtype == jnp.bfloat16
-  want = mosaic_mlp.fused_mlp_reference(
-      **{k: v.astype(jnp.float32) for k, v in a.items()}, act=act, normalize=normalize)
-  assert _rel(got, want) < BF16_TOL
+  check_against_reference(mosaic_mlp.fused_mlp, _mlp_inputs(m + c, m, c, e), act, normalize,
+                          **kw)
 
 
 def test_fused_mlp_float16_no_row_scale_no_bias():
   a = _mlp_inputs(3, 64, 32, 64, jnp.float16)
   del a["row_scale"], a["z_bias"]
-  got = mosaic_mlp.fused_mlp(**a, interpret=True)
-  assert got.dtype == jnp.float16
-  want = mosaic_mlp.fused_mlp_reference(**{k: v.astype(jnp.float32) for k, v in a.items()})
-  assert _rel(got, want) < BF16_TOL
+  check_against_reference(mosaic_mlp.fused_mlp, a)
 
 
 @pytest.mark.parametrize("block_m", [64, 128])

@@ -24,6 +24,7 @@ from pallas_kernels.convnext_block import mosaic as convnext_mosaic
 from tests.pallas_kernels.test_mosaic_mlp import (
     BF16_TOL,
     _rel,
+    check_against_reference,
     check_common_errors,
     check_race_free,
 )
@@ -41,21 +42,14 @@ from tests.pallas_kernels.test_mosaic_mlp import _mlp_inputs as _inputs
     (70, 384, 128, "gelu", True, dict(expand_block_m=128, project_block_m=128, block_n=192)),
 ])
 def test_split_mlp_matches_reference(m, c, e, act, normalize, kw):
-  a = _inputs(m + c, m, c, e)
-  got = mosaic_split.split_mlp(**a, act=act, normalize=normalize, interpret=True, **kw)
-  assert got.shape == (m, c) and got.dtype == jnp.bfloat16
-  want = mosaic_mlp.fused_mlp_reference(
-      **{k: v.astype(jnp.float32) for k, v in a.items()}, act=act, normalize=normalize)
-  assert _rel(got, want) < BF16_TOL
+  check_against_reference(mosaic_split.split_mlp, _inputs(m + c, m, c, e), act, normalize,
+                          **kw)
 
 
 def test_split_mlp_float16_no_row_scale_no_bias():
   a = _inputs(3, 64, 64, 128, jnp.float16)
   del a["row_scale"], a["z_bias"]
-  got = mosaic_split.split_mlp(**a, interpret=True)
-  assert got.dtype == jnp.float16
-  want = mosaic_mlp.fused_mlp_reference(**{k: v.astype(jnp.float32) for k, v in a.items()})
-  assert _rel(got, want) < BF16_TOL
+  check_against_reference(mosaic_split.split_mlp, a)
 
 
 def test_split_mlp_has_no_races():

@@ -113,6 +113,12 @@ def test_split_forward_kernel_choice():
   t = tuning.heuristic_tiles(384, jnp.bfloat16)
   assert (t.fwd_kernel, t.auto) == ("mosaic_split", "hybrid")
   assert tuning.heuristic_tiles(768, jnp.bfloat16).auto == "xla"
+  # 128-row project CTAs only with 192 channels (a 128 x 256 accumulator spills)
+  assert (t.mosaic_project_block_m, t.mosaic_block_n) == (128, 192)
+  for c in (320, 512):
+    t2 = tuning.heuristic_tiles(c, jnp.bfloat16)
+    assert (t2.fwd_kernel, t2.mosaic_project_block_m, t2.mosaic_block_n) == (
+        "mosaic_split", 64, 0)
   assert api.forward_kernel((1, 5, 5, 384), jnp.bfloat16, p384, t, True) == "mosaic_split"
   assert api.forward_kernel((1, 5, 5, 384), jnp.float32, p384, t, True) == "triton"
   p96 = tuning.reference_params(jax.random.key(0), 96)

@@ -71,31 +71,42 @@ def _recip_pos(q):
   """1 / q for q > 0 as rsqrt(q)**2: with approx_math Mosaic GPU lowers rsqrt to one
   rsqrt.approx.f32 (about 2^-22 relative error; squared, ~2.4e-7), whereas ``/`` is an IEEE
   division (a multi-instruction sequence).  Used by SiLU (H100 2026-11-26, batch 128: the
-  C=64 ConvFirst MLP kernel 0.126 vs 0.132 ms).  Not by the erf: there the extra rounding
-  grows to 7.7e-7 absolute near 0 (cancellation in 1 - poly * exp), twice the form's 4e-7,
-  for a gain measured only at C=192 (0.191 vs 0.203 ms; none at C=96)."""
+  C=64 ConvFirst MLP kernel 0.126 vs 0.132 ms) and the GELU; q = inf gives 0."""
   r = lax.rsqrt(q)
   return r * r
 
 
-def _erf(x):
-  """erf to 1.5e-7 absolute (Abramowitz & Stegun 7.1.26; 4e-7 after float32 rounding):
-  Mosaic GPU lowers exp but not erf, and ConvNeXt's GELU is the erf form.  Its cost per
-  element is a division, an exp (ex2.approx: MUFU, the SM's slowest pipe) and ~10 FP32
-  ops: at C=96 the GELU is ~0.08 ms of the fused kernel's 0.30 ms on an H100 (identity
-  activation 0.22, tanh form 0.24; 2026-11-26).  A rational fit x P(x^2) / Q(x^2) (3.3e-7,
-  one reciprocal, ~16 FP32 ops) was no faster (0.31-0.32 ms)."""
-  a = jnp.abs(x)
-  t = 1.0 / (1.0 + 0.3275911 * a)
-  poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027
-                                                                        + t * 1.061405429))))
-  r = 1.0 - poly * jnp.exp(-a * a)
-  return jnp.where(x < 0, -r, r)
+# GELU(x) = x Phi(x) = x sigmoid(g(x)) with g = logit(Phi), an odd function, and
+# g(x) ~ x P(x^2), P of degree 6: a minimax fit of |x Phi (1 - Phi) (fit - g)| / max(1, |x|)
+# (the GELU's absolute error per unit error in g) on [0, 6] (benchmarks/fit_gelu.py); g > 0
+# and increasing on (0, 1e6) were checked, so the form saturates to x and to 0 correctly.
+_GELU_LOGIT = (1.5957706151316369, 0.07266412971428038, -6.348295358735991e-05,
+               -0.00011120790170396572, 8.025201711745978e-06, -2.7146085019479464e-07,
+               3.6933226604161373e-09)
+_GELU_EXP2 = tuple(-c / math.log(2.0) for c in _GELU_LOGIT)  # exp(-g(x)) = exp2(x Q(x^2))
+
+
+def _gelu(x):
+  """GELU, erf form, to ~3e-7 x max(1, |x|) absolute in float32 (a few ulp; the test allows
+  1e-6).  Mosaic GPU lowers exp2 and rsqrt (one MUFU instruction each with approx_math);
+  lax.erf fails its layout inference (jax 0.11.2: "No layout inference rule defined for
+  math.erf").  Per element: one exp2, one rsqrt (the reciprocal as rsqrt(q)^2,
+  ``_recip_pos``) and ~10 FP32 ops -- two MUFU ops at 16 per SM per clock (against 128
+  FMAs) likely bound it.  H100 2026-11-26, batch 128: the C=96 fused kernel 0.272-0.275 ms
+  vs 0.300-0.310 with the Abramowitz & Stegun erf used before (an IEEE division, an exp and
+  ~12 FP32 ops), 0.231-0.233 with the tanh form (one MUFU op, but a different function:
+  4.7e-4 absolute, 2% relative in the negative tail), 0.220 with the identity; C=192: 0.177
+  vs 0.197-0.201.  The fit: ``benchmarks/fit_gelu.py``."""
+  t = x * x
+  q = _GELU_EXP2[-1]
+  for c in _GELU_EXP2[-2::-1]:
+    q = q * t + c
+  return x * _recip_pos(1.0 + jnp.exp2(q * x))
 
 
 def _activation(h, act: str):
   if act == "gelu":
-    return 0.5 * h * (1.0 + _erf(h * (1.0 / math.sqrt(2.0))))
+    return _gelu(h)
   if act == "silu":
     return h * _recip_pos(1.0 + jnp.exp(-h))
   if act == "gelu_tanh":

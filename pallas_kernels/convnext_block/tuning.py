@@ -131,7 +131,10 @@ def _heuristic_tiles(c: int) -> ConvNeXtTiles:
 # weight stages (0.603-0.607 ms), C=192 with two compute warpgroups (0.397 ms).  C=384 now
 # runs the split Mosaic forward under None ("hybrid"): H200 2026-11-26, see heuristic_tiles.
 # H100 2026-11-26 (normalised tile in place, 128-row project CTAs): C=96 2 stages, C=384
-# project 128 x 192 (the kernel pair 0.198 ms vs 0.241 with 64 x 192).
+# project 128 x 192 (the kernel pair 0.198 ms vs 0.241 with 64 x 192).  C=768 runs the split
+# form under None since the cheaper GELU (mosaic_mlp._gelu): block forward at 7x7x768, batch
+# 128, 0.264 / 0.274 ms with 128 x 192 project tiles vs XLA 0.302 / 0.316 in two rounds of
+# one run (64 x 256: 0.287 / 0.303; it had been within noise of XLA before).
 _H100 = "NVIDIA H100 80GB HBM3"
 TUNED: dict[tuple[int, str, str], ConvNeXtTiles] = {
     (96, "bfloat16", _H100): ConvNeXtTiles(
@@ -150,7 +153,8 @@ TUNED: dict[tuple[int, str, str], ConvNeXtTiles] = {
     (768, "bfloat16", _H100): ConvNeXtTiles(
         fwd_pixels=32, fwd_hidden=32, fwd_warps=8, fwd_stages=2, bwd_pixels=32,
         bwd_hidden=32, bwd_warps=8, wgrad_rows=64, wgrad_hidden=16, wgrad_warps=8,
-        dw_pixels=128, dw_channels=32, auto="xla"),
+        dw_pixels=128, dw_channels=32, auto="hybrid", fwd_kernel="mosaic_split",
+        mosaic_stages=2, mosaic_project_block_m=128, mosaic_block_n=192),
 }
 
 _CACHE_ENV = "CONVFIRST_JAX_TUNING_CACHE"

@@ -203,9 +203,58 @@ def _residual_out(acc, b2_smem, rs_smem, res_smem, out_gmem_rows):
   plgpu.wait_smem_to_gmem(0)
 
 
+def _pipelined_chunks(acc2_ref, zn_smem, w1t_gmem, b1_gmem, w2_gmem, h_smem, *, c: int,
+                      e: int, hc: int, act: str, stages: int):
+  """acc2 += sum over hidden chunks of act(zn @ W1[:, j] + b1[j]) @ W2[j, :], two chunks per
+  pipeline step so that a wgmma is in flight while each activation runs.
+
+  Step k holds chunks a = 2k and b = 2k+1: issue both first matmuls (two accumulators), read
+  a's with ``wgmma_accumulator_load(wait_n=1)`` (b's stays in flight), activate it, issue a's
+  second matmul, read b's (a's second matmul stays in flight), activate it, issue b's second
+  matmul.  Nothing is awaited at the end of the step, so the weight slots are released one
+  step late (``delay_release=1``); the next step's first read retires the wgmmas that read
+  them.  ``h_smem`` (the interpreter's path): one (rows x hc) tile per chunk of the pair,
+  since a's tile is still being read when b's is written.  The interpreter runs wgmma
+  synchronously (jax 0.11.2), so its race detector cannot see a slot refilled under an
+  in-flight wgmma: that ordering rests on the argument above and on the GPU test."""
+  dtype = zn_smem.dtype
+  rows = zn_smem.shape[0]
+  w_t = _transforms(c, dtype)
+
+  def step(_, w1t_smem, b1_smem, w2_smem):
+    def first(acc_a, acc_b):
+      plgpu.wgmma(acc_a, zn_smem, w1t_smem.at[pl.ds(0, hc)].transpose((1, 0)))
+      plgpu.wgmma(acc_b, zn_smem, w1t_smem.at[pl.ds(hc, hc)].transpose((1, 0)))
+      for half, acc in enumerate((acc_a, acc_b)):
+        h = plgpu.wgmma_accumulator_load(acc, wait_n=1)
+        b1 = plgpu.load(b1_smem.at[pl.ds(half * hc, hc)], layout=_WG.reduce(0))
+        h = _activation(h + lax.broadcast_in_dim(b1, (rows, hc), [1]), act).astype(dtype)
+        w2 = w2_smem.at[pl.ds(half * hc, hc)]
+        if h_smem is None:
+          plgpu.wgmma(acc2_ref, h, w2)
+        else:
+          h_smem.at[half][...] = h
+          plgpu.commit_smem()
+          plgpu.wgmma(acc2_ref, h_smem.at[half], w2)
+
+    pl.run_scoped(first, plgpu.ACC((rows, hc), jnp.float32),
+                  plgpu.ACC((rows, hc), jnp.float32))
+
+  plgpu.emit_pipeline(
+      step,
+      grid=(e // (2 * hc),),
+      in_specs=[
+          plgpu.BlockSpec((2 * hc, c), lambda k: (k, 0), transforms=w_t, delay_release=1),
+          plgpu.BlockSpec((2 * hc,), lambda k: (k,), delay_release=1),
+          plgpu.BlockSpec((2 * hc, c), lambda k: (k, 0), transforms=w_t, delay_release=1),
+      ],
+      max_concurrent_steps=stages,
+  )(w1t_gmem, b1_gmem, w2_gmem)
+
+
 def _kernel(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b2_gmem,
             out_gmem, *, c: int, e: int, hc: int, act: str, normalize: bool, eps: float,
-            stages: int, h_in_smem: bool, bm: int):
+            stages: int, h_in_smem: bool, bm: int, pipelined: bool = False):
   dtype = z_gmem.dtype
   i = lax.axis_index("m")
   rows = pl.ds(i * bm, bm)
@@ -225,6 +274,11 @@ def _kernel(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b2_g
     zn_smem = z_smem
 
     def accumulate(acc2_ref):
+      if pipelined:
+        _pipelined_chunks(acc2_ref, zn_smem, w1t_gmem, b1_gmem, w2_gmem, h_smem, c=c, e=e,
+                          hc=hc, act=act, stages=stages)
+        return acc2_ref[...]
+
       def chunk(_, w1t_smem, b1_smem, w2_smem):
         _hidden_chunk(acc2_ref, zn_smem, w1t_smem, b1_smem, w2_smem, h_smem, act=act)
 
@@ -255,7 +309,8 @@ def _kernel(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b2_g
       plgpu.SMEM((c,), jnp.float32),
       plgpu.SMEM((c,), jnp.float32),
       plgpu.Barrier(num_barriers=5),
-      plgpu.SMEM((bm, hc), dtype, transforms=_transforms(hc, dtype))
+      plgpu.SMEM((2, bm, hc) if pipelined else (bm, hc), dtype,
+                 transforms=_transforms(hc, dtype))
       if h_in_smem else None,
   )
 
@@ -384,11 +439,12 @@ def row_inputs(z, res, z_bias, row_scale, block_m: int):
 
 
 @functools.partial(jax.jit, static_argnames=("act", "normalize", "eps", "hidden_chunk",
-                                             "stages", "h_in_smem", "block_m", "interpret"))
+                                             "stages", "h_in_smem", "block_m", "pipelined",
+                                             "interpret"))
 def fused_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str = "gelu",
               normalize: bool = True, eps: float = 1e-6, hidden_chunk: int = 64,
               stages: int = 2, h_in_smem: bool | None = None, block_m: int = BLOCK_M,
-              interpret: bool = False):
+              pipelined: bool = False, interpret: bool = False):
   """y = res + row_scale * (act(norm(z + z_bias) @ w1 + b1) @ w2 + b2) over rows.
 
   z, res: (M, C) bfloat16/float16 (y has their dtype); w1: (C, E); w2: (E, C); b1: (E,);
@@ -400,7 +456,10 @@ def fused_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
   64 rows sharing each weight chunk, fed by a third TMA warpgroup: ``_kernel_ws``).
   h_in_smem: pass the activated hidden chunk to the second wgmma through shared memory
   (True) or as its register operand (False).  None = registers on a GPU, shared memory in
-  the interpreter, which does not model register operands of wgmma."""
+  the interpreter, which does not model register operands of wgmma.
+  pipelined: (block_m=64 only; needs stages >= 2) keep the next hidden chunk's first wgmma
+  in flight while the current chunk's activation runs (``_pipelined_chunks``).  Checked in
+  the interpreter only so far -- not yet compiled or timed on a GPU; off by default."""
   m, c, e = check_mlp_args(z, res, w1, b1, w2, b2)
   reason = unsupported_reason(m, c, e, z.dtype, hidden_chunk)
   if reason is not None:
@@ -408,6 +467,10 @@ def fused_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
   dtype = z.dtype
   if block_m not in (64, 128):
     raise ValueError(f"block_m must be 64 or 128, got {block_m}")
+  if pipelined and (block_m != 64 or stages < 2 or e % (2 * hidden_chunk)):
+    raise ValueError(f"pipelined=True needs block_m=64, stages >= 2 (the weight slots are "
+                     f"released one step late) and an even number of hidden chunks, got "
+                     f"block_m={block_m}, stages={stages}, E={e}, hidden_chunk={hidden_chunk}")
   z, res, zb, rs = row_inputs(z, res, z_bias, row_scale, block_m)
   m_pad = z.shape[0]
   interpreting = interpret is not False and interpret is not None
@@ -423,7 +486,7 @@ def fused_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
     threads = dict(num_threads=3, thread_name="wg")
     b1 = b1.reshape(e // hidden_chunk, hidden_chunk)
   else:
-    kernel = functools.partial(_kernel, bm=block_m, **common)
+    kernel = functools.partial(_kernel, bm=block_m, pipelined=pipelined, **common)
     threads = {}
   call = plgpu.kernel(
       kernel,

@@ -124,9 +124,16 @@ def _normalise_in_place(z_smem, zb_smem, *, normalize: bool, eps: float):
 
 def _expand_kernel(z_gmem, zb_gmem, w1t_gmem, b1_gmem, h_gmem, *, e: int, hc: int,
                    act: str, normalize: bool, eps: float, stages: int, bm: int,
-                   staging: int = 2):
+                   staging: int = 2, pipelined: bool = False):
   """zb_gmem: (n_cb, cb); w1t_gmem: (n_cb, E, cb) = W1^T in column blocks (a TMA copy moves
-  at most 256 elements along each dimension, so C=384/768 rows go in blocks)."""
+  at most 256 elements along each dimension, so C=384/768 rows go in blocks).
+
+  ``pipelined``: each pipeline step takes two hidden slices of ``hc`` (its W1^T block is 2 hc
+  rows), issues both slices' wgmmas into two accumulators, then reads the first with
+  ``wgmma_accumulator_load(wait_n=n_cb)`` -- the second slice's n_cb wgmmas stay in flight
+  while the first slice's bias + activation + store run -- and then the second (wait_n=0).
+  Every wgmma is retired inside its step, so the weight slots need no delayed release.  Not
+  yet compiled or timed on a GPU (interpreter-tested only); off by default."""
   dtype = z_gmem.dtype
   n_cb, _, cb = w1t_gmem.shape
   rows = pl.ds(lax.axis_index("m") * bm, bm)
@@ -139,13 +146,7 @@ def _expand_kernel(z_gmem, zb_gmem, w1t_gmem, b1_gmem, h_gmem, *, e: int, hc: in
       plgpu.barrier_wait(bars.at[b])
     _normalise_in_place(z_smem, zb_smem, normalize=normalize, eps=eps)
 
-    def chunk(idx, w1t_smem, b1_smem):
-      (j,) = idx
-      def mm1(acc_ref):
-        for b in range(n_cb):
-          plgpu.wgmma(acc_ref, z_smem.at[b], w1t_smem.at[b].transpose((1, 0)))
-        return acc_ref[...]
-      h = pl.run_scoped(mm1, plgpu.ACC((bm, hc), jnp.float32))
+    def activate_and_store(h, b1_smem, j):
       b1 = plgpu.load(b1_smem, layout=_WG.reduce(0))
       h = _activation(h + lax.broadcast_in_dim(b1, (bm, hc), [1]), act).astype(dtype)
       # ``staging`` tiles: the TMA store issued ``staging`` chunks ago must have read this
@@ -157,13 +158,34 @@ def _expand_kernel(z_gmem, zb_gmem, w1t_gmem, b1_gmem, h_gmem, *, e: int, hc: in
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(h_smem.at[slot], h_gmem.at[rows, pl.ds(j * hc, hc)])
 
+    def chunk(idx, w1t_smem, b1_smem):
+      (j,) = idx
+      def mm1(acc_ref):
+        for b in range(n_cb):
+          plgpu.wgmma(acc_ref, z_smem.at[b], w1t_smem.at[b].transpose((1, 0)))
+        return acc_ref[...]
+      activate_and_store(pl.run_scoped(mm1, plgpu.ACC((bm, hc), jnp.float32)), b1_smem, j)
+
+    def pair(idx, w1t_smem, b1_smem):
+      (k,) = idx
+      def both(*accs):
+        for half, acc in enumerate(accs):
+          for b in range(n_cb):
+            plgpu.wgmma(acc, z_smem.at[b],
+                        w1t_smem.at[b, pl.ds(half * hc, hc)].transpose((1, 0)))
+        for half, acc in enumerate(accs):
+          h = plgpu.wgmma_accumulator_load(acc, wait_n=n_cb * (len(accs) - 1 - half))
+          activate_and_store(h, b1_smem.at[pl.ds(half * hc, hc)], 2 * k + half)
+      pl.run_scoped(both, plgpu.ACC((bm, hc), jnp.float32), plgpu.ACC((bm, hc), jnp.float32))
+
+    step = 2 * hc if pipelined else hc
     plgpu.emit_pipeline(
-        chunk,
-        grid=(e // hc,),
+        pair if pipelined else chunk,
+        grid=(e // step,),
         in_specs=[
-            plgpu.BlockSpec((n_cb, hc, cb), lambda j: (0, j, 0),
+            plgpu.BlockSpec((n_cb, step, cb), lambda j: (0, j, 0),
                             transforms=_transforms(cb, dtype)),
-            plgpu.BlockSpec((hc,), lambda j: (j,)),
+            plgpu.BlockSpec((step,), lambda j: (j,)),
         ],
         max_concurrent_steps=stages,
     )(w1t_gmem, b1_gmem)
@@ -225,14 +247,15 @@ def _project_kernel(h_gmem, res_gmem, rs_gmem, w2_gmem, b2_gmem, out_gmem, *, e:
 
 
 def expand_call(z, zb, w1, b1, *, hc, cb, act, normalize, eps, stages, bm=BLOCK_M, staging=2,
-                **params):
+                pipelined=False, **params):
   """h = act(norm(z + zb) @ w1 + b1) for z with a multiple of ``bm`` rows (``_expand_kernel``)."""
   m, c = z.shape
   e = w1.shape[1]
   dtype = z.dtype
   return plgpu.kernel(
       functools.partial(_expand_kernel, e=e, hc=hc, act=act, normalize=normalize,
-                        eps=float(eps), stages=stages, bm=bm, staging=staging),
+                        eps=float(eps), stages=stages, bm=bm, staging=staging,
+                        pipelined=pipelined),
       out_type=jax.ShapeDtypeStruct((m, e), dtype),
       grid=(m // bm,), grid_names=("m",), **params,
   )(z, zb.reshape(c // cb, cb),
@@ -253,12 +276,14 @@ def project_call(h, res, rs, w2, b2, *, bn, kc, stages, bm=BLOCK_M, **params):
 @functools.partial(jax.jit, static_argnames=("act", "normalize", "eps", "hidden_chunk",
                                              "block_n", "stages", "project_stages",
                                              "col_block", "expand_block_m",
-                                             "project_block_m", "interpret"))
+                                             "project_block_m", "expand_pipelined",
+                                             "interpret"))
 def split_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str = "gelu",
               normalize: bool = True, eps: float = 1e-6, hidden_chunk: int | None = None,
               block_n: int | None = None, stages: int = 2, project_stages: int = 3,
               col_block: int | None = None, expand_block_m: int = BLOCK_M,
-              project_block_m: int = BLOCK_M, interpret=False):
+              project_block_m: int = BLOCK_M, expand_pipelined: bool = False,
+              interpret=False):
   """y = res + row_scale * (act(norm(z + z_bias) @ w1 + b1) @ w2 + b2) over rows, as
   ``mosaic_mlp.fused_mlp`` (same arguments and result), in two kernels.
 
@@ -268,7 +293,11 @@ def split_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
   256/192/128/64 dividing C); col_block: the expand kernel's column blocks of z and W1^T
   (its TMA copies and LayerNorm passes; None: likewise); expand_block_m / project_block_m:
   rows per CTA of each kernel, 64 or 128 (one warpgroup issuing two 64-row wgmmas per
-  weight tile: each weight tile is read from L2 once per 128 rows instead of per 64)."""
+  weight tile: each weight tile is read from L2 once per 128 rows instead of per 64).
+  expand_pipelined: the expand kernel takes two hidden slices per pipeline step so that one
+  slice's wgmmas run while the other's activation does (``_expand_kernel``; default slice:
+  half the unpipelined one, so the weight stages take the same shared memory).  Not yet
+  timed on a GPU; off by default."""
   m, c, e = mosaic_mlp.check_mlp_args(z, res, w1, b1, w2, b2)
   reason = unsupported_reason(m, c, e, z.dtype, stages)
   if reason is not None:
@@ -282,6 +311,12 @@ def split_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
   if hc is None:
     raise ValueError(f"C={c} with expand_block_m={expand_block_m} and {stages} stages does "
                      f"not fit the expand kernel's shared memory")
+  if expand_pipelined and hidden_chunk is None:
+    hc //= 2
+  step = 2 * hc if expand_pipelined else hc  # W1^T rows per pipeline stage
+  if expand_pipelined and e % step:
+    raise ValueError(f"expand_pipelined=True needs an even number of hidden slices: "
+                     f"E={e}, hidden_chunk={hc}")
   bn = block_n or _column_block(c)
   cb = col_block or _column_block(c)
   for name, v, total in (("hidden_chunk", hc, e), ("block_n", bn, c), ("col_block", cb, c)):
@@ -294,9 +329,10 @@ def split_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
   if project_stages < 2:
     raise ValueError(f"project_stages must be >= 2 (one wgmma stays in flight), got "
                      f"{project_stages}")
-  if expand_smem_bytes(c, hc, stages, bm=expand_block_m, staging=1) > SMEM_BYTES:
+  if expand_smem_bytes(c, step, stages, bm=expand_block_m, staging=1) > SMEM_BYTES:
     raise ValueError(f"hidden_chunk={hc} with {stages} stages and expand_block_m="
-                     f"{expand_block_m} does not fit shared memory")
+                     f"{expand_block_m}{' (two per stage)' if expand_pipelined else ''} does "
+                     f"not fit shared memory")
   if project_smem_bytes(bn, kc, project_stages, bm=project_block_m) > SMEM_BYTES:
     raise ValueError(f"block_n={bn} with {project_stages} stages and project_block_m="
                      f"{project_block_m} does not fit shared memory")
@@ -307,7 +343,8 @@ def split_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
                 interpret=_interpret_params(interpret))
   h = expand_call(z, zb, w1, b1, hc=hc, cb=cb, act=act, normalize=normalize, eps=eps,
                   stages=stages, bm=expand_block_m,
-                  staging=choose_staging(c, hc, stages, expand_block_m), **params)
+                  staging=choose_staging(c, step, stages, expand_block_m),
+                  pipelined=expand_pipelined, **params)
   y = project_call(h, res, rs, w2, b2, bn=bn, kc=kc, stages=project_stages,
                    bm=project_block_m, **params)
   return y[:m] if m_pad != m else y

@@ -40,6 +40,9 @@ from tests.pallas_kernels.test_mosaic_mlp import _mlp_inputs as _inputs
     (130, 128, 256, "gelu", True, dict(expand_block_m=128, project_block_m=128, block_n=64)),
     # 128-row expand CTAs at C=384: one output staging tile (two do not fit)
     (70, 384, 128, "gelu", True, dict(expand_block_m=128, project_block_m=128, block_n=192)),
+    # two hidden slices of 32 per expand step (C=384: 2 column blocks), padded rows
+    (100, 384, 256, "gelu", True, dict(expand_pipelined=True)),
+    (64, 128, 512, "silu", False, dict(expand_pipelined=True, hidden_chunk=64, stages=3)),
 ])
 def test_split_mlp_matches_reference(m, c, e, act, normalize, kw):
   check_against_reference(mosaic_split.split_mlp, _inputs(m + c, m, c, e), act, normalize,
@@ -52,10 +55,12 @@ def test_split_mlp_float16_no_row_scale_no_bias():
   check_against_reference(mosaic_split.split_mlp, a)
 
 
-def test_split_mlp_has_no_races():
+@pytest.mark.parametrize("kw", [{}, dict(expand_pipelined=True)])
+def test_split_mlp_has_no_races(kw):
   """Race detector over both kernels: the expand kernel's double-buffered TMA stores of h
-  (4 chunks through 2 staging tiles), the project kernel's slots released one step late."""
-  check_race_free(mosaic_split.split_mlp, _inputs(4, 128, 64, 256))
+  (4 chunks through 2 staging tiles; pipelined: two per step), the project kernel's slots
+  released one step late.  (The interpreter runs wgmma synchronously.)"""
+  check_race_free(functools.partial(mosaic_split.split_mlp, **kw), _inputs(4, 128, 64, 256))
 
 
 def test_split_mlp_one_staging_tile_has_no_races(monkeypatch):
@@ -81,6 +86,9 @@ def test_split_mlp_errors_name_the_problem():
     mosaic_split.split_mlp(**a, project_stages=1, interpret=True)
   with pytest.raises(ValueError, match="project_block_m must be 64 or 128, got 96"):
     mosaic_split.split_mlp(**a, project_block_m=96, interpret=True)
+  with pytest.raises(ValueError, match="even number of hidden slices"):
+    mosaic_split.split_mlp(**_inputs(5, 64, 64, 192), hidden_chunk=64, expand_pipelined=True,
+                           interpret=True)
   with pytest.raises(ValueError, match="expand_block_m=128 .* does not fit"):
     mosaic_split.split_mlp(**_inputs(5, 64, 768, 256), expand_block_m=128, interpret=True)
   # C=1536 (ConvNeXt-XL's last stage) with 4 stages does not fit shared memory
@@ -141,6 +149,21 @@ def test_compiled_split_kernels_on_gpu(shape):
   dps = jax.random.uniform(kd, (shape[0],)) + 0.5
   got = convnext_mosaic.forward(x, params, dps, split=True, stages=2)
   want = convnext_block_reference(x.astype(jnp.float32), params, dps)
+  assert _rel(got, want) < BF16_TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,c,e", [(2 * 14 * 14, 384, 1536), (7 * 9 + 3, 768, 3072)])
+def test_compiled_pipelined_expand_on_gpu(m, c, e):
+  """``expand_pipelined=True`` compiled (two accumulators per step).  C=768's default would
+  be slices of 16, below the multiple of 32 the kernels take, so it runs 32-wide slices with
+  one weight stage (two stages of 64 W1^T rows do not fit next to its z tile)."""
+  if mosaic_mlp.device_unsupported_reason(False) is not None:
+    pytest.skip(mosaic_mlp.device_unsupported_reason(False))
+  a = _inputs(c, m, c, e)
+  kw = dict(hidden_chunk=32, stages=1) if c == 768 else {}
+  got = mosaic_split.split_mlp(**a, expand_pipelined=True, **kw)
+  want = mosaic_mlp.fused_mlp_reference(**{k: v.astype(jnp.float32) for k, v in a.items()})
   assert _rel(got, want) < BF16_TOL
 
 

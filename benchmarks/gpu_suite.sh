@@ -8,6 +8,7 @@
 #   MODELS=convfirst_t,convnext_tiny bash benchmarks/gpu_suite.sh models  # whole-model img/s
 #   bash benchmarks/gpu_suite.sh mosaic    # Mosaic GPU kernel variants vs XLA and Triton
 #   bash benchmarks/gpu_suite.sh dwconv    # Pallas depthwise conv vs XLA, block forwards
+#   bash benchmarks/gpu_suite.sh pipelined # pipelined vs serial Mosaic kernels (+ their tests)
 # Results go to $OUT (or ./out) as JSON / PNG / logs; a short summary is printed last.
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -67,6 +68,15 @@ case "${1:-}" in
     log "Mosaic GPU fused pointwise kernel vs XLA (and Triton): variants, checks, timings"
     timeout 560 python3 -m benchmarks.mosaic_blocks --json "$OUT/mosaic_blocks.json" 2>&1 \
       | grep -v cuda_timer | tee "$OUT/mosaic_blocks.txt" | tail -10
+    ;;
+  pipelined)
+    log "compiled tests of the pipelined Mosaic kernels"
+    timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider \
+      -k "pipelined" tests/pallas_kernels/test_mosaic_mlp.py \
+      tests/pallas_kernels/test_mosaic_split.py 2>&1 | tail -3
+    log "pipelined vs serial Mosaic kernels (kernel level)"
+    timeout 300 python3 -m benchmarks.mosaic_pipelined --json "$OUT/mosaic_pipelined.json" \
+      2>&1 | grep -v cuda_timer | tee "$OUT/mosaic_pipelined.txt" | tail -16
     ;;
   dwconv)
     log "Pallas depthwise conv tiles vs XLA, and the ConvNeXt block forward with each conv"

@@ -68,6 +68,7 @@ def _forward(x, params, dps, eps, tiles, interpret):
                           project_stages=tiles.mosaic_project_stages,
                           project_block_m=tiles.mosaic_project_block_m,
                           block_n=tiles.mosaic_block_n or None,
+                          pipelined=tiles.mosaic_pipelined,
                           dwconv_tiles=dw_tiles, interpret=interpret)
   return pallas_triton.forward(x, params, dps, eps=eps, tiles=tiles, interpret=interpret)
 

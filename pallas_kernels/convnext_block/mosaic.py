@@ -50,13 +50,15 @@ def forward(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | None = N
             h_in_smem: bool | None = None, block_m: int = 64,
             dwconv_tiles: dwconv_triton.DwconvTiles | None = None, split: bool = False,
             project_stages: int = 3, project_block_m: int = 64, block_n: int | None = None,
-            interpret: bool = False) -> jax.Array:
+            pipelined: bool = False, interpret: bool = False) -> jax.Array:
   """``dwconv_tiles``: None runs XLA's depthwise conv, else the Pallas-Triton one
   (dwconv_triton.py) with these tiles.  ``split``: the pointwise half as the two kernels of
   mosaic_split.py (any C multiple of 64; ``block_m`` and ``h_in_smem`` do not apply)
   instead of the one of mosaic_mlp.py (C <= 256); ``stages`` is then its expand kernel's
   pipeline depth, ``project_stages`` its project kernel's, ``project_block_m`` and
-  ``block_n`` that kernel's rows and output channels per CTA."""
+  ``block_n`` that kernel's rows and output channels per CTA.  ``pipelined``: the fused
+  kernel's ``pipelined`` / the split form's ``expand_pipelined`` (a wgmma in flight while
+  each activation runs)."""
   n, h, w, c = x.shape
   if dwconv_tiles is None:
     z = dwconv.depthwise_conv(x, params.dw_kernel, wgrad="xla")
@@ -71,10 +73,11 @@ def forward(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | None = N
         z.reshape(rows, c), x.reshape(rows, c), w1, b1, w2, b2, z_bias=params.dw_bias,
         row_scale=row_scale, act="gelu", normalize=True, eps=eps, stages=stages,
         project_stages=project_stages, project_block_m=project_block_m, block_n=block_n,
-        interpret=interpret)
+        expand_pipelined=pipelined, interpret=interpret)
     return y.reshape(n, h, w, c)
   y = mosaic_mlp.fused_mlp(
       z.reshape(rows, c), x.reshape(rows, c), w1, b1, w2, b2, z_bias=params.dw_bias,
       row_scale=row_scale, act="gelu", normalize=True, eps=eps, hidden_chunk=hidden_chunk,
-      stages=stages, h_in_smem=h_in_smem, block_m=block_m, interpret=interpret)
+      stages=stages, h_in_smem=h_in_smem, block_m=block_m, pipelined=pipelined,
+      interpret=interpret)
   return y.reshape(n, h, w, c)

@@ -70,6 +70,11 @@ class ConvNeXtTiles:
   # 256/192/128/64 dividing C).  H100 2026-11-26, C=384: 128 x 192 0.212 ms, 64 x 192 0.241.
   mosaic_project_block_m: int = 64
   mosaic_block_n: int = 0
+  # Keep a wgmma in flight while each activation runs: "mosaic" -> fused_mlp(pipelined=True)
+  # (needs mosaic_block_m=64), "mosaic_split" -> split_mlp(expand_pipelined=True).  Off in
+  # every table entry: interpreter-tested, not yet timed on a GPU (2026-11-26;
+  # `bash benchmarks/gpu_suite.sh pipelined` measures it).
+  mosaic_pipelined: bool = False
   # The depthwise conv before the Mosaic kernels, and in "hybrid" differentiated calls its
   # forward and input gradient (dwconv.depthwise_conv(conv=...)): "pallas" = dwconv_triton.py
   # (default tiles; 1.4-2.0x XLA's conv on an H100, 2026-11-26), "xla" = XLA's conv.
@@ -297,6 +302,7 @@ def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]
               block_m=t.mosaic_block_m, split=t.fwd_kernel == "mosaic_split",
               project_stages=t.mosaic_project_stages,
               project_block_m=t.mosaic_project_block_m, block_n=t.mosaic_block_n or None,
+              pipelined=t.mosaic_pipelined,
               dwconv_tiles=None if t.mosaic_dwconv == "xla" else dwconv_triton.DwconvTiles()),
           (x, params, dps), best, include_current=False)
       if verbose:

@@ -157,17 +157,24 @@ def test_gelu_is_the_erf_form():
                                 np.array([0, 0, 0, 50, 1e4, 1e30], np.float32))
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 7, 96), (1, 3, 5, 192)])
-def test_convnext_block_forward_through_mosaic(shape):
+@pytest.mark.parametrize("shape,pipelined", [((2, 5, 7, 96), False), ((1, 3, 5, 192), False),
+                                             ((2, 5, 7, 96), True)])
+def test_convnext_block_forward_through_mosaic(shape, pipelined):
   """The public entry point picks the Mosaic kernel for bf16 at ConvNeXt-T's first two
-  stage widths (odd H and W, batch 1 and 2, drop-path scale per sample)."""
+  stage widths (odd H and W, batch 1 and 2, drop-path scale per sample); the tile field
+  ``mosaic_pipelined`` reaches the kernel."""
   kx, kp, kd = jax.random.split(jax.random.key(shape[-1]), 3)
   x = jax.random.normal(kx, shape).astype(jnp.bfloat16)
   params = tuning.reference_params(kp, shape[-1])
   dps = jax.random.uniform(kd, (shape[0],)) + 0.5
   tiles = tuning.get_tiles(shape[-1], x.dtype)
+  if pipelined:
+    with pytest.raises(ValueError, match="pipelined=True needs block_m=64"):  # it arrives
+      convnext_block(x, params, dps, implementation="pallas", interpret=True,
+                     tiles=dataclasses.replace(tiles, mosaic_pipelined=True, mosaic_block_m=128))
+    tiles = dataclasses.replace(tiles, mosaic_pipelined=True, mosaic_block_m=64)
   assert api.forward_kernel(x.shape, x.dtype, params, tiles, True) == "mosaic"
-  got = convnext_block(x, params, dps, implementation="pallas", interpret=True)
+  got = convnext_block(x, params, dps, implementation="pallas", interpret=True, tiles=tiles)
   want = convnext_block_reference(x.astype(jnp.float32), params, dps)
   assert _rel(got, want) < BF16_TOL
   # the XLA bf16 block is no closer to the float32 reference than the kernel

@@ -98,16 +98,19 @@ def test_split_mlp_errors_name_the_problem():
   assert mosaic_split.choose_hidden_chunk(768, 2) == 32
 
 
-@pytest.mark.parametrize("shape", [(1, 3, 5, 384), (2, 2, 3, 256)])
-def test_convnext_block_forward_through_split(shape):
+@pytest.mark.parametrize("shape,pipelined", [((1, 3, 5, 384), False), ((2, 2, 3, 256), False),
+                                             ((1, 3, 5, 384), True)])
+def test_convnext_block_forward_through_split(shape, pipelined):
   """The public entry point with the split Mosaic forward (the default tiles at C=384;
-  odd H and W, batch 1 and 2, drop-path scale per sample)."""
+  odd H and W, batch 1 and 2, drop-path scale per sample; ``mosaic_pipelined`` reaches the
+  expand kernel)."""
   c = shape[-1]
   kx, kp, kd = jax.random.split(jax.random.key(c), 3)
   x = jax.random.normal(kx, shape).astype(jnp.bfloat16)
   params = tuning.reference_params(kp, c)
   dps = jax.random.uniform(kd, (shape[0],)) + 0.5
-  tiles = dataclasses.replace(tuning.get_tiles(c, x.dtype), fwd_kernel="mosaic_split")
+  tiles = dataclasses.replace(tuning.get_tiles(c, x.dtype), fwd_kernel="mosaic_split",
+                              mosaic_pipelined=pipelined)
   assert api.forward_kernel(x.shape, x.dtype, params, tiles, True) == "mosaic_split"
   got = convnext_block(x, params, dps, implementation="pallas", interpret=True, tiles=tiles)
   want = convnext_block_reference(x.astype(jnp.float32), params, dps)

@@ -165,6 +165,24 @@ def _normalise_into(z_smem, zb_smem, zn_smem, *, normalize: bool, eps: float):
   plgpu.commit_smem()  # visible to the tensor cores; orders the reads of z_smem before any TMA
 
 
+def _activate(h, b1_ref, act: str, dtype):
+  """act(h + b1) in ``dtype``: the hidden chunk's bias and activation, in registers."""
+  rows, hc = h.shape
+  b1 = plgpu.load(b1_ref, layout=_WG.reduce(0))
+  return _activation(h + lax.broadcast_in_dim(b1, (rows, hc), [1]), act).astype(dtype)
+
+
+def _project(acc2_ref, h, w2_smem, h_smem):
+  """Issues acc2 += h @ W2-chunk with the activated chunk as wgmma's register operand
+  (h_smem None) or through h_smem (not awaited)."""
+  if h_smem is None:
+    plgpu.wgmma(acc2_ref, h, w2_smem)
+  else:
+    h_smem[...] = h
+    plgpu.commit_smem()
+    plgpu.wgmma(acc2_ref, h_smem, w2_smem)
+
+
 def _hidden_chunk(acc2_ref, zn_smem, w1t_smem, b1_ref, w2_smem, h_smem, *, act: str,
                   wait_w2=None):
   """acc2 += act(zn @ W1[:, chunk] + b1[chunk]) @ W2[chunk, :] for one hidden chunk, the
@@ -175,17 +193,11 @@ def _hidden_chunk(acc2_ref, zn_smem, w1t_smem, b1_ref, w2_smem, h_smem, *, act: 
   def mm1(acc_ref):
     plgpu.wgmma(acc_ref, zn_smem, w1t_smem.transpose((1, 0)))
     return acc_ref[...]
-  h = pl.run_scoped(mm1, plgpu.ACC((rows, hc), jnp.float32))
-  b1 = plgpu.load(b1_ref, layout=_WG.reduce(0))
-  h = _activation(h + lax.broadcast_in_dim(b1, (rows, hc), [1]), act).astype(zn_smem.dtype)
+  h = _activate(pl.run_scoped(mm1, plgpu.ACC((rows, hc), jnp.float32)), b1_ref, act,
+                zn_smem.dtype)
   if wait_w2 is not None:
     wait_w2()
-  if h_smem is None:
-    plgpu.wgmma(acc2_ref, h, w2_smem)
-  else:
-    h_smem[...] = h
-    plgpu.commit_smem()
-    plgpu.wgmma(acc2_ref, h_smem, w2_smem)
+  _project(acc2_ref, h, w2_smem, h_smem)
   plgpu.wgmma_wait(0)  # the weight slots are refilled once the chunk returns
 
 
@@ -226,16 +238,10 @@ def _pipelined_chunks(acc2_ref, zn_smem, w1t_gmem, b1_gmem, w2_gmem, h_smem, *, 
       plgpu.wgmma(acc_a, zn_smem, w1t_smem.at[pl.ds(0, hc)].transpose((1, 0)))
       plgpu.wgmma(acc_b, zn_smem, w1t_smem.at[pl.ds(hc, hc)].transpose((1, 0)))
       for half, acc in enumerate((acc_a, acc_b)):
-        h = plgpu.wgmma_accumulator_load(acc, wait_n=1)
-        b1 = plgpu.load(b1_smem.at[pl.ds(half * hc, hc)], layout=_WG.reduce(0))
-        h = _activation(h + lax.broadcast_in_dim(b1, (rows, hc), [1]), act).astype(dtype)
-        w2 = w2_smem.at[pl.ds(half * hc, hc)]
-        if h_smem is None:
-          plgpu.wgmma(acc2_ref, h, w2)
-        else:
-          h_smem.at[half][...] = h
-          plgpu.commit_smem()
-          plgpu.wgmma(acc2_ref, h_smem.at[half], w2)
+        h = _activate(plgpu.wgmma_accumulator_load(acc, wait_n=1),
+                      b1_smem.at[pl.ds(half * hc, hc)], act, dtype)
+        _project(acc2_ref, h, w2_smem.at[pl.ds(half * hc, hc)],
+                 None if h_smem is None else h_smem.at[half])
 
     pl.run_scoped(first, plgpu.ACC((rows, hc), jnp.float32),
                   plgpu.ACC((rows, hc), jnp.float32))

@@ -39,7 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import mosaic_mlp
-from pallas_kernels.mosaic_mlp import _WG, _activation, _interpret_params, _transforms
+from pallas_kernels.mosaic_mlp import _WG, _activate, _interpret_params, _transforms
 
 BLOCK_M = 64
 SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA (opt-in maximum)
@@ -147,8 +147,7 @@ def _expand_kernel(z_gmem, zb_gmem, w1t_gmem, b1_gmem, h_gmem, *, e: int, hc: in
     _normalise_in_place(z_smem, zb_smem, normalize=normalize, eps=eps)
 
     def activate_and_store(h, b1_smem, j):
-      b1 = plgpu.load(b1_smem, layout=_WG.reduce(0))
-      h = _activation(h + lax.broadcast_in_dim(b1, (bm, hc), [1]), act).astype(dtype)
+      h = _activate(h, b1_smem, act, dtype)
       # ``staging`` tiles: the TMA store issued ``staging`` chunks ago must have read this
       # one.  (Not the pipeline's own out_specs: their predicated stores are not modelled
       # by the interpreter the tests run in.)

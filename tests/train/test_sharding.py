@@ -10,6 +10,8 @@ LR, STEPS = 3e-3, 8  # as in sharded_check.py
 
 
 def test_four_devices_match_one_device():
+  # Replaces (does not extend) the XLA_FLAGS of tests/conftest.py: compiled at XLA's
+  # default optimisation level, the rounding the tolerances below were set for.
   r = run_python(["-m", "tests.train.sharded_check"],
                  env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}, timeout=400)
   assert r.returncode == 0, r.stderr[-4000:]

@@ -157,29 +157,26 @@ def _expand_kernel(z_gmem, zb_gmem, w1t_gmem, b1_gmem, h_gmem, *, e: int, hc: in
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(h_smem.at[slot], h_gmem.at[rows, pl.ds(j * hc, hc)])
 
-    def chunk(idx, w1t_smem, b1_smem):
-      (j,) = idx
-      def mm1(acc_ref):
-        for b in range(n_cb):
-          plgpu.wgmma(acc_ref, z_smem.at[b], w1t_smem.at[b].transpose((1, 0)))
-        return acc_ref[...]
-      activate_and_store(pl.run_scoped(mm1, plgpu.ACC((bm, hc), jnp.float32)), b1_smem, j)
+    g = 2 if pipelined else 1  # hidden slices per pipeline step
 
-    def pair(idx, w1t_smem, b1_smem):
+    def part(ref, half):  # slice ``half`` of a step's block (the whole block when g == 1)
+      return ref if g == 1 else ref.at[pl.ds(half * hc, hc)]
+
+    def slices(idx, w1t_smem, b1_smem):
       (k,) = idx
-      def both(*accs):
+
+      def run(*accs):
         for half, acc in enumerate(accs):
           for b in range(n_cb):
-            plgpu.wgmma(acc, z_smem.at[b],
-                        w1t_smem.at[b, pl.ds(half * hc, hc)].transpose((1, 0)))
-        for half, acc in enumerate(accs):
-          h = plgpu.wgmma_accumulator_load(acc, wait_n=n_cb * (len(accs) - 1 - half))
-          activate_and_store(h, b1_smem.at[pl.ds(half * hc, hc)], 2 * k + half)
-      pl.run_scoped(both, plgpu.ACC((bm, hc), jnp.float32), plgpu.ACC((bm, hc), jnp.float32))
+            plgpu.wgmma(acc, z_smem.at[b], part(w1t_smem.at[b], half).transpose((1, 0)))
+        for half, acc in enumerate(accs):  # later slices' wgmmas stay in flight
+          h = plgpu.wgmma_accumulator_load(acc, wait_n=n_cb * (g - 1 - half))
+          activate_and_store(h, part(b1_smem, half), g * k + half)
+      pl.run_scoped(run, *[plgpu.ACC((bm, hc), jnp.float32)] * g)
 
-    step = 2 * hc if pipelined else hc
+    step = g * hc
     plgpu.emit_pipeline(
-        pair if pipelined else chunk,
+        slices,
         grid=(e // step,),
         in_specs=[
             plgpu.BlockSpec((n_cb, step, cb), lambda j: (0, j, 0),
@@ -328,6 +325,7 @@ def split_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
   if project_stages < 2:
     raise ValueError(f"project_stages must be >= 2 (one wgmma stays in flight), got "
                      f"{project_stages}")
+  # (with ``step`` the staging tiles are counted 2 hc wide when pipelined: an overestimate)
   if expand_smem_bytes(c, step, stages, bm=expand_block_m, staging=1) > SMEM_BYTES:
     raise ValueError(f"hidden_chunk={hc} with {stages} stages and expand_block_m="
                      f"{expand_block_m}{' (two per stage)' if expand_pipelined else ''} does "

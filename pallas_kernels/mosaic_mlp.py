@@ -104,6 +104,45 @@ def _gelu(x):
   return x * _recip_pos(1.0 + jnp.exp2(q * x))
 
 
+def _gelu_and_grad(x):
+  """(GELU(x), GELU'(x)) of the same fit as ``_gelu``, for the backward kernel.  With
+  u = x P(x^2) (the fitted logit of Phi), e = exp(-u) and s = 1 / (1 + e):
+  GELU = x s and GELU' = s + x s (1 - s) u' = s + x e s^2 (P(x^2) + 2 x^2 P'(x^2)), the
+  derivative of the fitted function itself (no second exp; 1 - s as e s, without
+  cancellation).  The exponent is clamped at 2^126 so that e s^2 stays finite (x below
+  about -9: GELU and GELU' are 0 to float32 there anyway), and u' is evaluated at x clipped
+  to [-10, 10], where e s^2 has long underflowed to 0 (so a huge |x| cannot turn it into
+  inf * 0)."""
+  t = x * x
+  q = _GELU_EXP2[-1]
+  for c in _GELU_EXP2[-2::-1]:
+    q = q * t + c
+  e = jnp.exp2(jnp.minimum(q * x, 126.0))
+  s = _recip_pos(1.0 + e)
+  xc = jnp.minimum(jnp.maximum(x, -10.0), 10.0)
+  tc = xc * xc
+  du = (2 * len(_GELU_LOGIT) - 1) * _GELU_LOGIT[-1]
+  for k in range(len(_GELU_LOGIT) - 2, -1, -1):
+    du = du * tc + (2 * k + 1) * _GELU_LOGIT[k]
+  return x * s, s + xc * (e * s * s) * du
+
+
+def _silu_and_grad(x):
+  """(SiLU(x), SiLU'(x)) = (x s, s (1 + x (1 - s))) with s = sigmoid(x) and 1 - s = e s,
+  e = exp(-x) (its argument clamped at 87 so that e stays finite)."""
+  e = jnp.exp(jnp.minimum(-x, 87.0))
+  s = _recip_pos(1.0 + e)
+  return x * s, s * (1.0 + x * (e * s))
+
+
+def _activation_and_grad(h, act: str):
+  if act == "gelu":
+    return _gelu_and_grad(h)
+  if act == "silu":
+    return _silu_and_grad(h)
+  raise ValueError(f"the backward kernel's activation must be 'gelu' or 'silu', got {act!r}")
+
+
 def _activation(h, act: str):
   if act == "gelu":
     return _gelu(h)

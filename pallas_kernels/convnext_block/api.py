@@ -13,7 +13,9 @@ mosaic_split.py -- for C a multiple of 64 above that), and the whole-block Palla
 kernel otherwise (``tiles.fwd_kernel`` chooses).  Gradients of the Pallas path come from a
 ``jax.custom_vjp`` whose forward saves only its inputs; the backward is the Pallas-Triton
 kernels (see pallas_triton.py).  Under "hybrid" the differentiated block is XLA's except
-its depthwise conv's forward and input gradient (``tiles.mosaic_dwconv``)."""
+its depthwise conv's forward and input gradient (``tiles.mosaic_dwconv``), or -- where
+``tiles.mosaic_backward`` is set and C <= 256 -- the Mosaic forward with the Mosaic
+backward of mosaic_mlp_bwd.py (``train_kernel``)."""
 
 from __future__ import annotations
 
@@ -78,30 +80,72 @@ def _fused(x, params, dps, eps, tiles, interpret, xla_grad):
   return _forward(x, params, dps, eps, tiles, interpret)
 
 
+def train_kernel(x_shape, dtype, params: ConvNeXtBlockParams, tiles: tuning.ConvNeXtTiles,
+                 interpret: bool) -> str:
+  """What a differentiated "hybrid" call runs: "mosaic" (the Mosaic forward + backward of
+  ``mosaic.forward_train``) where ``tiles.mosaic_backward`` asks for it and the one-kernel
+  Mosaic form supports the call, else "xla" (XLA's block, the depthwise conv as
+  ``tiles.mosaic_dwconv`` says)."""
+  if (tiles.mosaic_backward
+      and forward_kernel(x_shape, dtype, params, tiles, interpret) == "mosaic"
+      and mosaic.train_unsupported_reason(x_shape, params, dtype, tiles.mosaic_bwd_stages,
+                                          tiles.mosaic_hidden) is None):
+    return "mosaic"
+  return "xla"
+
+
+def _value(p):
+  return p.value if isinstance(p, jax.custom_derivatives.CustomVJPPrimal) else p
+
+
 def _fused_fwd(x, params, dps, eps, tiles, interpret, xla_grad):
-  if xla_grad:
-    # "hybrid": a differentiated call runs XLA forward + backward (faster than the Pallas
+  # symbolic_zeros: the primals arrive wrapped, with whether each is perturbed; the drop-path
+  # scale usually is not (it comes from an RNG), and then nothing is spent on its gradient.
+  dps_perturbed = dps.perturbed
+  x, dps = x.value, dps.value
+  params = jax.tree.map(_value, params,
+                        is_leaf=lambda p: isinstance(p, jax.custom_derivatives.CustomVJPPrimal))
+  mosaic_train = train_kernel(x.shape, x.dtype, params, tiles, interpret) == "mosaic"
+  if xla_grad or mosaic_train:
+    # "hybrid": a differentiated call runs XLA forward + backward (faster than the Triton
     # backward where the tile table says so), except the depthwise conv's forward and input
     # gradient, which take the Pallas-Triton conv where the tiles ask for it for the forward
-    # (``mosaic_dwconv``); plain calls take the whole Pallas forward.
-    dw_conv = "pallas" if tiles.mosaic_dwconv == "pallas" else "xla"
-    y, vjp = jax.vjp(lambda x, p, d: convnext_block_reference(
-        x, p, d, eps=eps, dw_conv=dw_conv, interpret=interpret), x, params, dps)
-    return y, vjp
+    # (``mosaic_dwconv``); plain calls take the whole Pallas forward.  Where the tiles ask
+    # for ``mosaic_backward`` (under "hybrid" or "pallas"), the Mosaic forward + backward
+    # (mosaic.forward_train) instead.
+    dw_pallas = tiles.mosaic_dwconv == "pallas"
+    if mosaic_train:
+      fn = lambda x, p, d: mosaic.forward_train(
+          x, p, d, eps=eps, hidden_chunk=tiles.mosaic_hidden, stages=tiles.mosaic_stages,
+          block_m=tiles.mosaic_block_m, bwd_stages=tiles.mosaic_bwd_stages,
+          dwconv_pallas=dw_pallas, interpret=interpret)
+    else:
+      fn = lambda x, p, d: convnext_block_reference(
+          x, p, d, eps=eps, dw_conv="pallas" if dw_pallas else "xla", interpret=interpret)
+    # Residuals: (vjp,) or (vjp of x and params, zero d dps); the Triton path's: 3 arrays.
+    if dps_perturbed:
+      y, vjp = jax.vjp(fn, x, params, dps)
+      return y, (vjp,)
+    y, vjp = jax.vjp(lambda x, p: fn(x, p, dps), x, params)
+    return y, (vjp, jnp.zeros_like(dps))
   y = _forward(x, params, dps, eps, tiles, interpret)
   return y, (x, params, dps)
 
 
 def _fused_bwd(eps, tiles, interpret, xla_grad, res, g):
-  if xla_grad:
-    return res(g)
+  if isinstance(g, jax.custom_derivatives.SymbolicZero):
+    g = jnp.zeros(g.shape, g.dtype)
+  if len(res) == 1:  # jax.vjp of XLA's block or of mosaic.forward_train (see _fused_fwd)
+    return res[0](g)
+  if len(res) == 2:  # the same, dps not perturbed
+    return (*res[0](g), res[1])
   x, params, dps = res
   dx, dparams, ddps = pallas_triton.backward(x, params, dps, g, eps=eps, tiles=tiles,
                                              interpret=interpret)
   return dx, dparams, ddps.astype(dps.dtype)
 
 
-_fused.defvjp(_fused_fwd, _fused_bwd)
+_fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
 
 
 def pallas_unsupported_reason(x: jax.Array, params: ConvNeXtBlockParams,

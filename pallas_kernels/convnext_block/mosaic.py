@@ -12,15 +12,17 @@ and the normalised input never reach DRAM (with two, the hidden activation makes
 round trip); the depthwise conv's output z does (one write, one read: C wide, a quarter of
 the hidden tensor XLA writes and reads).
 
-Forward only: ``api.convnext_block`` differentiates it with the Triton backward kernels
-or XLA (see tuning.py's ``auto``)."""
+``forward``: inference (``api.convnext_block`` differentiates it with the Triton backward
+kernels or XLA, see tuning.py's ``auto``).  ``forward_train``: the same forward, made
+differentiable by the Mosaic backward of mosaic_mlp_bwd.py for the pointwise half and the
+depthwise conv's own VJP (dwconv.py), with autodiff through the weight folding."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import mosaic_mlp, mosaic_split
+from pallas_kernels import mosaic_mlp, mosaic_mlp_bwd, mosaic_split
 from pallas_kernels.convnext_block import dwconv, dwconv_triton
 from pallas_kernels.convnext_block.reference import ConvNeXtBlockParams
 
@@ -80,4 +82,39 @@ def forward(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | None = N
       row_scale=row_scale, act="gelu", normalize=True, eps=eps, hidden_chunk=hidden_chunk,
       stages=stages, h_in_smem=h_in_smem, block_m=block_m, pipelined=pipelined,
       interpret=interpret)
+  return y.reshape(n, h, w, c)
+
+
+def train_unsupported_reason(x_shape, params: ConvNeXtBlockParams, dtype,
+                             bwd_stages: int = 2, hidden_chunk: int = 64) -> str | None:
+  """Why ``forward_train`` cannot run this call, or None."""
+  n, h, w, c = x_shape
+  return mosaic_mlp_bwd.unsupported_reason(n * h * w, c, params.fc1_kernel.shape[1], dtype,
+                                           "gelu", hidden_chunk, bwd_stages)
+
+
+def forward_train(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | None = None, *,
+                  eps: float = 1e-6, hidden_chunk: int = 64, stages: int = 2,
+                  block_m: int = 64, bwd_stages: int = 2, dwconv_pallas: bool = True,
+                  interpret: bool = False) -> jax.Array:
+  """The block forward of ``forward`` (one-kernel form, C <= 256) for differentiated calls:
+
+  * depthwise conv: ``dwconv.depthwise_conv`` -- forward and input gradient on the
+    Pallas-Triton kernel (``dwconv_pallas``) or XLA, the weight gradient XLA's ("auto");
+  * LN + MLP + layer scale + residual: ``mosaic_mlp_bwd.mlp_with_grad`` (the inference
+    kernel forward, the Mosaic backward kernel + XLA weight-gradient GEMMs);
+  * the LN affine / layer-scale folding: plain jnp, so autodiff carries the folded
+    weights' gradients back to ln_scale, ln_bias, fc1, fc2 and gamma.
+  ``dps`` is differentiated only if it is perturbed (mlp_with_grad's row_scale)."""
+  n, h, w, c = x.shape
+  z = dwconv.depthwise_conv(x, params.dw_kernel, wgrad="auto",
+                            conv="pallas" if dwconv_pallas else "xla",
+                            interpret=interpret is not False and interpret is not None)
+  w1, b1, w2, b2 = fold_params(params)
+  rows = n * h * w
+  row_scale = None if dps is None else jnp.repeat(dps.astype(jnp.float32), h * w)
+  y = mosaic_mlp_bwd.mlp_with_grad(
+      z.reshape(rows, c), x.reshape(rows, c), w1, b1, w2, b2, z_bias=params.dw_bias,
+      row_scale=row_scale, act="gelu", normalize=True, eps=eps, hidden_chunk=hidden_chunk,
+      stages=stages, block_m=block_m, bwd_stages=bwd_stages, interpret=interpret)
   return y.reshape(n, h, w, c)

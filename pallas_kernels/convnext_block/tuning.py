@@ -79,6 +79,13 @@ class ConvNeXtTiles:
   # forward and input gradient (dwconv.depthwise_conv(conv=...)): "pallas" = dwconv_triton.py
   # (default tiles; 1.4-2.0x XLA's conv on an H100, 2026-11-26), "xla" = XLA's conv.
   mosaic_dwconv: str = "pallas"
+  # "hybrid" differentiated calls with the one-kernel Mosaic forward ("mosaic", C <= 256):
+  # True = that forward kernel plus the Mosaic backward of pallas_kernels/mosaic_mlp_bwd.py
+  # (its pointwise half; the depthwise conv as ``mosaic_dwconv`` says, its weight gradient
+  # XLA's) instead of XLA's forward + backward.  ``mosaic_bwd_stages``: that kernel's weight
+  # pipeline depth.
+  mosaic_backward: bool = False
+  mosaic_bwd_stages: int = 2
   # What implementation=None runs (from measurements, per channel count and device):
   # "pallas": Pallas forward and backward; "hybrid": Pallas for plain (inference) calls,
   # XLA forward+backward when the call is differentiated (the Pallas forward was faster
@@ -111,12 +118,18 @@ def _project_tile(c: int) -> dict:
 
 def _heuristic_tiles(c: int) -> ConvNeXtTiles:
   if c <= 128:  # Mosaic, normalising in place: 2 stages = 3 CTAs per SM at C=96 (H100
-    # 2026-11-26: 0.296 ms vs 0.303 with 3 stages)
+    # 2026-11-26: 0.296 ms vs 0.303 with 3 stages); Mosaic backward with 1 weight stage
+    # (see TUNED)
     return ConvNeXtTiles(fwd_pixels=128, fwd_hidden=64, bwd_pixels=64, bwd_hidden=64,
-                         wgrad_rows=128, wgrad_hidden=64, mosaic_stages=2)
-  if c <= 256:  # Mosaic: H200 2026-11-25, C=192: bm128 s2 0.397 ms vs bm64 s3 0.457 ms
+                         wgrad_rows=128, wgrad_hidden=64, mosaic_stages=2,
+                         mosaic_backward=True, mosaic_bwd_stages=1)
+  if c <= 256:  # Mosaic: H200 2026-11-25, C=192: bm128 s2 0.397 ms vs bm64 s3 0.457 ms;
+    # Mosaic backward with 2 weight stages where they fit shared memory (see TUNED)
+    from pallas_kernels import mosaic_mlp_bwd
+    fits = mosaic_mlp_bwd.bwd_smem_bytes(c, 64, 2) <= mosaic_mlp_bwd.SMEM_BYTES
     return ConvNeXtTiles(fwd_pixels=64, fwd_hidden=64, bwd_pixels=64, bwd_hidden=32,
-                         wgrad_rows=64, wgrad_hidden=32, mosaic_block_m=128, mosaic_stages=2)
+                         wgrad_rows=64, wgrad_hidden=32, mosaic_block_m=128, mosaic_stages=2,
+                         mosaic_backward=True, mosaic_bwd_stages=2 if fits else 1)
   if c <= 512:  # split Mosaic: H200 2026-11-26, C=384: expand 2 stages 0.132 ms vs 0.165
     return ConvNeXtTiles(fwd_pixels=32, fwd_hidden=64, fwd_warps=4, bwd_pixels=32,
                          bwd_hidden=32, wgrad_rows=64, wgrad_hidden=32,
@@ -140,16 +153,21 @@ def _heuristic_tiles(c: int) -> ConvNeXtTiles:
 # form under None since the cheaper GELU (mosaic_mlp._gelu): block forward at 7x7x768, batch
 # 128, 0.264 / 0.274 ms with 128 x 192 project tiles vs XLA 0.302 / 0.316 in two rounds of
 # one run (64 x 256: 0.287 / 0.303; it had been within noise of XLA before).
+# Differentiated calls at C=96 / 192 run the Mosaic forward + backward (mosaic_backward):
+# block forward + backward, batch 128, bf16, H100 2026-11-26 (benchmarks.mosaic_train):
+# 56x56x96 2.327 ms with 1 backward weight stage (2.410 with 2; 2 CTAs per SM fit with 1)
+# vs XLA 3.731 and the previous "hybrid" 3.604; 28x28x192 1.305 ms with 2 (1.518 with 1) vs
+# XLA 2.032 and "hybrid" 1.921.
 _H100 = "NVIDIA H100 80GB HBM3"
 TUNED: dict[tuple[int, str, str], ConvNeXtTiles] = {
     (96, "bfloat16", _H100): ConvNeXtTiles(
         fwd_pixels=128, fwd_hidden=64, fwd_warps=4, bwd_pixels=64, bwd_hidden=64,
         wgrad_rows=128, wgrad_hidden=64, dw_pixels=128, dw_channels=32, auto="hybrid",
-        mosaic_stages=2),
+        mosaic_stages=2, mosaic_backward=True, mosaic_bwd_stages=1),
     (192, "bfloat16", _H100): ConvNeXtTiles(
         fwd_pixels=64, fwd_hidden=64, fwd_warps=4, bwd_pixels=64, bwd_hidden=32,
         wgrad_rows=64, wgrad_hidden=32, dw_pixels=128, dw_channels=32, auto="hybrid",
-        mosaic_block_m=128, mosaic_stages=2),
+        mosaic_block_m=128, mosaic_stages=2, mosaic_backward=True, mosaic_bwd_stages=2),
     (384, "bfloat16", _H100): ConvNeXtTiles(
         fwd_pixels=32, fwd_hidden=64, fwd_warps=4, bwd_pixels=32, bwd_hidden=32,
         wgrad_rows=64, wgrad_hidden=32, dw_pixels=128, dw_channels=32, auto="hybrid",
@@ -251,7 +269,9 @@ def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]
   Hopper; C % 32 == 0 and C <= 256 for the fused kernel, C % 64 == 0 for the split one) --
   their tiles and the depthwise conv before them (``MOSAIC_CANDIDATES``,
   ``MOSAIC_SPLIT_CANDIDATES``), and ``fwd_kernel`` is set to whichever forward was fastest; then the backward fields (timing
-  the backward kernels, an independent launch).  ``candidates``: (forward changes,
+  the backward kernels, an independent launch); then, where the one-kernel Mosaic forward
+  won and ``auto`` is "hybrid", whether differentiated calls run XLA's block or the Mosaic
+  backward (``mosaic_backward``, 1 or 2 weight stages).  ``candidates``: (forward changes,
   backward changes) as dicts of ConvNeXtTiles fields for the Triton kernels.  Candidates
   that fail to compile (registers, shared memory) are skipped.  Returns (best, timings)."""
   from pallas_kernels import mosaic_mlp
@@ -312,6 +332,20 @@ def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]
         best = best_m
   _, best = phase(bwd_c, lambda t: lambda x, p, d, g: pallas_triton.backward(
       x, p, d, g, eps=1e-6, tiles=t, interpret=False), (x, params, dps, g), best)
+  if best.fwd_kernel == "mosaic" and best.auto == "hybrid":
+    # Differentiated calls (gradients of x and the parameters, as in training): XLA's block
+    # (with the depthwise conv as mosaic_dwconv says) or the Mosaic forward + backward.
+    from pallas_kernels.convnext_block import api
+
+    def grad_call(t):
+      def run(x, p, d, g):
+        _, vjp = jax.vjp(lambda x, p: api.convnext_block(x, p, d, tiles=t), x, p)
+        return vjp(g)
+      return run
+
+    _, best = phase([dict(mosaic_backward=b, mosaic_bwd_stages=s)
+                     for b, s in ((False, best.mosaic_bwd_stages), (True, 1), (True, 2))],
+                    grad_call, (x, params, dps, g), best, include_current=False)
   if save:
     data = _load_cache()
     data[_key(c, dtype, _device_kind())] = best.to_json()

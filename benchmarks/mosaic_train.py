@@ -1,0 +1,150 @@
+"""The Mosaic GPU backward (pallas_kernels/mosaic_mlp_bwd.py) on the GPU: ConvNeXt block
+forward + backward, XLA vs the current "hybrid" training path vs the Mosaic forward +
+backward, and the backward kernel alone.
+
+    PYTHONPATH=. python3 -m benchmarks.mosaic_train [--batch 128] [--json out.json]
+
+Blocks: ConvNeXt-T's stages with C <= 256 (56x56x96, 28x28x192), bfloat16 activations,
+float32 parameters, random data, drop-path scale random in {0, 1/0.9} and not
+differentiated (as in training: the gradient is taken with respect to x and the
+parameters).  Variants of ``mosaic_backward`` run with the tuned tiles of this GPU and
+``mosaic_bwd_stages`` 1 and 2.  Every variant's output and gradients (x and all nine
+parameters) are compared with XLA's on the same inputs (max |a - b| / max |b| over each
+leaf; the largest is printed).  Then ``fused_mlp_bwd`` alone at each block's rows.  Times:
+median of ``--iters`` samples of ``--reps`` back-to-back calls alternating two random
+inputs, synchronised.  The table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import mosaic_mlp, mosaic_mlp_bwd
+from pallas_kernels.convnext_block import api, tuning
+from pallas_kernels.timing import median_seconds
+
+SHAPES = ((56, 96), (28, 192))
+
+
+def _ms(fn, arg_sets, iters, reps):
+  return median_seconds(fn, arg_sets=arg_sets, warmup=len(arg_sets), iters=iters,
+                        reps=reps) * 1e3
+
+
+def _max_rel(a, b):
+  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+  if np.isnan(a).any():
+    return float("nan")
+  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def _fwd_bwd(f):
+  """y and the gradients with respect to x and the parameters (dps held constant)."""
+  def run(x, p, d, g):
+    y, vjp = jax.vjp(lambda x, p: f(x, p, d), x, p)
+    return y, vjp(g)
+  return jax.jit(run)
+
+
+def _inputs(key, batch, hw, c):
+  kx, kp, kg, kd = jax.random.split(key, 4)
+  x = jax.random.normal(kx, (batch, hw, hw, c), jnp.float32).astype(jnp.bfloat16)
+  p = tuning.reference_params(kp, c)
+  d = (jax.random.uniform(kd, (batch,)) > 0.1).astype(jnp.float32) / 0.9
+  g = jax.random.normal(kg, x.shape, jnp.float32).astype(jnp.bfloat16)
+  return x, p, d, g
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--batch", type=int, default=128)
+  ap.add_argument("--iters", type=int, default=20)
+  ap.add_argument("--reps", type=int, default=10)
+  ap.add_argument("--json", default=None)
+  args = ap.parse_args(argv)
+  reason = mosaic_mlp.device_unsupported_reason(False)
+  if reason is not None:
+    raise SystemExit(f"benchmarks.mosaic_train: {reason}")
+  device = jax.devices()[0].device_kind
+  rows, table = [], []
+
+  def record(name, label, ms, base, err=None, **extra):
+    rows.append(dict(block=name, variant=label, ms=ms, max_rel_err=err, **extra))
+    e = "" if err is None else f"  max err vs XLA {err:.1e}"
+    x = "" if base is None else f"  x{base / ms:5.2f}"
+    table.append(f"{name:20s} {label:34s} {ms:8.3f} ms{x}{e}")
+    print(table[-1], flush=True)
+
+  for hw, c in SHAPES:
+    name = f"convnext {hw}x{hw}x{c}"
+    sets = [_inputs(jax.random.key(i), args.batch, hw, c) for i in range(2)]
+    tuned = tuning.get_tiles(c, jnp.bfloat16)
+    variants = [("xla", "xla", None), ("hybrid (tuned tiles)", None,
+                                       dataclasses.replace(tuned, mosaic_backward=False))]
+    for s in (2, 1):
+      variants.append((f"mosaic backward, bwd stages {s}", None,
+                       dataclasses.replace(tuned, mosaic_backward=True, mosaic_bwd_stages=s)))
+    ref = None
+    base = None
+    for label, impl, tiles in variants:
+      f = lambda x, p, d, impl=impl, tiles=tiles: api.convnext_block(
+          x, p, d, implementation=impl, tiles=tiles)
+      fb = _fwd_bwd(f)
+      try:
+        out = fb(*sets[0])
+        leaves = [out[0], *jax.tree.leaves(out[1])]
+        err = None
+        if ref is None:
+          ref = leaves
+        else:
+          err = max(_max_rel(a, b) for a, b in zip(leaves, ref))
+        ms = _ms(fb, sets, args.iters, args.reps)
+      except Exception as ex:  # noqa: BLE001 - report and go on
+        msg = (str(ex) or repr(ex)).splitlines()[0][:200]
+        table.append(f"{name:20s} {label:34s} FAILED {type(ex).__name__}: {msg}")
+        print(table[-1], flush=True)
+        continue
+      base = ms if base is None else base
+      record(name, label + " (fwd+bwd)", ms, base, err)
+
+    # The backward kernel alone at this block's rows.
+    m, e = args.batch * hw * hw, 4 * c
+    k = jax.random.split(jax.random.key(7), 6)
+    z = jax.random.normal(k[0], (m, c)).astype(jnp.bfloat16)
+    g = jax.random.normal(k[1], (m, c)).astype(jnp.bfloat16)
+    w1 = jax.random.normal(k[2], (c, e)) * c ** -0.5
+    b1 = jax.random.normal(k[3], (e,)) * 0.1
+    w2 = jax.random.normal(k[4], (e, c)) * e ** -0.5
+    zb = jax.random.normal(k[5], (c,)) * 0.1
+    for s in (2, 1):
+      fn = jax.jit(lambda z, g, s=s: mosaic_mlp_bwd.fused_mlp_bwd(z, g, w1, b1, w2, z_bias=zb,
+                                                                  stages=s))
+      try:
+        ms = _ms(fn, [(z, g), (g, z)], args.iters, args.reps)
+      except Exception as ex:  # noqa: BLE001
+        table.append(f"{name:20s} bwd kernel alone, stages {s}: FAILED "
+                     f"{(str(ex) or repr(ex)).splitlines()[0][:200]}")
+        print(table[-1], flush=True)
+        continue
+      record(name, f"fused_mlp_bwd alone, stages {s}", ms, None)
+
+  if args.json:
+    with open(args.json, "w") as fh:
+      json.dump(dict(device=device, date=datetime.date.today().isoformat(), batch=args.batch,
+                     dtype="bfloat16", rows=rows), fh, indent=1)
+  print(f"\nConvNeXt blocks, forward + backward (grads of x and the parameters), bfloat16, "
+        f"batch {args.batch}, {device}, {datetime.date.today().isoformat()} "
+        f"(x = XLA time / this time)")
+  print("\n".join(table))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,317 @@
+"""Backward of ``mosaic_mlp.fused_mlp`` (the pointwise half of a block) for training.
+
+Forward (per row r of the (M, C) activations; ``fused_mlp``'s function):
+
+    zn = norm(z + zb)   a = zn W1 + b1   h = act(a)   y = res + rs * (h W2 + b2)
+
+Backward, given dy and g = rs * dy (rounded to z's dtype):
+
+    dh = g W2^T   da = dh * act'(a)   dzn = da W1^T   dz = norm'(dzn)      (``_bwd_kernel``)
+    dW1 = zn^T da   db1 = sum_r da   dW2 = h^T g   db2 = sum_r g            (XLA GEMMs)
+    dres = dy   dzb = sum_r dz
+
+``_bwd_kernel`` -- one CTA (one warpgroup) per 64 rows -- loads its z and g tiles once (TMA),
+normalises z into a second shared-memory tile, and streams (hidden chunk x C) slices of W1^T
+and W2 through a TMA pipeline, as the forward does.  Per chunk j: two wgmmas issued
+back to back (a_j = zn W1_j and dh_j = g W2_j^T, 64 x C x hc each), then in registers
+bias + activation and its derivative (``mosaic_mlp._activation_and_grad``: GELU' costs no
+transcendental beyond those of GELU), da_j = dh_j act'(a_j); h_j and da_j go to shared
+memory in z's dtype, from where a third wgmma accumulates dzn += da_j W1_j^T (a 64 x C
+float32 register accumulator kept over the whole loop) and TMA copies them to DRAM for the
+weight gradients.  The LayerNorm backward (recomputing mean and 1/std from the raw z tile in
+float32) runs in the epilogue, which writes dz once.  So a is recomputed rather than saved
+by the forward (the forward stays the inference kernel, saving only its inputs), and the
+4C-wide tensors reach DRAM exactly twice (h and da, written once here, read once by the two
+weight-gradient GEMMs); XLA's differentiated block writes and reads several more.
+
+Why the weight gradients are cuBLAS GEMMs over h and da rather than reduced on chip: a
+per-CTA partial dW1 / dW2 is 2 x C x 4C float32 (295 KB at C=96), which does not fit on
+an SM next to the tiles above, and reducing partials across 6,000+ CTAs through DRAM would
+move more bytes than h and da do.
+
+``mlp_with_grad``: ``fused_mlp`` under a ``jax.custom_vjp`` whose backward is the above.
+The row scale (drop path) is differentiated only when it is perturbed (``symbolic_zeros``),
+by one extra XLA GEMM (u = h W2 + b2, d rs = sum_c dy u).
+
+Limits: those of ``fused_mlp`` (bfloat16/float16, C a multiple of 32, E a multiple of the
+hidden chunk), C at most 256, GELU or SiLU, and the tiles must fit shared memory
+(``bwd_smem_bytes``; C=256 needs ``stages=1``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import mosaic_mlp
+from pallas_kernels.mosaic_mlp import (
+    _WG,
+    _activation_and_grad,
+    _interpret_params,
+    _normalise_into,
+    _transforms,
+)
+
+BLOCK_M = 64
+SMEM_BYTES = 227 * 1024
+BWD_ACTIVATIONS = ("gelu", "silu")
+
+
+def bwd_smem_bytes(c: int, hc: int, stages: int, itemsize: int = 2, bm: int = BLOCK_M) -> int:
+  """Shared memory of ``_bwd_kernel``: z, zn and g tiles, ``stages`` slices of W1^T and W2,
+  two staging slots each for h and da, the small vectors, plus 2 KiB for barriers."""
+  return (itemsize * (3 * bm * c + 2 * stages * hc * c + 4 * bm * hc)
+          + 4 * (c + stages * hc) + 2048)
+
+
+def unsupported_reason(m: int, c: int, e: int, dtype, act: str = "gelu",
+                       hidden_chunk: int = 64, stages: int = 2) -> str | None:
+  """Why ``fused_mlp_bwd`` cannot run this shape/dtype/activation, or None."""
+  reason = mosaic_mlp.unsupported_reason(m, c, e, dtype, hidden_chunk)
+  if reason is not None:
+    return reason
+  if act not in BWD_ACTIVATIONS:
+    return f"the backward kernel supports the activations {BWD_ACTIVATIONS}, got {act!r}"
+  if stages < 1:
+    return f"stages must be >= 1, got {stages}"
+  need = bwd_smem_bytes(c, hidden_chunk, stages, jnp.dtype(dtype).itemsize)
+  if need > SMEM_BYTES:
+    return (f"C={c} with {stages} weight stages needs {need} bytes of shared memory in the "
+            f"backward kernel (at most {SMEM_BYTES}); use fewer stages")
+  return None
+
+
+def _ln_backward(dzn, z_smem, zb_smem, *, normalize: bool, eps: float):
+  """dz from dzn (both (rows, C) float32, WGMMA layout) through zn = norm(z + zb): with
+  zhat = (z + zb - mean) / std, dz = (dzn - mean(dzn) - zhat mean(dzn zhat)) / std."""
+  if not normalize:
+    return dzn
+  rows, c = dzn.shape
+  z = plgpu.load(z_smem, layout=_WG).astype(jnp.float32)
+  zb = plgpu.load(zb_smem, layout=_WG.reduce(0))
+  z = z + lax.broadcast_in_dim(zb, (rows, c), [1])
+  row = lambda v: lax.broadcast_in_dim(v, (rows, c), [0])
+  mean = z.sum(axis=1) * (1.0 / c)
+  d = z - row(mean)
+  rstd = lax.rsqrt((d * d).sum(axis=1) * (1.0 / c) + eps)
+  zhat = d * row(rstd)
+  m1 = dzn.sum(axis=1) * (1.0 / c)
+  m2 = (dzn * zhat).sum(axis=1) * (1.0 / c)
+  return (dzn - row(m1) - zhat * row(m2)) * row(rstd)
+
+
+def _bwd_kernel(z_gmem, g_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, dz_gmem, h_gmem, da_gmem,
+                *, c: int, e: int, hc: int, act: str, normalize: bool, eps: float,
+                stages: int, bm: int, da_in_regs: bool):
+  dtype = z_gmem.dtype
+  rows = pl.ds(lax.axis_index("m") * bm, bm)
+  tile_t = _transforms(c, dtype)
+
+  def scoped(z_smem, zn_smem, g_smem, zb_smem, out_smem, bars):
+    plgpu.copy_gmem_to_smem(z_gmem.at[rows], z_smem, bars.at[0])
+    plgpu.copy_gmem_to_smem(g_gmem.at[rows], g_smem, bars.at[1])
+    plgpu.copy_gmem_to_smem(zb_gmem, zb_smem, bars.at[2])
+    plgpu.barrier_wait(bars.at[0])
+    plgpu.barrier_wait(bars.at[2])
+    _normalise_into(z_smem, zb_smem, zn_smem, normalize=normalize, eps=eps)
+    plgpu.barrier_wait(bars.at[1])
+
+    def accumulate(dzn_ref):
+      def chunk(idx, w1t_smem, b1_smem, w2_smem):
+        (j,) = idx
+
+        def matmuls(acc_a, acc_dh):
+          plgpu.wgmma(acc_a, zn_smem, w1t_smem.transpose((1, 0)))
+          plgpu.wgmma(acc_dh, g_smem, w2_smem.transpose((1, 0)))
+          plgpu.wgmma_wait(0)
+          return acc_a[...], acc_dh[...]
+
+        a, dh = pl.run_scoped(matmuls, plgpu.ACC((bm, hc), jnp.float32),
+                              plgpu.ACC((bm, hc), jnp.float32))
+        b1 = plgpu.load(b1_smem, layout=_WG.reduce(0))
+        h, dact = _activation_and_grad(a + lax.broadcast_in_dim(b1, (bm, hc), [1]), act)
+        da = dh * dact
+        # Two staging slots per output: the TMA stores issued for chunk j - 2 must have
+        # read slot j % 2 (the two of chunk j - 1 may still be in flight); the dzn wgmma
+        # that read da's slot was retired at the end of chunk j - 2.
+        slot = lax.rem(j, 2)
+        plgpu.wait_smem_to_gmem(2, wait_read_only=True)
+        h_slot, da_slot = out_smem.at[0, slot], out_smem.at[1, slot]
+        h_slot[...] = h.astype(dtype)
+        da_slot[...] = da.astype(dtype)
+        plgpu.commit_smem()
+        # dzn += da W1_j^T: da as wgmma's register operand on a GPU (from shared memory,
+        # a 96-wide C failed Mosaic's layout inference, jax 0.11.2), through its staging
+        # slot in the interpreter (which does not model register operands).
+        plgpu.wgmma(dzn_ref, da.astype(dtype) if da_in_regs else da_slot, w1t_smem)
+        cols = pl.ds(j * hc, hc)
+        plgpu.copy_smem_to_gmem(h_slot, h_gmem.at[rows, cols])
+        plgpu.copy_smem_to_gmem(da_slot, da_gmem.at[rows, cols])
+        plgpu.wgmma_wait(0)  # the weight slots are refilled once the chunk returns
+
+      w_t = _transforms(c, dtype)
+      plgpu.emit_pipeline(
+          chunk,
+          grid=(e // hc,),
+          in_specs=[
+              plgpu.BlockSpec((hc, c), lambda j: (j, 0), transforms=w_t),
+              plgpu.BlockSpec((hc,), lambda j: (j,)),
+              plgpu.BlockSpec((hc, c), lambda j: (j, 0), transforms=w_t),
+          ],
+          max_concurrent_steps=stages,
+      )(w1t_gmem, b1_gmem, w2_gmem)
+      return dzn_ref[...]
+
+    dzn = pl.run_scoped(accumulate, plgpu.ACC((bm, c), jnp.float32))
+    dz = _ln_backward(dzn, z_smem, zb_smem, normalize=normalize, eps=eps)
+    g_smem[...] = dz.astype(dtype)  # every wgmma that read g has been retired
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(g_smem, dz_gmem.at[rows])
+    plgpu.wait_smem_to_gmem(0)
+
+  pl.run_scoped(
+      scoped,
+      plgpu.SMEM((bm, c), dtype, transforms=tile_t),
+      plgpu.SMEM((bm, c), dtype, transforms=tile_t),
+      plgpu.SMEM((bm, c), dtype, transforms=tile_t),
+      plgpu.SMEM((c,), jnp.float32),
+      plgpu.SMEM((2, 2, bm, hc), dtype, transforms=_transforms(hc, dtype)),
+      plgpu.Barrier(num_barriers=3),
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("act", "normalize", "eps", "hidden_chunk",
+                                             "stages", "interpret"))
+def fused_mlp_bwd(z, g, w1, b1, w2, *, z_bias=None, act: str = "gelu", normalize: bool = True,
+                  eps: float = 1e-6, hidden_chunk: int = 64, stages: int = 2,
+                  interpret: bool = False):
+  """(dz, h, da) of ``fused_mlp`` for the row-scaled output cotangent g = rs * dy.
+
+  z, g: (M, C) bfloat16/float16; w1: (C, E); b1: (E,); w2: (E, C); z_bias: (C,) or None.
+  Returns dz (M, C) (the gradient with respect to z, and summed over rows, z_bias), and the
+  activation h = act(a) and its gradient da = (g W2^T) act'(a), both (M, E), in z's dtype,
+  for the weight gradients dW1 = norm(z + zb)^T da and dW2 = h^T g.  Raises
+  NotImplementedError naming the reason for unsupported shapes (``unsupported_reason``)."""
+  m, c = z.shape
+  e = w1.shape[1]
+  if g.shape != z.shape or g.dtype != z.dtype:
+    raise ValueError(f"g must match z: got {g.shape} {g.dtype} vs {z.shape} {z.dtype}")
+  if w1.shape != (c, e) or w2.shape != (e, c) or b1.shape != (e,):
+    raise ValueError(f"weight shapes do not fit C={c}, E={e}: w1 {w1.shape}, b1 {b1.shape}, "
+                     f"w2 {w2.shape}")
+  reason = unsupported_reason(m, c, e, z.dtype, act, hidden_chunk, stages)
+  if reason is not None:
+    raise NotImplementedError(f"fused_mlp_bwd: {reason}")
+  dtype = z.dtype
+  zb = jnp.zeros((c,), jnp.float32) if z_bias is None else z_bias.astype(jnp.float32)
+  m_pad = -(-m // BLOCK_M) * BLOCK_M
+  if m_pad != m:  # zero rows: g = 0 gives da = 0 and dz = 0 there
+    z = jnp.pad(z, ((0, m_pad - m), (0, 0)))
+    g = jnp.pad(g, ((0, m_pad - m), (0, 0)))
+  kernel = functools.partial(_bwd_kernel, c=c, e=e, hc=hidden_chunk, act=act,
+                             normalize=normalize, eps=float(eps), stages=stages, bm=BLOCK_M,
+                             da_in_regs=interpret is False or interpret is None)
+  call = plgpu.kernel(
+      kernel,
+      out_type=(jax.ShapeDtypeStruct((m_pad, c), dtype), jax.ShapeDtypeStruct((m_pad, e), dtype),
+                jax.ShapeDtypeStruct((m_pad, e), dtype)),
+      grid=(m_pad // BLOCK_M,),
+      grid_names=("m",),
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=_interpret_params(interpret),
+  )
+  dz, h, da = call(z, g, zb, w1.T.astype(dtype), b1.astype(jnp.float32), w2.astype(dtype))
+  if m_pad != m:
+    dz, h, da = dz[:m], h[:m], da[:m]
+  return dz, h, da
+
+
+class MlpConfig(NamedTuple):
+  """Static arguments of ``mlp_with_grad`` (the forward kernel's and the backward's)."""
+  act: str = "gelu"
+  normalize: bool = True
+  eps: float = 1e-6
+  hidden_chunk: int = 64
+  stages: int = 2
+  block_m: int = 64
+  bwd_stages: int = 2
+  interpret: bool = False
+
+
+def _normalised(z, zb, normalize: bool, eps: float):
+  z = z.astype(jnp.float32) + zb.astype(jnp.float32)
+  if normalize:
+    mean = z.mean(-1, keepdims=True)
+    d = z - mean
+    z = d * lax.rsqrt(jnp.square(d).mean(-1, keepdims=True) + eps)
+  return z
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
+def _mlp(z, res, w1, b1, w2, b2, zb, rs, cfg: MlpConfig):
+  return mosaic_mlp.fused_mlp(z, res, w1, b1, w2, b2, z_bias=zb, row_scale=rs, act=cfg.act,
+                              normalize=cfg.normalize, eps=cfg.eps,
+                              hidden_chunk=cfg.hidden_chunk, stages=cfg.stages,
+                              block_m=cfg.block_m, interpret=cfg.interpret)
+
+
+def _mlp_fwd(z, res, w1, b1, w2, b2, zb, rs, cfg):
+  vals = [p.value for p in (z, res, w1, b1, w2, b2, zb, rs)]
+  y = _mlp(*vals, cfg)
+  return y, (vals[0], vals[2], vals[3], vals[4], vals[5], vals[6], vals[7], rs.perturbed)
+
+
+def _mlp_bwd(cfg, saved, dy):
+  z, w1, b1, w2, b2, zb, rs, rs_perturbed = saved
+  f32 = jnp.float32
+  zeros = lambda v: jnp.zeros(v.shape, v.dtype)
+  if isinstance(dy, jax.custom_derivatives.SymbolicZero):
+    return (zeros(z), jnp.zeros(z.shape, z.dtype), zeros(w1), zeros(b1), zeros(w2),
+            zeros(b2), zeros(zb), zeros(rs))
+  dtype = z.dtype
+  dy = dy.astype(dtype)
+  g = (dy.astype(f32) * rs.astype(f32)[:, None]).astype(dtype)
+  dz, h, da = fused_mlp_bwd(z, g, w1, b1, w2, z_bias=zb, act=cfg.act, normalize=cfg.normalize,
+                            eps=cfg.eps, hidden_chunk=cfg.hidden_chunk, stages=cfg.bwd_stages,
+                            interpret=cfg.interpret)
+  zn = _normalised(z, zb, cfg.normalize, cfg.eps).astype(dtype)
+  dw1 = jnp.dot(zn.T, da, preferred_element_type=f32)
+  dw2 = jnp.dot(h.T, g, preferred_element_type=f32)
+  db1 = da.astype(f32).sum(0)
+  db2 = g.astype(f32).sum(0)
+  dzb = dz.astype(f32).sum(0)
+  if rs_perturbed:  # d rs[r] = sum_c dy[r, c] (h W2 + b2)[r, c]: one more GEMM
+    u = jnp.dot(h, w2.astype(dtype), preferred_element_type=f32) + b2.astype(f32)
+    drs = (dy.astype(f32) * u).sum(1)
+  else:
+    drs = jnp.zeros(rs.shape, f32)
+  return (dz, dy, dw1.astype(w1.dtype), db1.astype(b1.dtype), dw2.astype(w2.dtype),
+          db2.astype(b2.dtype), dzb.astype(zb.dtype), drs.astype(rs.dtype))
+
+
+_mlp.defvjp(_mlp_fwd, _mlp_bwd, symbolic_zeros=True)
+
+
+def mlp_with_grad(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str = "gelu",
+                  normalize: bool = True, eps: float = 1e-6, hidden_chunk: int = 64,
+                  stages: int = 2, block_m: int = 64, bwd_stages: int = 2,
+                  interpret: bool = False):
+  """``mosaic_mlp.fused_mlp`` (same arguments and result) with a Mosaic GPU backward: the
+  forward kernel saves only its inputs, the backward is ``fused_mlp_bwd`` plus XLA's GEMMs
+  for the weight gradients.  Gradients flow to z, res, w1, b1, w2, b2, z_bias and (when it
+  is perturbed) row_scale.  ``bwd_stages``: the backward kernel's weight pipeline depth."""
+  m, c, e = mosaic_mlp.check_mlp_args(z, res, w1, b1, w2, b2)
+  reason = unsupported_reason(m, c, e, z.dtype, act, hidden_chunk, bwd_stages)
+  if reason is not None:
+    raise NotImplementedError(f"mlp_with_grad: {reason}")
+  zb = jnp.zeros((c,), jnp.float32) if z_bias is None else z_bias
+  rs = jnp.ones((m,), jnp.float32) if row_scale is None else row_scale
+  cfg = MlpConfig(act, bool(normalize), float(eps), hidden_chunk, stages, block_m, bwd_stages,
+                  bool(interpret))
+  return _mlp(z, res, w1, b1, w2, b2, zb, rs, cfg)

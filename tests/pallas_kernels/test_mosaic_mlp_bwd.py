@@ -1,0 +1,281 @@
+"""Mosaic GPU backward of the pointwise block half (pallas_kernels.mosaic_mlp_bwd) in the
+Mosaic GPU interpreter on CPU, and the ConvNeXt block's training path built on it.
+
+The interpreter starts every buffer as NaN, so an unwritten output element shows up; every
+comparison asserts there is none.  References: ``jax.grad`` / ``jax.vjp`` of the float32
+jnp reference (``mosaic_mlp.fused_mlp_reference``, ``convnext_block_reference``) on the same
+bf16/f16-rounded inputs.  The kernel's matmul operands (zn, g, h, da) are rounded to the
+activation dtype, so agreement is to that precision: bf16 ~4e-3 here (tolerance 1e-2, as
+the forward's tests), float16 ~5e-4 (tolerance 2e-3).  The kernel takes no float32
+activations (wgmma); the block's float32 path is the Triton/XLA one, tested elsewhere."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import convnext_block, convnext_block_reference, mosaic_mlp, mosaic_mlp_bwd
+from pallas_kernels.convnext_block import api, tuning
+
+ARGS = ("z", "res", "w1", "b1", "w2", "b2", "z_bias", "row_scale")
+
+
+def _rel(a, b):
+  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+  assert not np.isnan(a).any(), "NaN in a kernel result (unwritten or uninitialised)"
+  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def _inputs(seed, m, c, e, dtype=jnp.bfloat16):
+  k = jax.random.split(jax.random.key(seed), 9)
+  n = jax.random.normal
+  a = dict(z=(n(k[0], (m, c)) * 2 + 0.5).astype(dtype), res=n(k[1], (m, c)).astype(dtype),
+           w1=n(k[2], (c, e)) / c ** 0.5, b1=n(k[3], (e,)) * 0.1,
+           w2=n(k[4], (e, c)) / e ** 0.5, b2=n(k[5], (c,)) * 0.1,
+           z_bias=n(k[6], (c,)) * 0.1, row_scale=jax.random.uniform(k[7], (m,)) + 0.5)
+  return a, n(k[8], (m, c)).astype(dtype)
+
+
+def _reference_grads(a, dy, act, normalize, argnums):
+  f32 = jnp.float32
+
+  def loss(*args):
+    kw = dict(zip(ARGS, args))
+    y = mosaic_mlp.fused_mlp_reference(**{k: v.astype(f32) for k, v in kw.items()}, act=act,
+                                       normalize=normalize)
+    return jnp.sum(y * dy.astype(f32))
+  return jax.grad(loss, argnums=argnums)(*[a[k] for k in ARGS])
+
+
+@pytest.mark.parametrize("m,c,e,act,normalize,kw", [
+    (100, 64, 128, "gelu", True, {}),                       # padded rows, two chunks
+    (64, 96, 384, "gelu", True, dict(stages=1)),            # ConvNeXt-T stage 1 width
+    (70, 32, 256, "silu", False, dict(stages=3)),           # ConvFirst-style, 4 chunks
+])
+def test_bwd_kernel_outputs(m, c, e, act, normalize, kw):
+  """dz, h = act(a) and da = (g W2^T) act'(a) against float32 jnp."""
+  a, dy = _inputs(m + c, m, c, e)
+  g = (dy.astype(jnp.float32) * a["row_scale"][:, None]).astype(dy.dtype)
+  dz, h, da = mosaic_mlp_bwd.fused_mlp_bwd(a["z"], g, a["w1"], a["b1"], a["w2"],
+                                           z_bias=a["z_bias"], act=act, normalize=normalize,
+                                           interpret=True, **kw)
+  assert dz.shape == (m, c) and h.shape == da.shape == (m, e)
+  assert dz.dtype == h.dtype == da.dtype == jnp.bfloat16
+  f32 = jnp.float32
+
+  def pre(z):
+    zn = z.astype(f32) + a["z_bias"]
+    if normalize:
+      zn = (zn - zn.mean(-1, keepdims=True)) * jax.lax.rsqrt(zn.var(-1, keepdims=True) + 1e-6)
+    return zn @ a["w1"] + a["b1"]
+  act_fn = (lambda v: jax.nn.gelu(v, approximate=False)) if act == "gelu" else jax.nn.silu
+  pre_a, vjp = jax.vjp(lambda z: act_fn(pre(z)), a["z"].astype(f32))
+  dh = g.astype(f32) @ a["w2"].T
+  want_da = dh * jax.vmap(jax.vmap(jax.grad(act_fn)))(pre(a["z"]))
+  (want_dz,) = vjp(dh)
+  assert _rel(h, pre_a) < 1e-2
+  assert _rel(da, want_da) < 1e-2
+  assert _rel(dz, want_dz) < 1e-2
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.bfloat16, 1e-2), (jnp.float16, 2e-3)])
+def test_mlp_with_grad_matches_jax_grad(dtype, tol):
+  """All eight gradients (row_scale perturbed: the extra GEMM path) against jax.grad of the
+  float32 reference; the forward equals fused_mlp's."""
+  m, c, e = 100, 64, 128
+  a, dy = _inputs(1, m, c, e, dtype)
+  args = [a[k] for k in ARGS]
+
+  def loss(*args):
+    y = mosaic_mlp_bwd.mlp_with_grad(*args[:6], z_bias=args[6], row_scale=args[7],
+                                     interpret=True)
+    return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
+  got = jax.grad(loss, argnums=tuple(range(8)))(*args)
+  want = _reference_grads(a, dy, "gelu", True, tuple(range(8)))
+  for name, x, y, arg in zip(ARGS, got, want, args):
+    assert x.shape == arg.shape and x.dtype == arg.dtype, name
+    assert _rel(x, y) < tol, (name, _rel(x, y))
+  y = mosaic_mlp_bwd.mlp_with_grad(*args[:6], z_bias=a["z_bias"], row_scale=a["row_scale"],
+                                   interpret=True)
+  np.testing.assert_array_equal(
+      np.asarray(y), np.asarray(mosaic_mlp.fused_mlp(*args[:6], z_bias=a["z_bias"],
+                                                     row_scale=a["row_scale"], interpret=True)))
+
+
+def test_mlp_with_grad_constant_row_scale_and_silu():
+  """row_scale not differentiated (as drop path in training): the other gradients are the
+  same as with it perturbed; SiLU without normalisation; no z_bias / row_scale given."""
+  m, c, e = 64, 32, 128
+  a, dy = _inputs(2, m, c, e)
+  f32 = jnp.float32
+
+  def loss(w1, w2, z, rs=a["row_scale"], **kw):
+    y = mosaic_mlp_bwd.mlp_with_grad(z, a["res"], w1, a["b1"], w2, a["b2"], row_scale=rs,
+                                     act="silu", normalize=False, interpret=True, **kw)
+    return jnp.sum(y.astype(f32) * dy.astype(f32))
+  got = jax.grad(loss, argnums=(0, 1, 2))(a["w1"], a["w2"], a["z"])
+  want = _reference_grads(dict(a, z_bias=jnp.zeros((c,))), dy, "silu", False, (2, 4, 0))
+  for x, y in zip(got, want):
+    assert _rel(x, y) < 1e-2
+  got_none = jax.grad(lambda w1: loss(w1, a["w2"], a["z"], rs=None))(a["w1"])
+  want_none = _reference_grads(dict(a, z_bias=jnp.zeros((c,)), row_scale=jnp.ones((m,))), dy,
+                               "silu", False, 2)
+  assert _rel(got_none, want_none) < 1e-2
+
+
+def test_bwd_kernel_has_no_races():
+  """The interpreter's race detector over the TMA loads, the weight pipeline (3 slots over
+  4 chunks) and the two staging slots of h / da reused by later chunks' TMA stores."""
+  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
+  a, dy = _inputs(3, 128, 32, 256)
+  ipc.reset_gpu_interpret_mode_state()
+  dz, h, da = mosaic_mlp_bwd.fused_mlp_bwd(
+      a["z"], dy, a["w1"], a["b1"], a["w2"], z_bias=a["z_bias"], stages=3,
+      interpret=plgpu.InterpretGPUParams(detect_races=True))
+  jax.block_until_ready(dz)
+  assert not ipc.get_races().races_found
+  for v in (dz, h, da):
+    assert not np.isnan(np.asarray(v, np.float32)).any()
+
+
+def test_activation_derivatives():
+  """The kernel's GELU' (of the fitted erf-form GELU) and SiLU' against float64 closed
+  forms; values and derivatives stay finite and correct at extreme inputs."""
+  from scipy.special import erf
+  x = np.linspace(-40, 40, 200001).astype(np.float32)
+  xd = x.astype(np.float64)
+  h, d = jax.jit(mosaic_mlp._gelu_and_grad)(jnp.asarray(x))
+  phi_cdf = 0.5 * (1 + erf(xd / np.sqrt(2)))
+  phi = np.exp(-xd * xd / 2) / np.sqrt(2 * np.pi)
+  scale = np.maximum(1, np.abs(xd))
+  assert np.max(np.abs(np.asarray(h, np.float64) - xd * phi_cdf) / scale) < 1e-6
+  assert np.max(np.abs(np.asarray(d, np.float64) - (phi_cdf + xd * phi))) < 1e-6
+  # the tanh-form GELU' differs by up to ~1e-3: the check can tell them apart
+  tanh_d = jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=True)))(jnp.asarray(x))
+  assert np.max(np.abs(np.asarray(tanh_d, np.float64) - (phi_cdf + xd * phi))) > 1e-4
+  h, d = jax.jit(mosaic_mlp._silu_and_grad)(jnp.asarray(x))
+  sig = 1 / (1 + np.exp(-xd))
+  assert np.max(np.abs(np.asarray(h, np.float64) - xd * sig) / scale) < 1e-6
+  assert np.max(np.abs(np.asarray(d, np.float64) - sig * (1 + xd * (1 - sig)))) < 1e-6
+  big = jnp.asarray([-1e30, -1e4, -100.0, 100.0, 1e4, 1e30], jnp.float32)
+  for fn in (mosaic_mlp._gelu_and_grad, mosaic_mlp._silu_and_grad):
+    h, d = (np.asarray(v) for v in fn(big))
+    np.testing.assert_allclose(h[3:], np.asarray(big)[3:])
+    np.testing.assert_allclose(d, [0, 0, 0, 1, 1, 1], atol=1e-7)
+    assert np.all(np.abs(h[:3]) < 1e-7)
+  with pytest.raises(ValueError, match="gelu' or 'silu"):
+    mosaic_mlp._activation_and_grad(big, "gelu_tanh")
+
+
+def test_errors_name_the_problem():
+  a, dy = _inputs(5, 64, 32, 128)
+  w = (a["w1"], a["b1"], a["w2"])
+  with pytest.raises(ValueError, match="g must match z"):
+    mosaic_mlp_bwd.fused_mlp_bwd(a["z"], dy[:10], *w, interpret=True)
+  with pytest.raises(NotImplementedError, match="activations.*relu"):
+    mosaic_mlp_bwd.fused_mlp_bwd(a["z"], dy, *w, act="relu", interpret=True)
+  with pytest.raises(NotImplementedError, match="bfloat16/float16.*float32"):
+    mosaic_mlp_bwd.fused_mlp_bwd(a["z"].astype(jnp.float32), dy.astype(jnp.float32), *w,
+                                 interpret=True)
+  b, dyb = _inputs(6, 64, 256, 256)
+  with pytest.raises(NotImplementedError, match="C=256 with 2 weight stages.*shared memory"):
+    mosaic_mlp_bwd.fused_mlp_bwd(b["z"], dyb, b["w1"], b["b1"], b["w2"], interpret=True)
+  assert mosaic_mlp_bwd.unsupported_reason(64, 256, 1024, jnp.bfloat16, stages=1) is None
+  with pytest.raises(NotImplementedError, match="mlp_with_grad: .*multiple of 32"):
+    c, e = _inputs(7, 64, 40, 160)
+    mosaic_mlp_bwd.mlp_with_grad(c["z"], c["res"], c["w1"], c["b1"], c["w2"], c["b2"],
+                                 interpret=True)
+
+
+def _block_inputs(seed, shape):
+  kx, kp, kg, kd = jax.random.split(jax.random.key(seed), 4)
+  c = shape[-1]
+  x = jax.random.normal(kx, shape, jnp.float32).astype(jnp.bfloat16)
+  g = jax.random.normal(kg, shape, jnp.float32).astype(jnp.bfloat16)
+  d = jax.random.uniform(kd, (shape[0],)) + 0.5
+  return x, tuning.reference_params(kp, c), g, d
+
+
+@pytest.mark.parametrize("shape,perturb_dps", [
+    ((2, 5, 7, 96), True),    # stage 1 width, odd H and W
+    ((1, 7, 5, 192), False),  # stage 2 width, batch 1, drop-path scale held constant
+])
+def test_convnext_block_training_path(shape, perturb_dps):
+  """convnext_block with tiles.mosaic_backward: the output and the gradients of x and all
+  nine parameters (and of the drop-path scale when it is differentiated) against the
+  float32 reference on the same bf16 inputs."""
+  x, p, g, d = _block_inputs(sum(shape), shape)
+  tiles = dataclasses.replace(tuning.heuristic_tiles(shape[-1], jnp.bfloat16),
+                              mosaic_backward=True, mosaic_bwd_stages=1)
+  assert api.train_kernel(x.shape, x.dtype, p, tiles, True) == "mosaic"
+  f = lambda x, p, d: convnext_block(x, p, d, implementation="pallas", interpret=True,
+                                     tiles=tiles)
+  ref = lambda x, p, d: convnext_block_reference(x, p, d)
+  xf, gf = x.astype(jnp.float32), g.astype(jnp.float32)
+  if perturb_dps:
+    y, vjp = jax.vjp(f, x, p, d)
+    want_y, vjp_ref = jax.vjp(ref, xf, p, d)
+  else:
+    y, vjp = jax.vjp(lambda x, p: f(x, p, d), x, p)
+    want_y, vjp_ref = jax.vjp(lambda x, p: ref(x, p, d), xf, p)
+  got, want = [y, *jax.tree.leaves(vjp(g))], [want_y, *jax.tree.leaves(vjp_ref(gf))]
+  assert len(got) == (12 if perturb_dps else 11)
+  for a, b in zip(got, want):
+    assert a.shape == b.shape
+    assert _rel(a, b) < 2e-2
+
+
+def test_train_kernel_choice():
+  """Where the Mosaic backward applies: tiles ask for it, the one-kernel Mosaic forward runs
+  and the backward kernel supports the shape; otherwise XLA's block."""
+  p = tuning.reference_params(jax.random.key(0), 96)
+  t = dataclasses.replace(tuning.heuristic_tiles(96, jnp.bfloat16), mosaic_backward=True)
+  shape = (2, 8, 8, 96)
+  assert api.train_kernel(shape, jnp.bfloat16, p, t, True) == "mosaic"
+  assert api.train_kernel(shape, jnp.float32, p, t, True) == "xla"
+  assert api.train_kernel(shape, jnp.bfloat16, p,
+                          dataclasses.replace(t, mosaic_backward=False), True) == "xla"
+  assert api.train_kernel(shape, jnp.bfloat16, p,
+                          dataclasses.replace(t, fwd_kernel="mosaic_split"), True) == "xla"
+  p256 = tuning.reference_params(jax.random.key(0), 256)
+  t256 = dataclasses.replace(t, mosaic_bwd_stages=2)
+  assert api.train_kernel((2, 8, 8, 256), jnp.bfloat16, p256, t256, True) == "xla"
+  assert tuning.heuristic_tiles(256, jnp.bfloat16).mosaic_bwd_stages == 1
+  assert tuning.heuristic_tiles(192, jnp.bfloat16).mosaic_bwd_stages == 2
+
+
+# ------------------------------------------------------------------ GPU (compiled) checks
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,c,e,stages", [(8192, 96, 384, 1), (4160, 192, 768, 2),
+                                          (4096, 64, 256, 2)])
+def test_compiled_bwd_kernel_on_gpu(m, c, e, stages):
+  a, dy = _inputs(11, m, c, e)
+  got = jax.grad(lambda w1, w2, z: jnp.sum(mosaic_mlp_bwd.mlp_with_grad(
+      z, a["res"], w1, a["b1"], w2, a["b2"], z_bias=a["z_bias"], row_scale=a["row_scale"],
+      bwd_stages=stages).astype(jnp.float32) * dy.astype(jnp.float32)),
+      argnums=(0, 1, 2))(a["w1"], a["w2"], a["z"])
+  want = _reference_grads(a, dy, "gelu", True, (2, 4, 0))
+  for x, y in zip(got, want):
+    assert _rel(x, y) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4, 56, 56, 96), (4, 28, 28, 192)])
+def test_compiled_convnext_training_path_on_gpu(shape):
+  x, p, g, d = _block_inputs(3, shape)
+  t = dataclasses.replace(tuning.get_tiles(shape[-1], jnp.bfloat16), mosaic_backward=True)
+  f = lambda x, p: convnext_block(x, p, d, implementation="pallas", tiles=t)
+  y, vjp = jax.vjp(f, x, p)
+  want_y, vjp_ref = jax.vjp(lambda x, p: convnext_block_reference(x, p, d),
+                            x.astype(jnp.float32), p)
+  for a, b in zip([y, *jax.tree.leaves(vjp(g))],
+                  [want_y, *jax.tree.leaves(vjp_ref(g.astype(jnp.float32)))]):
+    assert _rel(a, b) < 2e-2

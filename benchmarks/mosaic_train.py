@@ -1,18 +1,19 @@
-"""The Mosaic GPU backward (pallas_kernels/mosaic_mlp_bwd.py) on the GPU: ConvNeXt block
-forward + backward, XLA vs the current "hybrid" training path vs the Mosaic forward +
-backward, and the backward kernel alone.
+"""Training-path ConvNeXt blocks on the GPU: forward + backward of XLA's block vs the
+"hybrid" path (XLA's block with the Pallas depthwise conv) vs the Mosaic forward + backward
+(pallas_kernels/mosaic_mlp_bwd.py), each with XLA's or the Pallas depthwise-conv kernel
+gradient, and that kernel gradient alone.
 
     PYTHONPATH=. python3 -m benchmarks.mosaic_train [--batch 128] [--json out.json]
 
-Blocks: ConvNeXt-T's stages with C <= 256 (56x56x96, 28x28x192), bfloat16 activations,
-float32 parameters, random data, drop-path scale random in {0, 1/0.9} and not
-differentiated (as in training: the gradient is taken with respect to x and the
-parameters).  Variants of ``mosaic_backward`` run with the tuned tiles of this GPU and
-``mosaic_bwd_stages`` 1 and 2.  Every variant's output and gradients (x and all nine
-parameters) are compared with XLA's on the same inputs (max |a - b| / max |b| over each
-leaf; the largest is printed).  Then ``fused_mlp_bwd`` alone at each block's rows.  Times:
-median of ``--iters`` samples of ``--reps`` back-to-back calls alternating two random
-inputs, synchronised.  The table is printed last.
+Blocks: ConvNeXt-T's four stages (56x56x96, 28x28x192: one-kernel Mosaic forms; 14x14x384:
+the split forms; 7x7x768 has no Mosaic backward -- the split backward kernel's tiles do not
+fit shared memory), bfloat16 activations, float32 parameters, random data, drop-path scale
+random in {0, 1/0.9} and not differentiated (as in training: the gradient is taken with
+respect to x and the parameters), this GPU's tuned tiles otherwise.  Every variant's output
+and gradients (x and all nine parameters) are compared with XLA's on the same inputs
+(max |a - b| / max |b| over each leaf; the largest is printed); the kernel-gradient
+variants with XLA's.  Times: median of ``--iters`` samples of ``--reps`` back-to-back calls
+alternating two random inputs, synchronised.  The table is printed last.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import mosaic_mlp, mosaic_mlp_bwd
-from pallas_kernels.convnext_block import api, tuning
+from pallas_kernels.convnext_block import api, dwconv, dwconv_triton, tuning
 from pallas_kernels.timing import median_seconds
 
-SHAPES = ((56, 96), (28, 192))
+SHAPES = ((56, 96), (28, 192), (14, 384), (7, 768))
 
 
 def _ms(fn, arg_sets, iters, reps):
@@ -87,11 +88,16 @@ def main(argv=None):
     name = f"convnext {hw}x{hw}x{c}"
     sets = [_inputs(jax.random.key(i), args.batch, hw, c) for i in range(2)]
     tuned = tuning.get_tiles(c, jnp.bfloat16)
-    variants = [("xla", "xla", None), ("hybrid (tuned tiles)", None,
-                                       dataclasses.replace(tuned, mosaic_backward=False))]
-    for s in (2, 1):
-      variants.append((f"mosaic backward, bwd stages {s}", None,
-                       dataclasses.replace(tuned, mosaic_backward=True, mosaic_bwd_stages=s)))
+    rep = lambda **kw: dataclasses.replace(tuned, **kw)
+    variants = [("xla", "xla", None),
+                ("hybrid", None, rep(mosaic_backward=False, mosaic_dwconv_wgrad="auto")),
+                ("hybrid, Pallas dwconv wgrad", None,
+                 rep(mosaic_backward=False, mosaic_dwconv_wgrad="pallas"))]
+    if c <= 384:
+      variants += [(f"mosaic backward (stages {tuned.mosaic_bwd_stages})", None,
+                    rep(mosaic_backward=True, mosaic_dwconv_wgrad="auto")),
+                   ("mosaic backward, Pallas dwconv wgrad", None,
+                    rep(mosaic_backward=True, mosaic_dwconv_wgrad="pallas"))]
     ref = None
     base = None
     for label, impl, tiles in variants:
@@ -109,32 +115,45 @@ def main(argv=None):
         ms = _ms(fb, sets, args.iters, args.reps)
       except Exception as ex:  # noqa: BLE001 - report and go on
         msg = (str(ex) or repr(ex)).splitlines()[0][:200]
-        table.append(f"{name:20s} {label:34s} FAILED {type(ex).__name__}: {msg}")
+        table.append(f"{name:20s} {label:40s} FAILED {type(ex).__name__}: {msg}")
         print(table[-1], flush=True)
         continue
       base = ms if base is None else base
       record(name, label + " (fwd+bwd)", ms, base, err)
 
-    # The backward kernel alone at this block's rows.
-    m, e = args.batch * hw * hw, 4 * c
-    k = jax.random.split(jax.random.key(7), 6)
-    z = jax.random.normal(k[0], (m, c)).astype(jnp.bfloat16)
-    g = jax.random.normal(k[1], (m, c)).astype(jnp.bfloat16)
-    w1 = jax.random.normal(k[2], (c, e)) * c ** -0.5
-    b1 = jax.random.normal(k[3], (e,)) * 0.1
-    w2 = jax.random.normal(k[4], (e, c)) * e ** -0.5
-    zb = jax.random.normal(k[5], (c,)) * 0.1
-    for s in (2, 1):
-      fn = jax.jit(lambda z, g, s=s: mosaic_mlp_bwd.fused_mlp_bwd(z, g, w1, b1, w2, z_bias=zb,
-                                                                  stages=s))
+    # The depthwise conv's kernel gradient alone: XLA's, "auto", the Pallas kernel's tiles.
+    x, _, _, g = sets[0]
+    x2, _, _, g2 = sets[1]
+    kern = jax.random.normal(jax.random.key(5), (7, 7, c)) * 0.1
+    wsets = [(x, g), (x2, g2)]
+    wref = None
+    wbase = None
+    for label, method, wt in (("XLA", "xla", None), ("auto", "auto", None),
+                              ("Pallas default", "pallas", None),
+                              ("Pallas tile_w 16", "pallas", dwconv_triton.WgradTiles(tile_w=16)),
+                              ("Pallas cblock 16", "pallas", dwconv_triton.WgradTiles(cblock=16)),
+                              ("Pallas strip 4", "pallas", dwconv_triton.WgradTiles(strip=4)),
+                              ("Pallas 8 warps", "pallas", dwconv_triton.WgradTiles(num_warps=8))):
+      if method == "pallas":
+        fn = jax.jit(lambda x, g, wt=wt: dwconv_triton.depthwise_conv_wgrad(x, g, 7, tiles=wt))
+      else:
+        fn = jax.jit(lambda x, g, method=method: jax.vjp(
+            lambda w: dwconv.depthwise_conv(x, w, wgrad=method), kern)[1](g)[0])
       try:
-        ms = _ms(fn, [(z, g), (g, z)], args.iters, args.reps)
+        val = fn(*wsets[0])
+        err = None
+        if wref is None:
+          wref = val
+        else:
+          err = _max_rel(val, wref)
+        ms = _ms(fn, wsets, args.iters, args.reps)
       except Exception as ex:  # noqa: BLE001
-        table.append(f"{name:20s} bwd kernel alone, stages {s}: FAILED "
+        table.append(f"{name:20s} dwconv wgrad {label}: FAILED "
                      f"{(str(ex) or repr(ex)).splitlines()[0][:200]}")
         print(table[-1], flush=True)
         continue
-      record(name, f"fused_mlp_bwd alone, stages {s}", ms, None)
+      wbase = ms if wbase is None else wbase
+      record(name, f"dwconv wgrad alone, {label}", ms, wbase, err)
 
   if args.json:
     with open(args.json, "w") as fh:

@@ -232,8 +232,167 @@ def fused_mlp_bwd(z, g, w1, b1, w2, *, z_bias=None, act: str = "gelu", normalize
   return dz, h, da
 
 
+def split_bwd_smem_bytes(c: int, hc: int, stages: int, itemsize: int = 2,
+                         bm: int = BLOCK_M) -> int:
+  """Shared memory of ``_hidden_grad_kernel``: z and g tiles, ``stages`` slices of W1^T and
+  W2, two staging slots each for h and da, vectors, 2 KiB for barriers."""
+  return (itemsize * (2 * bm * c + 2 * stages * hc * c + 4 * bm * hc)
+          + 4 * (c + stages * hc) + 2048)
+
+
+def split_unsupported_reason(m: int, c: int, e: int, dtype, act: str = "gelu",
+                             hidden_chunk: int = 32, stages: int = 2) -> str | None:
+  """Why ``hidden_grads`` (the backward for the split form, C > 256) cannot run, or None."""
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return (f"the Mosaic GPU kernels take bfloat16/float16 activations (wgmma operands), "
+            f"got {jnp.dtype(dtype).name}")
+  if c % 64 or e % 64:
+    return f"the split backward needs C and E to be multiples of 64, got C={c}, E={e}"
+  if hidden_chunk % 32 or e % hidden_chunk:
+    return f"the hidden chunk must be a multiple of 32 dividing E={e}, got {hidden_chunk}"
+  if act not in BWD_ACTIVATIONS:
+    return f"the backward kernel supports the activations {BWD_ACTIVATIONS}, got {act!r}"
+  if stages < 1:
+    return f"stages must be >= 1, got {stages}"
+  need = split_bwd_smem_bytes(c, hidden_chunk, stages, jnp.dtype(dtype).itemsize)
+  if need > SMEM_BYTES:
+    return (f"C={c} with a hidden chunk of {hidden_chunk} and {stages} weight stages needs "
+            f"{need} bytes of shared memory in the split backward kernel (at most "
+            f"{SMEM_BYTES})")
+  if m <= 0:
+    return f"no rows (M={m})"
+  return None
+
+
+def _hidden_grad_kernel(z_gmem, g_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, h_gmem, da_gmem,
+                        *, e: int, hc: int, act: str, normalize: bool, eps: float,
+                        stages: int, bm: int):
+  """The split form's backward kernel (C > 256): ``_bwd_kernel`` without the dzn
+  accumulator (64 x C float32 would not fit in registers) -- per hidden chunk a_j and dh_j
+  (wgmmas over the column blocks of the z / g tiles), h_j and da_j to DRAM; dzn = da W1^T
+  and the LayerNorm backward are left to XLA.  z_gmem's tile is normalised in place
+  (mosaic_split's column-block LayerNorm); w1t_gmem, w2_gmem: (n_cb, E, cb)."""
+  from pallas_kernels.mosaic_split import _normalise_in_place
+  dtype = z_gmem.dtype
+  n_cb, _, cb = w1t_gmem.shape
+  rows = pl.ds(lax.axis_index("m") * bm, bm)
+  t_cb = _transforms(cb, dtype)
+
+  def scoped(z_smem, g_smem, zb_smem, out_smem, bars):
+    for b in range(n_cb):
+      plgpu.copy_gmem_to_smem(z_gmem.at[rows, pl.ds(b * cb, cb)], z_smem.at[b], bars.at[b])
+      plgpu.copy_gmem_to_smem(g_gmem.at[rows, pl.ds(b * cb, cb)], g_smem.at[b],
+                              bars.at[n_cb + b])
+    plgpu.copy_gmem_to_smem(zb_gmem, zb_smem, bars.at[2 * n_cb])
+    for b in list(range(n_cb)) + [2 * n_cb]:
+      plgpu.barrier_wait(bars.at[b])
+    _normalise_in_place(z_smem, zb_smem, normalize=normalize, eps=eps)
+    for b in range(n_cb, 2 * n_cb):
+      plgpu.barrier_wait(bars.at[b])
+
+    def chunk(idx, w1t_smem, b1_smem, w2_smem):
+      (j,) = idx
+
+      def matmuls(acc_a, acc_dh):
+        for b in range(n_cb):
+          plgpu.wgmma(acc_a, z_smem.at[b], w1t_smem.at[b].transpose((1, 0)))
+        for b in range(n_cb):
+          plgpu.wgmma(acc_dh, g_smem.at[b], w2_smem.at[b].transpose((1, 0)))
+        plgpu.wgmma_wait(0)
+        return acc_a[...], acc_dh[...]
+
+      a, dh = pl.run_scoped(matmuls, plgpu.ACC((bm, hc), jnp.float32),
+                            plgpu.ACC((bm, hc), jnp.float32))
+      b1 = plgpu.load(b1_smem, layout=_WG.reduce(0))
+      h, dact = _activation_and_grad(a + lax.broadcast_in_dim(b1, (bm, hc), [1]), act)
+      slot = lax.rem(j, 2)
+      plgpu.wait_smem_to_gmem(2, wait_read_only=True)  # chunk j - 2's stores read the slot
+      h_slot, da_slot = out_smem.at[0, slot], out_smem.at[1, slot]
+      h_slot[...] = h.astype(dtype)
+      da_slot[...] = (dh * dact).astype(dtype)
+      plgpu.commit_smem()
+      cols = pl.ds(j * hc, hc)
+      plgpu.copy_smem_to_gmem(h_slot, h_gmem.at[rows, cols])
+      plgpu.copy_smem_to_gmem(da_slot, da_gmem.at[rows, cols])
+
+    plgpu.emit_pipeline(
+        chunk,
+        grid=(e // hc,),
+        in_specs=[
+            plgpu.BlockSpec((n_cb, hc, cb), lambda j: (0, j, 0), transforms=t_cb),
+            plgpu.BlockSpec((hc,), lambda j: (j,)),
+            plgpu.BlockSpec((n_cb, hc, cb), lambda j: (0, j, 0), transforms=t_cb),
+        ],
+        max_concurrent_steps=stages,
+    )(w1t_gmem, b1_gmem, w2_gmem)
+    plgpu.wait_smem_to_gmem(0)
+
+  pl.run_scoped(
+      scoped,
+      plgpu.SMEM((n_cb, bm, cb), dtype, transforms=t_cb),
+      plgpu.SMEM((n_cb, bm, cb), dtype, transforms=t_cb),
+      plgpu.SMEM((n_cb, cb), jnp.float32),
+      plgpu.SMEM((2, 2, bm, hc), dtype, transforms=_transforms(hc, dtype)),
+      plgpu.Barrier(num_barriers=2 * n_cb + 1),
+  )
+
+
+@functools.partial(jax.jit, static_argnames=("act", "normalize", "eps", "hidden_chunk",
+                                             "stages", "interpret"))
+def hidden_grads(z, g, w1, b1, w2, *, z_bias=None, act: str = "gelu", normalize: bool = True,
+                 eps: float = 1e-6, hidden_chunk: int = 32, stages: int = 2,
+                 interpret: bool = False):
+  """(h, da) of ``fused_mlp`` / ``split_mlp`` for the row-scaled cotangent g = rs * dy, as
+  ``fused_mlp_bwd`` returns them, for C > 256 (``_hidden_grad_kernel``; dz is then
+  ``ln_backward(da W1^T)`` in XLA).  Shapes as ``fused_mlp_bwd``; raises
+  NotImplementedError naming the reason for unsupported calls
+  (``split_unsupported_reason``)."""
+  from pallas_kernels.mosaic_split import _column_block
+  m, c = z.shape
+  e = w1.shape[1]
+  if g.shape != z.shape or g.dtype != z.dtype:
+    raise ValueError(f"g must match z: got {g.shape} {g.dtype} vs {z.shape} {z.dtype}")
+  if w1.shape != (c, e) or w2.shape != (e, c) or b1.shape != (e,):
+    raise ValueError(f"weight shapes do not fit C={c}, E={e}: w1 {w1.shape}, b1 {b1.shape}, "
+                     f"w2 {w2.shape}")
+  reason = split_unsupported_reason(m, c, e, z.dtype, act, hidden_chunk, stages)
+  if reason is not None:
+    raise NotImplementedError(f"hidden_grads: {reason}")
+  dtype = z.dtype
+  cb = _column_block(c)
+  zb = jnp.zeros((c,), jnp.float32) if z_bias is None else z_bias.astype(jnp.float32)
+  m_pad = -(-m // BLOCK_M) * BLOCK_M
+  if m_pad != m:
+    z = jnp.pad(z, ((0, m_pad - m), (0, 0)))
+    g = jnp.pad(g, ((0, m_pad - m), (0, 0)))
+  blocks = lambda w_ec: w_ec.astype(dtype).reshape(e, c // cb, cb).transpose(1, 0, 2)
+  h, da = plgpu.kernel(
+      functools.partial(_hidden_grad_kernel, e=e, hc=hidden_chunk, act=act,
+                        normalize=normalize, eps=float(eps), stages=stages, bm=BLOCK_M),
+      out_type=(jax.ShapeDtypeStruct((m_pad, e), dtype), jax.ShapeDtypeStruct((m_pad, e), dtype)),
+      grid=(m_pad // BLOCK_M,), grid_names=("m",),
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=_interpret_params(interpret),
+  )(z, g, zb.reshape(c // cb, cb), blocks(w1.T), b1.astype(jnp.float32), blocks(w2))
+  if m_pad != m:
+    h, da = h[:m], da[:m]
+  return h, da
+
+
+def ln_backward(dzn, z, zb, normalize: bool, eps: float):
+  """dz from dzn through zn = norm(z + zb), float32 jnp (the split backward's epilogue)."""
+  if not normalize:
+    return dzn
+  zf = z.astype(jnp.float32) + zb.astype(jnp.float32)
+  d = zf - zf.mean(-1, keepdims=True)
+  rstd = lax.rsqrt(jnp.square(d).mean(-1, keepdims=True) + eps)
+  zhat = d * rstd
+  return (dzn - dzn.mean(-1, keepdims=True)
+          - zhat * (dzn * zhat).mean(-1, keepdims=True)) * rstd
+
+
 class MlpConfig(NamedTuple):
-  """Static arguments of ``mlp_with_grad`` (the forward kernel's and the backward's)."""
+  """Static arguments of ``mlp_with_grad`` (the forward kernels' and the backward's)."""
   act: str = "gelu"
   normalize: bool = True
   eps: float = 1e-6
@@ -242,6 +401,11 @@ class MlpConfig(NamedTuple):
   block_m: int = 64
   bwd_stages: int = 2
   interpret: bool = False
+  split: bool = False           # forward: mosaic_split.split_mlp; backward: hidden_grads
+  project_stages: int = 3       # split_mlp's
+  project_block_m: int = 64     # split_mlp's
+  block_n: int = 0              # split_mlp's (0: its default)
+  bwd_hidden: int = 32          # hidden_grads' chunk
 
 
 def _normalised(z, zb, normalize: bool, eps: float):
@@ -255,6 +419,13 @@ def _normalised(z, zb, normalize: bool, eps: float):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
 def _mlp(z, res, w1, b1, w2, b2, zb, rs, cfg: MlpConfig):
+  if cfg.split:
+    from pallas_kernels import mosaic_split
+    return mosaic_split.split_mlp(
+        z, res, w1, b1, w2, b2, z_bias=zb, row_scale=rs, act=cfg.act, normalize=cfg.normalize,
+        eps=cfg.eps, stages=cfg.stages, project_stages=cfg.project_stages,
+        project_block_m=cfg.project_block_m, block_n=cfg.block_n or None,
+        interpret=cfg.interpret)
   return mosaic_mlp.fused_mlp(z, res, w1, b1, w2, b2, z_bias=zb, row_scale=rs, act=cfg.act,
                               normalize=cfg.normalize, eps=cfg.eps,
                               hidden_chunk=cfg.hidden_chunk, stages=cfg.stages,
@@ -277,9 +448,17 @@ def _mlp_bwd(cfg, saved, dy):
   dtype = z.dtype
   dy = dy.astype(dtype)
   g = (dy.astype(f32) * rs.astype(f32)[:, None]).astype(dtype)
-  dz, h, da = fused_mlp_bwd(z, g, w1, b1, w2, z_bias=zb, act=cfg.act, normalize=cfg.normalize,
-                            eps=cfg.eps, hidden_chunk=cfg.hidden_chunk, stages=cfg.bwd_stages,
-                            interpret=cfg.interpret)
+  if cfg.split:  # dzn = da W1^T and the LayerNorm backward in XLA
+    h, da = hidden_grads(z, g, w1, b1, w2, z_bias=zb, act=cfg.act, normalize=cfg.normalize,
+                         eps=cfg.eps, hidden_chunk=cfg.bwd_hidden, stages=cfg.bwd_stages,
+                         interpret=cfg.interpret)
+    dzn = jnp.dot(da, w1.astype(dtype).T, preferred_element_type=f32)
+    dz = ln_backward(dzn, z, zb, cfg.normalize, cfg.eps).astype(dtype)
+  else:
+    dz, h, da = fused_mlp_bwd(z, g, w1, b1, w2, z_bias=zb, act=cfg.act,
+                              normalize=cfg.normalize, eps=cfg.eps,
+                              hidden_chunk=cfg.hidden_chunk, stages=cfg.bwd_stages,
+                              interpret=cfg.interpret)
   zn = _normalised(z, zb, cfg.normalize, cfg.eps).astype(dtype)
   dw1 = jnp.dot(zn.T, da, preferred_element_type=f32)
   dw2 = jnp.dot(h.T, g, preferred_element_type=f32)
@@ -301,17 +480,28 @@ _mlp.defvjp(_mlp_fwd, _mlp_bwd, symbolic_zeros=True)
 def mlp_with_grad(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str = "gelu",
                   normalize: bool = True, eps: float = 1e-6, hidden_chunk: int = 64,
                   stages: int = 2, block_m: int = 64, bwd_stages: int = 2,
+                  split: bool = False, project_stages: int = 3, project_block_m: int = 64,
+                  block_n: int | None = None, bwd_hidden: int = 32,
                   interpret: bool = False):
   """``mosaic_mlp.fused_mlp`` (same arguments and result) with a Mosaic GPU backward: the
   forward kernel saves only its inputs, the backward is ``fused_mlp_bwd`` plus XLA's GEMMs
   for the weight gradients.  Gradients flow to z, res, w1, b1, w2, b2, z_bias and (when it
-  is perturbed) row_scale.  ``bwd_stages``: the backward kernel's weight pipeline depth."""
+  is perturbed) row_scale.  ``bwd_stages``: the backward kernel's weight pipeline depth.
+
+  ``split=True`` (C > 256): the forward is ``mosaic_split.split_mlp`` (``stages`` is its
+  expand kernel's depth; ``project_stages``, ``project_block_m``, ``block_n`` its project
+  kernel's) and the backward ``hidden_grads`` (hidden chunk ``bwd_hidden``) with dzn and the
+  LayerNorm backward in XLA; ``hidden_chunk`` and ``block_m`` do not apply."""
   m, c, e = mosaic_mlp.check_mlp_args(z, res, w1, b1, w2, b2)
-  reason = unsupported_reason(m, c, e, z.dtype, act, hidden_chunk, bwd_stages)
+  if split:
+    reason = split_unsupported_reason(m, c, e, z.dtype, act, bwd_hidden, bwd_stages)
+  else:
+    reason = unsupported_reason(m, c, e, z.dtype, act, hidden_chunk, bwd_stages)
   if reason is not None:
     raise NotImplementedError(f"mlp_with_grad: {reason}")
   zb = jnp.zeros((c,), jnp.float32) if z_bias is None else z_bias
   rs = jnp.ones((m,), jnp.float32) if row_scale is None else row_scale
   cfg = MlpConfig(act, bool(normalize), float(eps), hidden_chunk, stages, block_m, bwd_stages,
-                  bool(interpret))
+                  bool(interpret), bool(split), project_stages, project_block_m, block_n or 0,
+                  bwd_hidden)
   return _mlp(z, res, w1, b1, w2, b2, zb, rs, cfg)

@@ -14,8 +14,8 @@ kernel otherwise (``tiles.fwd_kernel`` chooses).  Gradients of the Pallas path c
 ``jax.custom_vjp`` whose forward saves only its inputs; the backward is the Pallas-Triton
 kernels (see pallas_triton.py).  Under "hybrid" the differentiated block is XLA's except
 its depthwise conv's forward and input gradient (``tiles.mosaic_dwconv``), or -- where
-``tiles.mosaic_backward`` is set and C <= 256 -- the Mosaic forward with the Mosaic
-backward of mosaic_mlp_bwd.py (``train_kernel``)."""
+``tiles.mosaic_backward`` is set -- the Mosaic forward with the Mosaic backward of
+mosaic_mlp_bwd.py (``train_kernel``)."""
 
 from __future__ import annotations
 
@@ -82,15 +82,17 @@ def _fused(x, params, dps, eps, tiles, interpret, xla_grad):
 
 def train_kernel(x_shape, dtype, params: ConvNeXtBlockParams, tiles: tuning.ConvNeXtTiles,
                  interpret: bool) -> str:
-  """What a differentiated "hybrid" call runs: "mosaic" (the Mosaic forward + backward of
-  ``mosaic.forward_train``) where ``tiles.mosaic_backward`` asks for it and the one-kernel
-  Mosaic form supports the call, else "xla" (XLA's block, the depthwise conv as
-  ``tiles.mosaic_dwconv`` says)."""
-  if (tiles.mosaic_backward
-      and forward_kernel(x_shape, dtype, params, tiles, interpret) == "mosaic"
-      and mosaic.train_unsupported_reason(x_shape, params, dtype, tiles.mosaic_bwd_stages,
-                                          tiles.mosaic_hidden) is None):
-    return "mosaic"
+  """What a differentiated "hybrid" call runs: "mosaic" / "mosaic_split" (the Mosaic forward
+  + backward of ``mosaic.forward_train``, one-kernel or split form) where
+  ``tiles.mosaic_backward`` asks for it and that Mosaic form supports the call, else "xla"
+  (XLA's block, the depthwise conv as ``tiles.mosaic_dwconv`` says)."""
+  if not tiles.mosaic_backward:
+    return "xla"
+  kernel = forward_kernel(x_shape, dtype, params, tiles, interpret)
+  if kernel in ("mosaic", "mosaic_split") and mosaic.train_unsupported_reason(
+      x_shape, params, dtype, tiles.mosaic_bwd_stages, tiles.mosaic_hidden,
+      split=kernel == "mosaic_split", bwd_hidden=tiles.mosaic_bwd_hidden) is None:
+    return kernel
   return "xla"
 
 
@@ -105,7 +107,8 @@ def _fused_fwd(x, params, dps, eps, tiles, interpret, xla_grad):
   x, dps = x.value, dps.value
   params = jax.tree.map(_value, params,
                         is_leaf=lambda p: isinstance(p, jax.custom_derivatives.CustomVJPPrimal))
-  mosaic_train = train_kernel(x.shape, x.dtype, params, tiles, interpret) == "mosaic"
+  train = train_kernel(x.shape, x.dtype, params, tiles, interpret)
+  mosaic_train = train != "xla"
   if xla_grad or mosaic_train:
     # "hybrid": a differentiated call runs XLA forward + backward (faster than the Triton
     # backward where the tile table says so), except the depthwise conv's forward and input
@@ -118,10 +121,15 @@ def _fused_fwd(x, params, dps, eps, tiles, interpret, xla_grad):
       fn = lambda x, p, d: mosaic.forward_train(
           x, p, d, eps=eps, hidden_chunk=tiles.mosaic_hidden, stages=tiles.mosaic_stages,
           block_m=tiles.mosaic_block_m, bwd_stages=tiles.mosaic_bwd_stages,
-          dwconv_pallas=dw_pallas, interpret=interpret)
+          dwconv_pallas=dw_pallas, split=train == "mosaic_split",
+          project_stages=tiles.mosaic_project_stages,
+          project_block_m=tiles.mosaic_project_block_m,
+          block_n=tiles.mosaic_block_n or None, bwd_hidden=tiles.mosaic_bwd_hidden,
+          dw_wgrad=tiles.mosaic_dwconv_wgrad, interpret=interpret)
     else:
       fn = lambda x, p, d: convnext_block_reference(
-          x, p, d, eps=eps, dw_conv="pallas" if dw_pallas else "xla", interpret=interpret)
+          x, p, d, eps=eps, dw_conv="pallas" if dw_pallas else "xla",
+          dw_wgrad=tiles.mosaic_dwconv_wgrad if dw_pallas else None, interpret=interpret)
     # Residuals: (vjp,) or (vjp of x and params, zero d dps); the Triton path's: 3 arrays.
     if dps_perturbed:
       y, vjp = jax.vjp(fn, x, params, dps)

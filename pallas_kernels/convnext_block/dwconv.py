@@ -27,6 +27,9 @@ products on tensor cores, and XLA runs it in 0.24-0.78 ms (g = 64) at those shap
 * ``"xla"``: plain autodiff, XLA's own weight-gradient conv.
 * ``"grouped8"`` ... ``"grouped64"``: the diagonal trick with that group width (falls back to
   ``"xla"`` when g does not divide C).
+* ``"pallas"`` (with ``conv="pallas"`` only): the Pallas-Triton weight-gradient kernel
+  ``dwconv_triton.depthwise_conv_wgrad`` (per-program partial sums of the 49 tap products,
+  float32, reduced by XLA).
 
 Forward and input gradient are XLA's unless ``conv="pallas"`` (then the Pallas-Triton
 kernel of dwconv_triton.py runs both: the input gradient is the conv with mirrored taps).
@@ -41,7 +44,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-WGRAD_METHODS = ("auto", "xla", "grouped8", "grouped16", "grouped32", "grouped64")
+WGRAD_METHODS = ("auto", "xla", "grouped8", "grouped16", "grouped32", "grouped64", "pallas")
 _GROUP_WIDTHS = (64, 32, 16, 8)
 
 # What ``convnext_block_reference`` (the XLA ConvNeXt block) passes as ``wgrad``; set it to
@@ -128,6 +131,9 @@ def _pallas_bwd(wgrad_method, interpret, res, dy):
   if wgrad_method == "xla":
     _, vjp_w = jax.vjp(lambda w: _plain(x, w), kernel)
     (dw,) = vjp_w(dy)
+  elif wgrad_method == "pallas":  # rounded to x.dtype like the other formulations
+    dw = dwconv_triton.depthwise_conv_wgrad(x, dy, kernel.shape[0],
+                                            interpret=interpret).astype(x.dtype)
   else:
     dw = _wgrad_grouped(x, dy, kernel.shape[0], int(wgrad_method[len("grouped"):]))
   return dx, dw.astype(kernel.dtype)
@@ -155,6 +161,8 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *, wgrad: str = "auto", conv
   method = resolve_wgrad(x.shape, kernel.shape[0], wgrad)
   if conv not in CONVS:
     raise ValueError(f"conv must be one of {CONVS}, got {conv!r}")
+  if method == "pallas" and conv != "pallas":
+    raise ValueError('wgrad="pallas" needs conv="pallas" (the Pallas conv\'s VJP runs it)')
   if conv == "pallas":
     return _pallas_conv(x, kernel, method, bool(interpret))
   if method == "xla":

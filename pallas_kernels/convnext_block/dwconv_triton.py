@@ -160,3 +160,113 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = Non
       name="depthwise_conv",
   )(x.reshape(-1), kflat, b)
   return y.reshape(x.shape)
+
+
+# ------------------------------------------------------------------ kernel (weight) gradient
+
+
+class WgradTiles(NamedTuple):
+  """strip: output rows per inner step (0: min(7, H)); tile_w: columns per program (power of
+  two; 0: the image width rounded up, at most 32); cblock: channels (power of two);
+  num_warps: Triton warps per program."""
+
+  strip: int = 0
+  tile_w: int = 0
+  cblock: int = 32
+  num_warps: int = 4
+
+
+def resolve_wgrad_tiles(h: int, w: int, c: int, tiles: WgradTiles | None = None) -> WgradTiles:
+  t = tiles or WgradTiles()
+  tile_w = t.tile_w or min(cm.next_power_of_2(w), 32)
+  cblock = min(t.cblock, cm.next_power_of_2(c))
+  for name, v in (("tile_w", tile_w), ("cblock", cblock)):
+    if v < 1 or v & (v - 1):
+      raise ValueError(f"WgradTiles.{name} must be a power of two, got {v}")
+  if t.strip < 0 or t.num_warps < 1:
+    raise ValueError(f"WgradTiles.strip must be >= 0 and num_warps >= 1, got {t}")
+  return t._replace(strip=min(t.strip or 7, h), tile_w=tile_w, cblock=cblock)
+
+
+def _wgrad_kernel(x_ref, g_ref, o_ref, *, h, w, c, k, cpad, tiles: WgradTiles):
+  """One program: image n, ``tile_w`` columns, ``cblock`` channels.  For each horizontal tap
+  dx (fori_loop) it keeps k accumulators (one per vertical tap dy, tile_w x cblock float32)
+  and walks the image in strips: the strip's dy rows are loaded once, each of its
+  strip + k - 1 input rows once (shifted by dx, zero outside the image) and multiplied into
+  the accumulator of every vertical tap that pairs it with a strip row.  After the last strip
+  each accumulator is summed over the tile's columns (one cross-thread reduction per tap)
+  and stored as this program's partial kernel gradient; XLA sums the partials."""
+  pad = k // 2
+  strip, tile_w, cblock = tiles.strip, tiles.tile_w, tiles.cblock
+  n = pl.program_id(0)
+  wt = pl.program_id(1)
+  ww = wt * tile_w + jnp.arange(tile_w, dtype=jnp.int32)
+  c0 = pl.program_id(2) * cblock
+  ch = c0 + jnp.arange(cblock, dtype=jnp.int32)
+  ch_ok = None if c % cblock == 0 else ch < c
+  if ch_ok is not None:
+    ch = jnp.where(ch_ok, ch, 0)
+  strips = cm.cdiv(h, strip)
+  part = n * pl.num_programs(1) + wt
+
+  def mask_of(pix_ok):
+    return pix_ok[:, None] if ch_ok is None else pix_ok[:, None] & ch_ok[None, :]
+
+  def load_row(ref, i, cols):
+    ok = (cols >= 0) & (cols < w) & (i >= 0) & (i < h)
+    pix = jnp.where(ok, (n * h + i) * w + cols, 0)
+    return plgpu.load(ref.at[pix[:, None] * c + ch[None, :]], mask=mask_of(ok),
+                      other=0).astype(f32)
+
+  def column_pass(dx, carry):
+    iw = ww + (dx - pad)
+
+    def strip_pass(s, accs):
+      r0 = s * strip
+      gs = [load_row(g_ref, r0 + o, ww) for o in range(strip)]
+      accs = list(accs)
+      for t in range(strip + 2 * pad):
+        v = load_row(x_ref, r0 - pad + t, iw)
+        for dy in range(k):
+          o = t - dy                      # x row r0 + o + dy - pad pairs with dy row r0 + o
+          if 0 <= o < strip:
+            accs[dy] = accs[dy] + v * gs[o]
+      return tuple(accs)
+
+    zero = jnp.zeros((tile_w, cblock), f32)
+    accs = jax.lax.fori_loop(0, strips, strip_pass, (zero,) * k)
+    for dy in range(k):
+      off = ((part * k + dy) * k + dx) * cpad
+      plgpu.store(o_ref.at[pl.ds(off + c0, cblock)], jnp.sum(accs[dy], axis=0))
+    return carry
+
+  jax.lax.fori_loop(0, k, column_pass, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "tiles", "interpret"))
+def depthwise_conv_wgrad(x: jax.Array, dy: jax.Array, k: int, *,
+                         tiles: WgradTiles | None = None, interpret: bool = False) -> jax.Array:
+  """The kernel gradient (k, k, C), float32, of the "same" stride-1 depthwise conv of NHWC
+  ``x``: dW[i, j, c] = sum_{n,h,w} x[n, h + i - k//2, w + j - k//2, c] dy[n, h, w, c] (zero
+  outside the image), float32 accumulation: per-program partial sums (``_wgrad_kernel``)
+  reduced by XLA."""
+  reason = unsupported_reason(x.shape, (k, k, x.shape[-1]))
+  if reason is not None:
+    raise ValueError(f"dwconv_triton.depthwise_conv_wgrad: {reason}")
+  if dy.shape != x.shape:
+    raise ValueError(f"dwconv_triton.depthwise_conv_wgrad: dy must have x's shape "
+                     f"{tuple(x.shape)}, got {tuple(dy.shape)}")
+  n, h, w, c = x.shape
+  t = resolve_wgrad_tiles(h, w, c, tiles)
+  cpad = cm.cdiv(c, t.cblock) * t.cblock
+  wtiles = cm.cdiv(w, t.tile_w)
+  kern = functools.partial(_wgrad_kernel, h=h, w=w, c=c, k=k, cpad=cpad, tiles=t)
+  parts = pl.pallas_call(
+      kern,
+      out_shape=jax.ShapeDtypeStruct((n * wtiles * k * k * cpad,), f32),
+      grid=(n, wtiles, cpad // t.cblock),
+      compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=1),
+      interpret=interpret,
+      name="depthwise_conv_wgrad",
+  )(x.reshape(-1), dy.astype(x.dtype).reshape(-1))
+  return parts.reshape(n * wtiles, k, k, cpad).sum(0)[..., :c]

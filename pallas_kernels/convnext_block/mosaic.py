@@ -86,28 +86,38 @@ def forward(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | None = N
 
 
 def train_unsupported_reason(x_shape, params: ConvNeXtBlockParams, dtype,
-                             bwd_stages: int = 2, hidden_chunk: int = 64) -> str | None:
+                             bwd_stages: int = 2, hidden_chunk: int = 64, split: bool = False,
+                             bwd_hidden: int = 32) -> str | None:
   """Why ``forward_train`` cannot run this call, or None."""
   n, h, w, c = x_shape
-  return mosaic_mlp_bwd.unsupported_reason(n * h * w, c, params.fc1_kernel.shape[1], dtype,
-                                           "gelu", hidden_chunk, bwd_stages)
+  m, e = n * h * w, params.fc1_kernel.shape[1]
+  if split:
+    return (mosaic_split.unsupported_reason(m, c, e, dtype)
+            or mosaic_mlp_bwd.split_unsupported_reason(m, c, e, dtype, "gelu", bwd_hidden,
+                                                       bwd_stages))
+  return mosaic_mlp_bwd.unsupported_reason(m, c, e, dtype, "gelu", hidden_chunk, bwd_stages)
 
 
 def forward_train(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | None = None, *,
                   eps: float = 1e-6, hidden_chunk: int = 64, stages: int = 2,
                   block_m: int = 64, bwd_stages: int = 2, dwconv_pallas: bool = True,
+                  split: bool = False, project_stages: int = 3, project_block_m: int = 64,
+                  block_n: int | None = None, bwd_hidden: int = 32, dw_wgrad: str = "auto",
                   interpret: bool = False) -> jax.Array:
-  """The block forward of ``forward`` (one-kernel form, C <= 256) for differentiated calls:
+  """The block forward of ``forward`` for differentiated calls (``split``: the two-kernel
+  form and its backward, ``mosaic_mlp_bwd.hidden_grads``, for C > 256):
 
   * depthwise conv: ``dwconv.depthwise_conv`` -- forward and input gradient on the
-    Pallas-Triton kernel (``dwconv_pallas``) or XLA, the weight gradient XLA's ("auto");
+    Pallas-Triton kernel (``dwconv_pallas``) or XLA, the weight gradient as ``dw_wgrad``
+    says ("auto": XLA's; "pallas": the Pallas-Triton kernel, with ``dwconv_pallas`` only);
   * LN + MLP + layer scale + residual: ``mosaic_mlp_bwd.mlp_with_grad`` (the inference
     kernel forward, the Mosaic backward kernel + XLA weight-gradient GEMMs);
   * the LN affine / layer-scale folding: plain jnp, so autodiff carries the folded
     weights' gradients back to ln_scale, ln_bias, fc1, fc2 and gamma.
   ``dps`` is differentiated only if it is perturbed (mlp_with_grad's row_scale)."""
   n, h, w, c = x.shape
-  z = dwconv.depthwise_conv(x, params.dw_kernel, wgrad="auto",
+  z = dwconv.depthwise_conv(x, params.dw_kernel,
+                            wgrad=dw_wgrad if dwconv_pallas else "auto",
                             conv="pallas" if dwconv_pallas else "xla",
                             interpret=interpret is not False and interpret is not None)
   w1, b1, w2, b2 = fold_params(params)
@@ -116,5 +126,7 @@ def forward_train(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | No
   y = mosaic_mlp_bwd.mlp_with_grad(
       z.reshape(rows, c), x.reshape(rows, c), w1, b1, w2, b2, z_bias=params.dw_bias,
       row_scale=row_scale, act="gelu", normalize=True, eps=eps, hidden_chunk=hidden_chunk,
-      stages=stages, block_m=block_m, bwd_stages=bwd_stages, interpret=interpret)
+      stages=stages, block_m=block_m, bwd_stages=bwd_stages, split=split,
+      project_stages=project_stages, project_block_m=project_block_m, block_n=block_n,
+      bwd_hidden=bwd_hidden, interpret=interpret)
   return y.reshape(n, h, w, c)

@@ -79,13 +79,21 @@ class ConvNeXtTiles:
   # forward and input gradient (dwconv.depthwise_conv(conv=...)): "pallas" = dwconv_triton.py
   # (default tiles; 1.4-2.0x XLA's conv on an H100, 2026-11-26), "xla" = XLA's conv.
   mosaic_dwconv: str = "pallas"
-  # "hybrid" differentiated calls with the one-kernel Mosaic forward ("mosaic", C <= 256):
-  # True = that forward kernel plus the Mosaic backward of pallas_kernels/mosaic_mlp_bwd.py
-  # (its pointwise half; the depthwise conv as ``mosaic_dwconv`` says, its weight gradient
-  # XLA's) instead of XLA's forward + backward.  ``mosaic_bwd_stages``: that kernel's weight
-  # pipeline depth.
+  # The depthwise conv's kernel gradient in differentiated calls (dwconv.WGRAD_METHODS):
+  # "auto" (XLA's, or the grouped form at images no larger than the kernel), or "pallas"
+  # (dwconv_triton.depthwise_conv_wgrad; needs mosaic_dwconv="pallas", else "auto" runs).
+  mosaic_dwconv_wgrad: str = "auto"
+  # Differentiated calls ("hybrid" or "pallas") with a Mosaic forward: True = that forward
+  # plus the Mosaic backward of pallas_kernels/mosaic_mlp_bwd.py for the pointwise half
+  # ("mosaic": one kernel for dz, h, da; "mosaic_split": one for h, da, with dzn and the LN
+  # backward in XLA) and XLA's weight-gradient GEMMs; the depthwise conv as
+  # ``mosaic_dwconv`` says, its weight gradient XLA's.  False = XLA's forward + backward
+  # ("hybrid") or the Triton backward ("pallas").  ``mosaic_bwd_stages``: the backward
+  # kernel's weight pipeline depth; ``mosaic_bwd_hidden``: its hidden chunk in the split
+  # form (the one-kernel form uses ``mosaic_hidden``).
   mosaic_backward: bool = False
   mosaic_bwd_stages: int = 2
+  mosaic_bwd_hidden: int = 32
   # What implementation=None runs (from measurements, per channel count and device):
   # "pallas": Pallas forward and backward; "hybrid": Pallas for plain (inference) calls,
   # XLA forward+backward when the call is differentiated (the Pallas forward was faster
@@ -98,11 +106,13 @@ class ConvNeXtTiles:
 
 def heuristic_tiles(c: int, dtype) -> ConvNeXtTiles:
   """Defaults by channel count (register budget: see module docstring).  ``auto`` follows
-  the measurements for GPUs not in the table: Pallas forward for plain calls and XLA
-  when differentiated ("hybrid") up to C=512 (the Mosaic forward up to 256, the split
-  Mosaic forward above: 1.2-1.3x XLA at C=384 on an H200, 2026-11-26), XLA above (the split
-  forward measured slower than XLA at C=768, the Triton one too; the Pallas backward is
-  slower than XLA's at every C; benchmarks/RESULTS.md)."""
+  the measurements for GPUs not in the table: Pallas forward for plain calls ("hybrid") up
+  to C=512 (the Mosaic forward up to 256, the split Mosaic forward above: 1.2-1.3x XLA at
+  C=384 on an H200, 2026-11-26), XLA above (the split forward measured slower than XLA at
+  C=768 there, the Triton one too).  Differentiated calls: the Mosaic forward + backward up
+  to C=256 (``mosaic_backward``: 1.55-1.6x XLA's block on an H100), XLA's block above (the
+  split backward tied with it at C=384; the Triton backward is slower than XLA's at every
+  C; benchmarks/RESULTS.md)."""
   return dataclasses.replace(_heuristic_tiles(c), auto="hybrid" if c <= 512 else "xla")
 
 
@@ -157,7 +167,14 @@ def _heuristic_tiles(c: int) -> ConvNeXtTiles:
 # block forward + backward, batch 128, bf16, H100 2026-11-26 (benchmarks.mosaic_train):
 # 56x56x96 2.327 ms with 1 backward weight stage (2.410 with 2; 2 CTAs per SM fit with 1)
 # vs XLA 3.731 and the previous "hybrid" 3.604; 28x28x192 1.305 ms with 2 (1.518 with 1) vs
-# XLA 2.032 and "hybrid" 1.921.
+# XLA 2.032 and "hybrid" 1.921.  C=384 (split backward, 2 stages): 0.975-0.995 ms vs XLA
+# 1.095 and "hybrid" 0.970-0.991 (a tie; the whole training step measured 5,194 vs 5,097
+# img/s with it on vs off in one run, so it stays on).  C=768 keeps XLA's block when
+# differentiated (no split backward: its tiles do not fit shared memory) but with the
+# Pallas depthwise-conv kernel gradient (mosaic_dwconv_wgrad): 0.723 ms vs "hybrid" 0.892 and
+# XLA 0.870 (the kernel gradient alone 0.100 ms vs the grouped form's 0.231 and XLA's own
+# 2.126); at 14x14 and larger XLA's kernel gradient is faster than the Pallas one (0.094 vs
+# 0.128, 0.122 vs 0.336, 0.218 vs 0.641 ms).
 _H100 = "NVIDIA H100 80GB HBM3"
 TUNED: dict[tuple[int, str, str], ConvNeXtTiles] = {
     (96, "bfloat16", _H100): ConvNeXtTiles(
@@ -172,12 +189,13 @@ TUNED: dict[tuple[int, str, str], ConvNeXtTiles] = {
         fwd_pixels=32, fwd_hidden=64, fwd_warps=4, bwd_pixels=32, bwd_hidden=32,
         wgrad_rows=64, wgrad_hidden=32, dw_pixels=128, dw_channels=32, auto="hybrid",
         fwd_kernel="mosaic_split", mosaic_stages=2, mosaic_project_block_m=128,
-        mosaic_block_n=192),
+        mosaic_block_n=192, mosaic_backward=True, mosaic_bwd_stages=2),
     (768, "bfloat16", _H100): ConvNeXtTiles(
         fwd_pixels=32, fwd_hidden=32, fwd_warps=8, fwd_stages=2, bwd_pixels=32,
         bwd_hidden=32, bwd_warps=8, wgrad_rows=64, wgrad_hidden=16, wgrad_warps=8,
         dw_pixels=128, dw_channels=32, auto="hybrid", fwd_kernel="mosaic_split",
-        mosaic_stages=2, mosaic_project_block_m=128, mosaic_block_n=192),
+        mosaic_stages=2, mosaic_project_block_m=128, mosaic_block_n=192,
+        mosaic_dwconv_wgrad="pallas"),
 }
 
 _CACHE_ENV = "CONVFIRST_JAX_TUNING_CACHE"

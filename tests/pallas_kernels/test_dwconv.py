@@ -132,7 +132,36 @@ def test_pallas_depthwise_conv_compiled_on_gpu(shape):
   assert err < 1e-2
 
 
-@pytest.mark.parametrize("wgrad", ["xla", "grouped8"])
+@pytest.mark.parametrize("shape,k,tiles", [
+    ((2, 9, 13, 40), 7, {}),                              # odd H/W, C not a block multiple
+    ((1, 7, 7, 64), 7, {}),                               # ConvNeXt's last stage: H = W = k
+    ((2, 5, 11, 32), 7, dict(strip=2, tile_w=4, cblock=16)),  # 3 strips, 3 column tiles
+    ((1, 6, 5, 24), 3, dict(strip=4)),                    # k = 3, a strip not dividing H
+])
+def test_pallas_kernel_gradient_matches_xla(shape, k, tiles):
+  """dwconv_triton.depthwise_conv_wgrad (interpreter) vs XLA's autodiff kernel gradient in
+  float32: halo rows across strips, column tiles with their halo, channel padding; bf16."""
+  from pallas_kernels.convnext_block import dwconv_triton
+  kx, kw, kg = jax.random.split(jax.random.key(sum(shape) + k), 3)
+  x = jax.random.normal(kx, shape)
+  w = jax.random.normal(kw, (k, k, shape[-1]))
+  g = jax.random.normal(kg, shape)
+  want = _plain_autodiff(x, w, g)[2]
+  got = dwconv_triton.depthwise_conv_wgrad(x, g, k, interpret=True,
+                                           tiles=dwconv_triton.WgradTiles(**tiles))
+  assert got.shape == want.shape and got.dtype == jnp.float32
+  assert _rel(got, want) < 2e-6
+  xb, gb = x.astype(jnp.bfloat16), g.astype(jnp.bfloat16)
+  got = dwconv_triton.depthwise_conv_wgrad(xb, gb, k, interpret=True)
+  want = _plain_autodiff(xb.astype(jnp.float32), w, gb.astype(jnp.float32))[2]
+  assert _rel(got, want) < 1e-5  # float32 accumulation of the same bf16 inputs
+  with pytest.raises(ValueError, match="dy must have x's shape"):
+    dwconv_triton.depthwise_conv_wgrad(x, g[:, :1], k, interpret=True)
+  with pytest.raises(ValueError, match="even kernel size"):
+    dwconv_triton.depthwise_conv_wgrad(x, g, 4, interpret=True)
+
+
+@pytest.mark.parametrize("wgrad", ["xla", "grouped8", "pallas"])
 def test_pallas_conv_gradients_match_xla(wgrad):
   """depthwise_conv(conv="pallas"): the Pallas forward and its input gradient (the conv with
   mirrored taps) and the chosen weight gradient vs plain XLA autodiff, float32, odd H/W."""
@@ -148,12 +177,15 @@ def test_pallas_conv_gradients_match_xla(wgrad):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-5)
   with pytest.raises(ValueError, match="conv must be"):
     dwconv.depthwise_conv(x, w, conv="cudnn")
+  with pytest.raises(ValueError, match='wgrad="pallas" needs conv="pallas"'):
+    dwconv.depthwise_conv(x, w, wgrad="pallas")
 
 
 @pytest.mark.gpu
 def test_pallas_conv_gradients_compiled_on_gpu():
   """depthwise_conv(conv="pallas") compiled: value, input and kernel gradients vs XLA's
-  autodiff in float32 (ConvNeXt-T stage-1 width, the stage-4 grouped weight gradient)."""
+  autodiff in float32 (ConvNeXt-T stage-1 width, stage 4), with the "auto" kernel gradient
+  (XLA's / the grouped form) and the Pallas kernel's."""
   if jax.default_backend() != "gpu":
     pytest.skip("needs a GPU")
   for shape in ((2, 56, 56, 96), (4, 7, 7, 768)):
@@ -161,9 +193,11 @@ def test_pallas_conv_gradients_compiled_on_gpu():
     x = jax.random.normal(kx, shape).astype(jnp.bfloat16)
     w = jax.random.normal(kw, (7, 7, shape[-1])) * 0.1
     g = jax.random.normal(kg, shape).astype(jnp.bfloat16)
-    y, vjp = jax.vjp(lambda a, b: dwconv.depthwise_conv(a, b, conv="pallas"), x, w)
-    dx, dw = vjp(g)
     y0, dx0, dw0 = _plain_autodiff(x.astype(jnp.float32), w, g.astype(jnp.float32))
-    for got, want in ((y, y0), (dx, dx0), (dw, dw0)):
-      got = jnp.asarray(got, jnp.float32)
-      assert float(jnp.abs(got - want).max() / jnp.abs(want).max()) < 1e-2
+    for wgrad in ("auto", "pallas"):
+      y, vjp = jax.vjp(lambda a, b: dwconv.depthwise_conv(a, b, conv="pallas", wgrad=wgrad),
+                       x, w)
+      dx, dw = vjp(g)
+      for got, want in ((y, y0), (dx, dx0), (dw, dw0)):
+        got = jnp.asarray(got, jnp.float32)
+        assert float(jnp.abs(got - want).max() / jnp.abs(want).max()) < 1e-2

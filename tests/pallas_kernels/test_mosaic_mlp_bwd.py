@@ -129,6 +129,41 @@ def test_mlp_with_grad_constant_row_scale_and_silu():
   assert _rel(got_none, want_none) < 1e-2
 
 
+def test_split_backward_kernel_and_gradients():
+  """C > 256 (the split form): hidden_grads' h and da against float32 jnp, and all eight
+  gradients of mlp_with_grad(split=True) against jax.grad of the reference (C=320: five
+  64-wide column blocks; 100 rows: padding)."""
+  m, c, e = 100, 320, 128
+  a, dy = _inputs(8, m, c, e)
+  f32 = jnp.float32
+  g = (dy.astype(f32) * a["row_scale"][:, None]).astype(dy.dtype)
+  h, da = mosaic_mlp_bwd.hidden_grads(a["z"], g, a["w1"], a["b1"], a["w2"],
+                                      z_bias=a["z_bias"], interpret=True)
+  zn = a["z"].astype(f32) + a["z_bias"]
+  zn = (zn - zn.mean(-1, keepdims=True)) * jax.lax.rsqrt(zn.var(-1, keepdims=True) + 1e-6)
+  pre = zn @ a["w1"] + a["b1"]
+  assert _rel(h, jax.nn.gelu(pre, approximate=False)) < 1e-2
+  want_da = (g.astype(f32) @ a["w2"].T) * jax.vmap(jax.vmap(jax.grad(
+      lambda v: jax.nn.gelu(v, approximate=False))))(pre)
+  assert _rel(da, want_da) < 1e-2
+  args = [a[k] for k in ARGS]
+
+  def loss(*args):
+    y = mosaic_mlp_bwd.mlp_with_grad(*args[:6], z_bias=args[6], row_scale=args[7], split=True,
+                                     interpret=True)
+    return jnp.sum(y.astype(f32) * dy.astype(f32))
+  got = jax.grad(loss, argnums=tuple(range(8)))(*args)
+  want = _reference_grads(a, dy, "gelu", True, tuple(range(8)))
+  for name, x, y in zip(ARGS, got, want):
+    assert _rel(x, y) < 1e-2, (name, _rel(x, y))
+  assert mosaic_mlp_bwd.split_unsupported_reason(64, 384, 1536, jnp.bfloat16, "gelu", 32,
+                                                 2) is None
+  with pytest.raises(NotImplementedError, match="C=768 .* shared memory"):
+    mosaic_mlp_bwd.hidden_grads(jnp.zeros((64, 768), jnp.bfloat16),
+                                jnp.zeros((64, 768), jnp.bfloat16), jnp.zeros((768, 3072)),
+                                jnp.zeros((3072,)), jnp.zeros((3072, 768)), interpret=True)
+
+
 def test_bwd_kernel_has_no_races():
   """The interpreter's race detector over the TMA loads, the weight pipeline (3 slots over
   4 chunks) and the two staging slots of h / da reused by later chunks' TMA stores."""
@@ -205,6 +240,7 @@ def _block_inputs(seed, shape):
 @pytest.mark.parametrize("shape,perturb_dps", [
     ((2, 5, 7, 96), True),    # stage 1 width, odd H and W
     ((1, 7, 5, 192), False),  # stage 2 width, batch 1, drop-path scale held constant
+    ((1, 5, 3, 384), False),  # stage 3 width: the split forms
 ])
 def test_convnext_block_training_path(shape, perturb_dps):
   """convnext_block with tiles.mosaic_backward: the output and the gradients of x and all
@@ -213,7 +249,8 @@ def test_convnext_block_training_path(shape, perturb_dps):
   x, p, g, d = _block_inputs(sum(shape), shape)
   tiles = dataclasses.replace(tuning.heuristic_tiles(shape[-1], jnp.bfloat16),
                               mosaic_backward=True, mosaic_bwd_stages=1)
-  assert api.train_kernel(x.shape, x.dtype, p, tiles, True) == "mosaic"
+  assert api.train_kernel(x.shape, x.dtype, p, tiles, True) == (
+      "mosaic" if shape[-1] <= 256 else "mosaic_split")
   f = lambda x, p, d: convnext_block(x, p, d, implementation="pallas", interpret=True,
                                      tiles=tiles)
   ref = lambda x, p, d: convnext_block_reference(x, p, d)
@@ -248,6 +285,13 @@ def test_train_kernel_choice():
   assert api.train_kernel((2, 8, 8, 256), jnp.bfloat16, p256, t256, True) == "xla"
   assert tuning.heuristic_tiles(256, jnp.bfloat16).mosaic_bwd_stages == 1
   assert tuning.heuristic_tiles(192, jnp.bfloat16).mosaic_bwd_stages == 2
+  p768 = tuning.reference_params(jax.random.key(0), 768)
+  t768 = dataclasses.replace(tuning.heuristic_tiles(768, jnp.bfloat16),
+                             fwd_kernel="mosaic_split", mosaic_backward=True)
+  assert api.train_kernel((2, 7, 7, 768), jnp.bfloat16, p768, t768, True) == "xla"
+  p384 = tuning.reference_params(jax.random.key(0), 384)
+  t384 = dataclasses.replace(tuning.heuristic_tiles(384, jnp.bfloat16), mosaic_backward=True)
+  assert api.train_kernel((2, 7, 7, 384), jnp.bfloat16, p384, t384, True) == "mosaic_split"
 
 
 # ------------------------------------------------------------------ GPU (compiled) checks
@@ -268,7 +312,7 @@ def test_compiled_bwd_kernel_on_gpu(m, c, e, stages):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(4, 56, 56, 96), (4, 28, 28, 192)])
+@pytest.mark.parametrize("shape", [(4, 56, 56, 96), (4, 28, 28, 192), (8, 14, 14, 384)])
 def test_compiled_convnext_training_path_on_gpu(shape):
   x, p, g, d = _block_inputs(3, shape)
   t = dataclasses.replace(tuning.get_tiles(shape[-1], jnp.bfloat16), mosaic_backward=True)

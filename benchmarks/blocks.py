@@ -177,8 +177,10 @@ def _rel_err(a, b) -> float:
 
 
 def _fwd_bwd(f):
+  """y and the gradients of x and the parameters; the third argument (drop-path scale or
+  BatchNorm state) is held constant, as in a training step."""
   def run(x, p, d, g):
-    y, vjp = jax.vjp(f, x, p, d)
+    y, vjp = jax.vjp(lambda x, p: f(x, p, d), x, p)
     return y, vjp(g)
   return jax.jit(run)
 

@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_suite.sh mosaic    # Mosaic GPU kernel variants vs XLA and Triton
 #   bash benchmarks/gpu_suite.sh dwconv    # Pallas depthwise conv vs XLA, block forwards
 #   bash benchmarks/gpu_suite.sh pipelined # pipelined vs serial Mosaic kernels (+ their tests)
+#   bash benchmarks/gpu_suite.sh mosaic_train  # training-path blocks (Mosaic backward) + step
 # Results go to $OUT (or ./out) as JSON / PNG / logs; a short summary is printed last.
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -68,6 +69,17 @@ case "${1:-}" in
     log "Mosaic GPU fused pointwise kernel vs XLA (and Triton): variants, checks, timings"
     timeout 560 python3 -m benchmarks.mosaic_blocks --json "$OUT/mosaic_blocks.json" 2>&1 \
       | grep -v cuda_timer | tee "$OUT/mosaic_blocks.txt" | tail -10
+    ;;
+  mosaic_train)
+    log "training-path ConvNeXt blocks: XLA vs hybrid vs Mosaic backward (+ dwconv wgrad)"
+    timeout 300 python3 -m benchmarks.mosaic_train --json "$OUT/mosaic_train.json" 2>&1 \
+      | grep -v cuda_timer | tee "$OUT/mosaic_train.txt" | sed -n '/^ConvNeXt blocks/,$p'
+    for impl in xla auto; do
+      log "throughput convnext_tiny $impl"
+      timeout 150 python3 -m train.throughput --model convnext_tiny --block-impl "$impl" \
+        --batch-size 256 --image-size 224 --steps 30 --json "$OUT/tput_convnext_tiny_$impl.json" \
+        2>&1 | grep -v cuda_timer | tail -1
+    done
     ;;
   pipelined)
     log "compiled tests of the pipelined Mosaic kernels"

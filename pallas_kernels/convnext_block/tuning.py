@@ -72,8 +72,8 @@ class ConvNeXtTiles:
   mosaic_block_n: int = 0
   # Keep a wgmma in flight while each activation runs: "mosaic" -> fused_mlp(pipelined=True)
   # (needs mosaic_block_m=64), "mosaic_split" -> split_mlp(expand_pipelined=True).  Off in
-  # every table entry: interpreter-tested, not yet timed on a GPU (2026-11-26;
-  # `bash benchmarks/gpu_suite.sh pipelined` measures it).
+  # every table entry: slower than the serial kernels at every ConvNeXt-T / ConvFirst shape
+  # on an H100 (0.69-0.96x, 2026-11-26, `bash benchmarks/gpu_suite.sh pipelined`).
   mosaic_pipelined: bool = False
   # The depthwise conv before the Mosaic kernels, and in "hybrid" differentiated calls its
   # forward and input gradient (dwconv.depthwise_conv(conv=...)): "pallas" = dwconv_triton.py

@@ -106,6 +106,34 @@ def _ln_backward(dzn, z_smem, zb_smem, *, normalize: bool, eps: float):
   return (dzn - row(m1) - zhat * row(m2)) * row(rstd)
 
 
+def _hidden_grad(a, dh, b1_smem, act: str):
+  """(h, da) of one hidden chunk, float32 registers: h = act(a + b1), da = dh act'(a + b1)."""
+  rows, hc = a.shape
+  b1 = plgpu.load(b1_smem, layout=_WG.reduce(0))
+  h, dact = _activation_and_grad(a + lax.broadcast_in_dim(b1, (rows, hc), [1]), act)
+  return h, dh * dact
+
+
+def _store_hidden(h, da, out_smem, j, rows, h_gmem, da_gmem, before_store=None):
+  """Writes chunk j's h and da (z's dtype) into staging slot j % 2 of ``out_smem`` (2, 2,
+  rows, hc) and TMA-copies them to columns [j hc, (j + 1) hc) of h_gmem / da_gmem.  The
+  stores issued for chunk j - 2 must have read the slot first (those of chunk j - 1 may
+  still be in flight).  ``before_store(da_slot)`` runs after the slots are committed and
+  before the copies are issued (the fused kernel's dzn wgmma)."""
+  hc = h.shape[1]
+  slot = lax.rem(j, 2)
+  plgpu.wait_smem_to_gmem(2, wait_read_only=True)
+  h_slot, da_slot = out_smem.at[0, slot], out_smem.at[1, slot]
+  h_slot[...] = h.astype(h_slot.dtype)
+  da_slot[...] = da.astype(da_slot.dtype)
+  plgpu.commit_smem()
+  if before_store is not None:
+    before_store(da_slot)
+  cols = pl.ds(j * hc, hc)
+  plgpu.copy_smem_to_gmem(h_slot, h_gmem.at[rows, cols])
+  plgpu.copy_smem_to_gmem(da_slot, da_gmem.at[rows, cols])
+
+
 def _bwd_kernel(z_gmem, g_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, dz_gmem, h_gmem, da_gmem,
                 *, c: int, e: int, hc: int, act: str, normalize: bool, eps: float,
                 stages: int, bm: int, da_in_regs: bool):
@@ -134,25 +162,16 @@ def _bwd_kernel(z_gmem, g_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, dz_gmem, h_
 
         a, dh = pl.run_scoped(matmuls, plgpu.ACC((bm, hc), jnp.float32),
                               plgpu.ACC((bm, hc), jnp.float32))
-        b1 = plgpu.load(b1_smem, layout=_WG.reduce(0))
-        h, dact = _activation_and_grad(a + lax.broadcast_in_dim(b1, (bm, hc), [1]), act)
-        da = dh * dact
-        # Two staging slots per output: the TMA stores issued for chunk j - 2 must have
-        # read slot j % 2 (the two of chunk j - 1 may still be in flight); the dzn wgmma
-        # that read da's slot was retired at the end of chunk j - 2.
-        slot = lax.rem(j, 2)
-        plgpu.wait_smem_to_gmem(2, wait_read_only=True)
-        h_slot, da_slot = out_smem.at[0, slot], out_smem.at[1, slot]
-        h_slot[...] = h.astype(dtype)
-        da_slot[...] = da.astype(dtype)
-        plgpu.commit_smem()
+        h, da = _hidden_grad(a, dh, b1_smem, act)
+
         # dzn += da W1_j^T: da as wgmma's register operand on a GPU (from shared memory,
         # a 96-wide C failed Mosaic's layout inference, jax 0.11.2), through its staging
-        # slot in the interpreter (which does not model register operands).
-        plgpu.wgmma(dzn_ref, da.astype(dtype) if da_in_regs else da_slot, w1t_smem)
-        cols = pl.ds(j * hc, hc)
-        plgpu.copy_smem_to_gmem(h_slot, h_gmem.at[rows, cols])
-        plgpu.copy_smem_to_gmem(da_slot, da_gmem.at[rows, cols])
+        # slot in the interpreter (which does not model register operands).  The wgmma
+        # that read a slot is retired at the end of its chunk, before the slot is reused.
+        def project_back(da_slot):
+          plgpu.wgmma(dzn_ref, da.astype(dtype) if da_in_regs else da_slot, w1t_smem)
+
+        _store_hidden(h, da, out_smem, j, rows, h_gmem, da_gmem, project_back)
         plgpu.wgmma_wait(0)  # the weight slots are refilled once the chunk returns
 
       w_t = _transforms(c, dtype)
@@ -186,6 +205,30 @@ def _bwd_kernel(z_gmem, g_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, dz_gmem, h_
   )
 
 
+def _check_bwd_args(z, g, w1, b1, w2) -> tuple[int, int, int]:
+  """(M, C, E) of a backward call, after checking the shapes fit together."""
+  m, c = z.shape
+  e = w1.shape[1]
+  if g.shape != z.shape or g.dtype != z.dtype:
+    raise ValueError(f"g must match z: got {g.shape} {g.dtype} vs {z.shape} {z.dtype}")
+  if w1.shape != (c, e) or w2.shape != (e, c) or b1.shape != (e,):
+    raise ValueError(f"weight shapes do not fit C={c}, E={e}: w1 {w1.shape}, b1 {b1.shape}, "
+                     f"w2 {w2.shape}")
+  return m, c, e
+
+
+def _bwd_inputs(z, g, z_bias):
+  """(zb, z, g, M padded): z_bias as float32 (zeros when None), z and g with zero rows up to
+  a multiple of BLOCK_M (g = 0 there gives da = 0 and dz = 0; callers slice them off)."""
+  m, c = z.shape
+  zb = jnp.zeros((c,), jnp.float32) if z_bias is None else z_bias.astype(jnp.float32)
+  m_pad = -(-m // BLOCK_M) * BLOCK_M
+  if m_pad != m:
+    z = jnp.pad(z, ((0, m_pad - m), (0, 0)))
+    g = jnp.pad(g, ((0, m_pad - m), (0, 0)))
+  return zb, z, g, m_pad
+
+
 @functools.partial(jax.jit, static_argnames=("act", "normalize", "eps", "hidden_chunk",
                                              "stages", "interpret"))
 def fused_mlp_bwd(z, g, w1, b1, w2, *, z_bias=None, act: str = "gelu", normalize: bool = True,
@@ -198,22 +241,12 @@ def fused_mlp_bwd(z, g, w1, b1, w2, *, z_bias=None, act: str = "gelu", normalize
   activation h = act(a) and its gradient da = (g W2^T) act'(a), both (M, E), in z's dtype,
   for the weight gradients dW1 = norm(z + zb)^T da and dW2 = h^T g.  Raises
   NotImplementedError naming the reason for unsupported shapes (``unsupported_reason``)."""
-  m, c = z.shape
-  e = w1.shape[1]
-  if g.shape != z.shape or g.dtype != z.dtype:
-    raise ValueError(f"g must match z: got {g.shape} {g.dtype} vs {z.shape} {z.dtype}")
-  if w1.shape != (c, e) or w2.shape != (e, c) or b1.shape != (e,):
-    raise ValueError(f"weight shapes do not fit C={c}, E={e}: w1 {w1.shape}, b1 {b1.shape}, "
-                     f"w2 {w2.shape}")
+  m, c, e = _check_bwd_args(z, g, w1, b1, w2)
   reason = unsupported_reason(m, c, e, z.dtype, act, hidden_chunk, stages)
   if reason is not None:
     raise NotImplementedError(f"fused_mlp_bwd: {reason}")
   dtype = z.dtype
-  zb = jnp.zeros((c,), jnp.float32) if z_bias is None else z_bias.astype(jnp.float32)
-  m_pad = -(-m // BLOCK_M) * BLOCK_M
-  if m_pad != m:  # zero rows: g = 0 gives da = 0 and dz = 0 there
-    z = jnp.pad(z, ((0, m_pad - m), (0, 0)))
-    g = jnp.pad(g, ((0, m_pad - m), (0, 0)))
+  zb, z, g, m_pad = _bwd_inputs(z, g, z_bias)
   kernel = functools.partial(_bwd_kernel, c=c, e=e, hc=hidden_chunk, act=act,
                              normalize=normalize, eps=float(eps), stages=stages, bm=BLOCK_M,
                              da_in_regs=interpret is False or interpret is None)
@@ -303,17 +336,8 @@ def _hidden_grad_kernel(z_gmem, g_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, h_g
 
       a, dh = pl.run_scoped(matmuls, plgpu.ACC((bm, hc), jnp.float32),
                             plgpu.ACC((bm, hc), jnp.float32))
-      b1 = plgpu.load(b1_smem, layout=_WG.reduce(0))
-      h, dact = _activation_and_grad(a + lax.broadcast_in_dim(b1, (bm, hc), [1]), act)
-      slot = lax.rem(j, 2)
-      plgpu.wait_smem_to_gmem(2, wait_read_only=True)  # chunk j - 2's stores read the slot
-      h_slot, da_slot = out_smem.at[0, slot], out_smem.at[1, slot]
-      h_slot[...] = h.astype(dtype)
-      da_slot[...] = (dh * dact).astype(dtype)
-      plgpu.commit_smem()
-      cols = pl.ds(j * hc, hc)
-      plgpu.copy_smem_to_gmem(h_slot, h_gmem.at[rows, cols])
-      plgpu.copy_smem_to_gmem(da_slot, da_gmem.at[rows, cols])
+      h, da = _hidden_grad(a, dh, b1_smem, act)
+      _store_hidden(h, da, out_smem, j, rows, h_gmem, da_gmem)
 
     plgpu.emit_pipeline(
         chunk,
@@ -348,23 +372,13 @@ def hidden_grads(z, g, w1, b1, w2, *, z_bias=None, act: str = "gelu", normalize:
   NotImplementedError naming the reason for unsupported calls
   (``split_unsupported_reason``)."""
   from pallas_kernels.mosaic_split import _column_block
-  m, c = z.shape
-  e = w1.shape[1]
-  if g.shape != z.shape or g.dtype != z.dtype:
-    raise ValueError(f"g must match z: got {g.shape} {g.dtype} vs {z.shape} {z.dtype}")
-  if w1.shape != (c, e) or w2.shape != (e, c) or b1.shape != (e,):
-    raise ValueError(f"weight shapes do not fit C={c}, E={e}: w1 {w1.shape}, b1 {b1.shape}, "
-                     f"w2 {w2.shape}")
+  m, c, e = _check_bwd_args(z, g, w1, b1, w2)
   reason = split_unsupported_reason(m, c, e, z.dtype, act, hidden_chunk, stages)
   if reason is not None:
     raise NotImplementedError(f"hidden_grads: {reason}")
   dtype = z.dtype
   cb = _column_block(c)
-  zb = jnp.zeros((c,), jnp.float32) if z_bias is None else z_bias.astype(jnp.float32)
-  m_pad = -(-m // BLOCK_M) * BLOCK_M
-  if m_pad != m:
-    z = jnp.pad(z, ((0, m_pad - m), (0, 0)))
-    g = jnp.pad(g, ((0, m_pad - m), (0, 0)))
+  zb, z, g, m_pad = _bwd_inputs(z, g, z_bias)
   blocks = lambda w_ec: w_ec.astype(dtype).reshape(e, c // cb, cb).transpose(1, 0, 2)
   h, da = plgpu.kernel(
       functools.partial(_hidden_grad_kernel, e=e, hc=hidden_chunk, act=act,

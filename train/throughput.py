@@ -26,11 +26,11 @@ from train.data import IMAGENET_MEAN, IMAGENET_STD
 
 def measure(model: str, batch_size: int, image_size: int, *, block_impl=None,
             dtype: str = "bfloat16", steps: int = 30, warmup: int = 5, num_classes: int = 1000,
-            drop_path: float = 0.0) -> dict:
+            drop_path: float = 0.0, model_kwargs: dict | None = None) -> dict:
   mesh = parallel.make_mesh()
   parallel.check_batch_size(batch_size, mesh)
   net = engine.build_model(model, num_classes, block_impl=block_impl, dtype=dtype,
-                           drop_path=drop_path)
+                           drop_path=drop_path, **(model_kwargs or {}))
   split = engine.SplitModel.from_model(net)
   tx, _ = engine.make_optimizer(split.params, lr=1e-3, total_steps=10_000, warmup_steps=100,
                                 weight_decay=0.05, grad_clip=1.0)
@@ -75,7 +75,7 @@ def measure(model: str, batch_size: int, image_size: int, *, block_impl=None,
       "device_kind": jax.devices()[0].device_kind, "steps": steps,
       "median_step_ms": median * 1e3, "min_step_ms": min(times) * 1e3,
       "img_per_s": batch_size / median, "pipelined_img_per_s": batch_size / pipelined_s,
-      "compile_s": compile_s, "final_loss": loss,
+      "compile_s": compile_s, "final_loss": loss, "model_kwargs": model_kwargs or {},
       "jax": jax.__version__,
   }
 
@@ -92,11 +92,17 @@ def main(argv=None):
   p.add_argument("--warmup", type=int, default=5, help="untimed steps first (with compile)")
   p.add_argument("--num-classes", type=int, default=1000)
   p.add_argument("--drop-path", type=float, default=0.0)
+  p.add_argument("--model-kwargs", type=json.loads, default={},
+                 help='more create_model arguments as JSON (as for python -m train), e.g. '
+                 '\'{"depths": [1, 1, 2, 1]}\'')
   p.add_argument("--json", default=None, help="also write the result to this JSON file")
   a = p.parse_args(argv)
+  if not isinstance(a.model_kwargs, dict):
+    p.error(f"--model-kwargs must be a JSON object, got {a.model_kwargs!r}")
   r = measure(a.model, a.batch_size, a.image_size,
               block_impl=None if a.block_impl == "auto" else a.block_impl, dtype=a.dtype,
-              steps=a.steps, warmup=a.warmup, num_classes=a.num_classes, drop_path=a.drop_path)
+              steps=a.steps, warmup=a.warmup, num_classes=a.num_classes, drop_path=a.drop_path,
+              model_kwargs=a.model_kwargs)
   print(f"{r['model']} {r['block_impl']} {r['dtype']} batch {r['batch_size']} "
         f"{r['image_size']}x{r['image_size']} on {r['devices']}x {r['device_kind']}: "
         f"{r['img_per_s']:.0f} img/s train step (median {r['median_step_ms']:.2f} ms over "

@@ -73,6 +73,9 @@ def test_throughput_script_runs(tmp_path):
   out = tmp_path / "t.json"
   r = main(["--model", "convnext_atto", "--batch-size", "4", "--image-size", "32",
             "--steps", "2", "--warmup", "1", "--dtype", "bfloat16", "--num-classes", "10",
-            "--json", str(out)])
+            "--model-kwargs", '{"depths": [1, 1, 1, 1]}', "--json", str(out)])
   assert r["img_per_s"] > 0 and np.isfinite(r["final_loss"])
-  assert json.loads(out.read_text())["model"] == "convnext_atto"
+  saved = json.loads(out.read_text())
+  assert saved["model"] == "convnext_atto" and saved["model_kwargs"] == {"depths": [1, 1, 1, 1]}
+  with pytest.raises(SystemExit):  # not a JSON object: argparse error (exit 2)
+    main(["--model-kwargs", "[1, 2]"])

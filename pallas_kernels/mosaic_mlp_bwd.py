@@ -82,8 +82,9 @@ def unsupported_reason(m: int, c: int, e: int, dtype, act: str = "gelu",
     return f"stages must be >= 1, got {stages}"
   need = bwd_smem_bytes(c, hidden_chunk, stages, jnp.dtype(dtype).itemsize)
   if need > SMEM_BYTES:
-    return (f"C={c} with {stages} weight stages needs {need} bytes of shared memory in the "
-            f"backward kernel (at most {SMEM_BYTES}); use fewer stages")
+    return (f"C={c} with a hidden chunk of {hidden_chunk} and {stages} weight stages needs "
+            f"{need} bytes of shared memory in the backward kernel (at most {SMEM_BYTES}); "
+            f"use fewer stages or a smaller chunk")
   return None
 
 
@@ -419,7 +420,7 @@ class MlpConfig(NamedTuple):
   project_stages: int = 3       # split_mlp's
   project_block_m: int = 64     # split_mlp's
   block_n: int = 0              # split_mlp's (0: its default)
-  bwd_hidden: int = 32          # hidden_grads' chunk
+  bwd_hidden: int = 64          # the backward kernel's hidden chunk
 
 
 def _normalised(z, zb, normalize: bool, eps: float):
@@ -471,7 +472,7 @@ def _mlp_bwd(cfg, saved, dy):
   else:
     dz, h, da = fused_mlp_bwd(z, g, w1, b1, w2, z_bias=zb, act=cfg.act,
                               normalize=cfg.normalize, eps=cfg.eps,
-                              hidden_chunk=cfg.hidden_chunk, stages=cfg.bwd_stages,
+                              hidden_chunk=cfg.bwd_hidden, stages=cfg.bwd_stages,
                               interpret=cfg.interpret)
   zn = _normalised(z, zb, cfg.normalize, cfg.eps).astype(dtype)
   dw1 = jnp.dot(zn.T, da, preferred_element_type=f32)
@@ -495,22 +496,24 @@ def mlp_with_grad(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: s
                   normalize: bool = True, eps: float = 1e-6, hidden_chunk: int = 64,
                   stages: int = 2, block_m: int = 64, bwd_stages: int = 2,
                   split: bool = False, project_stages: int = 3, project_block_m: int = 64,
-                  block_n: int | None = None, bwd_hidden: int = 32,
+                  block_n: int | None = None, bwd_hidden: int = 0,
                   interpret: bool = False):
   """``mosaic_mlp.fused_mlp`` (same arguments and result) with a Mosaic GPU backward: the
   forward kernel saves only its inputs, the backward is ``fused_mlp_bwd`` plus XLA's GEMMs
   for the weight gradients.  Gradients flow to z, res, w1, b1, w2, b2, z_bias and (when it
-  is perturbed) row_scale.  ``bwd_stages``: the backward kernel's weight pipeline depth.
+  is perturbed) row_scale.  ``bwd_stages``: the backward kernel's weight pipeline depth;
+  ``bwd_hidden``: its hidden chunk (0: ``hidden_chunk``, or 32 with ``split``).
 
   ``split=True`` (C > 256): the forward is ``mosaic_split.split_mlp`` (``stages`` is its
   expand kernel's depth; ``project_stages``, ``project_block_m``, ``block_n`` its project
-  kernel's) and the backward ``hidden_grads`` (hidden chunk ``bwd_hidden``) with dzn and the
+  kernel's) and the backward ``hidden_grads`` with dzn and the
   LayerNorm backward in XLA; ``hidden_chunk`` and ``block_m`` do not apply."""
   m, c, e = mosaic_mlp.check_mlp_args(z, res, w1, b1, w2, b2)
+  bwd_hidden = bwd_hidden or (32 if split else hidden_chunk)
   if split:
     reason = split_unsupported_reason(m, c, e, z.dtype, act, bwd_hidden, bwd_stages)
   else:
-    reason = unsupported_reason(m, c, e, z.dtype, act, hidden_chunk, bwd_stages)
+    reason = unsupported_reason(m, c, e, z.dtype, act, bwd_hidden, bwd_stages)
   if reason is not None:
     raise NotImplementedError(f"mlp_with_grad: {reason}")
   zb = jnp.zeros((c,), jnp.float32) if z_bias is None else z_bias

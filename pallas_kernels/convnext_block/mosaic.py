@@ -87,22 +87,24 @@ def forward(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | None = N
 
 def train_unsupported_reason(x_shape, params: ConvNeXtBlockParams, dtype,
                              bwd_stages: int = 2, hidden_chunk: int = 64, split: bool = False,
-                             bwd_hidden: int = 32) -> str | None:
-  """Why ``forward_train`` cannot run this call, or None."""
+                             bwd_hidden: int = 0) -> str | None:
+  """Why ``forward_train`` cannot run this call, or None (``bwd_hidden`` 0: the backward
+  kernel's default chunk, ``hidden_chunk`` or 32 with ``split``)."""
   n, h, w, c = x_shape
   m, e = n * h * w, params.fc1_kernel.shape[1]
   if split:
     return (mosaic_split.unsupported_reason(m, c, e, dtype)
-            or mosaic_mlp_bwd.split_unsupported_reason(m, c, e, dtype, "gelu", bwd_hidden,
-                                                       bwd_stages))
-  return mosaic_mlp_bwd.unsupported_reason(m, c, e, dtype, "gelu", hidden_chunk, bwd_stages)
+            or mosaic_mlp_bwd.split_unsupported_reason(m, c, e, dtype, "gelu",
+                                                       bwd_hidden or 32, bwd_stages))
+  return mosaic_mlp_bwd.unsupported_reason(m, c, e, dtype, "gelu", bwd_hidden or hidden_chunk,
+                                           bwd_stages)
 
 
 def forward_train(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | None = None, *,
                   eps: float = 1e-6, hidden_chunk: int = 64, stages: int = 2,
                   block_m: int = 64, bwd_stages: int = 2, dwconv_pallas: bool = True,
                   split: bool = False, project_stages: int = 3, project_block_m: int = 64,
-                  block_n: int | None = None, bwd_hidden: int = 32, dw_wgrad: str = "auto",
+                  block_n: int | None = None, bwd_hidden: int = 0, dw_wgrad: str = "auto",
                   interpret: bool = False) -> jax.Array:
   """The block forward of ``forward`` for differentiated calls (``split``: the two-kernel
   form and its backward, ``mosaic_mlp_bwd.hidden_grads``, for C > 256):

@@ -89,11 +89,11 @@ class ConvNeXtTiles:
   # backward in XLA) and XLA's weight-gradient GEMMs; the depthwise conv as
   # ``mosaic_dwconv`` says, its weight gradient XLA's.  False = XLA's forward + backward
   # ("hybrid") or the Triton backward ("pallas").  ``mosaic_bwd_stages``: the backward
-  # kernel's weight pipeline depth; ``mosaic_bwd_hidden``: its hidden chunk in the split
-  # form (the one-kernel form uses ``mosaic_hidden``).
+  # kernel's weight pipeline depth; ``mosaic_bwd_hidden``: its hidden chunk (0: the
+  # forward's ``mosaic_hidden`` for the one-kernel form, 32 for the split form).
   mosaic_backward: bool = False
   mosaic_bwd_stages: int = 2
-  mosaic_bwd_hidden: int = 32
+  mosaic_bwd_hidden: int = 0
   # What implementation=None runs (from measurements, per channel count and device):
   # "pallas": Pallas forward and backward; "hybrid": Pallas for plain (inference) calls,
   # XLA forward+backward when the call is differentiated (the Pallas forward was faster

@@ -57,6 +57,7 @@ def _reference_grads(a, dy, act, normalize, argnums):
     (100, 64, 128, "gelu", True, {}),                       # padded rows, two chunks
     (64, 96, 384, "gelu", True, dict(stages=1)),            # ConvNeXt-T stage 1 width
     (70, 32, 256, "silu", False, dict(stages=3)),           # ConvFirst-style, 4 chunks
+    (64, 32, 256, "gelu", True, dict(hidden_chunk=128)),    # two 128-wide chunks
 ])
 def test_bwd_kernel_outputs(m, c, e, act, normalize, kw):
   """dz, h = act(a) and da = (g W2^T) act'(a) against float32 jnp."""

@@ -22,18 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.timing import median_seconds
+from pallas_kernels.timing import median_ms as _ms
 
 SHAPES = ((56, 96), (28, 192), (14, 384), (7, 768))
 VARIANTS = tuple(
     dict(strip=s, cblock=cb, num_warps=nw)
     for s, cb, nw in ((0, 32, 4), (7, 32, 4), (14, 32, 4), (4, 32, 4), (8, 16, 4), (8, 64, 4),
                       (8, 32, 2), (8, 32, 8), (4, 64, 4)))
-
-
-def _ms(fn, arg_sets, iters, reps):
-  return median_seconds(fn, arg_sets=arg_sets, warmup=len(arg_sets), iters=iters,
-                        reps=reps) * 1e3
 
 
 def _rel(a, b):

@@ -29,14 +29,9 @@ import numpy as np
 
 from pallas_kernels import mosaic_mlp, mosaic_mlp_bwd
 from pallas_kernels.convnext_block import api, dwconv, dwconv_triton, tuning
-from pallas_kernels.timing import median_seconds
+from pallas_kernels.timing import median_ms as _ms
 
 SHAPES = ((56, 96), (28, 192), (14, 384), (7, 768))
-
-
-def _ms(fn, arg_sets, iters, reps):
-  return median_seconds(fn, arg_sets=arg_sets, warmup=len(arg_sets), iters=iters,
-                        reps=reps) * 1e3
 
 
 def _max_rel(a, b):

@@ -81,17 +81,22 @@ def bwd_smem_bytes(c: int, hc: int, stages: int, itemsize: int = 2, bm: int = BL
 def unsupported_reason(m: int, c: int, e: int, dtype, act: str = "gelu",
                        hidden_chunk: int = 64, stages: int = 2) -> str | None:
   """Why ``fused_mlp_bwd`` cannot run this shape/dtype/activation, or None."""
-  reason = mosaic_mlp.unsupported_reason(m, c, e, dtype, hidden_chunk)
-  if reason is not None:
-    return reason
+  return (mosaic_mlp.unsupported_reason(m, c, e, dtype, hidden_chunk)
+          or _kernel_reason("backward kernel", bwd_smem_bytes, c, act, hidden_chunk, stages,
+                            dtype))
+
+
+def _kernel_reason(kernel: str, smem_bytes, c: int, act: str, hidden_chunk: int,
+                   stages: int, dtype) -> str | None:
+  """The checks both backward kernels share: activation, stages, shared memory."""
   if act not in BWD_ACTIVATIONS:
     return f"the backward kernel supports the activations {BWD_ACTIVATIONS}, got {act!r}"
   if stages < 1:
     return f"stages must be >= 1, got {stages}"
-  need = bwd_smem_bytes(c, hidden_chunk, stages, jnp.dtype(dtype).itemsize)
+  need = smem_bytes(c, hidden_chunk, stages, jnp.dtype(dtype).itemsize)
   if need > SMEM_BYTES:
     return (f"C={c} with a hidden chunk of {hidden_chunk} and {stages} weight stages needs "
-            f"{need} bytes of shared memory in the backward kernel (at most {SMEM_BYTES}); "
+            f"{need} bytes of shared memory in the {kernel} (at most {SMEM_BYTES}); "
             f"use fewer stages or a smaller chunk")
   return None
 
@@ -292,18 +297,10 @@ def split_unsupported_reason(m: int, c: int, e: int, dtype, act: str = "gelu",
     return f"the split backward needs C and E to be multiples of 64, got C={c}, E={e}"
   if hidden_chunk % 32 or e % hidden_chunk:
     return f"the hidden chunk must be a multiple of 32 dividing E={e}, got {hidden_chunk}"
-  if act not in BWD_ACTIVATIONS:
-    return f"the backward kernel supports the activations {BWD_ACTIVATIONS}, got {act!r}"
-  if stages < 1:
-    return f"stages must be >= 1, got {stages}"
-  need = split_bwd_smem_bytes(c, hidden_chunk, stages, jnp.dtype(dtype).itemsize)
-  if need > SMEM_BYTES:
-    return (f"C={c} with a hidden chunk of {hidden_chunk} and {stages} weight stages needs "
-            f"{need} bytes of shared memory in the split backward kernel (at most "
-            f"{SMEM_BYTES})")
   if m <= 0:
     return f"no rows (M={m})"
-  return None
+  return _kernel_reason("split backward kernel", split_bwd_smem_bytes, c, act, hidden_chunk,
+                        stages, dtype)
 
 
 def _hidden_grad_kernel(z_gmem, g_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, h_gmem, da_gmem,

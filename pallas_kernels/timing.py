@@ -38,3 +38,10 @@ def median_seconds(fn: Callable, *args, warmup: int = 3, iters: int = 20,
     jax.block_until_ready(out)
     times.append((time.perf_counter() - t0) / reps)
   return statistics.median(times)
+
+
+def median_ms(fn: Callable, arg_sets: Sequence[tuple], iters: int = 20, reps: int = 10) -> float:
+  """``median_seconds`` in milliseconds, warming up once per argument set (the benchmarks'
+  kernel timings)."""
+  return median_seconds(fn, arg_sets=arg_sets, warmup=len(arg_sets), iters=iters,
+                        reps=reps) * 1e3

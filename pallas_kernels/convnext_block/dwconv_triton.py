@@ -71,13 +71,10 @@ def resolve_tiles(h: int, w: int, c: int, tiles: DwconvTiles | None = None) -> D
   return t._replace(strip=min(strip, h), tile_w=tile_w, cblock=cblock)
 
 
-def _kernel(x_ref, k_ref, b_ref, y_ref, *, h, w, c, k, cpad, strips, tiles: DwconvTiles):
-  pad = k // 2
-  strip, tile_w, cblock = tiles.strip, tiles.tile_w, tiles.cblock
-  pid = pl.program_id(0)
-  n = pid // strips
-  r0 = (pid % strips) * strip
-  ww = pl.program_id(1) * tile_w + jnp.arange(tile_w, dtype=jnp.int32)
+def _channel_block(c: int, cblock: int):
+  """This program's channel block (grid axis 2): its first channel c0, the channel indices
+  ch (clamped to valid ones in a partial last block) and ``mask_of(pix_ok)``, the
+  (pixels, cblock) load/store mask of the valid pixels and channels."""
   c0 = pl.program_id(2) * cblock
   ch = c0 + jnp.arange(cblock, dtype=jnp.int32)
   ch_ok = None if c % cblock == 0 else ch < c
@@ -86,6 +83,18 @@ def _kernel(x_ref, k_ref, b_ref, y_ref, *, h, w, c, k, cpad, strips, tiles: Dwco
 
   def mask_of(pix_ok):
     return pix_ok[:, None] if ch_ok is None else pix_ok[:, None] & ch_ok[None, :]
+  return c0, ch, mask_of
+
+
+def _kernel(x_ref, k_ref, b_ref, y_ref, *, h, w, c, k, cpad, strips, tiles: DwconvTiles):
+  pad = k // 2
+  strip, tile_w, cblock = tiles.strip, tiles.tile_w, tiles.cblock
+  pid = pl.program_id(0)
+  n = pid // strips
+  r0 = (pid % strips) * strip
+  ww = pl.program_id(1) * tile_w + jnp.arange(tile_w, dtype=jnp.int32)
+  c0, ch, mask_of = _channel_block(c, cblock)
+
 
   def column_pass(dx, accs):
     taps = [k_ref[pl.ds((dy * k + dx) * cpad + c0, cblock)][None, :] for dy in range(k)]
@@ -201,16 +210,10 @@ def _wgrad_kernel(x_ref, g_ref, o_ref, *, h, w, c, k, cpad, tiles: WgradTiles):
   n = pl.program_id(0)
   wt = pl.program_id(1)
   ww = wt * tile_w + jnp.arange(tile_w, dtype=jnp.int32)
-  c0 = pl.program_id(2) * cblock
-  ch = c0 + jnp.arange(cblock, dtype=jnp.int32)
-  ch_ok = None if c % cblock == 0 else ch < c
-  if ch_ok is not None:
-    ch = jnp.where(ch_ok, ch, 0)
+  c0, ch, mask_of = _channel_block(c, cblock)
   strips = cm.cdiv(h, strip)
   part = n * pl.num_programs(1) + wt
 
-  def mask_of(pix_ok):
-    return pix_ok[:, None] if ch_ok is None else pix_ok[:, None] & ch_ok[None, :]
 
   def load_row(ref, i, cols):
     ok = (cols >= 0) & (cols < w) & (i >= 0) & (i < h)

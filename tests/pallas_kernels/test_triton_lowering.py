@@ -47,6 +47,17 @@ def _abstract(shape, dtype=jnp.bfloat16):
   return jax.ShapeDtypeStruct(shape, dtype)
 
 
+@pytest.mark.parametrize("shape", [(2, 9, 13, 96), (2, 7, 7, 40)])
+def test_depthwise_conv_kernels_lower(shape):
+  """The depthwise conv (forward / input gradient) and its kernel-gradient kernel, a full
+  and a partial channel block."""
+  from pallas_kernels.convnext_block import dwconv_triton
+  x = _abstract(shape)
+  kernel = jnp.ones((7, 7, shape[-1]), jnp.float32)
+  _lower_for_cuda(lambda x: dwconv_triton.depthwise_conv(x, kernel), x)
+  _lower_for_cuda(lambda x, g: dwconv_triton.depthwise_conv_wgrad(x, g, 7), x, x)
+
+
 @pytest.mark.parametrize("c", [96, 768])
 def test_convnext_forward_and_backward_lower(c):
   params = reference_params(jax.random.key(0), c)

@@ -554,9 +554,40 @@ def _interpret_params(interpret):
   """None (compile for the GPU), or the Mosaic GPU interpreter's parameters: ``True`` =
   defaults (buffers start as NaN, so unwritten output rows show up), or an
   ``plgpu.InterpretGPUParams`` instance (e.g. with ``detect_races=True``)."""
+  if not interpret:
+    return None
+  _warn_if_async_cpu_dispatch()
   if isinstance(interpret, plgpu.InterpretGPUParams):
     return interpret
-  return plgpu.InterpretGPUParams() if interpret else None
+  return plgpu.InterpretGPUParams()
+
+
+_ASYNC_WARNED = False
+
+
+def _warn_if_async_cpu_dispatch():
+  """The interpreter runs a kernel's warpgroups as host threads that start computations of
+  their own from inside the running kernel.  With XLA:CPU's asynchronous dispatch (jax's
+  default) the caller goes on dispatching while a kernel runs, and the two can deadlock:
+  seen with jax 0.11.2 on a 2-core machine, a 3-warpgroup kernel (block_m=128) under
+  ``jax.vjp`` followed by eager jnp ops hung at the first or second call, every time; with
+  ``jax_cpu_enable_async_dispatch=False`` 40 calls in a row ran.  tests/conftest.py sets it;
+  elsewhere this warns once."""
+  global _ASYNC_WARNED
+  if _ASYNC_WARNED:
+    return
+  try:
+    async_dispatch = bool(jax.config.read("jax_cpu_enable_async_dispatch"))
+  except (AttributeError, KeyError):  # the option's name or the config API changed
+    return
+  if async_dispatch and jax.default_backend() == "cpu":
+    _ASYNC_WARNED = True
+    import warnings
+    warnings.warn(
+        "Mosaic GPU interpreter on XLA:CPU with asynchronous dispatch: multi-warpgroup "
+        "kernels can deadlock against computations dispatched while they run.  Set "
+        "jax.config.update('jax_cpu_enable_async_dispatch', False) before jax's first "
+        "computation (tests/conftest.py does).", RuntimeWarning, stacklevel=3)
 
 
 def fused_mlp_reference(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None,

@@ -34,6 +34,13 @@ from flax import nnx  # noqa: E402
 
 # Tests compare float32 results tightly: keep XLA's CPU matmuls in full precision.
 jax.config.update("jax_default_matmul_precision", "highest")
+# XLA:CPU runs each computation before the call returns (no asynchronous dispatch): the
+# Mosaic GPU interpreter's multi-warpgroup kernels start computations from host threads
+# inside the running kernel and deadlocked against eager ops dispatched meanwhile (a CI run
+# hung; reproduced within two calls of the C=192 training-path test, and gone with this --
+# see pallas_kernels/mosaic_mlp._warn_if_async_cpu_dispatch).  Set before jax creates its
+# CPU client, which reads it once.
+jax.config.update("jax_cpu_enable_async_dispatch", False)
 
 
 # Tests that run whole training processes: started first so that, with pytest-xdist

@@ -242,6 +242,12 @@ def _time(fn: Callable, args, iters: int = 20) -> float:
   return median_seconds(fn, *args, warmup=3, iters=iters, reps=10)
 
 
+def _time_tiles(make_fn: Callable, tiles: ConvNeXtTiles, args, iters: int) -> float:
+  """Seconds per call of ``make_fn(tiles)`` (jitted) on ``args``: how ``retune`` scores one
+  candidate."""
+  return _time(jax.jit(make_fn(tiles)), args, iters)
+
+
 def default_candidates(c: int, dtype) -> tuple[list[dict], list[dict]]:
   """(forward, backward) candidate changes to the heuristic tiles, per channel count."""
   if c <= 128:
@@ -288,8 +294,9 @@ def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]
   their tiles and the depthwise conv before them (``MOSAIC_CANDIDATES``,
   ``MOSAIC_SPLIT_CANDIDATES``), and ``fwd_kernel`` is set to whichever forward was fastest; then the backward fields (timing
   the backward kernels, an independent launch); then, where the one-kernel Mosaic forward
-  won and ``auto`` is "hybrid", whether differentiated calls run XLA's block or the Mosaic
-  backward (``mosaic_backward``, 1 or 2 weight stages).  ``candidates``: (forward changes,
+  won (one-kernel or split) and ``auto`` is "hybrid", whether differentiated calls run
+  XLA's block (``mosaic_dwconv_wgrad`` "auto" or "pallas") or the Mosaic backward
+  (``mosaic_backward``, 1 or 2 weight stages).  ``candidates``: (forward changes,
   backward changes) as dicts of ConvNeXtTiles fields for the Triton kernels.  Candidates
   that fail to compile (registers, shared memory) are skipped.  Returns (best, timings)."""
   from pallas_kernels import mosaic_mlp
@@ -310,7 +317,7 @@ def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]
     for change in ([{}] if include_current else []) + list(changes):
       tiles = dataclasses.replace(best, **change)
       try:
-        t = _time(jax.jit(make_fn(tiles)), args, iters)
+        t = _time_tiles(make_fn, tiles, args, iters)
       except Exception as e:  # noqa: BLE001 - a candidate that does not compile
         if verbose:
           print(f"  skip {change}: {type(e).__name__}: {str(e)[:120]}", flush=True)
@@ -350,9 +357,11 @@ def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]
         best = best_m
   _, best = phase(bwd_c, lambda t: lambda x, p, d, g: pallas_triton.backward(
       x, p, d, g, eps=1e-6, tiles=t, interpret=False), (x, params, dps, g), best)
-  if best.fwd_kernel == "mosaic" and best.auto == "hybrid":
+  if best.fwd_kernel in ("mosaic", "mosaic_split") and best.auto == "hybrid":
     # Differentiated calls (gradients of x and the parameters, as in training): XLA's block
-    # (with the depthwise conv as mosaic_dwconv says) or the Mosaic forward + backward.
+    # (with the depthwise conv as mosaic_dwconv says, and its kernel gradient XLA's or the
+    # Pallas kernel's) or the Mosaic forward + backward (one-kernel or split form, as the
+    # forward; a form the shape does not support times XLA's block again).
     from pallas_kernels.convnext_block import api
 
     def grad_call(t):
@@ -361,8 +370,9 @@ def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]
         return vjp(g)
       return run
 
-    _, best = phase([dict(mosaic_backward=b, mosaic_bwd_stages=s)
-                     for b, s in ((False, best.mosaic_bwd_stages), (True, 1), (True, 2))],
+    wgrads = ("auto", "pallas") if best.mosaic_dwconv == "pallas" else ("auto",)
+    _, best = phase([dict(mosaic_backward=False, mosaic_dwconv_wgrad=w) for w in wgrads]
+                    + [dict(mosaic_backward=True, mosaic_bwd_stages=s) for s in (1, 2)],
                     grad_call, (x, params, dps, g), best, include_current=False)
   if save:
     data = _load_cache()

@@ -267,3 +267,21 @@ def test_compiled_kernel_on_gpu(shape, block_m):
     got = convnext_mosaic.forward(x, params, dps, block_m=block_m, stages=2)
     want = convnext_block_reference(x.astype(jnp.float32), params, dps)
   assert _rel(got, want) < BF16_TOL
+
+
+def test_interpreter_warns_about_async_cpu_dispatch(monkeypatch):
+  """Interpreting on XLA:CPU with asynchronous dispatch (jax's default; tests/conftest.py
+  turns it off) warns once, naming the setting; without it nothing is said."""
+  import warnings
+  monkeypatch.setattr(mosaic_mlp, "_ASYNC_WARNED", False)
+  monkeypatch.setattr(jax.config, "read", lambda name: name == "jax_cpu_enable_async_dispatch")
+  with pytest.warns(RuntimeWarning, match="jax_cpu_enable_async_dispatch"):
+    assert isinstance(mosaic_mlp._interpret_params(True), plgpu.InterpretGPUParams)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    mosaic_mlp._interpret_params(True)  # once per process
+    assert mosaic_mlp._interpret_params(False) is None
+    monkeypatch.setattr(mosaic_mlp, "_ASYNC_WARNED", False)
+    monkeypatch.setattr(jax.config, "read", lambda name: False)
+    params = plgpu.InterpretGPUParams(detect_races=True)
+    assert mosaic_mlp._interpret_params(params) is params

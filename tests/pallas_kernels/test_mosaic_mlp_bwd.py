@@ -296,6 +296,38 @@ def test_train_kernel_choice():
   assert api.train_kernel((2, 7, 7, 384), jnp.bfloat16, p384, t384, True) == "mosaic_split"
 
 
+@pytest.mark.parametrize("fastest", [(True, 2, "auto"), (False, 2, "pallas")])
+def test_retune_chooses_the_training_path(monkeypatch, fastest):
+  """retune's phases on a C=384 shape with a stand-in timer (no GPU here): the split Mosaic
+  forward wins the forward phases, then the training phase times XLA's block (with XLA's and
+  the Pallas conv kernel gradient) against the Mosaic backward with 1 and 2 weight stages,
+  and keeps whichever the timer calls fastest."""
+  monkeypatch.setattr(mosaic_mlp, "device_unsupported_reason", lambda interpret: None)
+  seen = []
+
+  def fake_time(make_fn, t, args, iters):
+    if make_fn.__name__ == "grad_call":  # the training phase
+      key = (t.mosaic_backward, t.mosaic_bwd_stages, t.mosaic_dwconv_wgrad)
+      seen.append(key)
+      return 0.3 if key == fastest else 0.4
+    if t.fwd_kernel == "mosaic_split":
+      return 0.5 if (t.mosaic_project_block_m, t.mosaic_block_n) == (128, 192) else 0.6
+    return 1.0
+  monkeypatch.setattr(tuning, "_time_tiles", fake_time)
+  best, timings = tuning.retune((2, 8, 8, 384), save=False, verbose=False)
+  assert best.fwd_kernel == "mosaic_split" and best.mosaic_block_n == 192
+  assert (best.mosaic_backward, best.mosaic_dwconv_wgrad) == (fastest[0], fastest[2])
+  if fastest[0]:
+    assert best.mosaic_bwd_stages == fastest[1]
+  # the heuristic's stage count (2) rides along where the Mosaic backward is off
+  assert sorted(seen) == sorted([(False, 2, "auto"), (False, 2, "pallas"),
+                                 (True, 1, "auto"), (True, 2, "auto")])
+  assert [t for t, _ in timings[-4:]] == [
+      dataclasses.replace(best, mosaic_backward=b, mosaic_bwd_stages=st,
+                                 mosaic_dwconv_wgrad=w).to_json()
+      for b, st, w in ((False, 2, "auto"), (False, 2, "pallas"), (True, 1, "auto"),
+                       (True, 2, "auto"))]
+
 # ------------------------------------------------------------------ GPU (compiled) checks
 
 

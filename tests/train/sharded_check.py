@@ -25,8 +25,13 @@ def run(out, num_devices, model, batch_size=32, **kw):
 
 def main():
   assert jax.device_count() == 4, jax.devices()
+  with tempfile.TemporaryDirectory() as d:  # the runs' checkpoints and metrics go with it
+    report = _compare(Path(d))
+  print("RESULT " + json.dumps(report))
+
+
+def _compare(tmp):
   report = {}
-  tmp = Path(tempfile.mkdtemp())
   for model in ("convfirst_atto", "convnext_atto"):
     one = run(tmp / f"{model}1", 1, model, drop_path=0.1)
     four = run(tmp / f"{model}4", 4, model, drop_path=0.1)
@@ -45,7 +50,7 @@ def main():
     report["bad_batch_error"] = None
   except ValueError as e:
     report["bad_batch_error"] = str(e)
-  print("RESULT " + json.dumps(report))
+  return report
 
 
 if __name__ == "__main__":

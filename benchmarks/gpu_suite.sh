@@ -10,6 +10,7 @@
 #   bash benchmarks/gpu_suite.sh dwconv    # Pallas depthwise conv vs XLA, block forwards
 #   bash benchmarks/gpu_suite.sh pipelined # pipelined vs serial Mosaic kernels (+ their tests)
 #   bash benchmarks/gpu_suite.sh mosaic_train  # training-path blocks (Mosaic backward) + step
+#   SHAPE=128,28,28,192 bash benchmarks/gpu_suite.sh retune  # tuning.retune vs the table
 # Results go to $OUT (or ./out) as JSON / PNG / logs; a short summary is printed last.
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -80,6 +81,24 @@ case "${1:-}" in
         --batch-size 256 --image-size 224 --steps 30 --json "$OUT/tput_convnext_tiny_$impl.json" \
         2>&1 | grep -v cuda_timer | tail -1
     done
+    ;;
+  retune)
+    # tuning.retune's phases on one ConvNeXt-T block shape per call (SHAPE=N,H,W,C; default
+    # stage 2), caching into $OUT; the checked-in table's entry is printed beside its choice.
+    shape=${SHAPE:-128,28,28,192}
+    log "retune $shape"
+    CONVFIRST_JAX_TUNING_CACHE="$OUT/retune_cache.json" timeout 560 python3 - "$shape" <<'PY' \
+      2>&1 | grep -v cuda_timer | tee "$OUT/retune_${shape//,/x}.txt" | tail -14
+import sys
+import jax.numpy as jnp
+from pallas_kernels.convnext_block import tuning
+shape = tuple(int(v) for v in sys.argv[1].split(","))
+table = tuning.get_tiles(shape[-1], jnp.bfloat16)  # before retune writes the cache
+best, _ = tuning.retune(shape, jnp.bfloat16)
+for name in ("fwd_kernel", "mosaic_block_m", "mosaic_stages", "mosaic_dwconv",
+             "mosaic_backward", "mosaic_bwd_stages", "mosaic_dwconv_wgrad", "auto"):
+  print(f"{name:20s} retune {getattr(best, name)!s:8s} table {getattr(table, name)!s}")
+PY
     ;;
   pipelined)
     log "compiled tests of the pipelined Mosaic kernels"

@@ -298,7 +298,8 @@ def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]
   XLA's block (``mosaic_dwconv_wgrad`` "auto" or "pallas") or the Mosaic backward
   (``mosaic_backward``, 1 or 2 weight stages).  ``candidates``: (forward changes,
   backward changes) as dicts of ConvNeXtTiles fields for the Triton kernels.  Candidates
-  that fail to compile (registers, shared memory) are skipped.  Returns (best, timings)."""
+  that fail to compile (registers, shared memory) are skipped; RuntimeError (nothing cached)
+  when none ran, e.g. without a GPU.  Returns (best, timings)."""
   from pallas_kernels import mosaic_mlp
   from pallas_kernels.convnext_block import dwconv_triton, mosaic, pallas_triton
 
@@ -310,7 +311,7 @@ def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]
   params = reference_params(kp, c)
   dps = jnp.ones((x_shape[0],), jnp.float32)
   best = heuristic_tiles(c, dtype)
-  timings = []
+  timings, errors = [], []
 
   def phase(changes, make_fn, args, best, include_current=True):
     scored = []
@@ -319,6 +320,7 @@ def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]
       try:
         t = _time_tiles(make_fn, tiles, args, iters)
       except Exception as e:  # noqa: BLE001 - a candidate that does not compile
+        errors.append(f"{type(e).__name__}: {str(e)[:200]}")
         if verbose:
           print(f"  skip {change}: {type(e).__name__}: {str(e)[:120]}", flush=True)
         continue
@@ -374,6 +376,9 @@ def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]
     _, best = phase([dict(mosaic_backward=False, mosaic_dwconv_wgrad=w) for w in wgrads]
                     + [dict(mosaic_backward=True, mosaic_bwd_stages=s) for s in (1, 2)],
                     grad_call, (x, params, dps, g), best, include_current=False)
+  if not timings:  # nothing ran (e.g. no GPU): nothing to choose from, nothing to cache
+    raise RuntimeError(f"retune: no candidate ran on {_device_kind()} "
+                       f"(jax backend {jax.default_backend()!r}); first error: {errors[0]}")
   if save:
     data = _load_cache()
     data[_key(c, dtype, _device_kind())] = best.to_json()

@@ -328,6 +328,18 @@ def test_retune_chooses_the_training_path(monkeypatch, fastest):
       for b, st, w in ((False, 2, "auto"), (False, 2, "pallas"), (True, 1, "auto"),
                        (True, 2, "auto"))]
 
+
+def test_retune_without_a_gpu_says_so(monkeypatch, tmp_path):
+  """Where no candidate compiles (here: the CPU), retune raises and caches nothing."""
+  if jax.default_backend() == "gpu":
+    pytest.skip("on a GPU the candidates compile")
+  cache = tmp_path / "tiles.json"
+  monkeypatch.setenv("CONVFIRST_JAX_TUNING_CACHE", str(cache))
+  monkeypatch.setattr(tuning, "default_candidates", lambda c, dtype: ([{}], [{}]))
+  with pytest.raises(RuntimeError, match="no candidate ran .*backend 'cpu'.*interpret"):
+    tuning.retune((1, 8, 8, 96), verbose=False)
+  assert not cache.exists()
+
 # ------------------------------------------------------------------ GPU (compiled) checks
 
 

@@ -92,7 +92,9 @@ def main(argv=None):
       variants += [(f"mosaic backward (stages {tuned.mosaic_bwd_stages})", None,
                     rep(mosaic_backward=True, mosaic_dwconv_wgrad="auto")),
                    ("mosaic backward, Pallas dwconv wgrad", None,
-                    rep(mosaic_backward=True, mosaic_dwconv_wgrad="pallas"))]
+                    rep(mosaic_backward=True, mosaic_dwconv_wgrad="pallas")),
+                   ("mosaic backward, db1 in the kernel", None,
+                    rep(mosaic_backward=True, mosaic_dwconv_wgrad="auto", mosaic_bwd_db1=True))]
     ref = None
     base = None
     for label, impl, tiles in variants:

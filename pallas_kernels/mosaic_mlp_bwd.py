@@ -29,7 +29,11 @@ weight-gradient GEMMs); XLA's differentiated block writes and reads several more
 Why the weight gradients are cuBLAS GEMMs over h and da rather than reduced on chip: a
 per-CTA partial dW1 / dW2 is 2 x C x 4C float32 (295 KB at C=96), which does not fit on
 an SM next to the tiles above, and reducing partials across 6,000+ CTAs through DRAM would
-move more bytes than h and da do.
+move more bytes than h and da do.  db1 is the exception, being only E wide: with
+``col_sums`` (tile field ``mosaic_bwd_db1``) each CTA writes its float32 column sums of da
+(CTAs x E, 9.6 MB at the 56x56x96 block for N=128, against 308 MB of da that XLA's
+separate sum reads, 0.09 ms of 2.34) and XLA adds them up.  Off by default: tested in the
+interpreter only, not yet compiled or timed on a GPU.
 
 ``mlp_with_grad``: ``fused_mlp`` under a ``jax.custom_vjp`` whose backward is the above.
 The row scale (drop path) is differentiated only when it is perturbed (``symbolic_zeros``),
@@ -71,19 +75,22 @@ SMEM_BYTES = 227 * 1024
 BWD_ACTIVATIONS = ("gelu", "silu")
 
 
-def bwd_smem_bytes(c: int, hc: int, stages: int, itemsize: int = 2, bm: int = BLOCK_M) -> int:
+def bwd_smem_bytes(c: int, hc: int, stages: int, itemsize: int = 2, bm: int = BLOCK_M,
+                   col_sums_e: int = 0) -> int:
   """Shared memory of ``_bwd_kernel``: z, zn and g tiles, ``stages`` slices of W1^T and W2,
-  two staging slots each for h and da, the small vectors, plus 2 KiB for barriers."""
+  two staging slots each for h and da, the small vectors, plus 2 KiB for barriers (and,
+  with ``col_sums_e`` = E, the CTA's float32 column sums of da)."""
   return (itemsize * (3 * bm * c + 2 * stages * hc * c + 4 * bm * hc)
-          + 4 * (c + stages * hc) + 2048)
+          + 4 * (c + stages * hc + col_sums_e) + 2048)
 
 
 def unsupported_reason(m: int, c: int, e: int, dtype, act: str = "gelu",
-                       hidden_chunk: int = 64, stages: int = 2) -> str | None:
+                       hidden_chunk: int = 64, stages: int = 2,
+                       col_sums: bool = False) -> str | None:
   """Why ``fused_mlp_bwd`` cannot run this shape/dtype/activation, or None."""
+  smem = functools.partial(bwd_smem_bytes, col_sums_e=e if col_sums else 0)
   return (mosaic_mlp.unsupported_reason(m, c, e, dtype, hidden_chunk)
-          or _kernel_reason("backward kernel", bwd_smem_bytes, c, act, hidden_chunk, stages,
-                            dtype))
+          or _kernel_reason("backward kernel", smem, c, act, hidden_chunk, stages, dtype))
 
 
 def _kernel_reason(kernel: str, smem_bytes, c: int, act: str, hidden_chunk: int,
@@ -128,18 +135,22 @@ def _hidden_grad(a, dh, b1_smem, act: str):
   return h, dh * dact
 
 
-def _store_hidden(h, da, out_smem, j, rows, h_gmem, da_gmem, before_store=None):
+def _store_hidden(h, da, out_smem, j, rows, h_gmem, da_gmem, before_store=None,
+                  db1_smem=None):
   """Writes chunk j's h and da (z's dtype) into staging slot j % 2 of ``out_smem`` (2, 2,
   rows, hc) and TMA-copies them to columns [j hc, (j + 1) hc) of h_gmem / da_gmem.  The
   stores issued for chunk j - 2 must have read the slot first (those of chunk j - 1 may
   still be in flight).  ``before_store(da_slot)`` runs after the slots are committed and
-  before the copies are issued (the fused kernel's dzn wgmma)."""
+  before the copies are issued (the fused kernel's dzn wgmma).  ``db1_smem`` (E / hc, hc)
+  float32: row j gets the chunk's column sums of da (float32, before rounding)."""
   hc = h.shape[1]
   slot = lax.rem(j, 2)
   plgpu.wait_smem_to_gmem(2, wait_read_only=True)
   h_slot, da_slot = out_smem.at[0, slot], out_smem.at[1, slot]
   h_slot[...] = h.astype(h_slot.dtype)
   da_slot[...] = da.astype(da_slot.dtype)
+  if db1_smem is not None:
+    db1_smem[j] = da.sum(axis=0)
   plgpu.commit_smem()
   if before_store is not None:
     before_store(da_slot)
@@ -149,13 +160,16 @@ def _store_hidden(h, da, out_smem, j, rows, h_gmem, da_gmem, before_store=None):
 
 
 def _bwd_kernel(z_gmem, g_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, dz_gmem, h_gmem, da_gmem,
-                *, c: int, e: int, hc: int, act: str, normalize: bool, eps: float,
+                *db1_gmem, c: int, e: int, hc: int, act: str, normalize: bool, eps: float,
                 stages: int, bm: int, da_in_regs: bool):
+  """``db1_gmem`` (optional): (CTAs, E / hc, hc) float32, each CTA's column sums of da."""
   dtype = z_gmem.dtype
-  rows = pl.ds(lax.axis_index("m") * bm, bm)
+  cta = lax.axis_index("m")
+  rows = pl.ds(cta * bm, bm)
   tile_t = _transforms(c, dtype)
 
-  def scoped(z_smem, zn_smem, g_smem, zb_smem, out_smem, bars):
+  def scoped(z_smem, zn_smem, g_smem, zb_smem, out_smem, bars, *db1_smem):
+    db1_smem = db1_smem[0] if db1_smem else None
     plgpu.copy_gmem_to_smem(z_gmem.at[rows], z_smem, bars.at[0])
     plgpu.copy_gmem_to_smem(g_gmem.at[rows], g_smem, bars.at[1])
     plgpu.copy_gmem_to_smem(zb_gmem, zb_smem, bars.at[2])
@@ -185,7 +199,7 @@ def _bwd_kernel(z_gmem, g_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, dz_gmem, h_
         def project_back(da_slot):
           plgpu.wgmma(dzn_ref, da.astype(dtype) if da_in_regs else da_slot, w1t_smem)
 
-        _store_hidden(h, da, out_smem, j, rows, h_gmem, da_gmem, project_back)
+        _store_hidden(h, da, out_smem, j, rows, h_gmem, da_gmem, project_back, db1_smem)
         plgpu.wgmma_wait(0)  # the weight slots are refilled once the chunk returns
 
       w_t = _transforms(c, dtype)
@@ -206,6 +220,8 @@ def _bwd_kernel(z_gmem, g_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, dz_gmem, h_
     g_smem[...] = dz.astype(dtype)  # every wgmma that read g has been retired
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(g_smem, dz_gmem.at[rows])
+    if db1_smem is not None:
+      plgpu.copy_smem_to_gmem(db1_smem, db1_gmem[0].at[cta])
     plgpu.wait_smem_to_gmem(0)
 
   pl.run_scoped(
@@ -216,6 +232,7 @@ def _bwd_kernel(z_gmem, g_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, dz_gmem, h_
       plgpu.SMEM((c,), jnp.float32),
       plgpu.SMEM((2, 2, bm, hc), dtype, transforms=_transforms(hc, dtype)),
       plgpu.Barrier(num_barriers=3),
+      *([plgpu.SMEM((e // hc, hc), jnp.float32)] if db1_gmem else []),
   )
 
 
@@ -244,19 +261,22 @@ def _bwd_inputs(z, g, z_bias):
 
 
 @functools.partial(jax.jit, static_argnames=("act", "normalize", "eps", "hidden_chunk",
-                                             "stages", "interpret"))
+                                             "stages", "col_sums", "interpret"))
 def fused_mlp_bwd(z, g, w1, b1, w2, *, z_bias=None, act: str = "gelu", normalize: bool = True,
                   eps: float = 1e-6, hidden_chunk: int = 64, stages: int = 2,
-                  interpret: bool = False):
+                  col_sums: bool = False, interpret: bool = False):
   """(dz, h, da) of ``fused_mlp`` for the row-scaled output cotangent g = rs * dy.
 
   z, g: (M, C) bfloat16/float16; w1: (C, E); b1: (E,); w2: (E, C); z_bias: (C,) or None.
   Returns dz (M, C) (the gradient with respect to z, and summed over rows, z_bias), and the
   activation h = act(a) and its gradient da = (g W2^T) act'(a), both (M, E), in z's dtype,
-  for the weight gradients dW1 = norm(z + zb)^T da and dW2 = h^T g.  Raises
-  NotImplementedError naming the reason for unsupported shapes (``unsupported_reason``)."""
+  for the weight gradients dW1 = norm(z + zb)^T da and dW2 = h^T g.  ``col_sums=True``
+  adds a fourth result, db1 = da summed over rows (E,) float32, from per-CTA column sums
+  the kernel writes (float32 da before rounding) instead of a pass over da -- NOT YET
+  COMPILED OR TIMED ON A GPU (interpreter-tested only).  Raises NotImplementedError naming
+  the reason for unsupported shapes (``unsupported_reason``)."""
   m, c, e = _check_bwd_args(z, g, w1, b1, w2)
-  reason = unsupported_reason(m, c, e, z.dtype, act, hidden_chunk, stages)
+  reason = unsupported_reason(m, c, e, z.dtype, act, hidden_chunk, stages, col_sums)
   if reason is not None:
     raise NotImplementedError(f"fused_mlp_bwd: {reason}")
   dtype = z.dtype
@@ -264,31 +284,45 @@ def fused_mlp_bwd(z, g, w1, b1, w2, *, z_bias=None, act: str = "gelu", normalize
   kernel = functools.partial(_bwd_kernel, c=c, e=e, hc=hidden_chunk, act=act,
                              normalize=normalize, eps=float(eps), stages=stages, bm=BLOCK_M,
                              da_in_regs=interpret is False or interpret is None)
+  ctas = m_pad // BLOCK_M
   call = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((m_pad, c), dtype), jax.ShapeDtypeStruct((m_pad, e), dtype),
-                jax.ShapeDtypeStruct((m_pad, e), dtype)),
-      grid=(m_pad // BLOCK_M,),
+                jax.ShapeDtypeStruct((m_pad, e), dtype),
+                *_col_sums_type(ctas, e, hidden_chunk, col_sums)),
+      grid=(ctas,),
       grid_names=("m",),
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params(interpret),
   )
-  dz, h, da = call(z, g, zb, w1.T.astype(dtype), b1.astype(jnp.float32), w2.astype(dtype))
-  if m_pad != m:
+  dz, h, da, *db1 = call(z, g, zb, w1.T.astype(dtype), b1.astype(jnp.float32),
+                         w2.astype(dtype))
+  if m_pad != m:  # padded rows have g = 0, hence da = 0: they add nothing to db1
     dz, h, da = dz[:m], h[:m], da[:m]
-  return dz, h, da
+  return (dz, h, da, _sum_col_sums(db1[0], e)) if col_sums else (dz, h, da)
+
+
+def _col_sums_type(ctas: int, e: int, hc: int, col_sums: bool) -> list:
+  """The kernels' optional per-CTA column-sum output: (CTAs, E / hc, hc) float32."""
+  return [jax.ShapeDtypeStruct((ctas, e // hc, hc), jnp.float32)] if col_sums else []
+
+
+def _sum_col_sums(parts, e: int):
+  return parts.sum(0).reshape(e)
 
 
 def split_bwd_smem_bytes(c: int, hc: int, stages: int, itemsize: int = 2,
-                         bm: int = BLOCK_M) -> int:
+                         bm: int = BLOCK_M, col_sums_e: int = 0) -> int:
   """Shared memory of ``_hidden_grad_kernel``: z and g tiles, ``stages`` slices of W1^T and
-  W2, two staging slots each for h and da, vectors, 2 KiB for barriers."""
+  W2, two staging slots each for h and da, vectors, 2 KiB for barriers (and, with
+  ``col_sums_e`` = E, the CTA's float32 column sums of da)."""
   return (itemsize * (2 * bm * c + 2 * stages * hc * c + 4 * bm * hc)
-          + 4 * (c + stages * hc) + 2048)
+          + 4 * (c + stages * hc + col_sums_e) + 2048)
 
 
 def split_unsupported_reason(m: int, c: int, e: int, dtype, act: str = "gelu",
-                             hidden_chunk: int = 32, stages: int = 2) -> str | None:
+                             hidden_chunk: int = 32, stages: int = 2,
+                             col_sums: bool = False) -> str | None:
   """Why ``hidden_grads`` (the backward for the split form, C > 256) cannot run, or None."""
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return (f"the Mosaic GPU kernels take bfloat16/float16 activations (wgmma operands), "
@@ -299,12 +333,12 @@ def split_unsupported_reason(m: int, c: int, e: int, dtype, act: str = "gelu",
     return f"the hidden chunk must be a multiple of 32 dividing E={e}, got {hidden_chunk}"
   if m <= 0:
     return f"no rows (M={m})"
-  return _kernel_reason("split backward kernel", split_bwd_smem_bytes, c, act, hidden_chunk,
-                        stages, dtype)
+  smem = functools.partial(split_bwd_smem_bytes, col_sums_e=e if col_sums else 0)
+  return _kernel_reason("split backward kernel", smem, c, act, hidden_chunk, stages, dtype)
 
 
 def _hidden_grad_kernel(z_gmem, g_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, h_gmem, da_gmem,
-                        *, e: int, hc: int, act: str, normalize: bool, eps: float,
+                        *db1_gmem, e: int, hc: int, act: str, normalize: bool, eps: float,
                         stages: int, bm: int):
   """The split form's backward kernel (C > 256): ``_bwd_kernel`` without the dzn
   accumulator (64 x C float32 would not fit in registers) -- per hidden chunk a_j and dh_j
@@ -314,10 +348,12 @@ def _hidden_grad_kernel(z_gmem, g_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, h_g
   from pallas_kernels.mosaic_split import _normalise_in_place
   dtype = z_gmem.dtype
   n_cb, _, cb = w1t_gmem.shape
-  rows = pl.ds(lax.axis_index("m") * bm, bm)
+  cta = lax.axis_index("m")
+  rows = pl.ds(cta * bm, bm)
   t_cb = _transforms(cb, dtype)
 
-  def scoped(z_smem, g_smem, zb_smem, out_smem, bars):
+  def scoped(z_smem, g_smem, zb_smem, out_smem, bars, *db1_smem):
+    db1_smem = db1_smem[0] if db1_smem else None
     for b in range(n_cb):
       plgpu.copy_gmem_to_smem(z_gmem.at[rows, pl.ds(b * cb, cb)], z_smem.at[b], bars.at[b])
       plgpu.copy_gmem_to_smem(g_gmem.at[rows, pl.ds(b * cb, cb)], g_smem.at[b],
@@ -343,7 +379,7 @@ def _hidden_grad_kernel(z_gmem, g_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, h_g
       a, dh = pl.run_scoped(matmuls, plgpu.ACC((bm, hc), jnp.float32),
                             plgpu.ACC((bm, hc), jnp.float32))
       h, da = _hidden_grad(a, dh, b1_smem, act)
-      _store_hidden(h, da, out_smem, j, rows, h_gmem, da_gmem)
+      _store_hidden(h, da, out_smem, j, rows, h_gmem, da_gmem, db1_smem=db1_smem)
 
     plgpu.emit_pipeline(
         chunk,
@@ -355,6 +391,8 @@ def _hidden_grad_kernel(z_gmem, g_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, h_g
         ],
         max_concurrent_steps=stages,
     )(w1t_gmem, b1_gmem, w2_gmem)
+    if db1_smem is not None:  # the last chunk's stores committed its row
+      plgpu.copy_smem_to_gmem(db1_smem, db1_gmem[0].at[cta])
     plgpu.wait_smem_to_gmem(0)
 
   pl.run_scoped(
@@ -364,39 +402,43 @@ def _hidden_grad_kernel(z_gmem, g_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, h_g
       plgpu.SMEM((n_cb, cb), jnp.float32),
       plgpu.SMEM((2, 2, bm, hc), dtype, transforms=_transforms(hc, dtype)),
       plgpu.Barrier(num_barriers=2 * n_cb + 1),
+      *([plgpu.SMEM((e // hc, hc), jnp.float32)] if db1_gmem else []),
   )
 
 
 @functools.partial(jax.jit, static_argnames=("act", "normalize", "eps", "hidden_chunk",
-                                             "stages", "interpret"))
+                                             "stages", "col_sums", "interpret"))
 def hidden_grads(z, g, w1, b1, w2, *, z_bias=None, act: str = "gelu", normalize: bool = True,
                  eps: float = 1e-6, hidden_chunk: int = 32, stages: int = 2,
-                 interpret: bool = False):
+                 col_sums: bool = False, interpret: bool = False):
   """(h, da) of ``fused_mlp`` / ``split_mlp`` for the row-scaled cotangent g = rs * dy, as
   ``fused_mlp_bwd`` returns them, for C > 256 (``_hidden_grad_kernel``; dz is then
   ``ln_backward(da W1^T)`` in XLA).  Shapes as ``fused_mlp_bwd``; raises
   NotImplementedError naming the reason for unsupported calls
-  (``split_unsupported_reason``)."""
+  (``split_unsupported_reason``).  ``col_sums``: a third result, db1, as ``fused_mlp_bwd``'s
+  (not yet compiled on a GPU)."""
   from pallas_kernels.mosaic_split import _column_block
   m, c, e = _check_bwd_args(z, g, w1, b1, w2)
-  reason = split_unsupported_reason(m, c, e, z.dtype, act, hidden_chunk, stages)
+  reason = split_unsupported_reason(m, c, e, z.dtype, act, hidden_chunk, stages, col_sums)
   if reason is not None:
     raise NotImplementedError(f"hidden_grads: {reason}")
   dtype = z.dtype
   cb = _column_block(c)
   zb, z, g, m_pad = _bwd_inputs(z, g, z_bias)
   blocks = lambda w_ec: w_ec.astype(dtype).reshape(e, c // cb, cb).transpose(1, 0, 2)
-  h, da = plgpu.kernel(
+  ctas = m_pad // BLOCK_M
+  h, da, *db1 = plgpu.kernel(
       functools.partial(_hidden_grad_kernel, e=e, hc=hidden_chunk, act=act,
                         normalize=normalize, eps=float(eps), stages=stages, bm=BLOCK_M),
-      out_type=(jax.ShapeDtypeStruct((m_pad, e), dtype), jax.ShapeDtypeStruct((m_pad, e), dtype)),
-      grid=(m_pad // BLOCK_M,), grid_names=("m",),
+      out_type=(jax.ShapeDtypeStruct((m_pad, e), dtype), jax.ShapeDtypeStruct((m_pad, e), dtype),
+                *_col_sums_type(ctas, e, hidden_chunk, col_sums)),
+      grid=(ctas,), grid_names=("m",),
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params(interpret),
   )(z, g, zb.reshape(c // cb, cb), blocks(w1.T), b1.astype(jnp.float32), blocks(w2))
   if m_pad != m:
     h, da = h[:m], da[:m]
-  return h, da
+  return (h, da, _sum_col_sums(db1[0], e)) if col_sums else (h, da)
 
 
 def ln_backward(dzn, z, zb, normalize: bool, eps: float):
@@ -426,6 +468,7 @@ class MlpConfig(NamedTuple):
   project_block_m: int = 64     # split_mlp's
   block_n: int = 0              # split_mlp's (0: its default)
   bwd_hidden: int = 64          # the backward kernel's hidden chunk
+  bwd_col_sums: bool = False    # db1 from the backward kernel's per-CTA column sums
 
 
 def _normalised(z, zb, normalize: bool, eps: float):
@@ -469,20 +512,21 @@ def _mlp_bwd(cfg, saved, dy):
   dy = dy.astype(dtype)
   g = (dy.astype(f32) * rs.astype(f32)[:, None]).astype(dtype)
   if cfg.split:  # dzn = da W1^T and the LayerNorm backward in XLA
-    h, da = hidden_grads(z, g, w1, b1, w2, z_bias=zb, act=cfg.act, normalize=cfg.normalize,
-                         eps=cfg.eps, hidden_chunk=cfg.bwd_hidden, stages=cfg.bwd_stages,
-                         interpret=cfg.interpret)
+    h, da, *db1 = hidden_grads(z, g, w1, b1, w2, z_bias=zb, act=cfg.act,
+                               normalize=cfg.normalize, eps=cfg.eps,
+                               hidden_chunk=cfg.bwd_hidden, stages=cfg.bwd_stages,
+                               col_sums=cfg.bwd_col_sums, interpret=cfg.interpret)
     dzn = jnp.dot(da, w1.astype(dtype).T, preferred_element_type=f32)
     dz = ln_backward(dzn, z, zb, cfg.normalize, cfg.eps).astype(dtype)
   else:
-    dz, h, da = fused_mlp_bwd(z, g, w1, b1, w2, z_bias=zb, act=cfg.act,
-                              normalize=cfg.normalize, eps=cfg.eps,
-                              hidden_chunk=cfg.bwd_hidden, stages=cfg.bwd_stages,
-                              interpret=cfg.interpret)
+    dz, h, da, *db1 = fused_mlp_bwd(z, g, w1, b1, w2, z_bias=zb, act=cfg.act,
+                                    normalize=cfg.normalize, eps=cfg.eps,
+                                    hidden_chunk=cfg.bwd_hidden, stages=cfg.bwd_stages,
+                                    col_sums=cfg.bwd_col_sums, interpret=cfg.interpret)
   zn = _normalised(z, zb, cfg.normalize, cfg.eps).astype(dtype)
   dw1 = jnp.dot(zn.T, da, preferred_element_type=f32)
   dw2 = jnp.dot(h.T, g, preferred_element_type=f32)
-  db1 = da.astype(f32).sum(0)
+  db1 = db1[0] if db1 else da.astype(f32).sum(0)
   db2 = g.astype(f32).sum(0)
   dzb = dz.astype(f32).sum(0)
   if rs_perturbed:  # d rs[r] = sum_c dy[r, c] (h W2 + b2)[r, c]: one more GEMM
@@ -501,13 +545,15 @@ def mlp_with_grad(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: s
                   normalize: bool = True, eps: float = 1e-6, hidden_chunk: int = 64,
                   stages: int = 2, block_m: int = 64, bwd_stages: int = 2,
                   split: bool = False, project_stages: int = 3, project_block_m: int = 64,
-                  block_n: int | None = None, bwd_hidden: int = 0,
+                  block_n: int | None = None, bwd_hidden: int = 0, bwd_col_sums: bool = False,
                   interpret: bool = False):
   """``mosaic_mlp.fused_mlp`` (same arguments and result) with a Mosaic GPU backward: the
   forward kernel saves only its inputs, the backward is ``fused_mlp_bwd`` plus XLA's GEMMs
   for the weight gradients.  Gradients flow to z, res, w1, b1, w2, b2, z_bias and (when it
   is perturbed) row_scale.  ``bwd_stages``: the backward kernel's weight pipeline depth;
-  ``bwd_hidden``: its hidden chunk (0: ``hidden_chunk``, or 32 with ``split``).
+  ``bwd_hidden``: its hidden chunk (0: ``hidden_chunk``, or 32 with ``split``);
+  ``bwd_col_sums``: db1 from the kernel's per-CTA column sums of da instead of an XLA pass
+  over da (``fused_mlp_bwd(col_sums=True)``; not yet compiled on a GPU).
 
   ``split=True`` (C > 256): the forward is ``mosaic_split.split_mlp`` (``stages`` is its
   expand kernel's depth; ``project_stages``, ``project_block_m``, ``block_n`` its project
@@ -516,14 +562,15 @@ def mlp_with_grad(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: s
   m, c, e = mosaic_mlp.check_mlp_args(z, res, w1, b1, w2, b2)
   bwd_hidden = bwd_hidden or (32 if split else hidden_chunk)
   if split:
-    reason = split_unsupported_reason(m, c, e, z.dtype, act, bwd_hidden, bwd_stages)
+    reason = split_unsupported_reason(m, c, e, z.dtype, act, bwd_hidden, bwd_stages,
+                                      bwd_col_sums)
   else:
-    reason = unsupported_reason(m, c, e, z.dtype, act, bwd_hidden, bwd_stages)
+    reason = unsupported_reason(m, c, e, z.dtype, act, bwd_hidden, bwd_stages, bwd_col_sums)
   if reason is not None:
     raise NotImplementedError(f"mlp_with_grad: {reason}")
   zb = jnp.zeros((c,), jnp.float32) if z_bias is None else z_bias
   rs = jnp.ones((m,), jnp.float32) if row_scale is None else row_scale
   cfg = MlpConfig(act, bool(normalize), float(eps), hidden_chunk, stages, block_m, bwd_stages,
                   bool(interpret), bool(split), project_stages, project_block_m, block_n or 0,
-                  bwd_hidden)
+                  bwd_hidden, bool(bwd_col_sums))
   return _mlp(z, res, w1, b1, w2, b2, zb, rs, cfg)

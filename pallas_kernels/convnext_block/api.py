@@ -91,7 +91,8 @@ def train_kernel(x_shape, dtype, params: ConvNeXtBlockParams, tiles: tuning.Conv
   kernel = forward_kernel(x_shape, dtype, params, tiles, interpret)
   if kernel in ("mosaic", "mosaic_split") and mosaic.train_unsupported_reason(
       x_shape, params, dtype, tiles.mosaic_bwd_stages, tiles.mosaic_hidden,
-      split=kernel == "mosaic_split", bwd_hidden=tiles.mosaic_bwd_hidden) is None:
+      split=kernel == "mosaic_split", bwd_hidden=tiles.mosaic_bwd_hidden,
+      bwd_col_sums=tiles.mosaic_bwd_db1) is None:
     return kernel
   return "xla"
 
@@ -125,7 +126,8 @@ def _fused_fwd(x, params, dps, eps, tiles, interpret, xla_grad):
           project_stages=tiles.mosaic_project_stages,
           project_block_m=tiles.mosaic_project_block_m,
           block_n=tiles.mosaic_block_n or None, bwd_hidden=tiles.mosaic_bwd_hidden,
-          dw_wgrad=tiles.mosaic_dwconv_wgrad, interpret=interpret)
+          dw_wgrad=tiles.mosaic_dwconv_wgrad, bwd_col_sums=tiles.mosaic_bwd_db1,
+          interpret=interpret)
     else:
       fn = lambda x, p, d: convnext_block_reference(
           x, p, d, eps=eps, dw_conv="pallas" if dw_pallas else "xla",

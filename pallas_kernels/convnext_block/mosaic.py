@@ -87,7 +87,7 @@ def forward(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | None = N
 
 def train_unsupported_reason(x_shape, params: ConvNeXtBlockParams, dtype,
                              bwd_stages: int = 2, hidden_chunk: int = 64, split: bool = False,
-                             bwd_hidden: int = 0) -> str | None:
+                             bwd_hidden: int = 0, bwd_col_sums: bool = False) -> str | None:
   """Why ``forward_train`` cannot run this call, or None (``bwd_hidden`` 0: the backward
   kernel's default chunk, ``hidden_chunk`` or 32 with ``split``)."""
   n, h, w, c = x_shape
@@ -95,9 +95,10 @@ def train_unsupported_reason(x_shape, params: ConvNeXtBlockParams, dtype,
   if split:
     return (mosaic_split.unsupported_reason(m, c, e, dtype)
             or mosaic_mlp_bwd.split_unsupported_reason(m, c, e, dtype, "gelu",
-                                                       bwd_hidden or 32, bwd_stages))
+                                                       bwd_hidden or 32, bwd_stages,
+                                                       bwd_col_sums))
   return mosaic_mlp_bwd.unsupported_reason(m, c, e, dtype, "gelu", bwd_hidden or hidden_chunk,
-                                           bwd_stages)
+                                           bwd_stages, bwd_col_sums)
 
 
 def forward_train(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | None = None, *,
@@ -105,7 +106,7 @@ def forward_train(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | No
                   block_m: int = 64, bwd_stages: int = 2, dwconv_pallas: bool = True,
                   split: bool = False, project_stages: int = 3, project_block_m: int = 64,
                   block_n: int | None = None, bwd_hidden: int = 0, dw_wgrad: str = "auto",
-                  interpret: bool = False) -> jax.Array:
+                  bwd_col_sums: bool = False, interpret: bool = False) -> jax.Array:
   """The block forward of ``forward`` for differentiated calls (``split``: the two-kernel
   form and its backward, ``mosaic_mlp_bwd.hidden_grads``, for C > 256):
 
@@ -130,5 +131,5 @@ def forward_train(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | No
       row_scale=row_scale, act="gelu", normalize=True, eps=eps, hidden_chunk=hidden_chunk,
       stages=stages, block_m=block_m, bwd_stages=bwd_stages, split=split,
       project_stages=project_stages, project_block_m=project_block_m, block_n=block_n,
-      bwd_hidden=bwd_hidden, interpret=interpret)
+      bwd_hidden=bwd_hidden, bwd_col_sums=bwd_col_sums, interpret=interpret)
   return y.reshape(n, h, w, c)

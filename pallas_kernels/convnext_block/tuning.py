@@ -94,6 +94,10 @@ class ConvNeXtTiles:
   mosaic_backward: bool = False
   mosaic_bwd_stages: int = 2
   mosaic_bwd_hidden: int = 0
+  # The Mosaic backward's db1 (fc1 bias gradient) from per-CTA column sums of da written by
+  # the backward kernel instead of XLA's pass over da (0.09 ms of the 2.34 ms stage-1 block,
+  # H100 2026-11-26).  Off: not yet compiled or timed on a GPU.
+  mosaic_bwd_db1: bool = False
   # What implementation=None runs (from measurements, per channel count and device):
   # "pallas": Pallas forward and backward; "hybrid": Pallas for plain (inference) calls,
   # XLA forward+backward when the call is differentiated (the Pallas forward was faster

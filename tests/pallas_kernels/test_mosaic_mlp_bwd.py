@@ -54,18 +54,20 @@ def _reference_grads(a, dy, act, normalize, argnums):
 
 
 @pytest.mark.parametrize("m,c,e,act,normalize,kw", [
-    (100, 64, 128, "gelu", True, {}),                       # padded rows, two chunks
+    (100, 64, 128, "gelu", True, dict(col_sums=True)),     # padded rows, two chunks, db1
     (64, 96, 384, "gelu", True, dict(stages=1)),            # ConvNeXt-T stage 1 width
-    (70, 32, 256, "silu", False, dict(stages=3)),           # ConvFirst-style, 4 chunks
+    (70, 32, 256, "silu", False, dict(stages=3, col_sums=True)),  # ConvFirst-style, 4 chunks
     (64, 32, 256, "gelu", True, dict(hidden_chunk=128)),    # two 128-wide chunks
 ])
 def test_bwd_kernel_outputs(m, c, e, act, normalize, kw):
-  """dz, h = act(a) and da = (g W2^T) act'(a) against float32 jnp."""
+  """dz, h = act(a) and da = (g W2^T) act'(a) against float32 jnp; with col_sums also db1 =
+  da summed over rows (padded rows add nothing)."""
   a, dy = _inputs(m + c, m, c, e)
   g = (dy.astype(jnp.float32) * a["row_scale"][:, None]).astype(dy.dtype)
-  dz, h, da = mosaic_mlp_bwd.fused_mlp_bwd(a["z"], g, a["w1"], a["b1"], a["w2"],
-                                           z_bias=a["z_bias"], act=act, normalize=normalize,
-                                           interpret=True, **kw)
+  dz, h, da, *db1 = mosaic_mlp_bwd.fused_mlp_bwd(a["z"], g, a["w1"], a["b1"], a["w2"],
+                                                 z_bias=a["z_bias"], act=act,
+                                                 normalize=normalize, interpret=True, **kw)
+  assert len(db1) == int(kw.get("col_sums", False))
   assert dz.shape == (m, c) and h.shape == da.shape == (m, e)
   assert dz.dtype == h.dtype == da.dtype == jnp.bfloat16
   f32 = jnp.float32
@@ -83,6 +85,9 @@ def test_bwd_kernel_outputs(m, c, e, act, normalize, kw):
   assert _rel(h, pre_a) < 1e-2
   assert _rel(da, want_da) < 1e-2
   assert _rel(dz, want_dz) < 1e-2
+  for v in db1:
+    assert v.shape == (e,) and v.dtype == f32
+    assert _rel(v, want_da.sum(0)) < 1e-2
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.bfloat16, 1e-2), (jnp.float16, 2e-3)])
@@ -138,8 +143,8 @@ def test_split_backward_kernel_and_gradients():
   a, dy = _inputs(8, m, c, e)
   f32 = jnp.float32
   g = (dy.astype(f32) * a["row_scale"][:, None]).astype(dy.dtype)
-  h, da = mosaic_mlp_bwd.hidden_grads(a["z"], g, a["w1"], a["b1"], a["w2"],
-                                      z_bias=a["z_bias"], interpret=True)
+  h, da, db1 = mosaic_mlp_bwd.hidden_grads(a["z"], g, a["w1"], a["b1"], a["w2"],
+                                           z_bias=a["z_bias"], col_sums=True, interpret=True)
   zn = a["z"].astype(f32) + a["z_bias"]
   zn = (zn - zn.mean(-1, keepdims=True)) * jax.lax.rsqrt(zn.var(-1, keepdims=True) + 1e-6)
   pre = zn @ a["w1"] + a["b1"]
@@ -147,6 +152,7 @@ def test_split_backward_kernel_and_gradients():
   want_da = (g.astype(f32) @ a["w2"].T) * jax.vmap(jax.vmap(jax.grad(
       lambda v: jax.nn.gelu(v, approximate=False))))(pre)
   assert _rel(da, want_da) < 1e-2
+  assert db1.shape == (e,) and _rel(db1, want_da.sum(0)) < 1e-2
   args = [a[k] for k in ARGS]
 
   def loss(*args):
@@ -239,18 +245,19 @@ def _block_inputs(seed, shape):
   return x, tuning.reference_params(kp, c), g, d
 
 
-@pytest.mark.parametrize("shape,perturb_dps", [
-    ((2, 5, 7, 96), True),    # stage 1 width, odd H and W
-    ((1, 7, 5, 192), False),  # stage 2 width, batch 1, drop-path scale held constant
-    ((1, 5, 3, 384), False),  # stage 3 width: the split forms
+@pytest.mark.parametrize("shape,perturb_dps,db1", [
+    ((2, 5, 7, 96), True, True),    # stage 1 width, odd H and W; db1 from the kernel
+    ((1, 7, 5, 192), False, False),  # stage 2 width, batch 1, drop-path scale held constant
+    ((1, 5, 3, 384), False, True),  # stage 3 width: the split forms; db1 from the kernel
 ])
-def test_convnext_block_training_path(shape, perturb_dps):
+def test_convnext_block_training_path(shape, perturb_dps, db1):
   """convnext_block with tiles.mosaic_backward: the output and the gradients of x and all
   nine parameters (and of the drop-path scale when it is differentiated) against the
-  float32 reference on the same bf16 inputs."""
+  float32 reference on the same bf16 inputs (fc1's bias gradient from the backward
+  kernel's column sums where ``db1``)."""
   x, p, g, d = _block_inputs(sum(shape), shape)
   tiles = dataclasses.replace(tuning.heuristic_tiles(shape[-1], jnp.bfloat16),
-                              mosaic_backward=True, mosaic_bwd_stages=1)
+                              mosaic_backward=True, mosaic_bwd_stages=1, mosaic_bwd_db1=db1)
   assert api.train_kernel(x.shape, x.dtype, p, tiles, True) == (
       "mosaic" if shape[-1] <= 256 else "mosaic_split")
   f = lambda x, p, d: convnext_block(x, p, d, implementation="pallas", interpret=True,
@@ -344,17 +351,26 @@ def test_retune_without_a_gpu_says_so(monkeypatch, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,c,e,stages", [(8192, 96, 384, 1), (4160, 192, 768, 2),
-                                          (4096, 64, 256, 2)])
-def test_compiled_bwd_kernel_on_gpu(m, c, e, stages):
+@pytest.mark.parametrize("m,c,e,stages,col_sums", [
+    (8192, 96, 384, 1, False), (4160, 192, 768, 2, False), (4096, 64, 256, 2, False),
+    (8192, 96, 384, 1, True), (4160, 192, 768, 2, True)])
+def test_compiled_bwd_kernel_on_gpu(m, c, e, stages, col_sums):
   a, dy = _inputs(11, m, c, e)
-  got = jax.grad(lambda w1, w2, z: jnp.sum(mosaic_mlp_bwd.mlp_with_grad(
-      z, a["res"], w1, a["b1"], w2, a["b2"], z_bias=a["z_bias"], row_scale=a["row_scale"],
-      bwd_stages=stages).astype(jnp.float32) * dy.astype(jnp.float32)),
-      argnums=(0, 1, 2))(a["w1"], a["w2"], a["z"])
-  want = _reference_grads(a, dy, "gelu", True, (2, 4, 0))
+  got = jax.grad(lambda w1, b1, w2, z: jnp.sum(mosaic_mlp_bwd.mlp_with_grad(
+      z, a["res"], w1, b1, w2, a["b2"], z_bias=a["z_bias"], row_scale=a["row_scale"],
+      bwd_stages=stages, bwd_col_sums=col_sums).astype(jnp.float32) * dy.astype(jnp.float32)),
+      argnums=(0, 1, 2, 3))(a["w1"], a["b1"], a["w2"], a["z"])
+  want = _reference_grads(a, dy, "gelu", True, (2, 3, 4, 0))
   for x, y in zip(got, want):
     assert _rel(x, y) < 1e-2
+
+
+@pytest.mark.gpu
+def test_compiled_split_col_sums_on_gpu():
+  a, dy = _inputs(12, 4160, 384, 1536)
+  h, da, db1 = mosaic_mlp_bwd.hidden_grads(a["z"], dy, a["w1"], a["b1"], a["w2"],
+                                           z_bias=a["z_bias"], col_sums=True)
+  assert _rel(db1, da.astype(jnp.float32).sum(0)) < 1e-2
 
 
 @pytest.mark.gpu

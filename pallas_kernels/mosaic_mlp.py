@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -570,8 +571,9 @@ def _warn_if_async_cpu_dispatch():
   their own from inside the running kernel.  With XLA:CPU's asynchronous dispatch (jax's
   default) the caller goes on dispatching while a kernel runs, and the two can deadlock:
   seen with jax 0.11.2 on a 2-core machine, a 3-warpgroup kernel (block_m=128) under
-  ``jax.vjp`` followed by eager jnp ops hung at the first or second call, every time; with
-  ``jax_cpu_enable_async_dispatch=False`` 40 calls in a row ran.  tests/conftest.py sets it;
+  ``jax.vjp`` followed by eager jnp ops hung at the first or second call in each of three
+  tries (one a full test-suite run); with ``jax_cpu_enable_async_dispatch=False`` 40 calls
+  in a row ran.  tests/conftest.py sets it;
   elsewhere this warns once."""
   global _ASYNC_WARNED
   if _ASYNC_WARNED:
@@ -582,7 +584,6 @@ def _warn_if_async_cpu_dispatch():
     return
   if async_dispatch and jax.default_backend() == "cpu":
     _ASYNC_WARNED = True
-    import warnings
     warnings.warn(
         "Mosaic GPU interpreter on XLA:CPU with asynchronous dispatch: multi-warpgroup "
         "kernels can deadlock against computations dispatched while they run.  Set "

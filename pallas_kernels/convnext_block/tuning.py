@@ -297,8 +297,8 @@ def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]
   Hopper; C % 32 == 0 and C <= 256 for the fused kernel, C % 64 == 0 for the split one) --
   their tiles and the depthwise conv before them (``MOSAIC_CANDIDATES``,
   ``MOSAIC_SPLIT_CANDIDATES``), and ``fwd_kernel`` is set to whichever forward was fastest; then the backward fields (timing
-  the backward kernels, an independent launch); then, where the one-kernel Mosaic forward
-  won (one-kernel or split) and ``auto`` is "hybrid", whether differentiated calls run
+  the backward kernels, an independent launch); then, where a Mosaic forward won
+  (one-kernel or split) and ``auto`` is "hybrid", whether differentiated calls run
   XLA's block (``mosaic_dwconv_wgrad`` "auto" or "pallas") or the Mosaic backward
   (``mosaic_backward``, 1 or 2 weight stages).  ``candidates``: (forward changes,
   backward changes) as dicts of ConvNeXtTiles fields for the Triton kernels.  Candidates

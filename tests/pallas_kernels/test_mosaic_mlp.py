@@ -12,6 +12,7 @@ On the GPU the same kernels are checked by ``python -m benchmarks.mosaic_blocks`
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -272,7 +273,6 @@ def test_compiled_kernel_on_gpu(shape, block_m):
 def test_interpreter_warns_about_async_cpu_dispatch(monkeypatch):
   """Interpreting on XLA:CPU with asynchronous dispatch (jax's default; tests/conftest.py
   turns it off) warns once, naming the setting; without it nothing is said."""
-  import warnings
   monkeypatch.setattr(mosaic_mlp, "_ASYNC_WARNED", False)
   monkeypatch.setattr(jax.config, "read", lambda name: name == "jax_cpu_enable_async_dispatch")
   with pytest.warns(RuntimeWarning, match="jax_cpu_enable_async_dispatch"):

@@ -331,7 +331,7 @@ def test_retune_chooses_the_training_path(monkeypatch, fastest):
                                  (True, 1, "auto"), (True, 2, "auto")])
   assert [t for t, _ in timings[-4:]] == [
       dataclasses.replace(best, mosaic_backward=b, mosaic_bwd_stages=st,
-                                 mosaic_dwconv_wgrad=w).to_json()
+                          mosaic_dwconv_wgrad=w).to_json()
       for b, st, w in ((False, 2, "auto"), (False, 2, "pallas"), (True, 1, "auto"),
                        (True, 2, "auto"))]
 

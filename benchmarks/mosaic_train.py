@@ -93,6 +93,8 @@ def main(argv=None):
                     rep(mosaic_backward=True, mosaic_dwconv_wgrad="auto")),
                    ("mosaic backward, Pallas dwconv wgrad", None,
                     rep(mosaic_backward=True, mosaic_dwconv_wgrad="pallas")),
+                   ("mosaic backward, zn recomputed by XLA", None,
+                    rep(mosaic_backward=True, mosaic_dwconv_wgrad="auto", mosaic_bwd_zn=False)),
                    ("mosaic backward, db1 in the kernel", None,
                     rep(mosaic_backward=True, mosaic_dwconv_wgrad="auto", mosaic_bwd_db1=True))]
     ref = None

@@ -160,9 +160,13 @@ def _store_hidden(h, da, out_smem, j, rows, h_gmem, da_gmem, before_store=None,
 
 
 def _bwd_kernel(z_gmem, g_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, dz_gmem, h_gmem, da_gmem,
-                *db1_gmem, c: int, e: int, hc: int, act: str, normalize: bool, eps: float,
-                stages: int, bm: int, da_in_regs: bool):
-  """``db1_gmem`` (optional): (CTAs, E / hc, hc) float32, each CTA's column sums of da."""
+                *extra_gmem, c: int, e: int, hc: int, act: str, normalize: bool, eps: float,
+                stages: int, bm: int, da_in_regs: bool, with_zn: bool = False):
+  """``extra_gmem``: with ``with_zn``, first zn (M, C), the normalised tile the kernel
+  computes anyway, for XLA's dW1 GEMM; then (optional) db1_gmem, (CTAs, E / hc, hc)
+  float32, each CTA's column sums of da."""
+  zn_gmem = extra_gmem[0] if with_zn else None
+  db1_gmem = extra_gmem[1:] if with_zn else extra_gmem
   dtype = z_gmem.dtype
   cta = lax.axis_index("m")
   rows = pl.ds(cta * bm, bm)
@@ -176,6 +180,8 @@ def _bwd_kernel(z_gmem, g_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, dz_gmem, h_
     plgpu.barrier_wait(bars.at[0])
     plgpu.barrier_wait(bars.at[2])
     _normalise_into(z_smem, zb_smem, zn_smem, normalize=normalize, eps=eps)
+    if zn_gmem is not None:  # read-only from here on; awaited with the h / da stores
+      plgpu.copy_smem_to_gmem(zn_smem, zn_gmem.at[rows])
     plgpu.barrier_wait(bars.at[1])
 
     def accumulate(dzn_ref):
@@ -261,20 +267,22 @@ def _bwd_inputs(z, g, z_bias):
 
 
 @functools.partial(jax.jit, static_argnames=("act", "normalize", "eps", "hidden_chunk",
-                                             "stages", "col_sums", "interpret"))
+                                             "stages", "col_sums", "with_zn", "interpret"))
 def fused_mlp_bwd(z, g, w1, b1, w2, *, z_bias=None, act: str = "gelu", normalize: bool = True,
                   eps: float = 1e-6, hidden_chunk: int = 64, stages: int = 2,
-                  col_sums: bool = False, interpret: bool = False):
+                  col_sums: bool = False, with_zn: bool = False, interpret: bool = False):
   """(dz, h, da) of ``fused_mlp`` for the row-scaled output cotangent g = rs * dy.
 
   z, g: (M, C) bfloat16/float16; w1: (C, E); b1: (E,); w2: (E, C); z_bias: (C,) or None.
   Returns dz (M, C) (the gradient with respect to z, and summed over rows, z_bias), and the
   activation h = act(a) and its gradient da = (g W2^T) act'(a), both (M, E), in z's dtype,
-  for the weight gradients dW1 = norm(z + zb)^T da and dW2 = h^T g.  ``col_sums=True``
-  adds a fourth result, db1 = da summed over rows (E,) float32, from per-CTA column sums
-  the kernel writes (float32 da before rounding) instead of a pass over da -- NOT YET
-  COMPILED OR TIMED ON A GPU (interpreter-tested only).  Raises NotImplementedError naming
-  the reason for unsupported shapes (``unsupported_reason``)."""
+  for the weight gradients dW1 = norm(z + zb)^T da and dW2 = h^T g.  ``with_zn=True`` adds
+  a result after da: zn = norm(z + zb) (M, C) in z's dtype, the tile the kernel normalises
+  anyway (one TMA store; XLA would otherwise recompute it in two passes over z for dW1).
+  ``col_sums=True`` adds one more, db1 = da summed over rows (E,) float32, from per-CTA
+  column sums the kernel writes (float32 da before rounding) instead of a pass over da.
+  Raises NotImplementedError naming the reason for unsupported shapes
+  (``unsupported_reason``)."""
   m, c, e = _check_bwd_args(z, g, w1, b1, w2)
   reason = unsupported_reason(m, c, e, z.dtype, act, hidden_chunk, stages, col_sums)
   if reason is not None:
@@ -283,23 +291,33 @@ def fused_mlp_bwd(z, g, w1, b1, w2, *, z_bias=None, act: str = "gelu", normalize
   zb, z, g, m_pad = _bwd_inputs(z, g, z_bias)
   kernel = functools.partial(_bwd_kernel, c=c, e=e, hc=hidden_chunk, act=act,
                              normalize=normalize, eps=float(eps), stages=stages, bm=BLOCK_M,
-                             da_in_regs=interpret is False or interpret is None)
+                             da_in_regs=interpret is False or interpret is None,
+                             with_zn=with_zn)
   ctas = m_pad // BLOCK_M
   call = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((m_pad, c), dtype), jax.ShapeDtypeStruct((m_pad, e), dtype),
                 jax.ShapeDtypeStruct((m_pad, e), dtype),
+                *([jax.ShapeDtypeStruct((m_pad, c), dtype)] if with_zn else []),
                 *_col_sums_type(ctas, e, hidden_chunk, col_sums)),
       grid=(ctas,),
       grid_names=("m",),
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params(interpret),
   )
-  dz, h, da, *db1 = call(z, g, zb, w1.T.astype(dtype), b1.astype(jnp.float32),
-                         w2.astype(dtype))
-  if m_pad != m:  # padded rows have g = 0, hence da = 0: they add nothing to db1
-    dz, h, da = dz[:m], h[:m], da[:m]
-  return (dz, h, da, _sum_col_sums(db1[0], e)) if col_sums else (dz, h, da)
+  dz, h, da, *rest = call(z, g, zb, w1.T.astype(dtype), b1.astype(jnp.float32),
+                          w2.astype(dtype))
+  return _trim_results(m, m_pad, e, [dz, h, da], rest, with_zn, col_sums)
+
+
+def _trim_results(m, m_pad, e, rows_out, rest, with_zn, col_sums):
+  """The backward kernels' results without the padding rows: ``rows_out`` (+ zn) and, with
+  ``col_sums``, db1 summed over the CTAs (padded rows have g = 0, hence da = 0: they add
+  nothing to it)."""
+  out = list(rows_out) + (rest[:1] if with_zn else [])
+  if m_pad != m:
+    out = [v[:m] for v in out]
+  return tuple(out) + ((_sum_col_sums(rest[-1], e),) if col_sums else ())
 
 
 def _col_sums_type(ctas: int, e: int, hc: int, col_sums: bool) -> list:
@@ -338,14 +356,18 @@ def split_unsupported_reason(m: int, c: int, e: int, dtype, act: str = "gelu",
 
 
 def _hidden_grad_kernel(z_gmem, g_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, h_gmem, da_gmem,
-                        *db1_gmem, e: int, hc: int, act: str, normalize: bool, eps: float,
-                        stages: int, bm: int):
+                        *extra_gmem, e: int, hc: int, act: str, normalize: bool, eps: float,
+                        stages: int, bm: int, with_zn: bool = False):
   """The split form's backward kernel (C > 256): ``_bwd_kernel`` without the dzn
   accumulator (64 x C float32 would not fit in registers) -- per hidden chunk a_j and dh_j
   (wgmmas over the column blocks of the z / g tiles), h_j and da_j to DRAM; dzn = da W1^T
   and the LayerNorm backward are left to XLA.  z_gmem's tile is normalised in place
-  (mosaic_split's column-block LayerNorm); w1t_gmem, w2_gmem: (n_cb, E, cb)."""
+  (mosaic_split's column-block LayerNorm) and, ``with_zn``, stored to the first of
+  ``extra_gmem`` (the optional db1 column sums follow, as ``_bwd_kernel``'s); w1t_gmem,
+  w2_gmem: (n_cb, E, cb)."""
   from pallas_kernels.mosaic_split import _normalise_in_place
+  zn_gmem = extra_gmem[0] if with_zn else None
+  db1_gmem = extra_gmem[1:] if with_zn else extra_gmem
   dtype = z_gmem.dtype
   n_cb, _, cb = w1t_gmem.shape
   cta = lax.axis_index("m")
@@ -362,6 +384,9 @@ def _hidden_grad_kernel(z_gmem, g_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, h_g
     for b in list(range(n_cb)) + [2 * n_cb]:
       plgpu.barrier_wait(bars.at[b])
     _normalise_in_place(z_smem, zb_smem, normalize=normalize, eps=eps)
+    if zn_gmem is not None:  # read-only from here on; awaited with the h / da stores
+      for b in range(n_cb):
+        plgpu.copy_smem_to_gmem(z_smem.at[b], zn_gmem.at[rows, pl.ds(b * cb, cb)])
     for b in range(n_cb, 2 * n_cb):
       plgpu.barrier_wait(bars.at[b])
 
@@ -407,16 +432,16 @@ def _hidden_grad_kernel(z_gmem, g_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, h_g
 
 
 @functools.partial(jax.jit, static_argnames=("act", "normalize", "eps", "hidden_chunk",
-                                             "stages", "col_sums", "interpret"))
+                                             "stages", "col_sums", "with_zn", "interpret"))
 def hidden_grads(z, g, w1, b1, w2, *, z_bias=None, act: str = "gelu", normalize: bool = True,
                  eps: float = 1e-6, hidden_chunk: int = 32, stages: int = 2,
-                 col_sums: bool = False, interpret: bool = False):
+                 col_sums: bool = False, with_zn: bool = False, interpret: bool = False):
   """(h, da) of ``fused_mlp`` / ``split_mlp`` for the row-scaled cotangent g = rs * dy, as
   ``fused_mlp_bwd`` returns them, for C > 256 (``_hidden_grad_kernel``; dz is then
   ``ln_backward(da W1^T)`` in XLA).  Shapes as ``fused_mlp_bwd``; raises
   NotImplementedError naming the reason for unsupported calls
-  (``split_unsupported_reason``).  ``col_sums``: a third result, db1, as ``fused_mlp_bwd``'s
-  (not yet compiled on a GPU)."""
+  (``split_unsupported_reason``).  ``with_zn`` and ``col_sums``: zn and db1 after da, as
+  ``fused_mlp_bwd``'s."""
   from pallas_kernels.mosaic_split import _column_block
   m, c, e = _check_bwd_args(z, g, w1, b1, w2)
   reason = split_unsupported_reason(m, c, e, z.dtype, act, hidden_chunk, stages, col_sums)
@@ -427,18 +452,18 @@ def hidden_grads(z, g, w1, b1, w2, *, z_bias=None, act: str = "gelu", normalize:
   zb, z, g, m_pad = _bwd_inputs(z, g, z_bias)
   blocks = lambda w_ec: w_ec.astype(dtype).reshape(e, c // cb, cb).transpose(1, 0, 2)
   ctas = m_pad // BLOCK_M
-  h, da, *db1 = plgpu.kernel(
+  h, da, *rest = plgpu.kernel(
       functools.partial(_hidden_grad_kernel, e=e, hc=hidden_chunk, act=act,
-                        normalize=normalize, eps=float(eps), stages=stages, bm=BLOCK_M),
+                        normalize=normalize, eps=float(eps), stages=stages, bm=BLOCK_M,
+                        with_zn=with_zn),
       out_type=(jax.ShapeDtypeStruct((m_pad, e), dtype), jax.ShapeDtypeStruct((m_pad, e), dtype),
+                *([jax.ShapeDtypeStruct((m_pad, c), dtype)] if with_zn else []),
                 *_col_sums_type(ctas, e, hidden_chunk, col_sums)),
       grid=(ctas,), grid_names=("m",),
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params(interpret),
   )(z, g, zb.reshape(c // cb, cb), blocks(w1.T), b1.astype(jnp.float32), blocks(w2))
-  if m_pad != m:
-    h, da = h[:m], da[:m]
-  return (h, da, _sum_col_sums(db1[0], e)) if col_sums else (h, da)
+  return _trim_results(m, m_pad, e, [h, da], rest, with_zn, col_sums)
 
 
 def ln_backward(dzn, z, zb, normalize: bool, eps: float):
@@ -469,6 +494,7 @@ class MlpConfig(NamedTuple):
   block_n: int = 0              # split_mlp's (0: its default)
   bwd_hidden: int = 64          # the backward kernel's hidden chunk
   bwd_col_sums: bool = False    # db1 from the backward kernel's per-CTA column sums
+  bwd_zn: bool = True           # zn for dW1 from the backward kernel (else XLA recomputes it)
 
 
 def _normalised(z, zb, normalize: bool, eps: float):
@@ -512,18 +538,21 @@ def _mlp_bwd(cfg, saved, dy):
   dy = dy.astype(dtype)
   g = (dy.astype(f32) * rs.astype(f32)[:, None]).astype(dtype)
   if cfg.split:  # dzn = da W1^T and the LayerNorm backward in XLA
-    h, da, *db1 = hidden_grads(z, g, w1, b1, w2, z_bias=zb, act=cfg.act,
-                               normalize=cfg.normalize, eps=cfg.eps,
-                               hidden_chunk=cfg.bwd_hidden, stages=cfg.bwd_stages,
-                               col_sums=cfg.bwd_col_sums, interpret=cfg.interpret)
+    h, da, *rest = hidden_grads(z, g, w1, b1, w2, z_bias=zb, act=cfg.act,
+                                normalize=cfg.normalize, eps=cfg.eps,
+                                hidden_chunk=cfg.bwd_hidden, stages=cfg.bwd_stages,
+                                col_sums=cfg.bwd_col_sums, with_zn=cfg.bwd_zn,
+                                interpret=cfg.interpret)
     dzn = jnp.dot(da, w1.astype(dtype).T, preferred_element_type=f32)
     dz = ln_backward(dzn, z, zb, cfg.normalize, cfg.eps).astype(dtype)
   else:
-    dz, h, da, *db1 = fused_mlp_bwd(z, g, w1, b1, w2, z_bias=zb, act=cfg.act,
-                                    normalize=cfg.normalize, eps=cfg.eps,
-                                    hidden_chunk=cfg.bwd_hidden, stages=cfg.bwd_stages,
-                                    col_sums=cfg.bwd_col_sums, interpret=cfg.interpret)
-  zn = _normalised(z, zb, cfg.normalize, cfg.eps).astype(dtype)
+    dz, h, da, *rest = fused_mlp_bwd(z, g, w1, b1, w2, z_bias=zb, act=cfg.act,
+                                     normalize=cfg.normalize, eps=cfg.eps,
+                                     hidden_chunk=cfg.bwd_hidden, stages=cfg.bwd_stages,
+                                     col_sums=cfg.bwd_col_sums, with_zn=cfg.bwd_zn,
+                                     interpret=cfg.interpret)
+  zn = rest.pop(0) if cfg.bwd_zn else _normalised(z, zb, cfg.normalize, cfg.eps).astype(dtype)
+  db1 = rest
   dw1 = jnp.dot(zn.T, da, preferred_element_type=f32)
   dw2 = jnp.dot(h.T, g, preferred_element_type=f32)
   db1 = db1[0] if db1 else da.astype(f32).sum(0)
@@ -546,14 +575,15 @@ def mlp_with_grad(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: s
                   stages: int = 2, block_m: int = 64, bwd_stages: int = 2,
                   split: bool = False, project_stages: int = 3, project_block_m: int = 64,
                   block_n: int | None = None, bwd_hidden: int = 0, bwd_col_sums: bool = False,
-                  interpret: bool = False):
+                  bwd_zn: bool = True, interpret: bool = False):
   """``mosaic_mlp.fused_mlp`` (same arguments and result) with a Mosaic GPU backward: the
   forward kernel saves only its inputs, the backward is ``fused_mlp_bwd`` plus XLA's GEMMs
   for the weight gradients.  Gradients flow to z, res, w1, b1, w2, b2, z_bias and (when it
   is perturbed) row_scale.  ``bwd_stages``: the backward kernel's weight pipeline depth;
   ``bwd_hidden``: its hidden chunk (0: ``hidden_chunk``, or 32 with ``split``);
   ``bwd_col_sums``: db1 from the kernel's per-CTA column sums of da instead of an XLA pass
-  over da (``fused_mlp_bwd(col_sums=True)``; not yet compiled on a GPU).
+  over da (``fused_mlp_bwd(col_sums=True)``); ``bwd_zn``: the normalised z for the dW1 GEMM
+  from the backward kernel (``with_zn``) instead of XLA's recomputation.
 
   ``split=True`` (C > 256): the forward is ``mosaic_split.split_mlp`` (``stages`` is its
   expand kernel's depth; ``project_stages``, ``project_block_m``, ``block_n`` its project
@@ -572,5 +602,5 @@ def mlp_with_grad(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: s
   rs = jnp.ones((m,), jnp.float32) if row_scale is None else row_scale
   cfg = MlpConfig(act, bool(normalize), float(eps), hidden_chunk, stages, block_m, bwd_stages,
                   bool(interpret), bool(split), project_stages, project_block_m, block_n or 0,
-                  bwd_hidden, bool(bwd_col_sums))
+                  bwd_hidden, bool(bwd_col_sums), bool(bwd_zn))
   return _mlp(z, res, w1, b1, w2, b2, zb, rs, cfg)

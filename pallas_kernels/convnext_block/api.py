@@ -127,7 +127,7 @@ def _fused_fwd(x, params, dps, eps, tiles, interpret, xla_grad):
           project_block_m=tiles.mosaic_project_block_m,
           block_n=tiles.mosaic_block_n or None, bwd_hidden=tiles.mosaic_bwd_hidden,
           dw_wgrad=tiles.mosaic_dwconv_wgrad, bwd_col_sums=tiles.mosaic_bwd_db1,
-          interpret=interpret)
+          bwd_zn=tiles.mosaic_bwd_zn, interpret=interpret)
     else:
       fn = lambda x, p, d: convnext_block_reference(
           x, p, d, eps=eps, dw_conv="pallas" if dw_pallas else "xla",

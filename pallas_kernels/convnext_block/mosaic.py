@@ -106,7 +106,8 @@ def forward_train(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | No
                   block_m: int = 64, bwd_stages: int = 2, dwconv_pallas: bool = True,
                   split: bool = False, project_stages: int = 3, project_block_m: int = 64,
                   block_n: int | None = None, bwd_hidden: int = 0, dw_wgrad: str = "auto",
-                  bwd_col_sums: bool = False, interpret: bool = False) -> jax.Array:
+                  bwd_col_sums: bool = False, bwd_zn: bool = True,
+                  interpret: bool = False) -> jax.Array:
   """The block forward of ``forward`` for differentiated calls (``split``: the two-kernel
   form and its backward, ``mosaic_mlp_bwd.hidden_grads``, for C > 256):
 
@@ -131,5 +132,5 @@ def forward_train(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | No
       row_scale=row_scale, act="gelu", normalize=True, eps=eps, hidden_chunk=hidden_chunk,
       stages=stages, block_m=block_m, bwd_stages=bwd_stages, split=split,
       project_stages=project_stages, project_block_m=project_block_m, block_n=block_n,
-      bwd_hidden=bwd_hidden, bwd_col_sums=bwd_col_sums, interpret=interpret)
+      bwd_hidden=bwd_hidden, bwd_col_sums=bwd_col_sums, bwd_zn=bwd_zn, interpret=interpret)
   return y.reshape(n, h, w, c)

@@ -96,8 +96,14 @@ class ConvNeXtTiles:
   mosaic_bwd_hidden: int = 0
   # The Mosaic backward's db1 (fc1 bias gradient) from per-CTA column sums of da written by
   # the backward kernel instead of XLA's pass over da (0.09 ms of the 2.34 ms stage-1 block,
-  # H100 2026-11-26).  Off: not yet compiled or timed on a GPU.
+  # H100 2026-11-26).  Off: it compiles and passes the GPU tests, but was no faster in the
+  # training-path blocks (H100 2026-11-26, N=128: 56x56x96 2.320 vs 2.369 ms, 28x28x192
+  # 1.334 vs 1.311, 14x14x384 0.996 vs 0.987; H200 14x14x384 0.966 vs 0.936).
   mosaic_bwd_db1: bool = False
+  # The Mosaic backward kernels also store the normalised z tile they compute (one TMA
+  # store), which XLA's dW1 GEMM then reads instead of recomputing LN(z + zb) in two passes
+  # over z.
+  mosaic_bwd_zn: bool = True
   # What implementation=None runs (from measurements, per channel count and device):
   # "pallas": Pallas forward and backward; "hybrid": Pallas for plain (inference) calls,
   # XLA forward+backward when the call is differentiated (the Pallas forward was faster
@@ -112,11 +118,22 @@ def heuristic_tiles(c: int, dtype) -> ConvNeXtTiles:
   """Defaults by channel count (register budget: see module docstring).  ``auto`` follows
   the measurements for GPUs not in the table: Pallas forward for plain calls ("hybrid") up
   to C=512 (the Mosaic forward up to 256, the split Mosaic forward above: 1.2-1.3x XLA at
-  C=384 on an H200, 2026-11-26), XLA above (the split forward measured slower than XLA at
-  C=768 there, the Triton one too).  Differentiated calls: the Mosaic forward + backward up
-  to C=256 (``mosaic_backward``: 1.55-1.6x XLA's block on an H100), XLA's block above (the
-  split backward tied with it at C=384; the Triton backward is slower than XLA's at every
-  C; benchmarks/RESULTS.md)."""
+  C=384 on an H200, 2026-11-26); from 513 to 768 channels in bfloat16 the split Mosaic
+  forward and, when differentiated, XLA's block with the Pallas depthwise conv and its
+  kernel gradient (the H100 table's C=768 entry: on an H200, 2026-11-26, 7x7x768, batch 128,
+  forward 0.271 ms vs XLA 0.289, forward + backward 0.714 vs 0.868 -- the old heuristic, XLA's
+  block with the grouped kernel gradient, 0.847); XLA above (the split form's tiles do not
+  fit shared memory there, and the Triton forward is slower than XLA's) and for other
+  dtypes above 512.  Differentiated calls: the Mosaic forward + backward up to C=256
+  (``mosaic_backward``: 1.55-1.6x XLA's block on an H100), XLA's block above (the split
+  backward tied with it at C=384; the Triton backward is slower than XLA's at every C;
+  benchmarks/RESULTS.md)."""
+  if 512 < c <= 768 and jnp.dtype(dtype) == jnp.bfloat16:
+    return ConvNeXtTiles(fwd_pixels=32, fwd_hidden=32, fwd_warps=8, fwd_stages=2,
+                         bwd_pixels=32, bwd_hidden=32, bwd_warps=8, wgrad_rows=64,
+                         wgrad_hidden=16, wgrad_warps=8, fwd_kernel="mosaic_split",
+                         mosaic_stages=2, mosaic_dwconv_wgrad="pallas", auto="hybrid",
+                         **_project_tile(c))
   return dataclasses.replace(_heuristic_tiles(c), auto="hybrid" if c <= 512 else "xla")
 
 

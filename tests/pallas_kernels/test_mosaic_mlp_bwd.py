@@ -54,19 +54,21 @@ def _reference_grads(a, dy, act, normalize, argnums):
 
 
 @pytest.mark.parametrize("m,c,e,act,normalize,kw", [
-    (100, 64, 128, "gelu", True, dict(col_sums=True)),     # padded rows, two chunks, db1
-    (64, 96, 384, "gelu", True, dict(stages=1)),            # ConvNeXt-T stage 1 width
-    (70, 32, 256, "silu", False, dict(stages=3, col_sums=True)),  # ConvFirst-style, 4 chunks
+    (100, 64, 128, "gelu", True, dict(col_sums=True, with_zn=True)),  # padded rows, db1, zn
+    (64, 96, 384, "gelu", True, dict(stages=1, with_zn=True)),  # ConvNeXt-T stage 1 width
+    (70, 32, 256, "silu", False, dict(stages=3, col_sums=True, with_zn=True)),  # 4 chunks
     (64, 32, 256, "gelu", True, dict(hidden_chunk=128)),    # two 128-wide chunks
 ])
 def test_bwd_kernel_outputs(m, c, e, act, normalize, kw):
-  """dz, h = act(a) and da = (g W2^T) act'(a) against float32 jnp; with col_sums also db1 =
-  da summed over rows (padded rows add nothing)."""
+  """dz, h = act(a) and da = (g W2^T) act'(a) against float32 jnp; with with_zn also the
+  normalised input zn, with col_sums db1 = da summed over rows (padded rows add nothing)."""
   a, dy = _inputs(m + c, m, c, e)
   g = (dy.astype(jnp.float32) * a["row_scale"][:, None]).astype(dy.dtype)
-  dz, h, da, *db1 = mosaic_mlp_bwd.fused_mlp_bwd(a["z"], g, a["w1"], a["b1"], a["w2"],
-                                                 z_bias=a["z_bias"], act=act,
-                                                 normalize=normalize, interpret=True, **kw)
+  dz, h, da, *rest = mosaic_mlp_bwd.fused_mlp_bwd(a["z"], g, a["w1"], a["b1"], a["w2"],
+                                                  z_bias=a["z_bias"], act=act,
+                                                  normalize=normalize, interpret=True, **kw)
+  zn = rest.pop(0) if kw.get("with_zn") else None
+  db1 = rest
   assert len(db1) == int(kw.get("col_sums", False))
   assert dz.shape == (m, c) and h.shape == da.shape == (m, e)
   assert dz.dtype == h.dtype == da.dtype == jnp.bfloat16
@@ -85,6 +87,13 @@ def test_bwd_kernel_outputs(m, c, e, act, normalize, kw):
   assert _rel(h, pre_a) < 1e-2
   assert _rel(da, want_da) < 1e-2
   assert _rel(dz, want_dz) < 1e-2
+  if zn is not None:
+    want_zn = a["z"].astype(f32) + a["z_bias"]
+    if normalize:
+      want_zn = (want_zn - want_zn.mean(-1, keepdims=True)) * jax.lax.rsqrt(
+          want_zn.var(-1, keepdims=True) + 1e-6)
+    assert zn.shape == (m, c) and zn.dtype == jnp.bfloat16
+    assert _rel(zn, want_zn) < 1e-2
   for v in db1:
     assert v.shape == (e,) and v.dtype == f32
     assert _rel(v, want_da.sum(0)) < 1e-2
@@ -129,7 +138,8 @@ def test_mlp_with_grad_constant_row_scale_and_silu():
   want = _reference_grads(dict(a, z_bias=jnp.zeros((c,))), dy, "silu", False, (2, 4, 0))
   for x, y in zip(got, want):
     assert _rel(x, y) < 1e-2
-  got_none = jax.grad(lambda w1: loss(w1, a["w2"], a["z"], rs=None))(a["w1"])
+  # (and dW1 from XLA's own normalisation of z rather than the kernel's zn)
+  got_none = jax.grad(lambda w1: loss(w1, a["w2"], a["z"], rs=None, bwd_zn=False))(a["w1"])
   want_none = _reference_grads(dict(a, z_bias=jnp.zeros((c,)), row_scale=jnp.ones((m,))), dy,
                                "silu", False, 2)
   assert _rel(got_none, want_none) < 1e-2
@@ -143,10 +153,12 @@ def test_split_backward_kernel_and_gradients():
   a, dy = _inputs(8, m, c, e)
   f32 = jnp.float32
   g = (dy.astype(f32) * a["row_scale"][:, None]).astype(dy.dtype)
-  h, da, db1 = mosaic_mlp_bwd.hidden_grads(a["z"], g, a["w1"], a["b1"], a["w2"],
-                                           z_bias=a["z_bias"], col_sums=True, interpret=True)
+  h, da, got_zn, db1 = mosaic_mlp_bwd.hidden_grads(a["z"], g, a["w1"], a["b1"], a["w2"],
+                                                   z_bias=a["z_bias"], col_sums=True,
+                                                   with_zn=True, interpret=True)
   zn = a["z"].astype(f32) + a["z_bias"]
   zn = (zn - zn.mean(-1, keepdims=True)) * jax.lax.rsqrt(zn.var(-1, keepdims=True) + 1e-6)
+  assert got_zn.shape == (m, c) and _rel(got_zn, zn) < 1e-2
   pre = zn @ a["w1"] + a["b1"]
   assert _rel(h, jax.nn.gelu(pre, approximate=False)) < 1e-2
   want_da = (g.astype(f32) @ a["w2"].T) * jax.vmap(jax.vmap(jax.grad(
@@ -368,9 +380,11 @@ def test_compiled_bwd_kernel_on_gpu(m, c, e, stages, col_sums):
 @pytest.mark.gpu
 def test_compiled_split_col_sums_on_gpu():
   a, dy = _inputs(12, 4160, 384, 1536)
-  h, da, db1 = mosaic_mlp_bwd.hidden_grads(a["z"], dy, a["w1"], a["b1"], a["w2"],
-                                           z_bias=a["z_bias"], col_sums=True)
+  h, da, zn, db1 = mosaic_mlp_bwd.hidden_grads(a["z"], dy, a["w1"], a["b1"], a["w2"],
+                                               z_bias=a["z_bias"], col_sums=True, with_zn=True)
   assert _rel(db1, da.astype(jnp.float32).sum(0)) < 1e-2
+  want_zn = mosaic_mlp_bwd._normalised(a["z"], a["z_bias"], True, 1e-6)
+  assert _rel(zn, want_zn) < 1e-2
 
 
 @pytest.mark.gpu

@@ -123,7 +123,15 @@ def test_split_forward_kernel_choice():
   p384 = tuning.reference_params(jax.random.key(0), 384)
   t = tuning.heuristic_tiles(384, jnp.bfloat16)
   assert (t.fwd_kernel, t.auto) == ("mosaic_split", "hybrid")
-  assert tuning.heuristic_tiles(768, jnp.bfloat16).auto == "xla"
+  # 513-768 channels in bfloat16: the H100 table's C=768 entry (split forward, XLA's block
+  # with the Pallas conv and kernel gradient when differentiated); XLA above and in float32
+  t768 = tuning.heuristic_tiles(768, jnp.bfloat16)
+  assert t768 == tuning.TUNED[(768, "bfloat16", tuning._H100)]
+  t640 = tuning.heuristic_tiles(640, jnp.bfloat16)
+  assert (t640.fwd_kernel, t640.auto, t640.mosaic_dwconv_wgrad, t640.mosaic_block_n) == (
+      "mosaic_split", "hybrid", "pallas", 0)
+  assert tuning.heuristic_tiles(768, jnp.float32).auto == "xla"
+  assert tuning.heuristic_tiles(1024, jnp.bfloat16).auto == "xla"
   # 128-row project CTAs only with 192 channels (a 128 x 256 accumulator spills)
   assert (t.mosaic_project_block_m, t.mosaic_block_n) == (128, 192)
   for c in (320, 512):

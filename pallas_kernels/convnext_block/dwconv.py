@@ -128,6 +128,12 @@ def _pallas_bwd(wgrad_method, interpret, res, dy):
   dy = dy.astype(x.dtype)
   # The transpose of a "same" stride-1 depthwise conv is the same conv with mirrored taps.
   dx = dwconv_triton.depthwise_conv(dy, kernel[::-1, ::-1], interpret=interpret)
+  return dx, _pallas_wgrad(wgrad_method, interpret, x, kernel, dy)
+
+
+def _pallas_wgrad(wgrad_method, interpret, x, kernel, dy):
+  """The kernel gradient of the Pallas conv's VJPs, as ``wgrad_method`` says."""
+  from pallas_kernels.convnext_block import dwconv_triton
   if wgrad_method == "xla":
     _, vjp_w = jax.vjp(lambda w: _plain(x, w), kernel)
     (dw,) = vjp_w(dy)
@@ -136,10 +142,33 @@ def _pallas_bwd(wgrad_method, interpret, res, dy):
                                             interpret=interpret).astype(x.dtype)
   else:
     dw = _wgrad_grouped(x, dy, kernel.shape[0], int(wgrad_method[len("grouped"):]))
-  return dx, dw.astype(kernel.dtype)
+  return dw.astype(kernel.dtype)
 
 
 _pallas_conv.defvjp(_pallas_fwd, _pallas_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _pallas_conv_and_x(x, kernel, wgrad_method, interpret):
+  return _pallas_conv(x, kernel, wgrad_method, interpret), x
+
+
+def _pallas_and_x_fwd(x, kernel, wgrad_method, interpret):
+  return _pallas_conv_and_x(x, kernel, wgrad_method, interpret), (x, kernel)
+
+
+def _pallas_and_x_bwd(wgrad_method, interpret, res, cotangents):
+  from pallas_kernels.convnext_block import dwconv_triton
+  dy, dx_through = cotangents
+  x, kernel = res
+  dy = dy.astype(x.dtype)
+  # The input gradient and the pass-through's cotangent in one pass of the conv kernel.
+  dx = dwconv_triton.depthwise_conv(dy, kernel[::-1, ::-1],
+                                    residual=dx_through.astype(x.dtype), interpret=interpret)
+  return dx, _pallas_wgrad(wgrad_method, interpret, x, kernel, dy)
+
+
+_pallas_conv_and_x.defvjp(_pallas_and_x_fwd, _pallas_and_x_bwd)
 
 CONVS = ("xla", "pallas")
 
@@ -168,3 +197,19 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *, wgrad: str = "auto", conv
   if method == "xla":
     return _plain(x, kernel)
   return _grouped_wgrad_conv(x, kernel, int(method[len("grouped"):]))
+
+
+def depthwise_conv_and_x(x: jax.Array, kernel: jax.Array, *, wgrad: str = "auto",
+                         interpret: bool = False) -> tuple[jax.Array, jax.Array]:
+  """``(depthwise_conv(x, kernel, wgrad=wgrad, conv="pallas"), x)``, for a caller that also
+  uses x elsewhere (a residual connection): the cotangent that reaches the second result is
+  added to the conv's input gradient inside the Pallas kernel's pass, instead of XLA adding
+  the two afterwards (one read of each and a write of x's size saved)."""
+  if x.ndim != 4:
+    raise ValueError(f"depthwise_conv_and_x expects NHWC input of rank 4, got shape {x.shape}")
+  c = x.shape[-1]
+  if kernel.ndim != 3 or kernel.shape[0] != kernel.shape[1] or kernel.shape[2] != c:
+    raise ValueError(f"depthwise_conv_and_x: kernel must be (k, k, {c}) for input {x.shape}, "
+                     f"got {kernel.shape}")
+  return _pallas_conv_and_x(x, kernel, resolve_wgrad(x.shape, kernel.shape[0], wgrad),
+                            bool(interpret))

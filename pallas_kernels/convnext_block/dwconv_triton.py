@@ -86,7 +86,9 @@ def _channel_block(c: int, cblock: int):
   return c0, ch, mask_of
 
 
-def _kernel(x_ref, k_ref, b_ref, y_ref, *, h, w, c, k, cpad, strips, tiles: DwconvTiles):
+def _kernel(x_ref, k_ref, b_ref, *refs, h, w, c, k, cpad, strips, tiles: DwconvTiles):
+  """refs: (y_ref,) or (r_ref, y_ref): y = conv(x) + b (+ r, a residual of y's shape)."""
+  r_ref, y_ref = refs if len(refs) == 2 else (None, refs[0])
   pad = k // 2
   strip, tile_w, cblock = tiles.strip, tiles.tile_w, tiles.cblock
   pid = pl.program_id(0)
@@ -120,7 +122,11 @@ def _kernel(x_ref, k_ref, b_ref, y_ref, *, h, w, c, k, cpad, strips, tiles: Dwco
   for o in range(strip):
     ok = (r0 + o < h) & (ww < w)
     pix = jnp.where(ok, (n * h + r0 + o) * w + ww, size // c + 1)
-    plgpu.store(y_ref.at[pix[:, None] * c + ch[None, :]], (accs[o] + bias).astype(y_ref.dtype),
+    out = accs[o] + bias
+    if r_ref is not None:
+      out = out + plgpu.load(r_ref.at[jnp.where(ok, pix, 0)[:, None] * c + ch[None, :]],
+                             mask=mask_of(ok), other=0).astype(f32)
+    plgpu.store(y_ref.at[pix[:, None] * c + ch[None, :]], out.astype(y_ref.dtype),
                 mask=mask_of(ok))
 
 
@@ -139,18 +145,23 @@ def unsupported_reason(x_shape, kernel_shape) -> str | None:
 
 
 @functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
-def depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
-                   tiles: DwconvTiles | None = None, interpret: bool = False) -> jax.Array:
+def depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
+                   residual: jax.Array | None = None, *, tiles: DwconvTiles | None = None,
+                   interpret: bool = False) -> jax.Array:
   """"Same" stride-1 depthwise conv of NHWC ``x`` with ``kernel`` (k, k, C) plus ``bias``
-  (C,) (optional), float32 accumulation, result in ``x.dtype``.  No VJP of its own:
-  ``dwconv.depthwise_conv(conv="pallas")`` wraps it in one (input gradient = this conv with
-  mirrored taps)."""
+  (C,) and ``residual`` (x's shape) (both optional), float32 accumulation, result in
+  ``x.dtype``.  No VJP of its own: ``dwconv.depthwise_conv(conv="pallas")`` wraps it in one
+  (input gradient = this conv with mirrored taps; ``residual`` lets a caller add another
+  cotangent of x in the same pass)."""
   reason = unsupported_reason(x.shape, kernel.shape)
   if reason is not None:
     raise ValueError(f"dwconv_triton.depthwise_conv: {reason}")
   if bias is not None and tuple(bias.shape) != (x.shape[-1],):
     raise ValueError(f"dwconv_triton.depthwise_conv: bias must be ({x.shape[-1]},), "
                      f"got {tuple(bias.shape)}")
+  if residual is not None and residual.shape != x.shape:
+    raise ValueError(f"dwconv_triton.depthwise_conv: residual must have x's shape {x.shape}, "
+                     f"got {residual.shape}")
   n, h, w, c = x.shape
   k = kernel.shape[0]
   t = resolve_tiles(h, w, c, tiles)
@@ -167,7 +178,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = Non
       compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=1),
       interpret=interpret,
       name="depthwise_conv",
-  )(x.reshape(-1), kflat, b)
+  )(x.reshape(-1), kflat, b, *([] if residual is None else [residual.reshape(-1)]))
   return y.reshape(x.shape)
 
 

@@ -114,16 +114,19 @@ def forward_train(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | No
   * depthwise conv: ``dwconv.depthwise_conv`` -- forward and input gradient on the
     Pallas-Triton kernel (``dwconv_pallas``) or XLA, the weight gradient as ``dw_wgrad``
     says ("auto": XLA's; "pallas": the Pallas-Triton kernel, with ``dwconv_pallas`` only);
+    with ``dwconv_pallas`` the residual's share of x's gradient is added inside the conv
+    kernel's input-gradient pass (``dwconv.depthwise_conv_and_x``);
   * LN + MLP + layer scale + residual: ``mosaic_mlp_bwd.mlp_with_grad`` (the inference
     kernel forward, the Mosaic backward kernel + XLA weight-gradient GEMMs);
   * the LN affine / layer-scale folding: plain jnp, so autodiff carries the folded
     weights' gradients back to ln_scale, ln_bias, fc1, fc2 and gamma.
   ``dps`` is differentiated only if it is perturbed (mlp_with_grad's row_scale)."""
   n, h, w, c = x.shape
-  z = dwconv.depthwise_conv(x, params.dw_kernel,
-                            wgrad=dw_wgrad if dwconv_pallas else "auto",
-                            conv="pallas" if dwconv_pallas else "xla",
-                            interpret=interpret is not False and interpret is not None)
+  interp = interpret is not False and interpret is not None
+  if dwconv_pallas:  # x's gradient through the residual joins the conv kernel's input pass
+    z, x = dwconv.depthwise_conv_and_x(x, params.dw_kernel, wgrad=dw_wgrad, interpret=interp)
+  else:
+    z = dwconv.depthwise_conv(x, params.dw_kernel, wgrad="auto", conv="xla", interpret=interp)
   w1, b1, w2, b2 = fold_params(params)
   rows = n * h * w
   row_scale = None if dps is None else jnp.repeat(dps.astype(jnp.float32), h * w)

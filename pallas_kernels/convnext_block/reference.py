@@ -90,8 +90,13 @@ def convnext_block_reference(
   default "xla" keeps the block pure XLA."""
   validate(x, params)
   dtype = x.dtype
-  z = dwconv.depthwise_conv(x, params.dw_kernel, wgrad=dw_wgrad or dwconv.DEFAULT_WGRAD,
-                            conv=dw_conv, interpret=interpret)
+  if dw_conv == "pallas":  # the residual's gradient joins the conv kernel's input pass
+    z, x = dwconv.depthwise_conv_and_x(x, params.dw_kernel,
+                                       wgrad=dw_wgrad or dwconv.DEFAULT_WGRAD,
+                                       interpret=interpret)
+  else:
+    z = dwconv.depthwise_conv(x, params.dw_kernel, wgrad=dw_wgrad or dwconv.DEFAULT_WGRAD,
+                              conv=dw_conv, interpret=interpret)
   z = (z + params.dw_bias.astype(dtype)).astype(jnp.float32)
   mean = jnp.mean(z, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(z - mean), axis=-1, keepdims=True)

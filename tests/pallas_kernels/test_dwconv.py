@@ -181,6 +181,34 @@ def test_pallas_conv_gradients_match_xla(wgrad):
     dwconv.depthwise_conv(x, w, wgrad="pallas")
 
 
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 2e-5), (jnp.bfloat16, 1e-2)])
+def test_conv_and_x_adds_both_cotangents(dtype, tol):
+  """depthwise_conv_and_x: (conv(x), x); x's gradient = the conv's input gradient plus the
+  cotangent of the pass-through, added inside the conv kernel (odd H / W, C=40: a partial
+  channel block), vs XLA autodiff of the same function in float32.  A wrong pass-through
+  (here: its cotangent dropped or doubled) would fail: that term is as large as the conv's."""
+  kx, kw, kg, kr = jax.random.split(jax.random.key(9), 4)
+  x = jax.random.normal(kx, (2, 9, 7, 40)).astype(dtype)
+  w = jax.random.normal(kw, (7, 7, 40)) * 0.1
+  gz = jax.random.normal(kg, x.shape).astype(dtype)
+  gx = jax.random.normal(kr, x.shape).astype(dtype)
+  f32 = jnp.float32
+  (z, xo), vjp = jax.vjp(lambda a, b: dwconv.depthwise_conv_and_x(a, b, wgrad="pallas",
+                                                                  interpret=True), x, w)
+  dx, dw = vjp((gz, gx))
+  z0, vjp0 = jax.vjp(lambda a, b: dwconv.depthwise_conv(a, b, wgrad="xla"), x.astype(f32), w)
+  dx0, dw0 = vjp0(gz.astype(f32))
+  np.testing.assert_array_equal(np.asarray(xo), np.asarray(x))
+  assert _rel(z, z0) < tol
+  assert _rel(dx, dx0 + gx.astype(f32)) < tol
+  assert _rel(dw, dw0) < tol
+  with pytest.raises(ValueError, match="kernel must be"):
+    dwconv.depthwise_conv_and_x(x, w[:, :, :8])
+  from pallas_kernels.convnext_block import dwconv_triton
+  with pytest.raises(ValueError, match="residual must have x's shape"):
+    dwconv_triton.depthwise_conv(x, w, residual=x[:1], interpret=True)
+
+
 @pytest.mark.gpu
 def test_pallas_conv_gradients_compiled_on_gpu():
   """depthwise_conv(conv="pallas") compiled: value, input and kernel gradients vs XLA's
@@ -201,3 +229,9 @@ def test_pallas_conv_gradients_compiled_on_gpu():
       for got, want in ((y, y0), (dx, dx0), (dw, dw0)):
         got = jnp.asarray(got, jnp.float32)
         assert float(jnp.abs(got - want).max() / jnp.abs(want).max()) < 1e-2
+    # the pass-through form: x's cotangent (here g again) added in the kernel's input pass
+    (y, _), vjp = jax.vjp(lambda a, b: dwconv.depthwise_conv_and_x(a, b, wgrad="pallas"), x, w)
+    dx, dw = vjp((g, g))
+    for got, want in ((y, y0), (dx, dx0 + g.astype(jnp.float32)), (dw, dw0)):
+      got = jnp.asarray(got, jnp.float32)
+      assert float(jnp.abs(got - want).max() / jnp.abs(want).max()) < 1e-2

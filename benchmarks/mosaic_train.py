@@ -95,8 +95,10 @@ def main(argv=None):
                     rep(mosaic_backward=True, mosaic_dwconv_wgrad="pallas")),
                    ("mosaic backward, zn recomputed by XLA", None,
                     rep(mosaic_backward=True, mosaic_dwconv_wgrad="auto", mosaic_bwd_zn=False)),
-                   ("mosaic backward, db1 in the kernel", None,
-                    rep(mosaic_backward=True, mosaic_dwconv_wgrad="auto", mosaic_bwd_db1=True))]
+                   ("mosaic backward, db1 " + ("from XLA" if tuned.mosaic_bwd_db1
+                                               else "in the kernel"), None,
+                    rep(mosaic_backward=True, mosaic_dwconv_wgrad="auto",
+                        mosaic_bwd_db1=not tuned.mosaic_bwd_db1))]
     ref = None
     base = None
     for label, impl, tiles in variants:

@@ -40,7 +40,8 @@ from flax import nnx
 import pallas_kernels
 from pallas_kernels.convfirst_block import GROUP_WIDTH
 from convfirst_jax.convnext import ClassifierHead, drop_path_schedule
-from convfirst_jax.layers import DropPath, apply_drop_path, check_implementation, check_input
+from convfirst_jax.layers import (DropPath, PatchConv, apply_drop_path, check_implementation,
+                                  check_input)
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.9
@@ -172,14 +173,16 @@ class FoldedMBConvBlock(_FoldedBlock):
 
 
 class ConvBN(nnx.Module):
-  """conv (no bias) + BatchNorm; in folded form conv + bias."""
+  """conv (no bias) + BatchNorm; in folded form conv + bias.  ``patchify``: the conv as a
+  matrix product over patches (``PatchConv``, for the 3-channel stem)."""
 
-  def __init__(self, din, dout, kernel, stride, *, folded=False, dtype, param_dtype,
-               rngs: nnx.Rngs):
-    self.conv = nnx.Conv(din, dout, (kernel, kernel), strides=(stride, stride),
-                         padding="VALID", use_bias=folded, dtype=dtype,
-                         param_dtype=param_dtype, kernel_init=_kaiming(),
-                         bias_init=nnx.initializers.zeros, rngs=rngs)
+  def __init__(self, din, dout, kernel, stride, *, folded=False, patchify=False, dtype,
+               param_dtype, rngs: nnx.Rngs):
+    conv = PatchConv if patchify else nnx.Conv
+    self.conv = conv(din, dout, (kernel, kernel), strides=(stride, stride),
+                     padding="VALID", use_bias=folded, dtype=dtype,
+                     param_dtype=param_dtype, kernel_init=_kaiming(),
+                     bias_init=nnx.initializers.zeros, rngs=rngs)
     self.bn = nnx.data(None) if folded else _bn(dout, dtype=dtype, param_dtype=param_dtype,
                                                 rngs=rngs)
 
@@ -268,7 +271,7 @@ class ConvFirstNet(nnx.Module):
     self.folded = folded
     self.dtype = dtype
     kw = dict(dtype=dtype, param_dtype=param_dtype)
-    self.stem = ConvBN(in_chans, dims[0], 4, 4, folded=folded, rngs=rngs, **kw)
+    self.stem = ConvBN(in_chans, dims[0], 4, 4, folded=folded, patchify=True, rngs=rngs, **kw)
     dp = drop_path_schedule(depths, drop_path_rate)
     self.stages = nnx.List([
         ConvFirstStage(dims[max(i - 1, 0)], dims[i], depths[i], block_type=block_types[i],

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
-from convfirst_jax.layers import DropPath, check_implementation, check_input
+from convfirst_jax.layers import DropPath, PatchConv, check_implementation, check_input
 
 LN_EPS = 1e-6
 
@@ -165,7 +165,7 @@ class ConvNeXt(nnx.Module):
     self.block_impl = check_implementation(block_impl)
     self.dtype = dtype
     self.stem = nnx.List([
-        nnx.Conv(in_chans, dims[0], (4, 4), strides=(4, 4), padding="VALID", dtype=dtype,
+        PatchConv(in_chans, dims[0], (4, 4), strides=(4, 4), padding="VALID", dtype=dtype,
                  param_dtype=param_dtype, kernel_init=_trunc_normal(),
                  bias_init=nnx.initializers.zeros, rngs=rngs),
         nnx.LayerNorm(dims[0], epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype,

@@ -96,9 +96,10 @@ class ConvNeXtTiles:
   mosaic_bwd_hidden: int = 0
   # The Mosaic backward's db1 (fc1 bias gradient) from per-CTA column sums of da written by
   # the backward kernel instead of XLA's pass over da (0.09 ms of the 2.34 ms stage-1 block,
-  # H100 2026-11-26).  Off: it compiles and passes the GPU tests, but was no faster in the
-  # training-path blocks (H100 2026-11-26, N=128: 56x56x96 2.320 vs 2.369 ms, 28x28x192
-  # 1.334 vs 1.311, 14x14x384 0.996 vs 0.987; H200 14x14x384 0.966 vs 0.936).
+  # H100 2026-11-26).  On in the H100 table at C=96 only: training-path blocks, N=128, two
+  # H100 runs 2026-11-26: 56x56x96 2.320 / 2.000 ms vs 2.369 / 2.045 without, but 28x28x192
+  # 1.334 / 1.302 vs 1.311 / 1.264, 14x14x384 0.996 / 0.970 vs 0.987 / 0.965; on an H200
+  # 56x56x96 1.945 vs 1.925 (off in the heuristic).
   mosaic_bwd_db1: bool = False
   # The Mosaic backward kernels also store the normalised z tile they compute (one TMA
   # store), which XLA's dW1 GEMM then reads instead of recomputing LN(z + zb) in two passes
@@ -201,7 +202,7 @@ TUNED: dict[tuple[int, str, str], ConvNeXtTiles] = {
     (96, "bfloat16", _H100): ConvNeXtTiles(
         fwd_pixels=128, fwd_hidden=64, fwd_warps=4, bwd_pixels=64, bwd_hidden=64,
         wgrad_rows=128, wgrad_hidden=64, dw_pixels=128, dw_channels=32, auto="hybrid",
-        mosaic_stages=2, mosaic_backward=True, mosaic_bwd_stages=1),
+        mosaic_stages=2, mosaic_backward=True, mosaic_bwd_stages=1, mosaic_bwd_db1=True),
     (192, "bfloat16", _H100): ConvNeXtTiles(
         fwd_pixels=64, fwd_hidden=64, fwd_warps=4, bwd_pixels=64, bwd_hidden=32,
         wgrad_rows=64, wgrad_hidden=32, dw_pixels=128, dw_channels=32, auto="hybrid",

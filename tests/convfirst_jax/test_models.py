@@ -144,3 +144,29 @@ def test_hyperparameters_are_constructor_arguments():
                rngs=nnx.Rngs(0))
   assert m.stages[1].blocks[0].mlp.fc1.kernel.shape == (32, 64)
   assert m(jnp.zeros((1, 8, 8, 3))).shape == (1, 2)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+def test_patch_conv_matches_nnx_conv(dtype, tol):
+  """The stems' PatchConv (a matrix product over 4x4 patches) against nnx.Conv with the same
+  parameters: value and the kernel, bias and input gradients; odd patch grid (5 x 7)."""
+  from convfirst_jax.layers import PatchConv
+  kw = dict(strides=(4, 4), padding="VALID", dtype=dtype, rngs=nnx.Rngs(0))
+  patch, conv = PatchConv(3, 16, (4, 4), **kw), nnx.Conv(3, 16, (4, 4), **kw)
+  conv.bias[...] = jax.random.normal(jax.random.key(1), (16,))
+  patch.kernel[...], patch.bias[...] = conv.kernel[...], conv.bias[...]
+  x = jax.random.normal(jax.random.key(2), (2, 20, 28, 3), jnp.float32)
+  g = jax.random.normal(jax.random.key(3), (2, 5, 7, 16), jnp.float32)
+
+  def value_and_grads(layer):
+    gd, st = nnx.split(layer)
+    y, vjp = jax.vjp(lambda s, x: nnx.merge(gd, s)(x).astype(jnp.float32), st, x)
+    ds, dx = vjp(g)
+    return [y, dx, *jax.tree.leaves(ds)]
+  got, want = value_and_grads(patch), value_and_grads(conv)
+  for a, b in zip(got, want):
+    assert a.shape == b.shape
+    assert float(jnp.abs(a - b).max() / jnp.abs(b).max()) < tol
+  # configurations it does not cover run nnx.Conv itself (here: a size 4 does not divide)
+  y = patch(x[:, :18])
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(conv(x[:, :18])))

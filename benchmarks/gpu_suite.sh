@@ -11,6 +11,7 @@
 #   bash benchmarks/gpu_suite.sh pipelined # pipelined vs serial Mosaic kernels (+ their tests)
 #   bash benchmarks/gpu_suite.sh mosaic_train  # training-path blocks (Mosaic backward) + step
 #   SHAPE=128,28,28,192 bash benchmarks/gpu_suite.sh retune  # tuning.retune vs the table
+#   bash benchmarks/gpu_suite.sh profile   # per-kernel GPU time: stage blocks, ConvNeXt-T
 # Results go to $OUT (or ./out) as JSON / PNG / logs; a short summary is printed last.
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -100,6 +101,18 @@ for name in ("fwd_kernel", "mosaic_block_m", "mosaic_stages", "mosaic_dwconv",
   print(f"{name:20s} retune {getattr(best, name)!s:8s} table {getattr(table, name)!s}")
 PY
     ;;
+  profile)
+    for shape in 128,56,56,96 128,28,28,192 128,14,14,384 128,7,7,768; do
+      log "kernel profile, block $shape (training path, auto)"
+      timeout 120 python3 -m benchmarks.kernel_profile block --shape "$shape" --top 15 \
+        --json "$OUT/profile_block_${shape//,/x}.json" 2>&1 | grep -v cuda_timer | tail -16
+    done
+    for mode in inference train; do
+      log "kernel profile, convnext_tiny $mode, batch 256, auto"
+      timeout 200 python3 -m benchmarks.kernel_profile model --model convnext_tiny --mode "$mode" \
+        --top 25 --json "$OUT/profile_convnext_tiny_$mode.json" 2>&1 | grep -v cuda_timer | tail -26
+    done
+    ;;
   pipelined)
     log "compiled tests of the pipelined Mosaic kernels"
     timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider \
@@ -117,5 +130,6 @@ PY
     timeout 200 python3 -m benchmarks.blocks --blocks convnext --no-backward --iters 30 \
       --json "$OUT/blocks_convnext_fwd.json" 2>&1 | grep -v cuda_timer | tail -6
     ;;
-  *) echo "usage: $0 train|analysis|scaling|convfirst|models|mosaic|dwconv" >&2; exit 2 ;;
+  *) echo "usage: $0 train|analysis|scaling|convfirst|models|mosaic|dwconv|pipelined|mosaic_train|retune|profile" >&2
+     exit 2 ;;
 esac

@@ -552,10 +552,9 @@ def _mlp_bwd(cfg, saved, dy):
                                      col_sums=cfg.bwd_col_sums, with_zn=cfg.bwd_zn,
                                      interpret=cfg.interpret)
   zn = rest.pop(0) if cfg.bwd_zn else _normalised(z, zb, cfg.normalize, cfg.eps).astype(dtype)
-  db1 = rest
   dw1 = jnp.dot(zn.T, da, preferred_element_type=f32)
   dw2 = jnp.dot(h.T, g, preferred_element_type=f32)
-  db1 = db1[0] if db1 else da.astype(f32).sum(0)
+  db1 = rest[0] if rest else da.astype(f32).sum(0)  # the kernel's column sums, if asked for
   db2 = g.astype(f32).sum(0)
   dzb = dz.astype(f32).sum(0)
   if rs_perturbed:  # d rs[r] = sum_c dy[r, c] (h W2 + b2)[r, c]: one more GEMM

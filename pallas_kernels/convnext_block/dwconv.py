@@ -173,6 +173,15 @@ _pallas_conv_and_x.defvjp(_pallas_and_x_fwd, _pallas_and_x_bwd)
 CONVS = ("xla", "pallas")
 
 
+def _check_shapes(who: str, x: jax.Array, kernel: jax.Array) -> None:
+  if x.ndim != 4:
+    raise ValueError(f"{who} expects NHWC input of rank 4, got shape {x.shape}")
+  c = x.shape[-1]
+  if kernel.ndim != 3 or kernel.shape[0] != kernel.shape[1] or kernel.shape[2] != c:
+    raise ValueError(f"{who}: kernel must be (k, k, {c}) for input {x.shape}, "
+                     f"got {kernel.shape}")
+
+
 def depthwise_conv(x: jax.Array, kernel: jax.Array, *, wgrad: str = "auto", conv: str = "xla",
                    interpret: bool = False) -> jax.Array:
   """"Same" stride-1 depthwise conv of NHWC ``x`` with ``kernel`` (k, k, C) (cast to
@@ -181,12 +190,7 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *, wgrad: str = "auto", conv
   forward and the input gradient run the Pallas-Triton kernel (dwconv_triton.py; a GPU, or
   ``interpret=True``; the taps are used in float32 rather than rounded to x.dtype first),
   the kernel gradient as ``wgrad`` says."""
-  if x.ndim != 4:
-    raise ValueError(f"depthwise_conv expects NHWC input of rank 4, got shape {x.shape}")
-  c = x.shape[-1]
-  if kernel.ndim != 3 or kernel.shape[0] != kernel.shape[1] or kernel.shape[2] != c:
-    raise ValueError(f"depthwise_conv: kernel must be (k, k, {c}) for input {x.shape}, "
-                     f"got {kernel.shape}")
+  _check_shapes("depthwise_conv", x, kernel)
   method = resolve_wgrad(x.shape, kernel.shape[0], wgrad)
   if conv not in CONVS:
     raise ValueError(f"conv must be one of {CONVS}, got {conv!r}")
@@ -205,11 +209,6 @@ def depthwise_conv_and_x(x: jax.Array, kernel: jax.Array, *, wgrad: str = "auto"
   uses x elsewhere (a residual connection): the cotangent that reaches the second result is
   added to the conv's input gradient inside the Pallas kernel's pass, instead of XLA adding
   the two afterwards (one read of each and a write of x's size saved)."""
-  if x.ndim != 4:
-    raise ValueError(f"depthwise_conv_and_x expects NHWC input of rank 4, got shape {x.shape}")
-  c = x.shape[-1]
-  if kernel.ndim != 3 or kernel.shape[0] != kernel.shape[1] or kernel.shape[2] != c:
-    raise ValueError(f"depthwise_conv_and_x: kernel must be (k, k, {c}) for input {x.shape}, "
-                     f"got {kernel.shape}")
+  _check_shapes("depthwise_conv_and_x", x, kernel)
   return _pallas_conv_and_x(x, kernel, resolve_wgrad(x.shape, kernel.shape[0], wgrad),
                             bool(interpret))

@@ -103,7 +103,9 @@ class ConvNeXtTiles:
   mosaic_bwd_db1: bool = False
   # The Mosaic backward kernels also store the normalised z tile they compute (one TMA
   # store), which XLA's dW1 GEMM then reads instead of recomputing LN(z + zb) in two passes
-  # over z.
+  # over z: N=128 training-path blocks, H100 2026-11-26, 56x56x96 2.045 vs 2.333 ms,
+  # 28x28x192 1.264 vs 1.341, 14x14x384 0.965 vs 0.987 (H200: 1.925 / 1.177 / 0.924 vs
+  # 2.041 / 1.241 / 0.935).
   mosaic_bwd_zn: bool = True
   # What implementation=None runs (from measurements, per channel count and device):
   # "pallas": Pallas forward and backward; "hybrid": Pallas for plain (inference) calls,

@@ -34,3 +34,14 @@ def test_refuses_without_a_gpu():
     pytest.skip("a GPU is present")
   with pytest.raises(SystemExit, match="needs a GPU backend"):
     kernel_profile.main(["block", "--shape", "2,8,8,96"])
+
+
+def test_trace_writes_and_reads_a_real_profile():
+  """On a CPU: jax.profiler writes the trace, it is found and parsed, and the missing GPU
+  planes are reported (on a GPU the same call returns the kernels' times)."""
+  if jax.default_backend() == "gpu":
+    pytest.skip("a GPU is present")
+  fn, args, carry = kernel_profile._block_fn((1, 8, 8, 96), "xla", forward_only=False)
+  assert not carry
+  with pytest.raises(RuntimeError, match="holds no GPU kernels"):
+    kernel_profile.trace(fn, args, calls=1)

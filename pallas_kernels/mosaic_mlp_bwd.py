@@ -32,8 +32,10 @@ an SM next to the tiles above, and reducing partials across 6,000+ CTAs through 
 move more bytes than h and da do.  db1 is the exception, being only E wide: with
 ``col_sums`` (tile field ``mosaic_bwd_db1``) each CTA writes its float32 column sums of da
 (CTAs x E, 9.6 MB at the 56x56x96 block for N=128, against 308 MB of da that XLA's
-separate sum reads, 0.09 ms of 2.34) and XLA adds them up.  Off by default: tested in the
-interpreter only, not yet compiled or timed on a GPU.
+separate sum reads, 0.09 ms of 2.34) and XLA adds them up; on in the H100 table at C=96
+only, where it measured faster (tuning.py).  With ``with_zn`` (tile field
+``mosaic_bwd_zn``, on) the kernels also store the normalised z tile they compute, which the
+dW1 GEMM reads instead of XLA recomputing it.
 
 ``mlp_with_grad``: ``fused_mlp`` under a ``jax.custom_vjp`` whose backward is the above.
 The row scale (drop path) is differentiated only when it is perturbed (``symbolic_zeros``),
@@ -165,8 +167,7 @@ def _bwd_kernel(z_gmem, g_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, dz_gmem, h_
   """``extra_gmem``: with ``with_zn``, first zn (M, C), the normalised tile the kernel
   computes anyway, for XLA's dW1 GEMM; then (optional) db1_gmem, (CTAs, E / hc, hc)
   float32, each CTA's column sums of da."""
-  zn_gmem = extra_gmem[0] if with_zn else None
-  db1_gmem = extra_gmem[1:] if with_zn else extra_gmem
+  zn_gmem, db1_gmem = _optional_refs(extra_gmem, with_zn)
   dtype = z_gmem.dtype
   cta = lax.axis_index("m")
   rows = pl.ds(cta * bm, bm)
@@ -293,14 +294,12 @@ def fused_mlp_bwd(z, g, w1, b1, w2, *, z_bias=None, act: str = "gelu", normalize
                              normalize=normalize, eps=float(eps), stages=stages, bm=BLOCK_M,
                              da_in_regs=interpret is False or interpret is None,
                              with_zn=with_zn)
-  ctas = m_pad // BLOCK_M
   call = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((m_pad, c), dtype), jax.ShapeDtypeStruct((m_pad, e), dtype),
                 jax.ShapeDtypeStruct((m_pad, e), dtype),
-                *([jax.ShapeDtypeStruct((m_pad, c), dtype)] if with_zn else []),
-                *_col_sums_type(ctas, e, hidden_chunk, col_sums)),
-      grid=(ctas,),
+                *_optional_types(m_pad, c, e, hidden_chunk, dtype, with_zn, col_sums)),
+      grid=(m_pad // BLOCK_M,),
       grid_names=("m",),
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params(interpret),
@@ -320,9 +319,17 @@ def _trim_results(m, m_pad, e, rows_out, rest, with_zn, col_sums):
   return tuple(out) + ((_sum_col_sums(rest[-1], e),) if col_sums else ())
 
 
-def _col_sums_type(ctas: int, e: int, hc: int, col_sums: bool) -> list:
-  """The kernels' optional per-CTA column-sum output: (CTAs, E / hc, hc) float32."""
-  return [jax.ShapeDtypeStruct((ctas, e // hc, hc), jnp.float32)] if col_sums else []
+def _optional_types(m_pad: int, c: int, e: int, hc: int, dtype, with_zn: bool,
+                    col_sums: bool) -> list:
+  """The backward kernels' optional outputs, in order: zn (M, C) in z's dtype, then the
+  per-CTA column sums of da, (CTAs, E / hc, hc) float32."""
+  return ([jax.ShapeDtypeStruct((m_pad, c), dtype)] if with_zn else []) + (
+      [jax.ShapeDtypeStruct((m_pad // BLOCK_M, e // hc, hc), jnp.float32)] if col_sums else [])
+
+
+def _optional_refs(extra_gmem, with_zn: bool):
+  """(zn_gmem or None, (db1_gmem,) or ()) from a kernel's optional outputs."""
+  return (extra_gmem[0], extra_gmem[1:]) if with_zn else (None, extra_gmem)
 
 
 def _sum_col_sums(parts, e: int):
@@ -366,8 +373,7 @@ def _hidden_grad_kernel(z_gmem, g_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, h_g
   ``extra_gmem`` (the optional db1 column sums follow, as ``_bwd_kernel``'s); w1t_gmem,
   w2_gmem: (n_cb, E, cb)."""
   from pallas_kernels.mosaic_split import _normalise_in_place
-  zn_gmem = extra_gmem[0] if with_zn else None
-  db1_gmem = extra_gmem[1:] if with_zn else extra_gmem
+  zn_gmem, db1_gmem = _optional_refs(extra_gmem, with_zn)
   dtype = z_gmem.dtype
   n_cb, _, cb = w1t_gmem.shape
   cta = lax.axis_index("m")
@@ -451,15 +457,13 @@ def hidden_grads(z, g, w1, b1, w2, *, z_bias=None, act: str = "gelu", normalize:
   cb = _column_block(c)
   zb, z, g, m_pad = _bwd_inputs(z, g, z_bias)
   blocks = lambda w_ec: w_ec.astype(dtype).reshape(e, c // cb, cb).transpose(1, 0, 2)
-  ctas = m_pad // BLOCK_M
   h, da, *rest = plgpu.kernel(
       functools.partial(_hidden_grad_kernel, e=e, hc=hidden_chunk, act=act,
                         normalize=normalize, eps=float(eps), stages=stages, bm=BLOCK_M,
                         with_zn=with_zn),
       out_type=(jax.ShapeDtypeStruct((m_pad, e), dtype), jax.ShapeDtypeStruct((m_pad, e), dtype),
-                *([jax.ShapeDtypeStruct((m_pad, c), dtype)] if with_zn else []),
-                *_col_sums_type(ctas, e, hidden_chunk, col_sums)),
-      grid=(ctas,), grid_names=("m",),
+                *_optional_types(m_pad, c, e, hidden_chunk, dtype, with_zn, col_sums)),
+      grid=(m_pad // BLOCK_M,), grid_names=("m",),
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params(interpret),
   )(z, g, zb.reshape(c // cb, cb), blocks(w1.T), b1.astype(jnp.float32), blocks(w2))

@@ -14,9 +14,8 @@ after three warm-up calls; times are per call.  Kernel names are XLA's fusion na
 Pallas kernels' names (``depthwise_conv``, ``anonymous_mosaic_gpu_kernel``, ...) and the
 cuBLAS / cuDNN kernels'.  Needs a GPU (the trace's device planes).
 
-The trace reading here is what produced the profiles in benchmarks/RESULTS.md (2026-11-26,
-run then as a one-off script on an H100 and an H200); this command line around it has not
-itself been run on a GPU yet (`bash benchmarks/gpu_suite.sh profile` runs it)."""
+First run on a GPU: `bash benchmarks/gpu_suite.sh profile`, H100 80GB HBM3, 2026-11-26
+(raw `benchmarks/results/profile_*_session2.json`)."""
 
 from __future__ import annotations
 

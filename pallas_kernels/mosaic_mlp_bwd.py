@@ -4,11 +4,16 @@ Forward (per row r of the (M, C) activations; ``fused_mlp``'s function):
 
     zn = norm(z + zb)   a = zn W1 + b1   h = act(a)   y = res + rs * (h W2 + b2)
 
-Backward, given dy and g = rs * dy (rounded to z's dtype):
+Backward, given dy:
 
-    dh = g W2^T   da = dh * act'(a)   dzn = da W1^T   dz = norm'(dzn)      (``_bwd_kernel``)
-    dW1 = zn^T da   db1 = sum_r da   dW2 = h^T g   db2 = sum_r g            (XLA GEMMs)
+    dh = rs * (dy W2^T)   da = dh * act'(a)   dzn = da W1^T   dz = norm'(dzn)
+    hs = rs * h                                                          (``_bwd_kernel``)
+    dW1 = zn^T da   db1 = sum_r da   dW2 = hs^T dy   db2 = sum_r rs dy    (XLA GEMMs)
     dres = dy   dzb = sum_r dz
+
+(The kernels apply the row scale rs to dh's rows and to the h they store, so no pass
+writes rs * dy: 0.06 ms a block at ConvNeXt-T's shapes, batch 128.  When rs itself is
+differentiated they take g = rs * dy instead, and h unscaled, as they once always did.)
 
 ``_bwd_kernel`` -- one CTA (one warpgroup) per 64 rows -- loads its z and g tiles once (TMA),
 normalises z into a second shared-memory tile, and streams (hidden chunk x C) slices of W1^T
@@ -83,7 +88,7 @@ def bwd_smem_bytes(c: int, hc: int, stages: int, itemsize: int = 2, bm: int = BL
   two staging slots each for h and da, the small vectors, plus 2 KiB for barriers (and,
   with ``col_sums_e`` = E, the CTA's float32 column sums of da)."""
   return (itemsize * (3 * bm * c + 2 * stages * hc * c + 4 * bm * hc)
-          + 4 * (c + stages * hc + col_sums_e) + 2048)
+          + 4 * (c + stages * hc + col_sums_e + bm) + 2048)
 
 
 def unsupported_reason(m: int, c: int, e: int, dtype, act: str = "gelu",
@@ -129,12 +134,17 @@ def _ln_backward(dzn, z_smem, zb_smem, *, normalize: bool, eps: float):
   return (dzn - row(m1) - zhat * row(m2)) * row(rstd)
 
 
-def _hidden_grad(a, dh, b1_smem, act: str):
-  """(h, da) of one hidden chunk, float32 registers: h = act(a + b1), da = dh act'(a + b1)."""
+def _hidden_grad(a, dh, b1_smem, rs_smem, act: str):
+  """(rs h, da) of one hidden chunk, float32 registers: h = act(a + b1) and
+  da = rs dh act'(a + b1), with rs the CTA's row scales (``rs_smem``, (rows,) float32; None:
+  no scaling) and dh = g W2^T: dW2 = (rs h)^T g and db1, dW1, dz follow from da."""
   rows, hc = a.shape
   b1 = plgpu.load(b1_smem, layout=_WG.reduce(0))
   h, dact = _activation_and_grad(a + lax.broadcast_in_dim(b1, (rows, hc), [1]), act)
-  return h, dh * dact
+  if rs_smem is None:
+    return h, dh * dact
+  rs = lax.broadcast_in_dim(plgpu.load(rs_smem, layout=_WG.reduce(1)), (rows, hc), [0])
+  return h * rs, (dh * rs) * dact
 
 
 def _store_hidden(h, da, out_smem, j, rows, h_gmem, da_gmem, before_store=None,
@@ -161,7 +171,8 @@ def _store_hidden(h, da, out_smem, j, rows, h_gmem, da_gmem, before_store=None,
   plgpu.copy_smem_to_gmem(da_slot, da_gmem.at[rows, cols])
 
 
-def _bwd_kernel(z_gmem, g_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, dz_gmem, h_gmem, da_gmem,
+def _bwd_kernel(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, dz_gmem, h_gmem,
+                da_gmem,
                 *extra_gmem, c: int, e: int, hc: int, act: str, normalize: bool, eps: float,
                 stages: int, bm: int, da_in_regs: bool, with_zn: bool = False):
   """``extra_gmem``: with ``with_zn``, first zn (M, C), the normalised tile the kernel
@@ -173,11 +184,16 @@ def _bwd_kernel(z_gmem, g_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, dz_gmem, h_
   rows = pl.ds(cta * bm, bm)
   tile_t = _transforms(c, dtype)
 
-  def scoped(z_smem, zn_smem, g_smem, zb_smem, out_smem, bars, *db1_smem):
+  def scoped(z_smem, zn_smem, g_smem, rs_smem, zb_smem, out_smem, bars, *db1_smem):
     db1_smem = db1_smem[0] if db1_smem else None
     plgpu.copy_gmem_to_smem(z_gmem.at[rows], z_smem, bars.at[0])
     plgpu.copy_gmem_to_smem(g_gmem.at[rows], g_smem, bars.at[1])
     plgpu.copy_gmem_to_smem(zb_gmem, zb_smem, bars.at[2])
+    if rs_gmem is None:
+      rs_smem = None
+    else:
+      plgpu.copy_gmem_to_smem(rs_gmem.at[rows], rs_smem, bars.at[3])
+      plgpu.barrier_wait(bars.at[3])
     plgpu.barrier_wait(bars.at[0])
     plgpu.barrier_wait(bars.at[2])
     _normalise_into(z_smem, zb_smem, zn_smem, normalize=normalize, eps=eps)
@@ -197,7 +213,7 @@ def _bwd_kernel(z_gmem, g_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, dz_gmem, h_
 
         a, dh = pl.run_scoped(matmuls, plgpu.ACC((bm, hc), jnp.float32),
                               plgpu.ACC((bm, hc), jnp.float32))
-        h, da = _hidden_grad(a, dh, b1_smem, act)
+        h, da = _hidden_grad(a, dh, b1_smem, rs_smem, act)
 
         # dzn += da W1_j^T: da as wgmma's register operand on a GPU (from shared memory,
         # a 96-wide C failed Mosaic's layout inference, jax 0.11.2), through its staging
@@ -236,11 +252,20 @@ def _bwd_kernel(z_gmem, g_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, dz_gmem, h_
       plgpu.SMEM((bm, c), dtype, transforms=tile_t),
       plgpu.SMEM((bm, c), dtype, transforms=tile_t),
       plgpu.SMEM((bm, c), dtype, transforms=tile_t),
+      plgpu.SMEM((bm,), jnp.float32),
       plgpu.SMEM((c,), jnp.float32),
       plgpu.SMEM((2, 2, bm, hc), dtype, transforms=_transforms(hc, dtype)),
-      plgpu.Barrier(num_barriers=3),
+      plgpu.Barrier(num_barriers=4),
       *([plgpu.SMEM((e // hc, hc), jnp.float32)] if db1_gmem else []),
   )
+
+
+def _rs_optional(kernel, has_rs: bool):
+  """``kernel`` (whose third argument is rs_gmem) for calls without a row-scale input when
+  ``has_rs`` is False: rs_gmem is then None and the kernel skips the scaling."""
+  if has_rs:
+    return kernel
+  return lambda z_gmem, g_gmem, *refs: kernel(z_gmem, g_gmem, None, *refs)
 
 
 def _check_bwd_args(z, g, w1, b1, w2) -> tuple[int, int, int]:
@@ -255,29 +280,38 @@ def _check_bwd_args(z, g, w1, b1, w2) -> tuple[int, int, int]:
   return m, c, e
 
 
-def _bwd_inputs(z, g, z_bias):
-  """(zb, z, g, M padded): z_bias as float32 (zeros when None), z and g with zero rows up to
-  a multiple of BLOCK_M (g = 0 there gives da = 0 and dz = 0; callers slice them off)."""
+def _bwd_inputs(z, g, z_bias, row_scale):
+  """(zb, z, g, rs, M padded): z_bias as float32 (zeros when None), row_scale as float32
+  (None stays None: the kernels then skip the scaling), z, g and rs with zero rows up to a
+  multiple of BLOCK_M (g = 0 there gives da = 0 and dz = 0; callers slice them off)."""
   m, c = z.shape
   zb = jnp.zeros((c,), jnp.float32) if z_bias is None else z_bias.astype(jnp.float32)
+  rs = None if row_scale is None else row_scale.astype(jnp.float32)
+  if rs is not None and rs.shape != (m,):
+    raise ValueError(f"row_scale must have shape ({m},) (one per row of z), got {rs.shape}")
   m_pad = -(-m // BLOCK_M) * BLOCK_M
   if m_pad != m:
     z = jnp.pad(z, ((0, m_pad - m), (0, 0)))
     g = jnp.pad(g, ((0, m_pad - m), (0, 0)))
-  return zb, z, g, m_pad
+    rs = None if rs is None else jnp.pad(rs, (0, m_pad - m))
+  return zb, z, g, rs, m_pad
 
 
 @functools.partial(jax.jit, static_argnames=("act", "normalize", "eps", "hidden_chunk",
                                              "stages", "col_sums", "with_zn", "interpret"))
-def fused_mlp_bwd(z, g, w1, b1, w2, *, z_bias=None, act: str = "gelu", normalize: bool = True,
+def fused_mlp_bwd(z, g, w1, b1, w2, *, z_bias=None, row_scale=None, act: str = "gelu",
+                  normalize: bool = True,
                   eps: float = 1e-6, hidden_chunk: int = 64, stages: int = 2,
                   col_sums: bool = False, with_zn: bool = False, interpret: bool = False):
-  """(dz, h, da) of ``fused_mlp`` for the row-scaled output cotangent g = rs * dy.
+  """(dz, h, da) of ``fused_mlp`` for the output cotangent g and row scale rs.
 
-  z, g: (M, C) bfloat16/float16; w1: (C, E); b1: (E,); w2: (E, C); z_bias: (C,) or None.
-  Returns dz (M, C) (the gradient with respect to z, and summed over rows, z_bias), and the
-  activation h = act(a) and its gradient da = (g W2^T) act'(a), both (M, E), in z's dtype,
-  for the weight gradients dW1 = norm(z + zb)^T da and dW2 = h^T g.  ``with_zn=True`` adds
+  z, g: (M, C) bfloat16/float16; w1: (C, E); b1: (E,); w2: (E, C); z_bias: (C,) or None;
+  row_scale: (M,) or None (ones).  Returns dz (M, C) (the gradient with respect to z, and
+  summed over rows, z_bias), and the row-scaled activation h = rs act(a) and the gradient
+  da = rs (g W2^T) act'(a), both (M, E), in z's dtype, for the weight gradients
+  dW1 = norm(z + zb)^T da and dW2 = h^T g.  Pass either g = dy with ``row_scale`` (the scale
+  applied on chip; ``mlp_with_grad`` does this, saving a pass that writes rs * dy) or
+  g = rs * dy without it (h is then act(a) itself).  ``with_zn=True`` adds
   a result after da: zn = norm(z + zb) (M, C) in z's dtype, the tile the kernel normalises
   anyway (one TMA store; XLA would otherwise recompute it in two passes over z for dW1).
   ``col_sums=True`` adds one more, db1 = da summed over rows (E,) float32, from per-CTA
@@ -289,11 +323,11 @@ def fused_mlp_bwd(z, g, w1, b1, w2, *, z_bias=None, act: str = "gelu", normalize
   if reason is not None:
     raise NotImplementedError(f"fused_mlp_bwd: {reason}")
   dtype = z.dtype
-  zb, z, g, m_pad = _bwd_inputs(z, g, z_bias)
-  kernel = functools.partial(_bwd_kernel, c=c, e=e, hc=hidden_chunk, act=act,
-                             normalize=normalize, eps=float(eps), stages=stages, bm=BLOCK_M,
-                             da_in_regs=interpret is False or interpret is None,
-                             with_zn=with_zn)
+  zb, z, g, rs, m_pad = _bwd_inputs(z, g, z_bias, row_scale)
+  kernel = _rs_optional(functools.partial(
+      _bwd_kernel, c=c, e=e, hc=hidden_chunk, act=act, normalize=normalize, eps=float(eps),
+      stages=stages, bm=BLOCK_M, da_in_regs=interpret is False or interpret is None,
+      with_zn=with_zn), rs is not None)
   call = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((m_pad, c), dtype), jax.ShapeDtypeStruct((m_pad, e), dtype),
@@ -304,8 +338,8 @@ def fused_mlp_bwd(z, g, w1, b1, w2, *, z_bias=None, act: str = "gelu", normalize
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params(interpret),
   )
-  dz, h, da, *rest = call(z, g, zb, w1.T.astype(dtype), b1.astype(jnp.float32),
-                          w2.astype(dtype))
+  dz, h, da, *rest = call(z, g, *([] if rs is None else [rs]), zb, w1.T.astype(dtype),
+                          b1.astype(jnp.float32), w2.astype(dtype))
   return _trim_results(m, m_pad, e, [dz, h, da], rest, with_zn, col_sums)
 
 
@@ -342,7 +376,7 @@ def split_bwd_smem_bytes(c: int, hc: int, stages: int, itemsize: int = 2,
   W2, two staging slots each for h and da, vectors, 2 KiB for barriers (and, with
   ``col_sums_e`` = E, the CTA's float32 column sums of da)."""
   return (itemsize * (2 * bm * c + 2 * stages * hc * c + 4 * bm * hc)
-          + 4 * (c + stages * hc + col_sums_e) + 2048)
+          + 4 * (c + stages * hc + col_sums_e + bm) + 2048)
 
 
 def split_unsupported_reason(m: int, c: int, e: int, dtype, act: str = "gelu",
@@ -362,7 +396,7 @@ def split_unsupported_reason(m: int, c: int, e: int, dtype, act: str = "gelu",
   return _kernel_reason("split backward kernel", smem, c, act, hidden_chunk, stages, dtype)
 
 
-def _hidden_grad_kernel(z_gmem, g_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, h_gmem, da_gmem,
+def _hidden_grad_kernel(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, h_gmem, da_gmem,
                         *extra_gmem, e: int, hc: int, act: str, normalize: bool, eps: float,
                         stages: int, bm: int, with_zn: bool = False):
   """The split form's backward kernel (C > 256): ``_bwd_kernel`` without the dzn
@@ -380,8 +414,13 @@ def _hidden_grad_kernel(z_gmem, g_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, h_g
   rows = pl.ds(cta * bm, bm)
   t_cb = _transforms(cb, dtype)
 
-  def scoped(z_smem, g_smem, zb_smem, out_smem, bars, *db1_smem):
+  def scoped(z_smem, g_smem, rs_smem, zb_smem, out_smem, bars, *db1_smem):
     db1_smem = db1_smem[0] if db1_smem else None
+    if rs_gmem is None:
+      rs_smem = None
+    else:
+      plgpu.copy_gmem_to_smem(rs_gmem.at[rows], rs_smem, bars.at[2 * n_cb + 1])
+      plgpu.barrier_wait(bars.at[2 * n_cb + 1])
     for b in range(n_cb):
       plgpu.copy_gmem_to_smem(z_gmem.at[rows, pl.ds(b * cb, cb)], z_smem.at[b], bars.at[b])
       plgpu.copy_gmem_to_smem(g_gmem.at[rows, pl.ds(b * cb, cb)], g_smem.at[b],
@@ -409,7 +448,7 @@ def _hidden_grad_kernel(z_gmem, g_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, h_g
 
       a, dh = pl.run_scoped(matmuls, plgpu.ACC((bm, hc), jnp.float32),
                             plgpu.ACC((bm, hc), jnp.float32))
-      h, da = _hidden_grad(a, dh, b1_smem, act)
+      h, da = _hidden_grad(a, dh, b1_smem, rs_smem, act)
       _store_hidden(h, da, out_smem, j, rows, h_gmem, da_gmem, db1_smem=db1_smem)
 
     plgpu.emit_pipeline(
@@ -430,20 +469,22 @@ def _hidden_grad_kernel(z_gmem, g_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, h_g
       scoped,
       plgpu.SMEM((n_cb, bm, cb), dtype, transforms=t_cb),
       plgpu.SMEM((n_cb, bm, cb), dtype, transforms=t_cb),
+      plgpu.SMEM((bm,), jnp.float32),
       plgpu.SMEM((n_cb, cb), jnp.float32),
       plgpu.SMEM((2, 2, bm, hc), dtype, transforms=_transforms(hc, dtype)),
-      plgpu.Barrier(num_barriers=2 * n_cb + 1),
+      plgpu.Barrier(num_barriers=2 * n_cb + 2),
       *([plgpu.SMEM((e // hc, hc), jnp.float32)] if db1_gmem else []),
   )
 
 
 @functools.partial(jax.jit, static_argnames=("act", "normalize", "eps", "hidden_chunk",
                                              "stages", "col_sums", "with_zn", "interpret"))
-def hidden_grads(z, g, w1, b1, w2, *, z_bias=None, act: str = "gelu", normalize: bool = True,
+def hidden_grads(z, g, w1, b1, w2, *, z_bias=None, row_scale=None, act: str = "gelu",
+                 normalize: bool = True,
                  eps: float = 1e-6, hidden_chunk: int = 32, stages: int = 2,
                  col_sums: bool = False, with_zn: bool = False, interpret: bool = False):
-  """(h, da) of ``fused_mlp`` / ``split_mlp`` for the row-scaled cotangent g = rs * dy, as
-  ``fused_mlp_bwd`` returns them, for C > 256 (``_hidden_grad_kernel``; dz is then
+  """(h, da) of ``fused_mlp`` / ``split_mlp`` for the cotangent g and row scale rs, as
+  ``fused_mlp_bwd`` returns them (``row_scale`` likewise), for C > 256 (``_hidden_grad_kernel``; dz is then
   ``ln_backward(da W1^T)`` in XLA).  Shapes as ``fused_mlp_bwd``; raises
   NotImplementedError naming the reason for unsupported calls
   (``split_unsupported_reason``).  ``with_zn`` and ``col_sums``: zn and db1 after da, as
@@ -455,18 +496,19 @@ def hidden_grads(z, g, w1, b1, w2, *, z_bias=None, act: str = "gelu", normalize:
     raise NotImplementedError(f"hidden_grads: {reason}")
   dtype = z.dtype
   cb = _column_block(c)
-  zb, z, g, m_pad = _bwd_inputs(z, g, z_bias)
+  zb, z, g, rs, m_pad = _bwd_inputs(z, g, z_bias, row_scale)
   blocks = lambda w_ec: w_ec.astype(dtype).reshape(e, c // cb, cb).transpose(1, 0, 2)
   h, da, *rest = plgpu.kernel(
-      functools.partial(_hidden_grad_kernel, e=e, hc=hidden_chunk, act=act,
-                        normalize=normalize, eps=float(eps), stages=stages, bm=BLOCK_M,
-                        with_zn=with_zn),
+      _rs_optional(functools.partial(_hidden_grad_kernel, e=e, hc=hidden_chunk, act=act,
+                                     normalize=normalize, eps=float(eps), stages=stages,
+                                     bm=BLOCK_M, with_zn=with_zn), rs is not None),
       out_type=(jax.ShapeDtypeStruct((m_pad, e), dtype), jax.ShapeDtypeStruct((m_pad, e), dtype),
                 *_optional_types(m_pad, c, e, hidden_chunk, dtype, with_zn, col_sums)),
       grid=(m_pad // BLOCK_M,), grid_names=("m",),
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params(interpret),
-  )(z, g, zb.reshape(c // cb, cb), blocks(w1.T), b1.astype(jnp.float32), blocks(w2))
+  )(z, g, *([] if rs is None else [rs]), zb.reshape(c // cb, cb), blocks(w1.T),
+    b1.astype(jnp.float32), blocks(w2))
   return _trim_results(m, m_pad, e, [h, da], rest, with_zn, col_sums)
 
 
@@ -499,6 +541,7 @@ class MlpConfig(NamedTuple):
   bwd_hidden: int = 64          # the backward kernel's hidden chunk
   bwd_col_sums: bool = False    # db1 from the backward kernel's per-CTA column sums
   bwd_zn: bool = True           # zn for dW1 from the backward kernel (else XLA recomputes it)
+  unit_rows: bool = False       # row_scale was None (all ones): no scaling in the backward
 
 
 def _normalised(z, zb, normalize: bool, eps: float):
@@ -540,9 +583,16 @@ def _mlp_bwd(cfg, saved, dy):
             zeros(b2), zeros(zb), zeros(rs))
   dtype = z.dtype
   dy = dy.astype(dtype)
-  g = (dy.astype(f32) * rs.astype(f32)[:, None]).astype(dtype)
+  # Unless rs itself needs a gradient (which wants h unscaled), the kernel applies the row
+  # scale on chip and returns h scaled by it: g stays dy, and no pass writes rs * dy.
+  if cfg.unit_rows and not rs_perturbed:  # rs = 1: nothing to scale
+    g, kernel_rs = dy, None
+  elif rs_perturbed:
+    g, kernel_rs = (dy.astype(f32) * rs.astype(f32)[:, None]).astype(dtype), None
+  else:
+    g, kernel_rs = dy, rs
   if cfg.split:  # dzn = da W1^T and the LayerNorm backward in XLA
-    h, da, *rest = hidden_grads(z, g, w1, b1, w2, z_bias=zb, act=cfg.act,
+    h, da, *rest = hidden_grads(z, g, w1, b1, w2, z_bias=zb, row_scale=kernel_rs, act=cfg.act,
                                 normalize=cfg.normalize, eps=cfg.eps,
                                 hidden_chunk=cfg.bwd_hidden, stages=cfg.bwd_stages,
                                 col_sums=cfg.bwd_col_sums, with_zn=cfg.bwd_zn,
@@ -550,16 +600,18 @@ def _mlp_bwd(cfg, saved, dy):
     dzn = jnp.dot(da, w1.astype(dtype).T, preferred_element_type=f32)
     dz = ln_backward(dzn, z, zb, cfg.normalize, cfg.eps).astype(dtype)
   else:
-    dz, h, da, *rest = fused_mlp_bwd(z, g, w1, b1, w2, z_bias=zb, act=cfg.act,
+    dz, h, da, *rest = fused_mlp_bwd(z, g, w1, b1, w2, z_bias=zb, row_scale=kernel_rs,
+                                     act=cfg.act,
                                      normalize=cfg.normalize, eps=cfg.eps,
                                      hidden_chunk=cfg.bwd_hidden, stages=cfg.bwd_stages,
                                      col_sums=cfg.bwd_col_sums, with_zn=cfg.bwd_zn,
                                      interpret=cfg.interpret)
   zn = rest.pop(0) if cfg.bwd_zn else _normalised(z, zb, cfg.normalize, cfg.eps).astype(dtype)
   dw1 = jnp.dot(zn.T, da, preferred_element_type=f32)
-  dw2 = jnp.dot(h.T, g, preferred_element_type=f32)
+  dw2 = jnp.dot(h.T, g, preferred_element_type=f32)  # h is rs act(a) when g is dy
   db1 = rest[0] if rest else da.astype(f32).sum(0)  # the kernel's column sums, if asked for
-  db2 = g.astype(f32).sum(0)
+  db2 = (g.astype(f32) if kernel_rs is None
+         else dy.astype(f32) * rs.astype(f32)[:, None]).sum(0)  # read-only pass over dy
   dzb = dz.astype(f32).sum(0)
   if rs_perturbed:  # d rs[r] = sum_c dy[r, c] (h W2 + b2)[r, c]: one more GEMM
     u = jnp.dot(h, w2.astype(dtype), preferred_element_type=f32) + b2.astype(f32)
@@ -605,5 +657,5 @@ def mlp_with_grad(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: s
   rs = jnp.ones((m,), jnp.float32) if row_scale is None else row_scale
   cfg = MlpConfig(act, bool(normalize), float(eps), hidden_chunk, stages, block_m, bwd_stages,
                   bool(interpret), bool(split), project_stages, project_block_m, block_n or 0,
-                  bwd_hidden, bool(bwd_col_sums), bool(bwd_zn))
+                  bwd_hidden, bool(bwd_col_sums), bool(bwd_zn), row_scale is None)
   return _mlp(z, res, w1, b1, w2, b2, zb, rs, cfg)

@@ -148,24 +148,31 @@ def _pallas_wgrad(wgrad_method, interpret, x, kernel, dy):
 _pallas_conv.defvjp(_pallas_fwd, _pallas_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _pallas_conv_and_x(x, kernel, wgrad_method, interpret):
-  return _pallas_conv(x, kernel, wgrad_method, interpret), x
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _pallas_conv_and_x(x, kernel, bias, wgrad_method, interpret, has_bias):
+  from pallas_kernels.convnext_block import dwconv_triton
+  z = dwconv_triton.depthwise_conv(x, kernel, bias if has_bias else None, interpret=interpret)
+  return z, x
 
 
-def _pallas_and_x_fwd(x, kernel, wgrad_method, interpret):
-  return _pallas_conv_and_x(x, kernel, wgrad_method, interpret), (x, kernel)
+def _pallas_and_x_fwd(x, kernel, bias, wgrad_method, interpret, has_bias):
+  return (_pallas_conv_and_x(x, kernel, bias, wgrad_method, interpret, has_bias),
+          (x, kernel, bias))
 
 
-def _pallas_and_x_bwd(wgrad_method, interpret, res, cotangents):
+def _pallas_and_x_bwd(wgrad_method, interpret, has_bias, res, cotangents):
   from pallas_kernels.convnext_block import dwconv_triton
   dy, dx_through = cotangents
-  x, kernel = res
+  x, kernel, bias = res
   dy = dy.astype(x.dtype)
-  # The input gradient and the pass-through's cotangent in one pass of the conv kernel.
-  dx = dwconv_triton.depthwise_conv(dy, kernel[::-1, ::-1],
-                                    residual=dx_through.astype(x.dtype), interpret=interpret)
-  return dx, _pallas_wgrad(wgrad_method, interpret, x, kernel, dy)
+  # The input gradient and the pass-through's cotangent in one pass of the conv kernel, and
+  # with a bias its gradient (dy summed over pixels) from the same kernel's partial sums.
+  out = dwconv_triton.depthwise_conv(dy, kernel[::-1, ::-1],
+                                     residual=dx_through.astype(x.dtype), col_sums=has_bias,
+                                     interpret=interpret)
+  dx, dbias = out if has_bias else (out, jnp.zeros(bias.shape, jnp.float32))
+  return (dx, _pallas_wgrad(wgrad_method, interpret, x, kernel, dy),
+          dbias.astype(bias.dtype))
 
 
 _pallas_conv_and_x.defvjp(_pallas_and_x_fwd, _pallas_and_x_bwd)
@@ -203,12 +210,22 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *, wgrad: str = "auto", conv
   return _grouped_wgrad_conv(x, kernel, int(method[len("grouped"):]))
 
 
-def depthwise_conv_and_x(x: jax.Array, kernel: jax.Array, *, wgrad: str = "auto",
+def depthwise_conv_and_x(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
+                         wgrad: str = "auto",
                          interpret: bool = False) -> tuple[jax.Array, jax.Array]:
-  """``(depthwise_conv(x, kernel, wgrad=wgrad, conv="pallas"), x)``, for a caller that also
-  uses x elsewhere (a residual connection): the cotangent that reaches the second result is
-  added to the conv's input gradient inside the Pallas kernel's pass, instead of XLA adding
-  the two afterwards (one read of each and a write of x's size saved)."""
+  """``(depthwise_conv(x, kernel, wgrad=wgrad, conv="pallas") [+ bias], x)``, for a caller
+  that also uses x elsewhere (a residual connection): the cotangent that reaches the second
+  result is added to the conv's input gradient inside the Pallas kernel's pass, instead of
+  XLA adding the two afterwards (one read of each and a write of x's size saved).  ``bias``
+  (C,), optional, is added in float32 before the result is rounded to x's dtype; its
+  gradient comes from the same input-gradient pass (per-program sums of the cotangent)
+  rather than from a separate reduction over it."""
   _check_shapes("depthwise_conv_and_x", x, kernel)
-  return _pallas_conv_and_x(x, kernel, resolve_wgrad(x.shape, kernel.shape[0], wgrad),
-                            bool(interpret))
+  c = x.shape[-1]
+  if bias is not None and tuple(bias.shape) != (c,):
+    raise ValueError(f"depthwise_conv_and_x: bias must be ({c},) for input {x.shape}, "
+                     f"got {tuple(bias.shape)}")
+  has_bias = bias is not None
+  b = bias if has_bias else jnp.zeros((c,), jnp.float32)
+  return _pallas_conv_and_x(x, kernel, b, resolve_wgrad(x.shape, kernel.shape[0], wgrad),
+                            bool(interpret), has_bias)

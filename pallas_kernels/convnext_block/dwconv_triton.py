@@ -86,9 +86,15 @@ def _channel_block(c: int, cblock: int):
   return c0, ch, mask_of
 
 
-def _kernel(x_ref, k_ref, b_ref, *refs, h, w, c, k, cpad, strips, tiles: DwconvTiles):
-  """refs: (y_ref,) or (r_ref, y_ref): y = conv(x) + b (+ r, a residual of y's shape)."""
-  r_ref, y_ref = refs if len(refs) == 2 else (None, refs[0])
+def _kernel(x_ref, k_ref, b_ref, *refs, h, w, c, k, cpad, strips, tiles: DwconvTiles,
+            residual: bool, col_sums: bool):
+  """refs: [r_ref,] y_ref [, s_ref]: y = conv(x) + b (+ r, a residual of y's shape); s_ref
+  (``col_sums``): this program's sums of x over its own output pixels, per channel (for a
+  bias gradient when x is a cotangent)."""
+  refs = list(refs)
+  r_ref = refs.pop(0) if residual else None
+  y_ref = refs.pop(0)
+  s_ref = refs.pop(0) if col_sums else None
   pad = k // 2
   strip, tile_w, cblock = tiles.strip, tiles.tile_w, tiles.cblock
   pid = pl.program_id(0)
@@ -128,6 +134,15 @@ def _kernel(x_ref, k_ref, b_ref, *refs, h, w, c, k, cpad, strips, tiles: DwconvT
                              mask=mask_of(ok), other=0).astype(f32)
     plgpu.store(y_ref.at[pix[:, None] * c + ch[None, :]], out.astype(y_ref.dtype),
                 mask=mask_of(ok))
+  if s_ref is not None:  # after the stores, when the accumulators are dead
+    tot = zero
+    for o in range(strip):
+      ok = (r0 + o < h) & (ww < w)
+      pix = jnp.where(ok, (n * h + r0 + o) * w + ww, 0)
+      tot = tot + plgpu.load(x_ref.at[pix[:, None] * c + ch[None, :]], mask=mask_of(ok),
+                             other=0).astype(f32)
+    part = pid * pl.num_programs(1) + pl.program_id(1)
+    plgpu.store(s_ref.at[pl.ds(part * cpad + c0, cblock)], jnp.sum(tot, axis=0))
 
 
 def unsupported_reason(x_shape, kernel_shape) -> str | None:
@@ -144,15 +159,18 @@ def unsupported_reason(x_shape, kernel_shape) -> str | None:
   return None
 
 
-@functools.partial(jax.jit, static_argnames=("tiles", "interpret"))
+@functools.partial(jax.jit, static_argnames=("tiles", "col_sums", "interpret"))
 def depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None,
                    residual: jax.Array | None = None, *, tiles: DwconvTiles | None = None,
-                   interpret: bool = False) -> jax.Array:
+                   col_sums: bool = False, interpret: bool = False):
   """"Same" stride-1 depthwise conv of NHWC ``x`` with ``kernel`` (k, k, C) plus ``bias``
   (C,) and ``residual`` (x's shape) (both optional), float32 accumulation, result in
   ``x.dtype``.  No VJP of its own: ``dwconv.depthwise_conv(conv="pallas")`` wraps it in one
   (input gradient = this conv with mirrored taps; ``residual`` lets a caller add another
-  cotangent of x in the same pass)."""
+  cotangent of x in the same pass).  ``col_sums=True`` returns ``(y, x summed over N, H and
+  W in float32)`` -- when x is the cotangent of a conv output, the gradient of that conv's
+  bias -- from per-program partial sums (each program re-reads its own pixels once from L1
+  after its stores) instead of a separate pass over x."""
   reason = unsupported_reason(x.shape, kernel.shape)
   if reason is not None:
     raise ValueError(f"dwconv_triton.depthwise_conv: {reason}")
@@ -170,15 +188,22 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = Non
   b = jnp.zeros((c,), f32) if bias is None else bias.astype(f32)
   b = cm.pad_axis(b, 0, cpad)
   strips = cm.cdiv(h, t.strip)
-  kern = functools.partial(_kernel, h=h, w=w, c=c, k=k, cpad=cpad, strips=strips, tiles=t)
-  y = pl.pallas_call(
+  kern = functools.partial(_kernel, h=h, w=w, c=c, k=k, cpad=cpad, strips=strips, tiles=t,
+                           residual=residual is not None, col_sums=col_sums)
+  wtiles = cm.cdiv(w, t.tile_w)
+  out_shape = [jax.ShapeDtypeStruct((x.size,), x.dtype)]
+  if col_sums:
+    out_shape.append(jax.ShapeDtypeStruct((n * strips * wtiles * cpad,), f32))
+  y, *parts = pl.pallas_call(
       kern,
-      out_shape=jax.ShapeDtypeStruct((x.size,), x.dtype),
-      grid=(n * strips, cm.cdiv(w, t.tile_w), cpad // t.cblock),
+      out_shape=out_shape,
+      grid=(n * strips, wtiles, cpad // t.cblock),
       compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=1),
       interpret=interpret,
       name="depthwise_conv",
   )(x.reshape(-1), kflat, b, *([] if residual is None else [residual.reshape(-1)]))
+  if col_sums:
+    return y.reshape(x.shape), parts[0].reshape(-1, cpad).sum(0)[:c]
   return y.reshape(x.shape)
 
 

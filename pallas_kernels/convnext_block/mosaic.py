@@ -85,6 +85,17 @@ def forward(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | None = N
   return y.reshape(n, h, w, c)
 
 
+# forward_train adds the depthwise conv's bias in the Pallas conv kernel, whose input-gradient
+# pass then also sums the cotangent for the bias's gradient, from this many channels up;
+# below it the bias goes to the Mosaic kernel and XLA sums dz.  The in-kernel sums re-read
+# each program's pixels: at 56x56x96 (N=128, H100, 2026-11-26) that made the input-gradient
+# kernel 0.266 -> 0.308 ms, more than the 0.032 ms pass it replaces.  Block forward +
+# backward, same device, bias in the conv / in the Mosaic kernel: 56x56x96 2.009 / 1.982
+# ms, 28x28x192 1.222 / 1.208, 14x14x384 (split form, where XLA's dz pass also goes) 0.904 /
+# 0.948.
+CONV_BIAS_MIN_C = 384
+
+
 def train_unsupported_reason(x_shape, params: ConvNeXtBlockParams, dtype,
                              bwd_stages: int = 2, hidden_chunk: int = 64, split: bool = False,
                              bwd_hidden: int = 0, bwd_col_sums: bool = False) -> str | None:
@@ -114,8 +125,10 @@ def forward_train(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | No
   * depthwise conv: ``dwconv.depthwise_conv`` -- forward and input gradient on the
     Pallas-Triton kernel (``dwconv_pallas``) or XLA, the weight gradient as ``dw_wgrad``
     says ("auto": XLA's; "pallas": the Pallas-Triton kernel, with ``dwconv_pallas`` only);
-    with ``dwconv_pallas`` the residual's share of x's gradient is added inside the conv
-    kernel's input-gradient pass (``dwconv.depthwise_conv_and_x``);
+    with ``dwconv_pallas`` the residual's share of x's gradient comes from the conv
+    kernel's input-gradient pass (``dwconv.depthwise_conv_and_x``), and from
+    ``CONV_BIAS_MIN_C`` channels up so do the conv bias (added in that kernel, rounded once
+    with z) and its gradient;
   * LN + MLP + layer scale + residual: ``mosaic_mlp_bwd.mlp_with_grad`` (the inference
     kernel forward, the Mosaic backward kernel + XLA weight-gradient GEMMs);
   * the LN affine / layer-scale folding: plain jnp, so autodiff carries the folded
@@ -123,15 +136,20 @@ def forward_train(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | No
   ``dps`` is differentiated only if it is perturbed (mlp_with_grad's row_scale)."""
   n, h, w, c = x.shape
   interp = interpret is not False and interpret is not None
-  if dwconv_pallas:  # x's gradient through the residual joins the conv kernel's input pass
-    z, x = dwconv.depthwise_conv_and_x(x, params.dw_kernel, wgrad=dw_wgrad, interpret=interp)
+  if dwconv_pallas:  # x's gradient through the residual (and the conv bias's) come from
+    conv_bias = c >= CONV_BIAS_MIN_C  # the conv kernel's input-gradient pass
+    z, x = dwconv.depthwise_conv_and_x(x, params.dw_kernel,
+                                       params.dw_bias if conv_bias else None,
+                                       wgrad=dw_wgrad, interpret=interp)
+    z_bias = None if conv_bias else params.dw_bias
   else:
     z = dwconv.depthwise_conv(x, params.dw_kernel, wgrad="auto", conv="xla", interpret=interp)
+    z_bias = params.dw_bias
   w1, b1, w2, b2 = fold_params(params)
   rows = n * h * w
   row_scale = None if dps is None else jnp.repeat(dps.astype(jnp.float32), h * w)
   y = mosaic_mlp_bwd.mlp_with_grad(
-      z.reshape(rows, c), x.reshape(rows, c), w1, b1, w2, b2, z_bias=params.dw_bias,
+      z.reshape(rows, c), x.reshape(rows, c), w1, b1, w2, b2, z_bias=z_bias,
       row_scale=row_scale, act="gelu", normalize=True, eps=eps, hidden_chunk=hidden_chunk,
       stages=stages, block_m=block_m, bwd_stages=bwd_stages, split=split,
       project_stages=project_stages, project_block_m=project_block_m, block_n=block_n,

@@ -90,14 +90,15 @@ def convnext_block_reference(
   default "xla" keeps the block pure XLA."""
   validate(x, params)
   dtype = x.dtype
-  if dw_conv == "pallas":  # the residual's gradient joins the conv kernel's input pass
-    z, x = dwconv.depthwise_conv_and_x(x, params.dw_kernel,
+  if dw_conv == "pallas":  # the residual's and the bias's gradients join the conv kernel's
+    z, x = dwconv.depthwise_conv_and_x(x, params.dw_kernel, params.dw_bias,  # input pass
                                        wgrad=dw_wgrad or dwconv.DEFAULT_WGRAD,
                                        interpret=interpret)
+    z = z.astype(jnp.float32)
   else:
     z = dwconv.depthwise_conv(x, params.dw_kernel, wgrad=dw_wgrad or dwconv.DEFAULT_WGRAD,
                               conv=dw_conv, interpret=interpret)
-  z = (z + params.dw_bias.astype(dtype)).astype(jnp.float32)
+    z = (z + params.dw_bias.astype(dtype)).astype(jnp.float32)
   mean = jnp.mean(z, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(z - mean), axis=-1, keepdims=True)
   zn = (z - mean) * jax.lax.rsqrt(var + eps)

@@ -202,11 +202,40 @@ def test_conv_and_x_adds_both_cotangents(dtype, tol):
   assert _rel(z, z0) < tol
   assert _rel(dx, dx0 + gx.astype(f32)) < tol
   assert _rel(dw, dw0) < tol
+  # with a bias: added to z, and its gradient (gz summed over pixels) from the same pass
+  b = jax.random.normal(kr, (40,)) * 0.5
+  (zb, _), vjp_b = jax.vjp(lambda a, b_, c_: dwconv.depthwise_conv_and_x(
+      a, b_, c_, wgrad="pallas", interpret=True), x, w, b)
+  dxb, dwb, db = vjp_b((gz, gx))
+  assert _rel(zb, z0 + b) < tol
+  assert _rel(dxb, dx0 + gx.astype(f32)) < tol and _rel(dwb, dw0) < tol
+  assert db.shape == b.shape and db.dtype == b.dtype
+  assert _rel(db, gz.astype(f32).sum((0, 1, 2))) < 1e-5  # float32 sums of the same values
   with pytest.raises(ValueError, match="kernel must be"):
     dwconv.depthwise_conv_and_x(x, w[:, :, :8])
+  with pytest.raises(ValueError, match="bias must be"):
+    dwconv.depthwise_conv_and_x(x, w, b[:8])
   from pallas_kernels.convnext_block import dwconv_triton
   with pytest.raises(ValueError, match="residual must have x's shape"):
     dwconv_triton.depthwise_conv(x, w, residual=x[:1], interpret=True)
+
+
+@pytest.mark.parametrize("tiles", [None, dict(strip=4, tile_w=4, cblock=16)])
+def test_pallas_conv_column_sums(tiles):
+  """depthwise_conv(col_sums=True): x summed over N, H, W from the programs' partial sums,
+  every pixel counted once -- partial strips, column tiles and channel blocks (9 x 7 x 40
+  with 4-row strips, 4-wide tiles, 16-channel blocks) -- and the conv unchanged."""
+  from pallas_kernels.convnext_block import dwconv_triton
+  kx, kw = jax.random.split(jax.random.key(5))
+  x = jax.random.normal(kx, (2, 9, 7, 40))
+  w = jax.random.normal(kw, (7, 7, 40)) * 0.1
+  t = None if tiles is None else dwconv_triton.DwconvTiles(**tiles)
+  y, sums = dwconv_triton.depthwise_conv(x, w, tiles=t, col_sums=True, interpret=True)
+  y0 = dwconv_triton.depthwise_conv(x, w, tiles=t, interpret=True)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y0))
+  assert sums.shape == (40,) and sums.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(sums), np.asarray(x).sum((0, 1, 2)), rtol=1e-5,
+                             atol=1e-4)
 
 
 @pytest.mark.gpu
@@ -230,8 +259,12 @@ def test_pallas_conv_gradients_compiled_on_gpu():
         got = jnp.asarray(got, jnp.float32)
         assert float(jnp.abs(got - want).max() / jnp.abs(want).max()) < 1e-2
     # the pass-through form: x's cotangent (here g again) added in the kernel's input pass
-    (y, _), vjp = jax.vjp(lambda a, b: dwconv.depthwise_conv_and_x(a, b, wgrad="pallas"), x, w)
-    dx, dw = vjp((g, g))
-    for got, want in ((y, y0), (dx, dx0 + g.astype(jnp.float32)), (dw, dw0)):
+    bias = jnp.linspace(-1.0, 1.0, shape[-1])
+    (y, _), vjp = jax.vjp(lambda a, b, c: dwconv.depthwise_conv_and_x(a, b, c, wgrad="pallas"),
+                          x, w, bias)
+    dx, dw, db = vjp((g, g))
+    db0 = g.astype(jnp.float32).sum((0, 1, 2))
+    for got, want in ((y, y0 + bias), (dx, dx0 + g.astype(jnp.float32)), (dw, dw0),
+                      (db, db0)):
       got = jnp.asarray(got, jnp.float32)
       assert float(jnp.abs(got - want).max() / jnp.abs(want).max()) < 1e-2

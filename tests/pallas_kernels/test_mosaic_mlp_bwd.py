@@ -58,15 +58,24 @@ def _reference_grads(a, dy, act, normalize, argnums):
     (64, 96, 384, "gelu", True, dict(stages=1, with_zn=True)),  # ConvNeXt-T stage 1 width
     (70, 32, 256, "silu", False, dict(stages=3, col_sums=True, with_zn=True)),  # 4 chunks
     (64, 32, 256, "gelu", True, dict(hidden_chunk=128)),    # two 128-wide chunks
+    (100, 96, 384, "gelu", True, dict(on_chip_rs=True, with_zn=True, col_sums=True)),
+    (64, 32, 256, "silu", False, dict(on_chip_rs=True)),
 ])
 def test_bwd_kernel_outputs(m, c, e, act, normalize, kw):
-  """dz, h = act(a) and da = (g W2^T) act'(a) against float32 jnp; with with_zn also the
-  normalised input zn, with col_sums db1 = da summed over rows (padded rows add nothing)."""
+  """dz, h = act(a) and da = (g W2^T) act'(a) for g = rs * dy against float32 jnp; with
+  with_zn also the normalised input zn, with col_sums db1 = da summed over rows (padded rows
+  add nothing).  on_chip_rs: the kernel gets dy and row_scale (dropped rows among them) and
+  must give the same dz and da, and h = rs * act(a)."""
   a, dy = _inputs(m + c, m, c, e)
-  g = (dy.astype(jnp.float32) * a["row_scale"][:, None]).astype(dy.dtype)
-  dz, h, da, *rest = mosaic_mlp_bwd.fused_mlp_bwd(a["z"], g, a["w1"], a["b1"], a["w2"],
-                                                  z_bias=a["z_bias"], act=act,
-                                                  normalize=normalize, interpret=True, **kw)
+  kw = dict(kw)
+  on_chip_rs = kw.pop("on_chip_rs", False)
+  rs = a["row_scale"]
+  if on_chip_rs:
+    rs = rs.at[::3].set(0.0)  # drop path's dropped samples
+  g = (dy.astype(jnp.float32) * rs[:, None]).astype(dy.dtype)
+  dz, h, da, *rest = mosaic_mlp_bwd.fused_mlp_bwd(
+      a["z"], dy if on_chip_rs else g, a["w1"], a["b1"], a["w2"], z_bias=a["z_bias"],
+      row_scale=rs if on_chip_rs else None, act=act, normalize=normalize, interpret=True, **kw)
   zn = rest.pop(0) if kw.get("with_zn") else None
   db1 = rest
   assert len(db1) == int(kw.get("col_sums", False))
@@ -81,10 +90,12 @@ def test_bwd_kernel_outputs(m, c, e, act, normalize, kw):
     return zn @ a["w1"] + a["b1"]
   act_fn = (lambda v: jax.nn.gelu(v, approximate=False)) if act == "gelu" else jax.nn.silu
   pre_a, vjp = jax.vjp(lambda z: act_fn(pre(z)), a["z"].astype(f32))
-  dh = g.astype(f32) @ a["w2"].T
+  dh = (dy.astype(f32) @ a["w2"].T) * rs[:, None] if on_chip_rs else g.astype(f32) @ a["w2"].T
   want_da = dh * jax.vmap(jax.vmap(jax.grad(act_fn)))(pre(a["z"]))
   (want_dz,) = vjp(dh)
-  assert _rel(h, pre_a) < 1e-2
+  assert _rel(h, pre_a * rs[:, None] if on_chip_rs else pre_a) < 1e-2
+  if on_chip_rs:
+    assert not np.asarray(h[::3], np.float32).any() and not np.asarray(da[::3], np.float32).any()
   assert _rel(da, want_da) < 1e-2
   assert _rel(dz, want_dz) < 1e-2
   if zn is not None:
@@ -173,6 +184,14 @@ def test_split_backward_kernel_and_gradients():
     return jnp.sum(y.astype(f32) * dy.astype(f32))
   got = jax.grad(loss, argnums=tuple(range(8)))(*args)
   want = _reference_grads(a, dy, "gelu", True, tuple(range(8)))
+  for name, x, y in zip(ARGS, got, want):
+    assert _rel(x, y) < 1e-2, (name, _rel(x, y))
+  # row_scale constant (drop path in training, a dropped sample among the rows): the kernel
+  # scales on chip (h scaled, g = dy); every other gradient still matches the reference
+  rs = a["row_scale"].at[:7].set(0.0)
+  const = dict(a, row_scale=rs)
+  got = jax.grad(lambda *v: loss(*v[:7], rs), argnums=tuple(range(7)))(*args[:7])
+  want = _reference_grads(const, dy, "gelu", True, tuple(range(7)))
   for name, x, y in zip(ARGS, got, want):
     assert _rel(x, y) < 1e-2, (name, _rel(x, y))
   assert mosaic_mlp_bwd.split_unsupported_reason(64, 384, 1536, jnp.bfloat16, "gelu", 32,

@@ -387,11 +387,11 @@ def test_retune_without_a_gpu_says_so(monkeypatch, tmp_path):
     (8192, 96, 384, 1, True), (4160, 192, 768, 2, True)])
 def test_compiled_bwd_kernel_on_gpu(m, c, e, stages, col_sums):
   a, dy = _inputs(11, m, c, e)
-  got = jax.grad(lambda w1, b1, w2, z: jnp.sum(mosaic_mlp_bwd.mlp_with_grad(
-      z, a["res"], w1, b1, w2, a["b2"], z_bias=a["z_bias"], row_scale=a["row_scale"],
+  got = jax.grad(lambda w1, b1, w2, z, zb: jnp.sum(mosaic_mlp_bwd.mlp_with_grad(
+      z, a["res"], w1, b1, w2, a["b2"], z_bias=zb, row_scale=a["row_scale"],
       bwd_stages=stages, bwd_col_sums=col_sums).astype(jnp.float32) * dy.astype(jnp.float32)),
-      argnums=(0, 1, 2, 3))(a["w1"], a["b1"], a["w2"], a["z"])
-  want = _reference_grads(a, dy, "gelu", True, (2, 3, 4, 0))
+      argnums=(0, 1, 2, 3, 4))(a["w1"], a["b1"], a["w2"], a["z"], a["z_bias"])
+  want = _reference_grads(a, dy, "gelu", True, (2, 3, 4, 0, 6))
   for x, y in zip(got, want):
     assert _rel(x, y) < 1e-2
 

@@ -12,7 +12,8 @@ inference call (ConvFirstNet with BatchNorm folded) or its whole training step (
 backward, AdamW), with ``block_impl`` = ``--impl``.  Random data; ``--calls`` traced calls
 after three warm-up calls; times are per call.  Kernel names are XLA's fusion names, the
 Pallas kernels' names (``depthwise_conv``, ``anonymous_mosaic_gpu_kernel``, ...) and the
-cuBLAS / cuDNN kernels'.  Needs a GPU (the trace's device planes).
+cuBLAS / cuDNN kernels'; after the per-kernel list comes a summary by kind
+(``by_category``).  Needs a GPU (the trace's device planes).
 
 First run on a GPU: `bash benchmarks/gpu_suite.sh profile`, H100 80GB HBM3, 2026-11-26
 (raw `benchmarks/results/profile_*_session2.json`)."""
@@ -47,6 +48,48 @@ def kernel_times(planes, calls: int) -> tuple[dict[str, float], dict[str, int]]:
         us[ev.name] += ev.duration_ns / (1e3 * calls)
         launches[ev.name] += 1
   return dict(us), {k: v // calls for k, v in launches.items()}
+
+
+# The Pallas-Triton kernels' names (their pallas_call ``name=``); XLA may append "__<n>" to
+# repeated ones.  The Mosaic GPU kernels all appear as "anonymous_mosaic_gpu_kernel".
+PALLAS_TRITON_NAMES = frozenset((
+    "convfirst_block_fwd", "convnext_block_bwd_dwconv", "convnext_block_bwd_tile",
+    "convnext_block_bwd_weights", "convnext_block_fwd", "depthwise_conv",
+    "depthwise_conv_wgrad", "grouped_conv_wgrad", "mbconv_block_fwd"))
+
+
+def category(name: str) -> str:
+  """Which kind of kernel a trace name is: our Mosaic GPU or Pallas-Triton kernels, cuDNN
+  convolutions, cuBLAS / XLA GEMMs, memory copies, XLA's other fusions, or other."""
+  n = name.lower()
+  if "mosaic_gpu" in n:
+    return "Mosaic GPU kernels"
+  if n.split("__")[0] in PALLAS_TRITON_NAMES:
+    return "Pallas-Triton kernels"
+  if any(t in n for t in ("xmma_fprop", "xmma_dgrad", "xmma_wgrad", "wgrad2d", "convolve",
+                          "cudnn")):
+    return "cuDNN convolutions"
+  if n.startswith(("nvjet", "gemm_fusion", "cutlass")) or "gemm" in n:
+    return "GEMMs (cuBLAS, XLA's GEMM fusions)"
+  if "memcpy" in n or "memset" in n:
+    return "memory copies"
+  if "fusion" in n or n.startswith(("loop_", "input_", "wrapped_")):
+    return "XLA fusions (elementwise, reductions, transposes)"
+  return "other"
+
+
+def by_category(us: dict[str, float], launches: dict[str, int],
+                small_us: float = 10.0) -> list[dict]:
+  """Per ``category``: microseconds and launches per call, and how many of those launches
+  average under ``small_us`` (launch-bound kernels), largest time first."""
+  out: dict[str, dict] = {}
+  for name, t in us.items():
+    row = out.setdefault(category(name), dict(us=0.0, launches=0, small_launches=0))
+    row["us"] += t
+    row["launches"] += launches[name]
+    if launches[name] and t / launches[name] < small_us:
+      row["small_launches"] += launches[name]
+  return [dict(category=k, **v) for k, v in sorted(out.items(), key=lambda kv: -kv[1]["us"])]
 
 
 def trace(fn: Callable, args: tuple, calls: int = 5, carry: bool = False):
@@ -158,12 +201,18 @@ def main(argv=None) -> int:
         f"{total / 1e3:.3f} ms of kernels per call ({len(us)} kernel names)")
   for name, t in sorted(us.items(), key=lambda kv: -kv[1])[:args.top]:
     print(f"  {t:9.1f} us {100 * t / total:5.1f}%  x{launches[name]:<3d} {name[:90]}")
+  cats = by_category(us, launches)
+  print(f"By kind ({sum(launches.values())} launches per call; 'small': under 10 us each):")
+  for row in cats:
+    print(f"  {row['us']:9.1f} us {100 * row['us'] / total:5.1f}%  x{row['launches']:<4d} "
+          f"({row['small_launches']} small)  {row['category']}")
   if args.json:
     with open(args.json, "w") as fh:
       json.dump(dict(title=title, device=device, date=datetime.date.today().isoformat(),
                      total_us=total, kernels=[dict(name=k, us=v, launches=launches[k])
                                               for k, v in sorted(us.items(),
-                                                                 key=lambda kv: -kv[1])]),
+                                                                 key=lambda kv: -kv[1])],
+                     categories=cats),
                 fh, indent=1)
   return 0
 

@@ -45,3 +45,46 @@ def test_trace_writes_and_reads_a_real_profile():
   assert not carry
   with pytest.raises(RuntimeError, match="holds no GPU kernels"):
     kernel_profile.trace(fn, args, calls=1)
+
+
+def test_kernel_kinds_and_summary():
+  """Names from a real ConvNeXt-T training-step trace (H100, 2026-11-26) land in the right
+  kind; the summary adds time and launches per kind and counts the launch-bound ones."""
+  kinds = {
+      "anonymous_mosaic_gpu_kernel": "Mosaic GPU kernels",
+      "depthwise_conv__7": "Pallas-Triton kernels",
+      "depthwise_conv_wgrad": "Pallas-Triton kernels",
+      "wgrad2d_c1_k1_nhwc": "cuDNN convolutions",
+      "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tiles":
+          "cuDNN convolutions",
+      "nvjet_sm90_tss_192x96_64x5_1x2_h_bz_NTT": "GEMMs (cuBLAS, XLA's GEMM fusions)",
+      "gemm_fusion_dot_81": "GEMMs (cuBLAS, XLA's GEMM fusions)",
+      "memcpy32_post": "memory copies",
+      "input_reduce_fusion_58": "XLA fusions (elementwise, reductions, transposes)",
+      "loop_convert_multiply_fusion_2": "XLA fusions (elementwise, reductions, transposes)",
+      "some_library_kernel": "other",
+  }
+  for name, kind in kinds.items():
+    assert kernel_profile.category(name) == kind, name
+  us = {"anonymous_mosaic_gpu_kernel": 300.0, "fusion_1": 12.0, "fusion_2": 6.0,
+        "depthwise_conv": 50.0}
+  launches = {"anonymous_mosaic_gpu_kernel": 2, "fusion_1": 4, "fusion_2": 1,
+              "depthwise_conv": 1}
+  rows = kernel_profile.by_category(us, launches)
+  assert [r["category"] for r in rows] == ["Mosaic GPU kernels", "Pallas-Triton kernels",
+                                           "XLA fusions (elementwise, reductions, transposes)"]
+  assert rows[2] == dict(category=rows[2]["category"], us=18.0, launches=5, small_launches=5)
+  assert rows[0]["small_launches"] == 0
+
+
+def test_every_pallas_triton_kernel_name_is_known():
+  """The kinds summary recognises the Pallas-Triton kernels by name: every pallas_call
+  name in pallas_kernels/ must be in PALLAS_TRITON_NAMES (or be a Mosaic kernel's)."""
+  import pathlib
+  import re
+  root = pathlib.Path(kernel_profile.__file__).resolve().parents[1] / "pallas_kernels"
+  names = set()
+  for path in root.rglob("*.py"):
+    names |= set(re.findall(r'(?<!\w)name="([a-z0-9_]+)"', path.read_text()))
+  assert names, "no pallas_call names found"
+  assert names <= kernel_profile.PALLAS_TRITON_NAMES, names

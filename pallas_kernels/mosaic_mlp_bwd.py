@@ -587,12 +587,10 @@ def _mlp_bwd(cfg, saved, dy):
   dy = dy.astype(dtype)
   # Unless rs itself needs a gradient (which wants h unscaled), the kernel applies the row
   # scale on chip and returns h scaled by it: g stays dy, and no pass writes rs * dy.
-  if cfg.unit_rows and not rs_perturbed:  # rs = 1: nothing to scale
-    g, kernel_rs = dy, None
-  elif rs_perturbed:
+  if rs_perturbed:
     g, kernel_rs = (dy.astype(f32) * rs.astype(f32)[:, None]).astype(dtype), None
-  else:
-    g, kernel_rs = dy, rs
+  else:  # with rs all ones (no row_scale given) there is nothing to scale
+    g, kernel_rs = dy, None if cfg.unit_rows else rs
   if cfg.split:  # dzn = da W1^T and the LayerNorm backward in XLA
     h, da, *rest = hidden_grads(z, g, w1, b1, w2, z_bias=zb, row_scale=kernel_rs, act=cfg.act,
                                 normalize=cfg.normalize, eps=cfg.eps,

@@ -123,12 +123,19 @@ def _pallas_fwd(x, kernel, wgrad_method, interpret):
 
 
 def _pallas_bwd(wgrad_method, interpret, res, dy):
-  from pallas_kernels.convnext_block import dwconv_triton
   x, kernel = res
   dy = dy.astype(x.dtype)
-  # The transpose of a "same" stride-1 depthwise conv is the same conv with mirrored taps.
-  dx = dwconv_triton.depthwise_conv(dy, kernel[::-1, ::-1], interpret=interpret)
+  dx = _pallas_input_grad(dy, kernel, interpret)
   return dx, _pallas_wgrad(wgrad_method, interpret, x, kernel, dy)
+
+
+def _pallas_input_grad(dy, kernel, interpret, residual=None, col_sums=False):
+  """The Pallas conv's input gradient: the transpose of a "same" stride-1 depthwise conv is
+  the same conv with mirrored taps (``residual`` and ``col_sums`` as in
+  ``dwconv_triton.depthwise_conv``)."""
+  from pallas_kernels.convnext_block import dwconv_triton
+  return dwconv_triton.depthwise_conv(dy, kernel[::-1, ::-1], residual=residual,
+                                      col_sums=col_sums, interpret=interpret)
 
 
 def _pallas_wgrad(wgrad_method, interpret, x, kernel, dy):
@@ -161,15 +168,13 @@ def _pallas_and_x_fwd(x, kernel, bias, wgrad_method, interpret, has_bias):
 
 
 def _pallas_and_x_bwd(wgrad_method, interpret, has_bias, res, cotangents):
-  from pallas_kernels.convnext_block import dwconv_triton
   dy, dx_through = cotangents
   x, kernel, bias = res
   dy = dy.astype(x.dtype)
   # The input gradient and the pass-through's cotangent in one pass of the conv kernel, and
   # with a bias its gradient (dy summed over pixels) from the same kernel's partial sums.
-  out = dwconv_triton.depthwise_conv(dy, kernel[::-1, ::-1],
-                                     residual=dx_through.astype(x.dtype), col_sums=has_bias,
-                                     interpret=interpret)
+  out = _pallas_input_grad(dy, kernel, interpret, residual=dx_through.astype(x.dtype),
+                           col_sums=has_bias)
   dx, dbias = out if has_bias else (out, jnp.zeros(bias.shape, jnp.float32))
   return (dx, _pallas_wgrad(wgrad_method, interpret, x, kernel, dy),
           dbias.astype(bias.dtype))

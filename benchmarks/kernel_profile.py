@@ -154,13 +154,16 @@ def _model_fn(name, batch, image_size, impl, mode):
   split = engine.SplitModel.from_model(net)
   tx, _ = engine.make_optimizer(split.params, lr=1e-3, total_steps=10_000, warmup_steps=100,
                                 weight_decay=0.05, grad_clip=1.0)
-  step = jax.jit(engine.make_train_step(split, tx, num_classes=1000, label_smoothing=0.1,
-                                        mean=IMAGENET_MEAN, std=IMAGENET_STD),
+  state = engine.init_state(split, tx)
+  packer = engine.StatePacker(state)  # the state packed, as train.fit keeps it
+  step = jax.jit(engine.make_packed_train_step(packer, split, tx, num_classes=1000,
+                                               label_smoothing=0.1, mean=IMAGENET_MEAN,
+                                               std=IMAGENET_STD),
                  donate_argnums=0)
   rng = np.random.default_rng(0)
   images = jnp.asarray(rng.integers(0, 256, (batch, image_size, image_size, 3), np.uint8))
   labels = jnp.asarray(rng.integers(0, 1000, batch).astype(np.int32))
-  return step, (engine.init_state(split, tx), images, labels), True
+  return step, (jax.jit(packer.pack)(state), images, labels), True
 
 
 def main(argv=None) -> int:

@@ -170,6 +170,19 @@ def device_unsupported_reason(interpret: bool) -> str | None:
   return None
 
 
+SMEM_BYTES = 227 * 1024  # Hopper's shared memory per CTA (opt-in maximum)
+
+
+def pipelined_smem_bytes(c: int, hc: int, stages: int, itemsize: int = 2,
+                         bm: int = BLOCK_M) -> int:
+  """Shared memory of ``_kernel`` with ``pipelined=True`` on a GPU: the z and residual
+  tiles, ``stages`` slots of two hidden chunks of W1^T and W2 (and b1), the row scale and
+  the two bias vectors.  At C=192, hc=64, 2 stages: 246,528 + 1,792 (the compiler reported
+  249,912 with its alignment and barriers, H100 2026-11-26) -- over the limit."""
+  return (2 * bm * c * itemsize + stages * (2 * 2 * hc * c * itemsize + 2 * hc * 4)
+          + bm * 4 + 2 * c * 4)
+
+
 def unsupported_reason(m: int, c: int, e: int, dtype, hidden_chunk: int = 64) -> str | None:
   """Why ``fused_mlp`` cannot run this shape/dtype, or None."""
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
@@ -520,6 +533,12 @@ def fused_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
     raise ValueError(f"pipelined=True needs block_m=64, stages >= 2 (the weight slots are "
                      f"released one step late) and an even number of hidden chunks, got "
                      f"block_m={block_m}, stages={stages}, E={e}, hidden_chunk={hidden_chunk}")
+  if pipelined and (need := pipelined_smem_bytes(c, hidden_chunk, stages,
+                                                 jnp.dtype(dtype).itemsize)) > SMEM_BYTES:
+    raise NotImplementedError(
+        f"fused_mlp(pipelined=True): C={c} with hidden_chunk={hidden_chunk} and stages={stages} "
+        f"needs ~{need:,} bytes of shared memory, more than the {SMEM_BYTES:,} a CTA can "
+        f"have; use fewer stages or the serial kernel (pipelined=False)")
   z, res, zb, rs = row_inputs(z, res, z_bias, row_scale, block_m)
   m_pad = z.shape[0]
   interpreting = interpret is not False and interpret is not None

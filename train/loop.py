@@ -110,6 +110,11 @@ def fit(config: TrainConfig, *, quiet: bool = False) -> FitResult:
   state = engine.init_state(split, tx, ema=cfg.ema_decay is not None)
   repl = parallel.replicated(mesh)
   state = jax.device_put(state, repl)
+  # Between steps the state lives packed (a few flat buffers instead of hundreds of arrays:
+  # see engine.StatePacker); checkpoints and the returned state are the nested form.
+  packer = engine.StatePacker(state)
+  pack = jax.jit(packer.pack, out_shardings=repl)
+  unpack = jax.jit(packer.unpack, out_shardings=repl)
 
   checkpointer = Checkpointer(ckpt_dir, keep=cfg.keep, async_save=cfg.async_checkpointing)
   start_step, best = 0, {"val_acc": -1.0, "step": None}
@@ -122,6 +127,8 @@ def fit(config: TrainConfig, *, quiet: bool = False) -> FitResult:
     best = meta.get("best", best)
     elapsed_before = float(meta.get("elapsed_s", 0.0))
     checkpointer.set_aside_after(start_step)
+  packed = pack(state)
+  del state
   if is_main:
     (out / CONFIG_FILE).write_text(cfg.to_json())
   log = MetricsLog(out / METRICS_FILE, enabled=is_main,
@@ -137,28 +144,27 @@ def fit(config: TrainConfig, *, quiet: bool = False) -> FitResult:
     progress.message(f"skipped {len(dataset.skipped_files)} unreadable image file(s), e.g. "
                      + ", ".join(dataset.skipped_files[:5]))
 
-  state_sharding = jax.tree.map(lambda _: repl, state)
+  state_sharding = jax.tree.map(lambda _: repl, packed)
   batch_sh = parallel.batch_sharding(mesh)
   train_step = jax.jit(
-      engine.make_train_step(split, tx, num_classes=dataset.num_classes,
-                             label_smoothing=cfg.label_smoothing, ema_decay=cfg.ema_decay,
-                             mean=dataset.mean, std=dataset.std),
+      engine.make_packed_train_step(packer, split, tx, num_classes=dataset.num_classes,
+                                    label_smoothing=cfg.label_smoothing,
+                                    ema_decay=cfg.ema_decay, mean=dataset.mean,
+                                    std=dataset.std),
       donate_argnums=0, in_shardings=(state_sharding, batch_sh, batch_sh),
       out_shardings=(state_sharding, repl))
-  eval_step = jax.jit(engine.make_eval_step(split, num_classes=dataset.num_classes,
-                                            mean=dataset.mean, std=dataset.std),
-                      out_shardings=repl)
+  eval_steps = {prefix: jax.jit(engine.make_packed_eval_step(
+      packer, split, ema=bool(prefix), num_classes=dataset.num_classes, mean=dataset.mean,
+      std=dataset.std), out_shardings=repl)
+      for prefix in ("",) + (("ema_",) if cfg.ema_decay is not None else ())}
 
   def evaluate(step: int) -> dict:
-    sums = {"": None, "ema_": None}
-    weights = {"": (state["params"], state["batch_stats"])}
-    if "ema" in state:
-      weights["ema_"] = (state["ema"]["params"], state["ema"]["batch_stats"])
+    sums = {prefix: None for prefix in eval_steps}
     for batch in dataset.val_batches(cfg.batch_size, jax.process_index(), jax.process_count()):
       images, labels, mask = parallel.put_local_batch(
           (batch.images, batch.labels, batch.mask), mesh)
-      for prefix, (p, bs) in weights.items():
-        s = eval_step(p, bs, state["rest"], images, labels, mask)
+      for prefix, eval_step in eval_steps.items():
+        s = eval_step(packed, images, labels, mask)
         sums[prefix] = s if sums[prefix] is None else sums[prefix] + s
     rec = {"kind": "val", "step": step, "epoch": round(step / spe, 3)}
     for prefix, s in sums.items():
@@ -182,7 +188,7 @@ def fit(config: TrainConfig, *, quiet: bool = False) -> FitResult:
   try:
     for step in range(start_step + 1, total_steps + 1):
       images, labels = next(batches)
-      state, metrics = train_step(state, images, labels)
+      packed, metrics = train_step(packed, images, labels)
       pending.append(metrics)
       progress.update()
       if step % cfg.log_every == 0 or step == total_steps:
@@ -218,7 +224,8 @@ def fit(config: TrainConfig, *, quiet: bool = False) -> FitResult:
         t_log += time.perf_counter() - t0  # evaluation time is not training throughput
       if step % save_every == 0 or step == total_steps or (
           val is not None and best["step"] == step):
-        checkpointer.save(step, state, meta(step), val_acc=None if val is None else val["acc"])
+        checkpointer.save(step, unpack(packed), meta(step),
+                          val_acc=None if val is None else val["acc"])
   finally:
     batches.close()
     progress.close()
@@ -244,6 +251,7 @@ def fit(config: TrainConfig, *, quiet: bool = False) -> FitResult:
       + f"; wall time {format_seconds(wall_s)}"
       + (f"; {tput:.0f} train img/s" if tput else "") + f"; outputs in {out}")
 
+  state = unpack(packed)
   final_model = split.merge(state["params"], state["batch_stats"], state["rest"])
   ema_model = (split.merge(state["ema"]["params"], state["ema"]["batch_stats"], state["rest"])
                if "ema" in state else None)

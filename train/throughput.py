@@ -4,7 +4,8 @@
         --block-impl xla --steps 30 [--json out.json]
 
 Synthetic uint8 images already on the device (normalised inside the step, as image-folder
-batches are), compute in --dtype (bfloat16 by default), float32 parameters and optimizer
+batches are), the TrainState packed into a few flat buffers as ``fit`` keeps it
+(``--state-form tree``: the nested dict of every array), compute in --dtype (bfloat16 by default), float32 parameters and optimizer
 state, the TrainState donated.  After --warmup steps (compilation included) it times
 --steps steps one by one with block_until_ready and reports the median, then the same
 number of steps dispatched back to back (one sync at the end), and prints one line.
@@ -26,7 +27,8 @@ from train.data import IMAGENET_MEAN, IMAGENET_STD
 
 def measure(model: str, batch_size: int, image_size: int, *, block_impl=None,
             dtype: str = "bfloat16", steps: int = 30, warmup: int = 5, num_classes: int = 1000,
-            drop_path: float = 0.0, model_kwargs: dict | None = None) -> dict:
+            drop_path: float = 0.0, model_kwargs: dict | None = None,
+            state_form: str = "packed") -> dict:
   mesh = parallel.make_mesh()
   parallel.check_batch_size(batch_size, mesh)
   net = engine.build_model(model, num_classes, block_impl=block_impl, dtype=dtype,
@@ -36,12 +38,18 @@ def measure(model: str, batch_size: int, image_size: int, *, block_impl=None,
                                 weight_decay=0.05, grad_clip=1.0)
   repl = parallel.replicated(mesh)
   state = jax.device_put(engine.init_state(split, tx), repl)
+  kw = dict(num_classes=num_classes, label_smoothing=0.1, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+  if state_form == "packed":  # as fit runs it
+    packer = engine.StatePacker(state)
+    state = jax.jit(packer.pack, out_shardings=repl)(state)
+    step_fn = engine.make_packed_train_step(packer, split, tx, **kw)
+  elif state_form == "tree":
+    step_fn = engine.make_train_step(split, tx, **kw)
+  else:
+    raise ValueError(f"state_form must be 'packed' or 'tree', got {state_form!r}")
   state_sh = jax.tree.map(lambda _: repl, state)
   batch_sh = parallel.batch_sharding(mesh)
-  step = jax.jit(engine.make_train_step(split, tx, num_classes=num_classes,
-                                        label_smoothing=0.1, mean=IMAGENET_MEAN,
-                                        std=IMAGENET_STD),
-                 donate_argnums=0, in_shardings=(state_sh, batch_sh, batch_sh),
+  step = jax.jit(step_fn, donate_argnums=0, in_shardings=(state_sh, batch_sh, batch_sh),
                  out_shardings=(state_sh, repl))
   rng = np.random.default_rng(0)
   images = jax.device_put(
@@ -76,6 +84,7 @@ def measure(model: str, batch_size: int, image_size: int, *, block_impl=None,
       "median_step_ms": median * 1e3, "min_step_ms": min(times) * 1e3,
       "img_per_s": batch_size / median, "pipelined_img_per_s": batch_size / pipelined_s,
       "compile_s": compile_s, "final_loss": loss, "model_kwargs": model_kwargs or {},
+      "state_form": state_form, "state_arrays": len(jax.tree.leaves(state)),
       "jax": jax.__version__,
   }
 
@@ -95,6 +104,9 @@ def main(argv=None):
   p.add_argument("--model-kwargs", type=json.loads, default={},
                  help='more create_model arguments as JSON (as for python -m train), e.g. '
                  '\'{"depths": [1, 1, 2, 1]}\'')
+  p.add_argument("--state-form", default="packed", choices=["packed", "tree"],
+                 help="the TrainState as the jitted step's argument: packed into a few flat "
+                 "buffers (as train.fit runs it) or the nested dict of every array")
   p.add_argument("--json", default=None, help="also write the result to this JSON file")
   a = p.parse_args(argv)
   if not isinstance(a.model_kwargs, dict):
@@ -102,12 +114,12 @@ def main(argv=None):
   r = measure(a.model, a.batch_size, a.image_size,
               block_impl=None if a.block_impl == "auto" else a.block_impl, dtype=a.dtype,
               steps=a.steps, warmup=a.warmup, num_classes=a.num_classes, drop_path=a.drop_path,
-              model_kwargs=a.model_kwargs)
+              model_kwargs=a.model_kwargs, state_form=a.state_form)
   print(f"{r['model']} {r['block_impl']} {r['dtype']} batch {r['batch_size']} "
         f"{r['image_size']}x{r['image_size']} on {r['devices']}x {r['device_kind']}: "
         f"{r['img_per_s']:.0f} img/s train step (median {r['median_step_ms']:.2f} ms over "
         f"{r['steps']} steps; back-to-back {r['pipelined_img_per_s']:.0f} img/s; "
-        f"compile {r['compile_s']:.1f} s)")
+        f"compile {r['compile_s']:.1f} s; state {r['state_form']}, {r['state_arrays']} arrays)")
   if a.json:
     with open(a.json, "w") as f:
       json.dump(r, f, indent=2)

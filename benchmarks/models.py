@@ -20,7 +20,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 import convfirst_jax as cj
 from pallas_kernels.timing import median_seconds
@@ -38,15 +37,15 @@ def build_inference(name: str, impl: str, dtype):
 def inference_throughput(name, impl, batch, image_size, dtype, iters):
   """(images/s, seconds per call synchronised, seconds per call back to back).
 
-  The model's graph definition is closed over and only its state (a pytree of arrays) is
-  passed to the jitted function: passing the module itself made every call flatten the
-  whole module on the host, which at batch 1-4 cost 0.4-0.9 ms per call on an H100 machine
-  (2026-11-26) and swamped the kernels being compared."""
-  model = build_inference(name, impl, dtype)
-  graphdef, state = nnx.split(model)
-  fn = jax.jit(lambda st, x: nnx.merge(graphdef, st)(x))
+  The model runs through ``convfirst_jax.predictor``: its state is passed to the jitted
+  function packed into a few flat buffers.  Passing the module itself made every call
+  flatten the whole module on the host (0.4-0.9 ms per call at batch 1-4 on an H100 machine,
+  2026-11-26), and passing its ``nnx.State`` (one array per weight) still cost ~1.3-1.5 ms
+  of host time per synchronised call at batch 256, the same for XLA and Pallas blocks --
+  time that compressed every synchronised ratio."""
+  fn = cj.predictor(build_inference(name, impl, dtype))
   keys = jax.random.split(jax.random.key(batch), 2)
-  xs = [(state, jax.random.normal(k, (batch, image_size, image_size, 3), dtype)) for k in keys]
+  xs = [(jax.random.normal(k, (batch, image_size, image_size, 3), dtype),) for k in keys]
   t = median_seconds(fn, arg_sets=xs, iters=iters)
   t_b2b = median_seconds(fn, arg_sets=xs, iters=iters, reps=10)
   return batch / t, t, t_b2b

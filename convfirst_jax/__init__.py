@@ -15,6 +15,7 @@ from convfirst_jax.convfirst import (
     fold_batchnorm,
 )
 from convfirst_jax.convnext import ConvNeXt, ConvNeXtBlock
+from convfirst_jax.packing import TreePacker, predictor
 from convfirst_jax.registry import create_model, list_models, model_config, register_model
 
 __version__ = "0.1.0"
@@ -22,5 +23,5 @@ __version__ = "0.1.0"
 __all__ = [
     "ConvFirstBlock", "ConvFirstNet", "ConvNeXt", "ConvNeXtBlock", "FoldedConvFirstBlock",
     "FoldedMBConvBlock", "MBConvBlock", "create_model", "fold_batchnorm", "list_models",
-    "model_config", "register_model",
+    "model_config", "predictor", "register_model", "TreePacker",
 ]

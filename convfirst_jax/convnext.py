@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
-from convfirst_jax.layers import DropPath, PatchConv, check_implementation, check_input
+from convfirst_jax.layers import (ChannelLayerNorm, DropPath, PatchConv, check_implementation,
+                                  check_input)
 
 LN_EPS = 1e-6
 
@@ -85,8 +86,8 @@ class ConvNeXtStage(nnx.Module):
                rngs: nnx.Rngs):
     if downsample:
       self.downsample = nnx.List([
-          nnx.LayerNorm(in_dim, epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype,
-                        rngs=rngs),
+          ChannelLayerNorm(in_dim, implementation=implementation, epsilon=LN_EPS,
+                           dtype=dtype, param_dtype=param_dtype, rngs=rngs),
           nnx.Conv(in_dim, out_dim, (2, 2), strides=(2, 2), padding="VALID", dtype=dtype,
                    param_dtype=param_dtype, kernel_init=_trunc_normal(),
                    bias_init=nnx.initializers.zeros, rngs=rngs),
@@ -168,8 +169,8 @@ class ConvNeXt(nnx.Module):
         PatchConv(in_chans, dims[0], (4, 4), strides=(4, 4), padding="VALID", dtype=dtype,
                  param_dtype=param_dtype, kernel_init=_trunc_normal(),
                  bias_init=nnx.initializers.zeros, rngs=rngs),
-        nnx.LayerNorm(dims[0], epsilon=LN_EPS, dtype=dtype, param_dtype=param_dtype,
-                      rngs=rngs),
+        ChannelLayerNorm(dims[0], implementation=block_impl, epsilon=LN_EPS, dtype=dtype,
+                         param_dtype=param_dtype, rngs=rngs),
     ])
     dp = drop_path_schedule(depths, drop_path_rate)
     self.stages = nnx.List([

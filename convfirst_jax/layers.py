@@ -49,6 +49,39 @@ class PatchConv(nnx.Conv):
     return y
 
 
+class ChannelLayerNorm(nnx.LayerNorm):
+  """``nnx.LayerNorm`` over the last axis (same parameters, names and values) that runs as
+  the Pallas kernels of ``pallas_kernels.layernorm`` where ``implementation`` allows: None
+  = on a GPU for inputs of at least ``layernorm.MIN_ROWS`` rows (XLA's LayerNorm
+  elsewhere), "xla" = always ``nnx.LayerNorm``'s own computation.  ConvNeXt's stem and
+  downsampling LNs use it with the model's ``block_impl`` ("pallas" acts as None here, so
+  a model built with it still runs on a CPU; ``interpret=True`` runs the kernels in the
+  Pallas interpreter on any backend, for tests).
+
+  Measured (H100, bf16, batch 256, 2026-11-26, ``python -m benchmarks.layernorm``): forward
+  / forward + backward at 56x56x96 0.121 / 0.268 ms vs XLA's 0.236 / 0.572; ConvNeXt-T
+  training step 6,237 / 6,403 img/s (synchronised / back to back) with these kernels in the
+  stem and downsampling LNs against 6,163 / 6,349 without (another process pair)."""
+
+  def __init__(self, num_features: int, *, implementation: str | None = None,
+               interpret: bool = False, **kwargs):
+    super().__init__(num_features, **kwargs)
+    self.implementation = check_implementation(implementation)
+    self.interpret = bool(interpret)
+
+  def __call__(self, x, *args, **kwargs):
+    if (self.implementation != "xla" and not args and not kwargs and self.use_scale
+        and self.use_bias and self.reduction_axes in (-1, (-1,))):
+      from pallas_kernels import layernorm
+      if (layernorm.unsupported_reason(x.shape, x.dtype) is None
+          and x.size // x.shape[-1] >= layernorm.MIN_ROWS
+          and (self.interpret or jax.default_backend() == "gpu")):
+        return layernorm.layer_norm(x, self.scale[...], self.bias[...], eps=self.epsilon,
+                                    out_dtype=self.dtype or x.dtype,
+                                    implementation="pallas", interpret=self.interpret)
+    return super().__call__(x, *args, **kwargs)
+
+
 class DropPath(nnx.Module):
   """Stochastic depth: per-sample scale of a residual branch.
 

@@ -55,7 +55,8 @@ def kernel_times(planes, calls: int) -> tuple[dict[str, float], dict[str, int]]:
 PALLAS_TRITON_NAMES = frozenset((
     "convfirst_block_fwd", "convnext_block_bwd_dwconv", "convnext_block_bwd_tile",
     "convnext_block_bwd_weights", "convnext_block_fwd", "depthwise_conv",
-    "depthwise_conv_wgrad", "grouped_conv_wgrad", "mbconv_block_fwd"))
+    "depthwise_conv_wgrad", "grouped_conv_wgrad", "layer_norm_bwd", "layer_norm_fwd",
+    "mbconv_block_fwd"))
 
 
 def category(name: str) -> str:

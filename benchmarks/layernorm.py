@@ -81,7 +81,7 @@ def main(argv=None) -> int:
 def _xla(c, x, scale, bias):
   """nnx.LayerNorm's own computation (bf16 out, float32 statistics) with these parameters."""
   mod = nnx.LayerNorm(c, epsilon=1e-6, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-  mod.scale.value, mod.bias.value = scale, bias
+  mod.scale[...], mod.bias[...] = scale, bias
   return mod(x)
 
 

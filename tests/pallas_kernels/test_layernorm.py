@@ -105,12 +105,12 @@ def test_channel_layer_norm_module_matches_nnx_layer_norm():
   from convfirst_jax.layers import ChannelLayerNorm
   x, _, _, dy = _inputs((2, 48, 45, 96), jnp.float32, seed=7)   # 4,320 rows >= MIN_ROWS
   ref = nnx.LayerNorm(96, epsilon=1e-6, rngs=nnx.Rngs(0))
-  ref.scale.value = 1 + 0.1 * jnp.arange(96) / 96
-  ref.bias.value = 0.05 * jnp.arange(96) / 96
+  ref.scale[...] = 1 + 0.1 * jnp.arange(96) / 96
+  ref.bias[...] = 0.05 * jnp.arange(96) / 96
   ours = ChannelLayerNorm(96, epsilon=1e-6, interpret=True, rngs=nnx.Rngs(0))
   xla = ChannelLayerNorm(96, epsilon=1e-6, implementation="xla", rngs=nnx.Rngs(0))
   for m in (ours, xla):
-    m.scale.value, m.bias.value = ref.scale.value, ref.bias.value
+    m.scale[...], m.bias[...] = ref.scale[...], ref.bias[...]
   assert jax.tree.structure(nnx.state(ours)) == jax.tree.structure(nnx.state(ref))
 
   def grads(m):
@@ -119,5 +119,5 @@ def test_channel_layer_norm_module_matches_nnx_layer_norm():
   assert _rel(ours(x), ref(x)) < 2e-6
   (gm_o, gx_o), (gm_r, gx_r) = grads(ours), grads(ref)
   assert _rel(gx_o, gx_r) < 1e-5
-  assert _rel(gm_o.scale.value, gm_r.scale.value) < 1e-5
-  assert _rel(gm_o.bias.value, gm_r.bias.value) < 1e-5
+  assert _rel(gm_o.scale[...], gm_r.scale[...]) < 1e-5
+  assert _rel(gm_o.bias[...], gm_r.bias[...]) < 1e-5

@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels import layernorm
+
 IMPLEMENTATIONS = (None, "xla", "pallas")
 
 
@@ -71,14 +73,11 @@ class ChannelLayerNorm(nnx.LayerNorm):
 
   def __call__(self, x, *args, **kwargs):
     if (self.implementation != "xla" and not args and not kwargs and self.use_scale
-        and self.use_bias and self.reduction_axes in (-1, (-1,))):
-      from pallas_kernels import layernorm
-      if (layernorm.unsupported_reason(x.shape, x.dtype) is None
-          and x.size // x.shape[-1] >= layernorm.MIN_ROWS
-          and (self.interpret or jax.default_backend() == "gpu")):
-        return layernorm.layer_norm(x, self.scale[...], self.bias[...], eps=self.epsilon,
-                                    out_dtype=self.dtype or x.dtype,
-                                    implementation="pallas", interpret=self.interpret)
+        and self.use_bias and self.reduction_axes in (-1, (-1,))
+        and layernorm.picks_pallas(x.shape, x.dtype, self.interpret)):
+      return layernorm.layer_norm(x, self.scale[...], self.bias[...], eps=self.epsilon,
+                                  out_dtype=self.dtype or x.dtype, implementation="pallas",
+                                  interpret=self.interpret)
     return super().__call__(x, *args, **kwargs)
 
 

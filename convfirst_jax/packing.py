@@ -71,7 +71,7 @@ class TreePacker:
         continue
       if offset > ends[group]:  # alignment padding
         parts[group].append(jnp.zeros((offset - ends[group],), self.dtypes[group]))
-      parts[group].append(jnp.ravel(leaf).astype(self.dtypes[group]))
+      parts[group].append(jnp.ravel(leaf))
       ends[group] = offset + math.prod(shape)
     out = {g: (jnp.concatenate(v) if v else jnp.zeros((0,), self.dtypes[g]))
            for g, v in parts.items()}

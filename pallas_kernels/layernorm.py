@@ -18,6 +18,7 @@ and bias), which a small XLA sum finishes.  Nothing but x is saved for the backw
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -46,10 +47,7 @@ def unsupported_reason(shape, dtype) -> str | None:
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16),
                               jnp.dtype(jnp.float16)):
     return f"float32/bfloat16/float16 input, got {jnp.dtype(dtype).name}"
-  size = 1
-  for d in shape:
-    size *= d
-  if size + shape[-1] * 128 >= 2**31:
+  if math.prod(shape) + shape[-1] * 128 >= 2**31:
     return f"input of shape {tuple(shape)} is too large for int32 offsets"
   return None
 
@@ -175,6 +173,14 @@ def _ln_bwd(eps, out_dtype, interpret, saved, dy):
 _ln.defvjp(_ln_fwd, _ln_bwd)
 
 
+def picks_pallas(shape, dtype, interpret: bool = False) -> bool:
+  """``implementation=None``'s choice: the kernels for supported inputs of at least
+  ``MIN_ROWS`` rows on a GPU (or in the interpreter)."""
+  return (unsupported_reason(shape, dtype) is None
+          and math.prod(shape) // max(shape[-1], 1) >= MIN_ROWS
+          and (interpret or jax.default_backend() == "gpu"))
+
+
 def layer_norm_reference(x, scale, bias, eps: float = 1e-6, out_dtype=None):
   """Plain jnp (float32 statistics, two-pass variance), the kernels' reference."""
   xf = x.astype(f32)
@@ -202,14 +208,11 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, eps: float = 
   if implementation not in (None, "xla", "pallas"):
     raise ValueError(f"layer_norm: implementation must be None, 'xla' or 'pallas', got "
                      f"{implementation!r}")
-  reason = unsupported_reason(x.shape, x.dtype)
   if implementation is None:
-    rows = x.size // max(c, 1)
-    use = (reason is None and rows >= MIN_ROWS
-           and (interpret or jax.default_backend() == "gpu"))
-    implementation = "pallas" if use else "xla"
+    implementation = "pallas" if picks_pallas(x.shape, x.dtype, interpret) else "xla"
   if implementation == "xla":
     return layer_norm_reference(x, scale, bias, eps, out_dtype)
+  reason = unsupported_reason(x.shape, x.dtype)
   if reason is not None:
     raise ValueError(f"layer_norm: {reason}")
   y = _ln(x.reshape(-1, c), scale, bias, float(eps), out_dtype, bool(interpret))

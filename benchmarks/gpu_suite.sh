@@ -12,6 +12,7 @@
 #   bash benchmarks/gpu_suite.sh mosaic_train  # training-path blocks (Mosaic backward) + step
 #   SHAPE=128,28,28,192 bash benchmarks/gpu_suite.sh retune  # tuning.retune vs the table
 #   bash benchmarks/gpu_suite.sh profile   # per-kernel GPU time: stage blocks, ConvNeXt-T
+#   bash benchmarks/gpu_suite.sh layernorm # stem / downsampling LayerNorm kernels vs XLA
 # Results go to $OUT (or ./out) as JSON / PNG / logs; a short summary is printed last.
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -113,6 +114,13 @@ PY
         --top 25 --json "$OUT/profile_convnext_tiny_$mode.json" 2>&1 | grep -v cuda_timer | tail -26
     done
     ;;
+  layernorm)
+    log "LayerNorm kernels: GPU tests, then Pallas vs XLA at the stem / downsampling shapes"
+    timeout 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/pallas_kernels/test_layernorm.py \
+      2>&1 | tail -1
+    timeout 150 python3 -m benchmarks.layernorm --json "$OUT/layernorm.json" 2>&1 \
+      | grep -v cuda_timer | tail -5
+    ;;
   pipelined)
     log "compiled tests of the pipelined Mosaic kernels"
     timeout 240 python3 -m pytest -q -m gpu -p no:cacheprovider \
@@ -130,6 +138,6 @@ PY
     timeout 200 python3 -m benchmarks.blocks --blocks convnext --no-backward --iters 30 \
       --json "$OUT/blocks_convnext_fwd.json" 2>&1 | grep -v cuda_timer | tail -6
     ;;
-  *) echo "usage: $0 train|analysis|scaling|convfirst|models|mosaic|dwconv|pipelined|mosaic_train|retune|profile" >&2
+  *) echo "usage: $0 train|analysis|scaling|convfirst|models|mosaic|dwconv|pipelined|mosaic_train|retune|profile|layernorm" >&2
      exit 2 ;;
 esac

@@ -9,7 +9,10 @@ and as plain nested dicts (``train.engine``'s form now), and times on this host:
 * flattening + unflattening the state pytree (what every jitted call does to its arguments
   and results);
 * the wall time to dispatch a donated identity step on the state (returns before the device
-  finishes; median of 50), i.e. the host time per training step that is not compute.
+  finishes; median of 50), i.e. the host time per training step that is not compute;
+
+and the same for the state packed into a few flat buffers (``engine.StatePacker``, how
+``train.fit`` passes it since 2026-11-26).
 """
 
 from __future__ import annotations
@@ -61,7 +64,9 @@ def measure(model: str) -> dict:
                 opt_state=tx_nnx.init(states[0]))
   out = {"model": model, "leaves": len(jax.tree.leaves(pure)),
          "device": jax.devices()[0].device_kind, "jax": jax.__version__}
-  for name, tree in (("nnx_state", as_nnx), ("plain_dict", pure)):
+  packed = engine.StatePacker(pure).pack(pure)   # what train.fit passes its steps now
+  out["packed_arrays"] = len(jax.tree.leaves(packed))
+  for name, tree in (("nnx_state", as_nnx), ("plain_dict", pure), ("packed", packed)):
     out[f"{name}_flatten_ms"] = _flatten_ms(tree)
     out[f"{name}_dispatch_ms"] = _dispatch_ms(jax.tree.map(jnp.copy, tree))
   return out
@@ -80,7 +85,8 @@ def main(argv=None):
   print(f"{r['model']} TrainState ({r['leaves']} arrays) on {r['device']}: flatten+unflatten "
         f"{r['nnx_state_flatten_ms']:.2f} ms as nnx.State vs {r['plain_dict_flatten_ms']:.2f} "
         f"ms as plain dicts; identity-step dispatch {r['nnx_state_dispatch_ms']:.2f} vs "
-        f"{r['plain_dict_dispatch_ms']:.2f} ms")
+        f"{r['plain_dict_dispatch_ms']:.2f} ms; packed ({r['packed_arrays']} arrays): "
+        f"flatten {r['packed_flatten_ms']:.2f} ms, dispatch {r['packed_dispatch_ms']:.2f} ms")
   return r
 
 

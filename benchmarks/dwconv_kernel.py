@@ -26,9 +26,12 @@ from pallas_kernels.timing import median_ms as _ms
 
 SHAPES = ((56, 96), (28, 192), (14, 384), (7, 768))
 VARIANTS = tuple(
-    dict(strip=s, cblock=cb, num_warps=nw)
-    for s, cb, nw in ((0, 32, 4), (7, 32, 4), (14, 32, 4), (4, 32, 4), (8, 16, 4), (8, 64, 4),
-                      (8, 32, 2), (8, 32, 8), (4, 64, 4)))
+    dict(strip=s, tile_w=tw, cblock=cb, num_warps=nw, fused_fma=fma)
+    for s, tw, cb, nw, fma in (
+        (0, 0, 32, 4, True), (0, 0, 32, 4, False), (14, 0, 32, 4, True), (8, 0, 32, 2, True),
+        (56, 8, 32, 4, True), (28, 8, 32, 4, True), (56, 8, 32, 2, True), (28, 8, 64, 4, True),
+        (28, 16, 32, 4, True), (14, 16, 32, 4, True), (14, 32, 32, 4, True),
+        (7, 0, 32, 4, True), (4, 32, 64, 4, True)))
 
 
 def _rel(a, b):
@@ -132,7 +135,7 @@ def main(argv=None):
     with open(args.json, "w") as fh:
       json.dump(out, fh, indent=1)
   print(f"\n{out['device']}, jax {out['jax']}, {out['date']}, batch {args.batch}, bf16, ms")
-  print("| shape | XLA dwconv | Pallas dwconv | x | best tiles (strip,tile_w,cblock,warps) | "
+  print("| shape | XLA dwconv | Pallas dwconv | x | best tiles (strip,tile_w,cblock,warps,fma) | "
         "DRAM floor (datasheet) | XLA block | Mosaic+XLA dw | Mosaic+Pallas dw | x XLA block | err |")
   for line in table:
     print("| " + " | ".join(line) + " |")

@@ -49,12 +49,16 @@ MAX_STRIP = 14
 class DwconvTiles(NamedTuple):
   """strip: output rows per program (0: the largest with at most ACC_ELEMENTS accumulator
   elements, at most MAX_STRIP); tile_w: columns (power of two; 0: the image width rounded
-  up, at most 64); cblock: channels (power of two); num_warps: Triton warps per program."""
+  up, at most 64); cblock: channels (power of two); num_warps: Triton warps per program;
+  fused_fma: one ``fma.rn.f32`` per multiply-add (``_common.fma``) instead of the separate
+  multiply and add that Pallas-Triton's ``a * b + c`` compiles to (ignored in interpret
+  mode)."""
 
   strip: int = 0
   tile_w: int = 0
   cblock: int = 32
   num_warps: int = 4
+  fused_fma: bool = True
 
 
 def resolve_tiles(h: int, w: int, c: int, tiles: DwconvTiles | None = None) -> DwconvTiles:
@@ -87,7 +91,7 @@ def _channel_block(c: int, cblock: int):
 
 
 def _kernel(x_ref, k_ref, b_ref, *refs, h, w, c, k, cpad, strips, tiles: DwconvTiles,
-            residual: bool, col_sums: bool):
+            residual: bool, col_sums: bool, fused_fma: bool):
   """refs: [r_ref,] y_ref [, s_ref]: y = conv(x) + b (+ r, a residual of y's shape); s_ref
   (``col_sums``): this program's sums of x over its own output pixels, per channel (for a
   bias gradient when x is a cotangent)."""
@@ -105,7 +109,8 @@ def _kernel(x_ref, k_ref, b_ref, *refs, h, w, c, k, cpad, strips, tiles: DwconvT
 
 
   def column_pass(dx, accs):
-    taps = [k_ref[pl.ds((dy * k + dx) * cpad + c0, cblock)][None, :] for dy in range(k)]
+    taps = [jnp.broadcast_to(k_ref[pl.ds((dy * k + dx) * cpad + c0, cblock)][None, :],
+                             (tile_w, cblock)) for dy in range(k)]
     iw = ww + (dx - pad)
     col_ok = (iw >= 0) & (iw < w)
     accs = list(accs)
@@ -118,7 +123,7 @@ def _kernel(x_ref, k_ref, b_ref, *refs, h, w, c, k, cpad, strips, tiles: DwconvT
       for dy in range(k):
         o = t - dy                        # output row r0 + o reads input row r0 + o + dy - pad
         if 0 <= o < strip:
-          accs[o] = accs[o] + v * taps[dy]
+          accs[o] = cm.fma(v, taps[dy], accs[o], fused=fused_fma)
     return tuple(accs)
 
   zero = jnp.zeros((tile_w, cblock), f32)
@@ -189,7 +194,8 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = Non
   b = cm.pad_axis(b, 0, cpad)
   strips = cm.cdiv(h, t.strip)
   kern = functools.partial(_kernel, h=h, w=w, c=c, k=k, cpad=cpad, strips=strips, tiles=t,
-                           residual=residual is not None, col_sums=col_sums)
+                           residual=residual is not None, col_sums=col_sums,
+                           fused_fma=t.fused_fma and not interpret)
   wtiles = cm.cdiv(w, t.tile_w)
   out_shape = [jax.ShapeDtypeStruct((x.size,), x.dtype)]
   if col_sums:
@@ -213,12 +219,13 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = Non
 class WgradTiles(NamedTuple):
   """strip: output rows per inner step (0: min(7, H)); tile_w: columns per program (power of
   two; 0: the image width rounded up, at most 32); cblock: channels (power of two);
-  num_warps: Triton warps per program."""
+  num_warps: Triton warps per program; fused_fma: as in ``DwconvTiles``."""
 
   strip: int = 0
   tile_w: int = 0
   cblock: int = 32
   num_warps: int = 4
+  fused_fma: bool = True
 
 
 def resolve_wgrad_tiles(h: int, w: int, c: int, tiles: WgradTiles | None = None) -> WgradTiles:
@@ -233,7 +240,8 @@ def resolve_wgrad_tiles(h: int, w: int, c: int, tiles: WgradTiles | None = None)
   return t._replace(strip=min(t.strip or 7, h), tile_w=tile_w, cblock=cblock)
 
 
-def _wgrad_kernel(x_ref, g_ref, o_ref, *, h, w, c, k, cpad, tiles: WgradTiles):
+def _wgrad_kernel(x_ref, g_ref, o_ref, *, h, w, c, k, cpad, tiles: WgradTiles,
+                  fused_fma: bool):
   """One program: image n, ``tile_w`` columns, ``cblock`` channels.  For each horizontal tap
   dx (fori_loop) it keeps k accumulators (one per vertical tap dy, tile_w x cblock float32)
   and walks the image in strips: the strip's dy rows are loaded once, each of its
@@ -269,7 +277,7 @@ def _wgrad_kernel(x_ref, g_ref, o_ref, *, h, w, c, k, cpad, tiles: WgradTiles):
         for dy in range(k):
           o = t - dy                      # x row r0 + o + dy - pad pairs with dy row r0 + o
           if 0 <= o < strip:
-            accs[dy] = accs[dy] + v * gs[o]
+            accs[dy] = cm.fma(v, gs[o], accs[dy], fused=fused_fma)
       return tuple(accs)
 
     zero = jnp.zeros((tile_w, cblock), f32)
@@ -299,7 +307,8 @@ def depthwise_conv_wgrad(x: jax.Array, dy: jax.Array, k: int, *,
   t = resolve_wgrad_tiles(h, w, c, tiles)
   cpad = cm.cdiv(c, t.cblock) * t.cblock
   wtiles = cm.cdiv(w, t.tile_w)
-  kern = functools.partial(_wgrad_kernel, h=h, w=w, c=c, k=k, cpad=cpad, tiles=t)
+  kern = functools.partial(_wgrad_kernel, h=h, w=w, c=c, k=k, cpad=cpad, tiles=t,
+                           fused_fma=t.fused_fma and not interpret)
   parts = pl.pallas_call(
       kern,
       out_shape=jax.ShapeDtypeStruct((n * wtiles * k * k * cpad,), f32),

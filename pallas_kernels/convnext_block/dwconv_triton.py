@@ -14,9 +14,12 @@ every multiply-add is useful (none for halo rows), each input row is loaded k ti
 strip (mostly L1 hits), and the weights k*k times per strip.  The output rows are stored
 once, plus bias, in the input dtype.
 
-Measured (H100, batch 128, bf16, 2026-11-26, ``python -m benchmarks.dwconv_kernel``):
-0.249 / 0.123 / 0.061 / 0.035 ms at ConvNeXt-T's four stage shapes vs XLA's conv + bias
-0.345 / 0.202 / 0.113 / 0.068 ms.  An earlier form -- a rolling window of k row
+Every multiply-add is one ``fma.rn.f32`` (``_common.fma``): written as ``acc + v * tap``
+Pallas-Triton compiled it to a separate FMUL and FADD, 74% of the executed instructions
+with the issue slots 79% busy (ncu, H100, 2026-11-26).  Measured (H100, batch 128, bf16,
+2026-11-26, ``python -m benchmarks.dwconv_kernel``): 0.197 / 0.097 / 0.060 / 0.064 ms at
+ConvNeXt-T's four stage shapes (0.245 / 0.127 / 0.067 / 0.063 without the fma) vs XLA's
+conv + bias 0.354 / 0.211 / 0.124 / 0.092 ms.  An earlier form -- a rolling window of k row
 accumulators walking down a long strip, all k*k weights reloaded per input row -- only
 matched XLA (it was bound by the weight loads through L1), and unrolling its row loop in
 Python made Triton compile for ~3 minutes; both are why the loop is over dx here.

@@ -220,27 +220,80 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = Non
 
 
 class WgradTiles(NamedTuple):
-  """strip: output rows per inner step (0: min(7, H)); tile_w: columns per program (power of
-  two; 0: the image width rounded up, at most 32); cblock: channels (power of two);
+  """one_pass: the kernel walks each image column tile once, keeping all k*k tap
+  accumulators (``_wgrad_one_pass_kernel``), instead of once per horizontal tap with k
+  accumulators (``_wgrad_kernel``).  strip: output rows per inner step (0: min(7, H));
+  tile_w: columns per program (power of two; 0: the image width rounded up, at most 32, or
+  16 in one pass); cblock: channels (power of two; 0: 32, or 256 // tile_w in one pass);
   num_warps: Triton warps per program; fused_fma: as in ``DwconvTiles``."""
 
   strip: int = 0
   tile_w: int = 0
-  cblock: int = 32
+  cblock: int = 0
   num_warps: int = 4
   fused_fma: bool = True
+  one_pass: bool = False
 
 
 def resolve_wgrad_tiles(h: int, w: int, c: int, tiles: WgradTiles | None = None) -> WgradTiles:
   t = tiles or WgradTiles()
-  tile_w = t.tile_w or min(cm.next_power_of_2(w), 32)
-  cblock = min(t.cblock, cm.next_power_of_2(c))
+  tile_w = t.tile_w or min(cm.next_power_of_2(w), 16 if t.one_pass else 32)
+  cblock = t.cblock or (max(8, 256 // tile_w) if t.one_pass else 32)
+  cblock = min(cblock, cm.next_power_of_2(c))
   for name, v in (("tile_w", tile_w), ("cblock", cblock)):
     if v < 1 or v & (v - 1):
       raise ValueError(f"WgradTiles.{name} must be a power of two, got {v}")
   if t.strip < 0 or t.num_warps < 1:
     raise ValueError(f"WgradTiles.strip must be >= 0 and num_warps >= 1, got {t}")
   return t._replace(strip=min(t.strip or 7, h), tile_w=tile_w, cblock=cblock)
+
+
+def _wgrad_one_pass_kernel(x_ref, g_ref, o_ref, *, h, w, c, k, cpad, tiles: WgradTiles,
+                           fused_fma: bool):
+  """One program: image n, ``tile_w`` columns, ``cblock`` channels, all k*k taps.  It walks
+  the image once in strips: a strip's dy rows are loaded once and kept, then for each
+  horizontal tap dx (unrolled) each of the strip + k - 1 input rows is loaded shifted by dx
+  -- the same few rows k times in a row, so L1 hits -- and multiplied into the accumulator
+  of every vertical tap that pairs it with a strip row.  k*k accumulators of tile_w x
+  cblock float32 (with the default 256-element tiles, 2 registers each per thread at 4
+  warps).  At the end each accumulator is summed over the tile's columns and stored as this
+  program's partial kernel gradient; XLA sums the partials.  (``_wgrad_kernel`` walks the
+  image once per dx instead, with k accumulators, and by the time it re-reads a row for the
+  next dx the row has left L1.)"""
+  pad = k // 2
+  strip, tile_w, cblock = tiles.strip, tiles.tile_w, tiles.cblock
+  n = pl.program_id(0)
+  wt = pl.program_id(1)
+  ww = wt * tile_w + jnp.arange(tile_w, dtype=jnp.int32)
+  c0, ch, mask_of = _channel_block(c, cblock)
+  strips = cm.cdiv(h, strip)
+  part = n * pl.num_programs(1) + wt
+
+  def load_row(ref, i, cols):
+    ok = (cols >= 0) & (cols < w) & (i >= 0) & (i < h)
+    pix = jnp.where(ok, (n * h + i) * w + cols, 0)
+    return plgpu.load(ref.at[pix[:, None] * c + ch[None, :]], mask=mask_of(ok),
+                      other=0).astype(f32)
+
+  def strip_pass(s, accs):
+    r0 = s * strip
+    gs = [load_row(g_ref, r0 + o, ww) for o in range(strip)]
+    accs = list(accs)
+    for dx in range(k):
+      iw = ww + (dx - pad)
+      for t in range(strip + 2 * pad):
+        v = load_row(x_ref, r0 - pad + t, iw)
+        for dy in range(k):
+          o = t - dy                      # x row r0 + o + dy - pad pairs with dy row r0 + o
+          if 0 <= o < strip:
+            accs[dy * k + dx] = cm.fma(v, gs[o], accs[dy * k + dx], fused=fused_fma)
+    return tuple(accs)
+
+  zero = jnp.zeros((tile_w, cblock), f32)
+  accs = jax.lax.fori_loop(0, strips, strip_pass, (zero,) * (k * k))
+  for tap in range(k * k):
+    off = (part * k * k + tap) * cpad
+    plgpu.store(o_ref.at[pl.ds(off + c0, cblock)], jnp.sum(accs[tap], axis=0))
 
 
 def _wgrad_kernel(x_ref, g_ref, o_ref, *, h, w, c, k, cpad, tiles: WgradTiles,
@@ -310,7 +363,8 @@ def depthwise_conv_wgrad(x: jax.Array, dy: jax.Array, k: int, *,
   t = resolve_wgrad_tiles(h, w, c, tiles)
   cpad = cm.cdiv(c, t.cblock) * t.cblock
   wtiles = cm.cdiv(w, t.tile_w)
-  kern = functools.partial(_wgrad_kernel, h=h, w=w, c=c, k=k, cpad=cpad, tiles=t,
+  kern = functools.partial(_wgrad_one_pass_kernel if t.one_pass else _wgrad_kernel,
+                           h=h, w=w, c=c, k=k, cpad=cpad, tiles=t,
                            fused_fma=t.fused_fma and not interpret)
   parts = pl.pallas_call(
       kern,

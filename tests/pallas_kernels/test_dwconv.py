@@ -137,6 +137,10 @@ def test_pallas_depthwise_conv_compiled_on_gpu(shape):
     ((1, 7, 7, 64), 7, {}),                               # ConvNeXt's last stage: H = W = k
     ((2, 5, 11, 32), 7, dict(strip=2, tile_w=4, cblock=16)),  # 3 strips, 3 column tiles
     ((1, 6, 5, 24), 3, dict(strip=4)),                    # k = 3, a strip not dividing H
+    ((2, 9, 13, 40), 7, dict(one_pass=True)),             # the one-pass kernel, same edges
+    ((1, 7, 7, 64), 7, dict(one_pass=True)),
+    ((2, 5, 11, 32), 7, dict(one_pass=True, strip=2, tile_w=4, cblock=16)),
+    ((1, 6, 5, 24), 3, dict(one_pass=True, strip=4)),
 ])
 def test_pallas_kernel_gradient_matches_xla(shape, k, tiles):
   """dwconv_triton.depthwise_conv_wgrad (interpreter) vs XLA's autodiff kernel gradient in
@@ -152,7 +156,9 @@ def test_pallas_kernel_gradient_matches_xla(shape, k, tiles):
   assert got.shape == want.shape and got.dtype == jnp.float32
   assert _rel(got, want) < 2e-6
   xb, gb = x.astype(jnp.bfloat16), g.astype(jnp.bfloat16)
-  got = dwconv_triton.depthwise_conv_wgrad(xb, gb, k, interpret=True)
+  got = dwconv_triton.depthwise_conv_wgrad(
+      xb, gb, k, interpret=True, tiles=dwconv_triton.WgradTiles(one_pass=tiles.get("one_pass",
+                                                                                   False)))
   want = _plain_autodiff(xb.astype(jnp.float32), w, gb.astype(jnp.float32))[2]
   assert _rel(got, want) < 1e-5  # float32 accumulation of the same bf16 inputs
   with pytest.raises(ValueError, match="dy must have x's shape"):

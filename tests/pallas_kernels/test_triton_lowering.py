@@ -56,6 +56,9 @@ def test_depthwise_conv_kernels_lower(shape):
   kernel = jnp.ones((7, 7, shape[-1]), jnp.float32)
   _lower_for_cuda(lambda x: dwconv_triton.depthwise_conv(x, kernel), x)
   _lower_for_cuda(lambda x, g: dwconv_triton.depthwise_conv_wgrad(x, g, 7), x, x)
+  one_pass = dwconv_triton.WgradTiles(one_pass=True)
+  _lower_for_cuda(lambda x, g: dwconv_triton.depthwise_conv_wgrad(x, g, 7, tiles=one_pass),
+                  x, x)
 
 
 @pytest.mark.parametrize("c", [96, 768])

@@ -128,6 +128,9 @@ def fma(a: jax.Array, b: jax.Array, c: jax.Array, *, fused: bool) -> jax.Array:
   H100 2026-11-26, ncu: 37% FMUL + 37% FADD of all executed instructions, issue slots 79%
   busy).  ``fused=False`` (the CPU interpreter, which has no PTX) is the plain expression;
   it differs from the fused form only in the rounding of each product."""
+  if any(v.dtype != jnp.float32 for v in (a, b, c)) or not a.shape == b.shape == c.shape:
+    raise ValueError("fma takes three float32 arrays of one shape, got "
+                     f"{[(v.dtype.name, v.shape) for v in (a, b, c)]}")
   if not fused:
     return a * b + c
   [out] = plgpu.elementwise_inline_asm(

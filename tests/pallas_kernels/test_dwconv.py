@@ -274,3 +274,15 @@ def test_pallas_conv_gradients_compiled_on_gpu():
                       (db, db0)):
       got = jnp.asarray(got, jnp.float32)
       assert float(jnp.abs(got - want).max() / jnp.abs(want).max()) < 1e-2
+
+
+def test_fma_helper_checks_its_operands():
+  """_common.fma: the interpreter's form is a * b + c; mixed dtypes or shapes are refused
+  (the inline-PTX form takes float32 registers, one instruction per element)."""
+  from pallas_kernels import _common as cm
+  a, b, c = (jnp.full((4, 8), v, jnp.float32) for v in (1.5, -2.0, 0.25))
+  np.testing.assert_array_equal(np.asarray(cm.fma(a, b, c, fused=False)), -2.75)
+  with pytest.raises(ValueError, match="float32"):
+    cm.fma(a.astype(jnp.bfloat16), b, c, fused=False)
+  with pytest.raises(ValueError, match="one shape"):
+    cm.fma(a[:1], b, c, fused=True)

@@ -1,0 +1,110 @@
+"""The experimental Mosaic GPU grouped conv (``convfirst_block.mosaic_gconv``) vs XLA's.
+
+    PYTHONPATH=. python3 -m benchmarks.mosaic_gconv [--batch 128] [--json out.json]
+
+act(group-width-8 3x3 conv(x) + bias) at the shapes ConvFirstNet runs it: the MBConv
+blocks' hidden tensors (convfirst_t: 14x14x1536 and 7x7x3072, SiLU), which the kernel is
+for, and one ConvFirst block input (28x28x192, bias only; wide images are a poor fit: the
+shared-memory window is block_m + 16 (W + 3) rows).  XLA = what the models' XLA path runs
+(the conv in x.dtype, + bias, activation).  For each kernel variant (``block_m``,
+``chunk``) it reports the whole call (layout in, kernel, layout out) and the kernel alone on
+input already in the padded-row layout (what an expand kernel writing that layout would
+leave), with the error of each against the float32 reference.  Times: median of
+``--iters`` samples of ``--reps`` back-to-back calls alternating two random inputs
+(pallas_kernels.timing).  Needs a Hopper GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels.timing import median_ms
+
+# (H, C, activation): convfirst_t's MBConv hidden tensors (E=4) and ConvFirst block inputs.
+SHAPES = ((14, 1536, "silu"), (7, 3072, "silu"), (28, 192, "identity"))
+VARIANTS = (dict(block_m=64, chunk=32), dict(block_m=128, chunk=32),
+            dict(block_m=256, chunk=32), dict(block_m=128, chunk=64))
+
+
+def _rel(a, b):
+  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
+  b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
+  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--batch", type=int, default=128)
+  ap.add_argument("--iters", type=int, default=20)
+  ap.add_argument("--reps", type=int, default=10)
+  ap.add_argument("--json", default=None)
+  args = ap.parse_args(argv)
+  from pallas_kernels import mosaic_mlp
+  from pallas_kernels.convfirst_block import mosaic_gconv as mg
+  from pallas_kernels.convfirst_block.reference import grouped_conv
+  reason = mosaic_mlp.device_unsupported_reason(False)
+  if reason is not None:
+    raise SystemExit(f"benchmarks.mosaic_gconv: {reason}")
+
+  rng = np.random.default_rng(0)
+  out = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
+             batch=args.batch, dtype="bfloat16", rows=[])
+  lines = []
+  for hw, c, act in SHAPES:
+    shape = (args.batch, hw, hw, c)
+    xs = [jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for _ in range(2)]
+    kern = jnp.asarray(rng.standard_normal((3, 3, 8, c)) * 72 ** -0.5, jnp.float32)
+    bias = jnp.asarray(rng.standard_normal(c) * 0.1, jnp.float32)
+    ref = mg.grouped_conv_act_reference(xs[0].astype(jnp.float32), kern, bias, act=act)
+
+    def xla_fn(x):
+      y = grouped_conv(x, kern) + bias.astype(x.dtype)
+      return jax.nn.silu(y) if act == "silu" else y
+
+    xla = jax.jit(xla_fn)
+    row = dict(shape=list(shape), act=act, variants=[],
+               xla_ms=median_ms(xla, [(x,) for x in xs], args.iters, args.reps),
+               xla_err=_rel(xla(xs[0]), ref))
+    best = None
+    for v in VARIANTS:
+      full = jax.jit(lambda x, v=v: mg.grouped_conv_act(x, kern, bias, act=act, **v))
+      lay = mg.padded_rows(*shape[:3], v["block_m"])
+      rows_in = [jax.block_until_ready(mg.to_padded_rows(x, lay)) for x in xs]
+      kernel_only = jax.jit(lambda xr, v=v, lay=lay: mg.grouped_conv_rows(
+          xr, kern, bias, lay, act=act, **v))
+      try:
+        err = _rel(full(xs[0]), ref)
+        res = dict(v, full_ms=median_ms(full, [(x,) for x in xs], args.iters, args.reps),
+                   kernel_ms=median_ms(kernel_only, [(r,) for r in rows_in], args.iters,
+                                       args.reps), err=err)
+      except Exception as e:  # a variant that fails to compile is reported, not fatal
+        res = dict(v, error=f"{type(e).__name__}: {str(e)[:300]}")
+      row["variants"].append(res)
+      print(json.dumps(dict(shape=shape, **res)), flush=True)
+      if "kernel_ms" in res and res["err"] < 2e-2 and (best is None
+                                                         or res["kernel_ms"] < best["kernel_ms"]):
+        best = res
+    out["rows"].append(row)
+    lines.append(f"| {hw}x{hw}x{c} {act} | {row['xla_ms']:.3f} | "
+                 + ("- | - | - | - |" if best is None else
+                    f"{best['full_ms']:.3f} | {best['kernel_ms']:.3f} | "
+                    f"bm{best['block_m']} cc{best['chunk']} | {best['err']:.1e} |")
+                 + f" {row['xla_err']:.1e} |")
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(out, f, indent=1)
+  print(f"\n{out['device']}, jax {out['jax']}, {out['date']}, batch {args.batch}, bf16, ms")
+  print("| shape | XLA | Mosaic, whole call | Mosaic kernel alone | variant | err | XLA err |")
+  print("\n".join(lines))
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

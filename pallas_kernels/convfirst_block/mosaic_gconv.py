@@ -1,0 +1,199 @@
+"""Group-width-8 3x3 convolution + bias + activation on tensor cores: one Mosaic GPU kernel
+(experimental; not used by the models yet, and not yet compiled or timed on a GPU).
+
+Why: in ConvFirstNet's MBConv blocks (inference form) XLA's group-width-8 conv on the
+4C-wide hidden tensor is about half of the block (14x14x384 E4, batch 128, H200
+2026-11-26: 0.18 of 0.38 ms) and the split Mosaic expand / project kernels could not beat
+XLA's block around it (benchmarks/RESULTS.md, "The same split for MBConv").  A CUDA-core
+kernel would not beat it either (72 multiply-adds per output at the ~15 T/s the depthwise
+conv kernel reaches is XLA's time), so the taps go to wgmma with block-diagonal weights.
+
+**Layout: padded, image-interleaved flat rows.**  The input is stored as rows of
+zero-bordered images (``hp = H + 2`` rows of ``wp = W + 2`` pixels) with 8 images
+interleaved row by row: pixel (n, i, j) is row ``8 * ((n // 8 * hp + i + 1) * wp + j + 1) +
+n % 8``, every other row is zero, plus ``guard = 8 * (wp + 1)`` zero rows before and after.
+Then the input of tap (dy, dx) for any block of output rows is the block shifted by ``8 *
+(dy * wp + dx)`` rows: a multiple of 8, so all nine taps are 8-row-aligned slices of one
+shared-memory window (``block_m + 16 * (wp + 1)`` rows, TMA-loaded at an aligned start),
+which is what a wgmma operand must be.  (A plain padded layout needs shifts by one row for
+dx = +-1: Mosaic GPU's TMA copies into tiled shared memory refuse row starts that are not
+multiples of the 8-row tile -- "AssertionError" in its layout inference on 2026-11-26.)
+Per CTA (``block_m`` rows x ``chunk`` channels): one window, the 9 taps' (chunk x chunk)
+block-diagonal weight tiles and the bias by TMA, 9 wgmmas into one float32 accumulator,
+bias + activation in registers, one TMA store.  Rows at the zero border (and of the
+padding images when N is not a multiple of 8) produce garbage, dropped by
+``from_padded_rows``; a producer kernel writing this layout directly (the MBConv expand
+kernel) and a consumer reading it (the project kernel) would save the two layout passes.
+
+Cost model (not measured): with 32-channel chunks the block-diagonal tiles do 4x the real
+multiply-adds (14x14x1536, batch 128: ~22 GFLOP executed; a few tens of microseconds of
+wgmma); each input row is read from L2 about (block_m + 16 (wp + 1)) / block_m times (2.1x
+at 14x14 with 256-row CTAs), and the border rows cost (hp wp) / (H W) (1.3x at 14x14).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import mosaic_mlp
+from pallas_kernels.convfirst_block.pallas_triton import block_diagonal_conv_weight
+from pallas_kernels.convfirst_block.reference import GROUP_WIDTH, grouped_conv
+from pallas_kernels.mosaic_mlp import _activate, _interpret_params, _transforms
+
+KERNEL_SIZE = 3
+ACTIVATIONS = ("silu", "identity")
+
+
+class PaddedRows(NamedTuple):
+  """The padded, image-interleaved flat-row layout of an (n, h, w) batch (module
+  docstring)."""
+
+  n: int
+  h: int
+  w: int
+  wp: int          # padded row length: w + 2
+  rows: int        # output rows: 8 * ceil(n / 8) * (h + 2) * wp, rounded up to block_m
+  guard: int       # zero rows before and after the ``rows`` rows: 8 * (wp + 1)
+
+  @property
+  def total(self) -> int:
+    return self.rows + 2 * self.guard
+
+
+def padded_rows(n: int, h: int, w: int, block_m: int) -> PaddedRows:
+  wp = w + 2
+  rows = -(-(-(-n // 8) * 8 * (h + 2) * wp) // block_m) * block_m
+  return PaddedRows(n, h, w, wp, rows, 8 * (wp + 1))
+
+
+def to_padded_rows(x: jax.Array, layout: PaddedRows) -> jax.Array:
+  """(n, h, w, c) -> (layout.total, c)."""
+  n, h, w, c = x.shape
+  n8 = -(-n // 8)
+  xp = jnp.pad(x, ((0, 8 * n8 - n), (1, 1), (1, 1), (0, 0)))
+  xp = xp.reshape(n8, 8, h + 2, w + 2, c).transpose(0, 2, 3, 1, 4).reshape(-1, c)
+  tail = layout.rows - xp.shape[0] + layout.guard
+  return jnp.pad(xp, ((layout.guard, tail), (0, 0)))
+
+
+def from_padded_rows(y: jax.Array, layout: PaddedRows) -> jax.Array:
+  """(layout.rows, c) output rows -> (n, h, w, c): the rows of real pixels."""
+  n, h, w = layout.n, layout.h, layout.w
+  n8 = -(-n // 8)
+  y = y[: n8 * 8 * (h + 2) * (w + 2)].reshape(n8, h + 2, w + 2, 8, -1)
+  return y.transpose(0, 3, 1, 2, 4).reshape(8 * n8, h + 2, w + 2, -1)[:n, 1:h + 1, 1:w + 1]
+
+
+def unsupported_reason(x_shape, kernel_shape, dtype, chunk: int = 32) -> str | None:
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return (f"the Mosaic grouped conv takes bfloat16/float16 activations (wgmma operands), "
+            f"got {jnp.dtype(dtype).name}")
+  if len(x_shape) != 4:
+    return f"expects NHWC input of rank 4, got shape {tuple(x_shape)}"
+  c = x_shape[-1]
+  if tuple(kernel_shape) != (KERNEL_SIZE, KERNEL_SIZE, GROUP_WIDTH, c):
+    return (f"only 3x3 group-width-{GROUP_WIDTH} kernels of shape (3, 3, 8, {c}) are "
+            f"supported, got {tuple(kernel_shape)}")
+  if chunk not in (32, 64) or c % chunk:
+    return f"C={c} must be a multiple of the channel chunk {chunk} (32 or 64)"
+  return None
+
+
+def _kernel(x_gmem, w_gmem, b_gmem, out_gmem, *, wp: int, bm: int, cc: int, act: str):
+  """x_gmem: (total rows, C) padded interleaved rows; w_gmem: (C // cc, 9, cc, cc)
+  block-diagonal tap tiles (K = input channel, N = output channel within the chunk);
+  b_gmem: (C,) f32.  The window of output rows [r0, r0 + bm) starts at input row r0 (the
+  guard is 8 (wp + 1) rows); tap (dy, dx) is its slice at 8 ((dy + 1) wp + dx + 1)."""
+  dtype = x_gmem.dtype
+  r0 = lax.axis_index("m") * bm
+  chunk = lax.axis_index("c")
+  cols = pl.ds(chunk * cc, cc)
+  win = bm + 16 * (wp + 1)
+
+  def scoped(x_smem, w_smem, b_smem, o_smem, bars):
+    plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(r0, win), cols], x_smem, bars.at[0])
+    plgpu.copy_gmem_to_smem(w_gmem.at[chunk], w_smem, bars.at[1])
+    plgpu.copy_gmem_to_smem(b_gmem.at[cols], b_smem, bars.at[2])
+    for i in range(3):
+      plgpu.barrier_wait(bars.at[i])
+
+    def taps(acc_ref):
+      for dy in range(3):
+        for dx in range(3):
+          off = 8 * (dy * wp + dx)
+          plgpu.wgmma(acc_ref, x_smem.at[pl.ds(off, bm)], w_smem.at[dy * 3 + dx])
+      plgpu.wgmma_wait(0)
+      return acc_ref[...]
+
+    acc = pl.run_scoped(taps, plgpu.ACC((bm, cc), jnp.float32))
+    o_smem[...] = _activate(acc, b_smem, act, dtype)
+    plgpu.commit_smem()
+    plgpu.copy_smem_to_gmem(o_smem, out_gmem.at[pl.ds(r0, bm), cols])
+    plgpu.wait_smem_to_gmem(0)
+
+  pl.run_scoped(
+      scoped,
+      plgpu.SMEM((win, cc), dtype, transforms=_transforms(cc, dtype)),
+      plgpu.SMEM((9, cc, cc), dtype, transforms=_transforms(cc, dtype)),
+      plgpu.SMEM((cc,), jnp.float32),
+      plgpu.SMEM((bm, cc), dtype, transforms=_transforms(cc, dtype)),
+      plgpu.Barrier(num_barriers=3),
+  )
+
+
+def grouped_conv_rows(xr: jax.Array, kernel: jax.Array, bias: jax.Array, layout: PaddedRows,
+                      *, act: str = "silu", chunk: int = 32, block_m: int = 64,
+                      interpret=False) -> jax.Array:
+  """act(gconv(x) + bias) on padded flat rows: (layout.total, C) -> (layout.rows, C), the
+  border rows garbage.  For a producer / consumer that keep the layout themselves."""
+  if act not in ACTIVATIONS:
+    raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
+  if block_m not in (64, 128, 256) or layout.rows % block_m:
+    raise ValueError(f"block_m must be 64, 128 or 256 and divide the layout's {layout.rows} "
+                     f"rows, got {block_m}")
+  total, c = xr.shape
+  if total != layout.total:
+    raise ValueError(f"expected {layout.total} padded rows for {layout}, got {total}")
+  w = block_diagonal_conv_weight(kernel, chunk, c, xr.dtype)        # (9, C, chunk)
+  w = w.reshape(9, c // chunk, chunk, chunk).transpose(1, 0, 2, 3)   # (C//chunk, 9, K, N)
+  return plgpu.kernel(
+      functools.partial(_kernel, wp=layout.wp, bm=block_m, cc=chunk, act=act),
+      out_type=jax.ShapeDtypeStruct((layout.rows, c), xr.dtype),
+      grid=(layout.rows // block_m, c // chunk), grid_names=("m", "c"),
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=_interpret_params(interpret),
+  )(xr, w, bias.astype(jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("act", "chunk", "block_m", "interpret"))
+def grouped_conv_act(x: jax.Array, kernel: jax.Array, bias: jax.Array, *, act: str = "silu",
+                     chunk: int = 32, block_m: int = 64, interpret=False) -> jax.Array:
+  """act(grouped_conv_3x3(x, kernel) + bias) for NHWC ``x`` (bfloat16/float16), kernel
+  (3, 3, 8, C), bias (C,), "same" padding, stride 1; float32 accumulation, result in
+  x.dtype.  Pads x into the padded-row layout, runs the kernel, drops the border rows."""
+  reason = (mosaic_mlp.device_unsupported_reason(bool(interpret))
+            or unsupported_reason(x.shape, kernel.shape, x.dtype, chunk))
+  if reason is not None:
+    raise NotImplementedError(f"mosaic_gconv.grouped_conv_act: {reason}")
+  if tuple(bias.shape) != (x.shape[-1],):
+    raise ValueError(f"bias must be ({x.shape[-1]},), got {tuple(bias.shape)}")
+  n, h, w, _ = x.shape
+  layout = padded_rows(n, h, w, block_m)
+  y = grouped_conv_rows(to_padded_rows(x, layout), kernel, bias, layout, act=act,
+                        chunk=chunk, block_m=block_m, interpret=interpret)
+  return from_padded_rows(y, layout)
+
+
+def grouped_conv_act_reference(x, kernel, bias, *, act: str = "silu"):
+  """The same in XLA, float32 accumulation, result in x.dtype."""
+  y = grouped_conv(x.astype(jnp.float32), kernel.astype(jnp.float32)) + bias
+  if act == "silu":
+    y = jax.nn.silu(y)
+  return y.astype(x.dtype)

@@ -9,7 +9,11 @@ shared-memory window is block_m + 16 (W + 3) rows).  XLA = what the models' XLA 
 (the conv in x.dtype, + bias, activation).  For each kernel variant (``block_m``,
 ``chunk``) it reports the whole call (layout in, kernel, layout out) and the kernel alone on
 input already in the padded-row layout (what an expand kernel writing that layout would
-leave), with the error of each against the float32 reference.  Times: median of
+leave), with the error of each against the float32 reference.  Then the whole MBConv block
+(inference form, k=3, E=4, at convfirst_t's 14x14x384 and 7x7x768): XLA's block vs
+``mosaic_gconv.mbconv_forward`` (expand, grouped conv, project: three Mosaic kernels, plus
+the layout passes) and ``mbconv_rows`` alone (input already laid out, as inside a stage of
+chained blocks).  Times: median of
 ``--iters`` samples of ``--reps`` back-to-back calls alternating two random inputs
 (pallas_kernels.timing).  Needs a Hopper GPU.
 """
@@ -47,7 +51,8 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
   from pallas_kernels import mosaic_mlp
   from pallas_kernels.convfirst_block import mosaic_gconv as mg
-  from pallas_kernels.convfirst_block.reference import grouped_conv
+  from pallas_kernels.convfirst_block.reference import (
+      MBConvBlockParams, grouped_conv, mbconv_block_reference)
   reason = mosaic_mlp.device_unsupported_reason(False)
   if reason is not None:
     raise SystemExit(f"benchmarks.mosaic_gconv: {reason}")
@@ -75,7 +80,7 @@ def main(argv=None) -> int:
     best = None
     for v in VARIANTS:
       full = jax.jit(lambda x, v=v: mg.grouped_conv_act(x, kern, bias, act=act, **v))
-      lay = mg.padded_rows(*shape[:3], v["block_m"])
+      lay = mg.padded_rows(*shape[:3])
       rows_in = [jax.block_until_ready(mg.to_padded_rows(x, lay)) for x in xs]
       kernel_only = jax.jit(lambda xr, v=v, lay=lay: mg.grouped_conv_rows(
           xr, kern, bias, lay, act=act, **v))
@@ -97,12 +102,49 @@ def main(argv=None) -> int:
                     f"{best['full_ms']:.3f} | {best['kernel_ms']:.3f} | "
                     f"bm{best['block_m']} cc{best['chunk']} | {best['err']:.1e} |")
                  + f" {row['xla_err']:.1e} |")
+  blocks = []
+  for hw, c in ((14, 384), (7, 768)):
+    shape = (args.batch, hw, hw, c)
+    xs = [jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for _ in range(2)]
+    f = lambda *s, scale: jnp.asarray(rng.standard_normal(s) * scale, jnp.float32)
+    p = MBConvBlockParams(
+        fc1_kernel=f(c, 4 * c, scale=c ** -0.5), fc1_bias=f(4 * c, scale=0.1),
+        conv_kernel=f(3, 3, 8, 4 * c, scale=72 ** -0.5), conv_bias=f(4 * c, scale=0.1),
+        fc2_kernel=f(4 * c, c, scale=(4 * c) ** -0.5), fc2_bias=f(c, scale=0.1))
+    ref = mbconv_block_reference(xs[0].astype(jnp.float32), p)
+    xla = jax.jit(lambda x: mbconv_block_reference(x, p))
+    mos = jax.jit(lambda x: mg.mbconv_forward(x, p))
+    lay = mg.padded_rows(*shape[:3])
+    mask = mg.row_mask(lay)
+    rows_in = [jax.block_until_ready(mg.to_padded_rows(x, lay)) for x in xs]
+    rows = jax.jit(lambda xr: mg.mbconv_rows(xr, p, lay, mask))
+    row = dict(shape=list(shape), expansion=4,
+               xla_ms=median_ms(xla, [(x,) for x in xs], args.iters, args.reps),
+               xla_err=_rel(xla(xs[0]), ref))
+    try:
+      row.update(mosaic_ms=median_ms(mos, [(x,) for x in xs], args.iters, args.reps),
+                 rows_ms=median_ms(rows, [(r,) for r in rows_in], args.iters, args.reps),
+                 mosaic_err=_rel(mos(xs[0]), ref))
+    except Exception as e:  # reported, not fatal
+      row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    out["blocks"] = blocks
+    blocks.append(row)
+    print(json.dumps(row), flush=True)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(out, f, indent=1)
   print(f"\n{out['device']}, jax {out['jax']}, {out['date']}, batch {args.batch}, bf16, ms")
   print("| shape | XLA | Mosaic, whole call | Mosaic kernel alone | variant | err | XLA err |")
   print("\n".join(lines))
+  print("| MBConv block, E=4 | XLA | Mosaic (3 kernels + layout) | in the layout | x | err | "
+        "XLA err |")
+  for r in blocks:
+    name = "x".join(map(str, r["shape"][1:]))
+    if "error" in r:
+      print(f"| {name} | {r['xla_ms']:.3f} | {r['error'][:60]} |")
+    else:
+      print(f"| {name} | {r['xla_ms']:.3f} | {r['mosaic_ms']:.3f} | {r['rows_ms']:.3f} | "
+            f"{r['xla_ms'] / r['rows_ms']:.2f} | {r['mosaic_err']:.1e} | {r['xla_err']:.1e} |")
   return 0
 
 

@@ -218,11 +218,15 @@ def _normalise_into(z_smem, zb_smem, zn_smem, *, normalize: bool, eps: float):
   plgpu.commit_smem()  # visible to the tensor cores; orders the reads of z_smem before any TMA
 
 
-def _activate(h, b1_ref, act: str, dtype):
-  """act(h + b1) in ``dtype``: the hidden chunk's bias and activation, in registers."""
+def _activate(h, b1_ref, act: str, dtype, row_mask_ref=None):
+  """act(h + b1) in ``dtype``: the hidden chunk's bias and activation, in registers;
+  with ``row_mask_ref`` (rows,) act(h + row_mask * b1)."""
   rows, hc = h.shape
-  b1 = plgpu.load(b1_ref, layout=_WG.reduce(0))
-  return _activation(h + lax.broadcast_in_dim(b1, (rows, hc), [1]), act).astype(dtype)
+  b1 = lax.broadcast_in_dim(plgpu.load(b1_ref, layout=_WG.reduce(0)), (rows, hc), [1])
+  if row_mask_ref is not None:
+    mask = plgpu.load(row_mask_ref, layout=_WG.reduce(1))
+    b1 = b1 * lax.broadcast_in_dim(mask, (rows, hc), [0])
+  return _activation(h + b1, act).astype(dtype)
 
 
 def _project(acc2_ref, h, w2_smem, h_smem):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import jax
 
 from pallas_kernels import mosaic_mlp
-from pallas_kernels.convfirst_block import mosaic, pallas_triton
+from pallas_kernels.convfirst_block import mosaic, mosaic_gconv, pallas_triton
 from pallas_kernels.convfirst_block.common import pallas_gpu_unsupported_reason
 from pallas_kernels.convfirst_block.reference import (
     ConvFirstBlockParams,
@@ -110,9 +110,21 @@ def convfirst_block(x: jax.Array, params: ConvFirstBlockParams, *,
 
 
 def mbconv_block(x: jax.Array, params: MBConvBlockParams, *,
-                 implementation: str | None = None, interpret: bool = False) -> jax.Array:
-  """x + fc2(silu(gconv_kxk(silu(fc1(x) + b1)) + b0)) + b2, NHWC, group width 8, stride 1."""
+                 implementation: str | None = None, interpret: bool = False,
+                 forward_kernel: str | None = None) -> jax.Array:
+  """x + fc2(silu(gconv_kxk(silu(fc1(x) + b1)) + b0)) + b2, NHWC, group width 8, stride 1.
+
+  forward_kernel: which Pallas kernels run when Pallas is used: None or "triton" = the
+  single-launch Pallas-Triton kernel; "mosaic" = the experimental three-kernel Mosaic GPU
+  form (``mosaic_gconv.mbconv_forward``: tensor-core grouped conv, k = 3, bfloat16/float16,
+  C and E multiples of 64; not yet timed on a GPU, so only on request), raising
+  NotImplementedError naming what it does not support."""
   _check(x, params, params.fc1_kernel.shape[-1], "mbconv_block")
+  if forward_kernel not in (None, *FORWARD_KERNELS):
+    raise ValueError(f"forward_kernel must be one of None, {FORWARD_KERNELS}, "
+                     f"got {forward_kernel!r}")
   if _use_pallas(implementation, x, params, interpret, "mbconv_block"):
+    if forward_kernel == "mosaic":
+      return mosaic_gconv.mbconv_forward(x, params, interpret=interpret)
     return pallas_triton.mbconv_block_pallas(x, params, interpret=interpret)
   return mbconv_block_reference(x, params)

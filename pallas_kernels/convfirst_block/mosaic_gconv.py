@@ -11,7 +11,7 @@ conv kernel reaches is XLA's time), so the taps go to wgmma with block-diagonal 
 **Layout: padded, image-interleaved flat rows.**  The input is stored as rows of
 zero-bordered images (``hp = H + 2`` rows of ``wp = W + 2`` pixels) with 8 images
 interleaved row by row: pixel (n, i, j) is row ``8 * ((n // 8 * hp + i + 1) * wp + j + 1) +
-n % 8``, every other row is zero, plus ``guard = 8 * (wp + 1)`` zero rows before and after.
+n % 8``, every other row is zero, plus ``guard >= 8 * (wp + 1)`` zero rows before and after.
 Then the input of tap (dy, dx) for any block of output rows is the block shifted by ``8 *
 (dy * wp + dx)`` rows: a multiple of 8, so all nine taps are 8-row-aligned slices of one
 shared-memory window (``block_m + 16 * (wp + 1)`` rows, TMA-loaded at an aligned start),
@@ -42,9 +42,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import mosaic_mlp
+from pallas_kernels import mosaic_mlp, mosaic_split
 from pallas_kernels.convfirst_block.pallas_triton import block_diagonal_conv_weight
-from pallas_kernels.convfirst_block.reference import GROUP_WIDTH, grouped_conv
+from pallas_kernels.convfirst_block.reference import (
+    GROUP_WIDTH,
+    MBConvBlockParams,
+    _check,
+    grouped_conv,
+)
 from pallas_kernels.mosaic_mlp import _activate, _interpret_params, _transforms
 
 KERNEL_SIZE = 3
@@ -59,18 +64,25 @@ class PaddedRows(NamedTuple):
   h: int
   w: int
   wp: int          # padded row length: w + 2
-  rows: int        # output rows: 8 * ceil(n / 8) * (h + 2) * wp, rounded up to block_m
-  guard: int       # zero rows before and after the ``rows`` rows: 8 * (wp + 1)
+  rows: int        # output rows: 8 * ceil(n / 8) * (h + 2) * wp, rounded up to ``multiple``
+  guard: int       # zero rows before and after the ``rows`` rows: >= 8 * (wp + 1), a
+                   # multiple of 64 (so the rows with guards suit 64-row CTAs too)
 
   @property
   def total(self) -> int:
     return self.rows + 2 * self.guard
 
 
-def padded_rows(n: int, h: int, w: int, block_m: int) -> PaddedRows:
+def padded_rows(n: int, h: int, w: int, multiple: int = 256) -> PaddedRows:
   wp = w + 2
-  rows = -(-(-(-n // 8) * 8 * (h + 2) * wp) // block_m) * block_m
-  return PaddedRows(n, h, w, wp, rows, 8 * (wp + 1))
+  rows = -(-(-(-n // 8) * 8 * (h + 2) * wp) // multiple) * multiple
+  return PaddedRows(n, h, w, wp, rows, -(-8 * (wp + 1) // 64) * 64)
+
+
+def row_mask(layout: PaddedRows) -> jax.Array:
+  """(layout.total,) float32: 1 at the rows of real pixels, 0 elsewhere."""
+  ones = jnp.ones((layout.n, layout.h, layout.w, 1), jnp.float32)
+  return to_padded_rows(ones, layout)[:, 0]
 
 
 def to_padded_rows(x: jax.Array, layout: PaddedRows) -> jax.Array:
@@ -106,11 +118,13 @@ def unsupported_reason(x_shape, kernel_shape, dtype, chunk: int = 32) -> str | N
   return None
 
 
-def _kernel(x_gmem, w_gmem, b_gmem, out_gmem, *, wp: int, bm: int, cc: int, act: str):
+def _kernel(x_gmem, w_gmem, b_gmem, out_gmem, *, wp: int, bm: int, cc: int, guard: int,
+            act: str):
   """x_gmem: (total rows, C) padded interleaved rows; w_gmem: (C // cc, 9, cc, cc)
   block-diagonal tap tiles (K = input channel, N = output channel within the chunk);
-  b_gmem: (C,) f32.  The window of output rows [r0, r0 + bm) starts at input row r0 (the
-  guard is 8 (wp + 1) rows); tap (dy, dx) is its slice at 8 ((dy + 1) wp + dx + 1)."""
+  b_gmem: (C,) f32.  Output row r is input row guard + r; the window of output rows
+  [r0, r0 + bm) starts at input row r0 + guard - 8 (wp + 1) (a multiple of 8), and tap
+  (dy, dx) is its slice at 8 ((dy + 1) wp + dx + 1)."""
   dtype = x_gmem.dtype
   r0 = lax.axis_index("m") * bm
   chunk = lax.axis_index("c")
@@ -118,7 +132,8 @@ def _kernel(x_gmem, w_gmem, b_gmem, out_gmem, *, wp: int, bm: int, cc: int, act:
   win = bm + 16 * (wp + 1)
 
   def scoped(x_smem, w_smem, b_smem, o_smem, bars):
-    plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(r0, win), cols], x_smem, bars.at[0])
+    plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(r0 + guard - 8 * (wp + 1), win), cols], x_smem,
+                            bars.at[0])
     plgpu.copy_gmem_to_smem(w_gmem.at[chunk], w_smem, bars.at[1])
     plgpu.copy_gmem_to_smem(b_gmem.at[cols], b_smem, bars.at[2])
     for i in range(3):
@@ -164,7 +179,8 @@ def grouped_conv_rows(xr: jax.Array, kernel: jax.Array, bias: jax.Array, layout:
   w = block_diagonal_conv_weight(kernel, chunk, c, xr.dtype)        # (9, C, chunk)
   w = w.reshape(9, c // chunk, chunk, chunk).transpose(1, 0, 2, 3)   # (C//chunk, 9, K, N)
   return plgpu.kernel(
-      functools.partial(_kernel, wp=layout.wp, bm=block_m, cc=chunk, act=act),
+      functools.partial(_kernel, wp=layout.wp, bm=block_m, cc=chunk, guard=layout.guard,
+                        act=act),
       out_type=jax.ShapeDtypeStruct((layout.rows, c), xr.dtype),
       grid=(layout.rows // block_m, c // chunk), grid_names=("m", "c"),
       compiler_params=plgpu.CompilerParams(approx_math=True),
@@ -185,7 +201,7 @@ def grouped_conv_act(x: jax.Array, kernel: jax.Array, bias: jax.Array, *, act: s
   if tuple(bias.shape) != (x.shape[-1],):
     raise ValueError(f"bias must be ({x.shape[-1]},), got {tuple(bias.shape)}")
   n, h, w, _ = x.shape
-  layout = padded_rows(n, h, w, block_m)
+  layout = padded_rows(n, h, w)
   y = grouped_conv_rows(to_padded_rows(x, layout), kernel, bias, layout, act=act,
                         chunk=chunk, block_m=block_m, interpret=interpret)
   return from_padded_rows(y, layout)
@@ -197,3 +213,63 @@ def grouped_conv_act_reference(x, kernel, bias, *, act: str = "silu"):
   if act == "silu":
     y = jax.nn.silu(y)
   return y.astype(x.dtype)
+
+
+# ----------------------------------------------------------------- the MBConv block on it
+
+
+def mbconv_unsupported_reason(x_shape, params: MBConvBlockParams, dtype,
+                              chunk: int = 32) -> str | None:
+  """Why ``mbconv_forward`` cannot run this call (None: it can)."""
+  n, h, w, c = x_shape
+  e = params.fc1_kernel.shape[-1]
+  return (mosaic_split.unsupported_reason(n * h * w, c, e, dtype)
+          or unsupported_reason((n, h, w, e), params.conv_kernel.shape, dtype, chunk))
+
+
+def mbconv_rows(xr: jax.Array, params: MBConvBlockParams, layout: PaddedRows, mask: jax.Array,
+                *, chunk: int = 32, gconv_block_m: int = 256, interpret=False) -> jax.Array:
+  """The MBConv block x + fc2(silu(gconv(silu(fc1(x) + b1)) + b0)) + b2 on padded rows:
+  (layout.total, C) -> (layout.total, C), zero at every row that is not a real pixel, so a
+  stage of blocks can chain in the layout.  ``mask`` = ``row_mask(layout)``.
+
+  Three kernels: the split expand kernel (``mosaic_split``) with its bias scaled by the row
+  mask, so border rows (x = 0) give silu(0) = 0 -- the conv's zero padding; the grouped conv
+  kernel above; the split project kernel with the row mask as its row scale, so border rows
+  come out as their residual, 0.  The 4C-wide h and g each make one bf16 DRAM round trip."""
+  c = xr.shape[1]
+  e = params.fc1_kernel.shape[-1]
+  dtype = xr.dtype
+  kw = dict(compiler_params=plgpu.CompilerParams(approx_math=True),
+            interpret=_interpret_params(interpret))
+  hc = mosaic_split.choose_hidden_chunk(c, 2)
+  cb = mosaic_split._column_block(c)
+  hr = mosaic_split.expand_call(
+      xr, jnp.zeros((c,), jnp.float32), params.fc1_kernel, params.fc1_bias, hc=hc, cb=cb,
+      act="silu", normalize=False, eps=1e-6, stages=2,
+      staging=mosaic_split.choose_staging(c, hc, 2), bias_row_mask=mask, **kw)
+  g = grouped_conv_rows(hr, params.conv_kernel, params.conv_bias, layout, act="silu",
+                        chunk=chunk, block_m=gconv_block_m, interpret=interpret)
+  inner = slice(layout.guard, layout.guard + layout.rows)
+  y = mosaic_split.project_call(g, xr[inner], mask[inner], params.fc2_kernel.astype(dtype),
+                                params.fc2_bias, bn=mosaic_split._column_block(c), kc=64,
+                                stages=3, **kw)
+  return jnp.pad(y, ((layout.guard, layout.guard), (0, 0)))
+
+
+@functools.partial(jax.jit, static_argnames=("chunk", "gconv_block_m", "interpret"))
+def mbconv_forward(x: jax.Array, params: MBConvBlockParams, *, chunk: int = 32,
+                   gconv_block_m: int = 256, interpret=False) -> jax.Array:
+  """``mbconv_block_reference(x, params)`` (k = 3) through ``mbconv_rows``: x into the padded
+  row layout, the three kernels, the real pixels out.  Raises NotImplementedError naming
+  what it does not support (bfloat16/float16, C and E multiples of 64, k = 3)."""
+  _check(x, params, params.fc1_kernel.shape[-1], "mosaic_gconv.mbconv_forward")
+  reason = (mosaic_mlp.device_unsupported_reason(bool(interpret))
+            or mbconv_unsupported_reason(x.shape, params, x.dtype, chunk))
+  if reason is not None:
+    raise NotImplementedError(f"mosaic_gconv.mbconv_forward: {reason}")
+  n, h, w, _ = x.shape
+  layout = padded_rows(n, h, w)
+  y = mbconv_rows(to_padded_rows(x, layout), params, layout, row_mask(layout), chunk=chunk,
+                  gconv_block_m=gconv_block_m, interpret=interpret)
+  return from_padded_rows(y[layout.guard:layout.guard + layout.rows], layout)

@@ -12,7 +12,9 @@ import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import mosaic_mlp
+from pallas_kernels.convfirst_block import MBConvBlockParams
 from pallas_kernels.convfirst_block import mosaic_gconv as mg
+from pallas_kernels.convfirst_block.reference import mbconv_block_reference
 
 from tests.pallas_kernels.test_mosaic_mlp import BF16_TOL, _rel
 
@@ -88,6 +90,58 @@ def test_errors_name_the_problem():
     mg.grouped_conv_act(x, w, b, act="gelu", interpret=True)
 
 
+def _mbconv(c, e, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 6)
+  return MBConvBlockParams(
+      fc1_kernel=jax.random.normal(ks[0], (c, e)) * c ** -0.5,
+      fc1_bias=0.5 * jax.random.normal(ks[1], (e,)),
+      conv_kernel=jax.random.normal(ks[2], (3, 3, 8, e)) * 72 ** -0.5,
+      conv_bias=0.1 * jax.random.normal(ks[3], (e,)),
+      fc2_kernel=jax.random.normal(ks[4], (e, c)) * e ** -0.5,
+      fc2_bias=0.1 * jax.random.normal(ks[5], (c,)))
+
+
+@pytest.mark.parametrize("shape,e", [((2, 5, 7, 64), 256),    # odd H, W; one image group
+                                     ((9, 3, 4, 128), 256),   # two groups, a partial one
+                                     ((1, 1, 1, 64), 128)])   # one pixel: every tap but one
+def test_mbconv_forward_matches_reference(shape, e):          # reads the zero border
+  """The three-kernel MBConv block (expand with the row-masked bias, grouped conv, project
+  with the row mask as row scale) vs the float32 reference; a nonzero fc1 bias makes the
+  border rows' h nonzero unless the mask works."""
+  x = jax.random.normal(jax.random.key(shape[0]), shape).astype(jnp.bfloat16)
+  p = _mbconv(shape[-1], e, seed=sum(shape))
+  got = mg.mbconv_forward(x, p, interpret=True)
+  want = mbconv_block_reference(x.astype(jnp.float32), p)
+  assert got.shape == x.shape and got.dtype == x.dtype
+  assert _rel(got, want) < BF16_TOL
+
+
+def test_mbconv_rows_keep_the_border_zero():
+  """mbconv_rows returns exact zeros off the real pixels, so blocks can chain in the layout;
+  two chained blocks match two reference blocks."""
+  x = jax.random.normal(jax.random.key(7), (2, 4, 5, 64)).astype(jnp.bfloat16)
+  p, q = _mbconv(64, 128, seed=1), _mbconv(64, 128, seed=2)
+  lay = mg.padded_rows(2, 4, 5)
+  mask = mg.row_mask(lay)
+  y = mg.mbconv_rows(mg.to_padded_rows(x, lay), p, lay, mask, interpret=True)
+  assert not np.asarray(y.astype(jnp.float32)[np.asarray(mask) == 0]).any()
+  y = mg.mbconv_rows(y, q, lay, mask, interpret=True)
+  got = mg.from_padded_rows(y[lay.guard:lay.guard + lay.rows], lay)
+  want = mbconv_block_reference(mbconv_block_reference(x.astype(jnp.float32), p), q)
+  assert _rel(got, want) < BF16_TOL
+
+
+def test_mbconv_forward_errors():
+  x = jnp.zeros((1, 4, 4, 64), jnp.bfloat16)
+  with pytest.raises(NotImplementedError, match="multiple of 64"):
+    mg.mbconv_forward(jnp.zeros((1, 4, 4, 32), jnp.bfloat16), _mbconv(32, 128), interpret=True)
+  with pytest.raises(NotImplementedError, match="bfloat16/float16"):
+    mg.mbconv_forward(x.astype(jnp.float32), _mbconv(64, 128), interpret=True)
+  with pytest.raises(ValueError, match="conv_kernel"):
+    mg.mbconv_forward(x, _mbconv(64, 128)._replace(conv_kernel=jnp.zeros((3, 3, 8, 64))),
+                      interpret=True)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(2, 14, 14, 1536), (3, 7, 7, 3072), (1, 9, 11, 64)])
 def test_compiled_grouped_conv_on_gpu(shape):
@@ -112,3 +166,28 @@ def test_kernel_lowers_for_cuda(shape, kw):
   w, b = jnp.zeros((3, 3, 8, shape[-1])), jnp.zeros((shape[-1],))
   jax.jit(lambda xr: mg.grouped_conv_rows(xr, w, b, lay, **kw)).trace(xr).lower(
       lowering_platforms=("cuda",))
+
+
+@pytest.mark.parametrize("shape", [(128, 14, 14, 384), (128, 7, 7, 768)])
+def test_mbconv_kernels_lower_for_cuda(shape):
+  """convfirst_t's MBConv stages (E=4): all three kernels through Mosaic GPU's lowering."""
+  n, h, w, c = shape
+  lay = mg.padded_rows(n, h, w)
+  xr = jax.ShapeDtypeStruct((lay.total, c), jnp.bfloat16)
+  p = jax.tree.map(jnp.zeros_like, _mbconv(c, 4 * c))
+  jax.jit(lambda xr: mg.mbconv_rows(xr, p, lay, mg.row_mask(lay))).trace(xr).lower(
+      lowering_platforms=("cuda",))
+
+
+def test_mbconv_block_forward_kernel_mosaic():
+  """The public entry point runs the Mosaic form only when asked for by name."""
+  from pallas_kernels.convfirst_block import mbconv_block
+  x = jax.random.normal(jax.random.key(3), (2, 3, 5, 64)).astype(jnp.bfloat16)
+  p = _mbconv(64, 128, seed=4)
+  got = mbconv_block(x, p, implementation="pallas", interpret=True, forward_kernel="mosaic")
+  assert _rel(got, mbconv_block_reference(x.astype(jnp.float32), p)) < BF16_TOL
+  with pytest.raises(ValueError, match="forward_kernel"):
+    mbconv_block(x, p, implementation="pallas", interpret=True, forward_kernel="cuda")
+  with pytest.raises(NotImplementedError, match="3x3"):
+    p5 = p._replace(conv_kernel=jnp.zeros((5, 5, 8, 128)))
+    mbconv_block(x, p5, implementation="pallas", interpret=True, forward_kernel="mosaic")

@@ -191,3 +191,15 @@ def test_mbconv_block_forward_kernel_mosaic():
   with pytest.raises(NotImplementedError, match="3x3"):
     p5 = p._replace(conv_kernel=jnp.zeros((5, 5, 8, 128)))
     mbconv_block(x, p5, implementation="pallas", interpret=True, forward_kernel="mosaic")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(2, 14, 14, 384), (3, 7, 7, 768)])
+def test_compiled_mbconv_on_gpu(shape):
+  """Not yet run: the three compiled kernels at convfirst_t's MBConv widths (E=4)."""
+  if mosaic_mlp.device_unsupported_reason(False) is not None:
+    pytest.skip(mosaic_mlp.device_unsupported_reason(False))
+  x = jax.random.normal(jax.random.key(shape[-1]), shape).astype(jnp.bfloat16)
+  p = _mbconv(shape[-1], 4 * shape[-1], seed=shape[0])
+  got = mg.mbconv_forward(x, p)
+  assert _rel(got, mbconv_block_reference(x.astype(jnp.float32), p)) < BF16_TOL

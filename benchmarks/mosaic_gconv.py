@@ -28,18 +28,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.dwconv_kernel import _rel
 from pallas_kernels.timing import median_ms
 
 # (H, C, activation): convfirst_t's MBConv hidden tensors (E=4) and ConvFirst block inputs.
 SHAPES = ((14, 1536, "silu"), (7, 3072, "silu"), (28, 192, "identity"))
 VARIANTS = (dict(block_m=64, chunk=32), dict(block_m=128, chunk=32),
             dict(block_m=256, chunk=32), dict(block_m=128, chunk=64))
-
-
-def _rel(a, b):
-  a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
-  b = np.asarray(jnp.asarray(b, jnp.float32), np.float64)
-  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
 def main(argv=None) -> int:

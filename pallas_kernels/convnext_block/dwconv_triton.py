@@ -248,6 +248,25 @@ def resolve_wgrad_tiles(h: int, w: int, c: int, tiles: WgradTiles | None = None)
   return t._replace(strip=min(t.strip or 7, h), tile_w=tile_w, cblock=cblock)
 
 
+def _wgrad_program(h: int, w: int, c: int, tiles: WgradTiles):
+  """What a kernel-gradient program (image n = program 0, column tile = program 1, channel
+  block = program 2) works on: its columns ww, first channel c0, the number of row strips,
+  its partial-sum slot, and ``load_row(ref, i, cols)``: row i of image n at columns
+  ``cols`` (zero outside the image) in float32."""
+  n = pl.program_id(0)
+  wt = pl.program_id(1)
+  ww = wt * tiles.tile_w + jnp.arange(tiles.tile_w, dtype=jnp.int32)
+  c0, ch, mask_of = _channel_block(c, tiles.cblock)
+
+  def load_row(ref, i, cols):
+    ok = (cols >= 0) & (cols < w) & (i >= 0) & (i < h)
+    pix = jnp.where(ok, (n * h + i) * w + cols, 0)
+    return plgpu.load(ref.at[pix[:, None] * c + ch[None, :]], mask=mask_of(ok),
+                      other=0).astype(f32)
+
+  return ww, c0, cm.cdiv(h, tiles.strip), n * pl.num_programs(1) + wt, load_row
+
+
 def _wgrad_one_pass_kernel(x_ref, g_ref, o_ref, *, h, w, c, k, cpad, tiles: WgradTiles,
                            fused_fma: bool):
   """One program: image n, ``tile_w`` columns, ``cblock`` channels, all k*k taps.  It walks
@@ -265,18 +284,7 @@ def _wgrad_one_pass_kernel(x_ref, g_ref, o_ref, *, h, w, c, k, cpad, tiles: Wgra
   not a default; its 49 cross-thread column sums per program are the suspected cost."""
   pad = k // 2
   strip, tile_w, cblock = tiles.strip, tiles.tile_w, tiles.cblock
-  n = pl.program_id(0)
-  wt = pl.program_id(1)
-  ww = wt * tile_w + jnp.arange(tile_w, dtype=jnp.int32)
-  c0, ch, mask_of = _channel_block(c, cblock)
-  strips = cm.cdiv(h, strip)
-  part = n * pl.num_programs(1) + wt
-
-  def load_row(ref, i, cols):
-    ok = (cols >= 0) & (cols < w) & (i >= 0) & (i < h)
-    pix = jnp.where(ok, (n * h + i) * w + cols, 0)
-    return plgpu.load(ref.at[pix[:, None] * c + ch[None, :]], mask=mask_of(ok),
-                      other=0).astype(f32)
+  ww, c0, strips, part, load_row = _wgrad_program(h, w, c, tiles)
 
   def strip_pass(s, accs):
     r0 = s * strip
@@ -310,19 +318,7 @@ def _wgrad_kernel(x_ref, g_ref, o_ref, *, h, w, c, k, cpad, tiles: WgradTiles,
   and stored as this program's partial kernel gradient; XLA sums the partials."""
   pad = k // 2
   strip, tile_w, cblock = tiles.strip, tiles.tile_w, tiles.cblock
-  n = pl.program_id(0)
-  wt = pl.program_id(1)
-  ww = wt * tile_w + jnp.arange(tile_w, dtype=jnp.int32)
-  c0, ch, mask_of = _channel_block(c, cblock)
-  strips = cm.cdiv(h, strip)
-  part = n * pl.num_programs(1) + wt
-
-
-  def load_row(ref, i, cols):
-    ok = (cols >= 0) & (cols < w) & (i >= 0) & (i < h)
-    pix = jnp.where(ok, (n * h + i) * w + cols, 0)
-    return plgpu.load(ref.at[pix[:, None] * c + ch[None, :]], mask=mask_of(ok),
-                      other=0).astype(f32)
+  ww, c0, strips, part, load_row = _wgrad_program(h, w, c, tiles)
 
   def column_pass(dx, carry):
     iw = ww + (dx - pad)

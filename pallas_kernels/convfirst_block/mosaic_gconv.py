@@ -239,7 +239,6 @@ def mbconv_rows(xr: jax.Array, params: MBConvBlockParams, layout: PaddedRows, ma
   come out as their residual, 0.  The 4C-wide h and g each make one bf16 DRAM round trip."""
   c = xr.shape[1]
   e = params.fc1_kernel.shape[-1]
-  dtype = xr.dtype
   kw = dict(compiler_params=plgpu.CompilerParams(approx_math=True),
             interpret=_interpret_params(interpret))
   hc = mosaic_split.choose_hidden_chunk(c, 2)
@@ -251,7 +250,7 @@ def mbconv_rows(xr: jax.Array, params: MBConvBlockParams, layout: PaddedRows, ma
   g = grouped_conv_rows(hr, params.conv_kernel, params.conv_bias, layout, act="silu",
                         chunk=chunk, block_m=gconv_block_m, interpret=interpret)
   inner = slice(layout.guard, layout.guard + layout.rows)
-  y = mosaic_split.project_call(g, xr[inner], mask[inner], params.fc2_kernel.astype(dtype),
+  y = mosaic_split.project_call(g, xr[inner], mask[inner], params.fc2_kernel,
                                 params.fc2_bias, bn=mosaic_split._column_block(c), kc=64,
                                 stages=3, **kw)
   return jnp.pad(y, ((layout.guard, layout.guard), (0, 0)))

@@ -33,8 +33,10 @@ from pallas_kernels.timing import median_ms
 
 # (H, C, activation): convfirst_t's MBConv hidden tensors (E=4) and ConvFirst block inputs.
 SHAPES = ((14, 1536, "silu"), (7, 3072, "silu"), (28, 192, "identity"))
-VARIANTS = (dict(block_m=64, chunk=32), dict(block_m=128, chunk=32),
-            dict(block_m=256, chunk=32), dict(block_m=128, chunk=64))
+VARIANTS = (dict(block_m=128, chunk=32), dict(block_m=256, chunk=32))
+# (H, C, blocks): convfirst_t's MBConv stages (stage 3: 9 blocks at 14x14x384, stage 4: 3
+# at 7x7x768), E=4.
+STAGES = ((14, 384, 9), (7, 768, 3))
 
 
 def main(argv=None) -> int:
@@ -76,9 +78,10 @@ def main(argv=None) -> int:
     for v in VARIANTS:
       full = jax.jit(lambda x, v=v: mg.grouped_conv_act(x, kern, bias, act=act, **v))
       lay = mg.padded_rows(*shape[:3])
+      mask = mg.row_mask(lay)
       rows_in = [jax.block_until_ready(mg.to_padded_rows(x, lay)) for x in xs]
-      kernel_only = jax.jit(lambda xr, v=v, lay=lay: mg.grouped_conv_rows(
-          xr, kern, bias, lay, act=act, **v))
+      kernel_only = jax.jit(lambda xr, v=v, lay=lay, mask=mask: mg.grouped_conv_rows(
+          xr, kern, bias, lay, mask, act=act, **v))
       try:
         err = _rel(full(xs[0]), ref)
         res = dict(v, full_ms=median_ms(full, [(x,) for x in xs], args.iters, args.reps),
@@ -98,14 +101,18 @@ def main(argv=None) -> int:
                     f"bm{best['block_m']} cc{best['chunk']} | {best['err']:.1e} |")
                  + f" {row['xla_err']:.1e} |")
   blocks = []
-  for hw, c in ((14, 384), (7, 768)):
-    shape = (args.batch, hw, hw, c)
-    xs = [jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for _ in range(2)]
-    f = lambda *s, scale: jnp.asarray(rng.standard_normal(s) * scale, jnp.float32)
-    p = MBConvBlockParams(
+  f = lambda *s, scale: jnp.asarray(rng.standard_normal(s) * scale, jnp.float32)
+
+  def mbconv_params(c):
+    return MBConvBlockParams(
         fc1_kernel=f(c, 4 * c, scale=c ** -0.5), fc1_bias=f(4 * c, scale=0.1),
         conv_kernel=f(3, 3, 8, 4 * c, scale=72 ** -0.5), conv_bias=f(4 * c, scale=0.1),
         fc2_kernel=f(4 * c, c, scale=(4 * c) ** -0.5), fc2_bias=f(c, scale=0.1))
+
+  for hw, c in ((14, 384), (7, 768)):
+    shape = (args.batch, hw, hw, c)
+    xs = [jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for _ in range(2)]
+    p = mbconv_params(c)
     ref = mbconv_block_reference(xs[0].astype(jnp.float32), p)
     xla = jax.jit(lambda x: mbconv_block_reference(x, p))
     mos = jax.jit(lambda x: mg.mbconv_forward(x, p))
@@ -125,6 +132,32 @@ def main(argv=None) -> int:
     out["blocks"] = blocks
     blocks.append(row)
     print(json.dumps(row), flush=True)
+  stages = []
+  for hw, c, depth in STAGES:
+    shape = (args.batch, hw, hw, c)
+    xs = [jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for _ in range(2)]
+    ps = tuple(mbconv_params(c) for _ in range(depth))
+
+    def chain(x, ps=ps):
+      for p in ps:
+        x = mbconv_block_reference(x, p)
+      return x
+
+    ref = chain(xs[0].astype(jnp.float32))
+    xla = jax.jit(chain)
+    mos = jax.jit(lambda x, ps=ps: mg.mbconv_stage_forward(x, ps))
+    row = dict(shape=list(shape), blocks=depth, expansion=4,
+               row_overhead=mg.row_overhead(*shape[:3]),
+               xla_ms=median_ms(xla, [(x,) for x in xs], args.iters, args.reps),
+               xla_err=_rel(xla(xs[0]), ref))
+    try:
+      row.update(mosaic_ms=median_ms(mos, [(x,) for x in xs], args.iters, args.reps),
+                 mosaic_err=_rel(mos(xs[0]), ref))
+    except Exception as e:  # reported, not fatal
+      row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    stages.append(row)
+    out["stages"] = stages
+    print(json.dumps(row), flush=True)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(out, f, indent=1)
@@ -140,6 +173,15 @@ def main(argv=None) -> int:
     else:
       print(f"| {name} | {r['xla_ms']:.3f} | {r['mosaic_ms']:.3f} | {r['rows_ms']:.3f} | "
             f"{r['xla_ms'] / r['rows_ms']:.2f} | {r['mosaic_err']:.1e} | {r['xla_err']:.1e} |")
+  print("| MBConv stage, E=4 | blocks | rows/pixel | XLA | Mosaic stage | x | err | XLA err |")
+  for r in stages:
+    name = "x".join(map(str, r["shape"][1:]))
+    if "error" in r:
+      print(f"| {name} | {r['blocks']} | {r['xla_ms']:.3f} | {r['error'][:60]} |")
+    else:
+      print(f"| {name} | {r['blocks']} | {r['row_overhead']:.2f} | {r['xla_ms']:.3f} | "
+            f"{r['mosaic_ms']:.3f} | {r['xla_ms'] / r['mosaic_ms']:.2f} | "
+            f"{r['mosaic_err']:.1e} | {r['xla_err']:.1e} |")
   return 0
 
 

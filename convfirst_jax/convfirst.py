@@ -212,10 +212,20 @@ class ConvFirstStage(nnx.Module):
                           drop_path=drop_path_rates[i], zero_init_last=zero_init_last,
                           implementation=implementation, rngs=rngs, **kw))
     self.blocks = nnx.List(blocks)
+    self.folded_mbconv = folded and block_type == "mbconv"
+    self.implementation = check_implementation(implementation)
+    self.dtype = dtype
 
   def __call__(self, x):
     if self.downsample is not None:
       x = self.downsample(x)
+    if self.folded_mbconv and len(self.blocks):
+      # The whole stage in one call, so the Mosaic form (where it is picked) enters and
+      # leaves its padded-row layout once (pallas_kernels.mbconv_stage).
+      return pallas_kernels.mbconv_stage(
+          x.astype(self.dtype),
+          [b._params(pallas_kernels.MBConvBlockParams) for b in self.blocks],
+          implementation=self.implementation)
     for block in self.blocks:
       x = block(x)
     return x

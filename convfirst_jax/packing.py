@@ -26,11 +26,15 @@ class TreePacker:
   function can take the packed form and unpack at its start (and a train step pack its new
   state at its end: one more write of the state on the device)."""
 
-  # Every leaf starts at a multiple of this many bytes: XLA passes an unpacked leaf that
+  # Every leaf starts at a multiple of this many *elements*: XLA passes an unpacked leaf that
   # feeds a custom call (a Pallas kernel's weights) as a view into the packed buffer, and
-  # those calls require 256-byte aligned inputs ("Input buffer 3 is not 256-byte aligned"
-  # on the H100 with unaligned offsets).
-  ALIGN_BYTES = 256
+  # Mosaic GPU calls require 256-byte aligned inputs ("Input buffer 3 is not 256-byte
+  # aligned" on the H100 with unaligned offsets).  It can also convert a whole run of the
+  # packed float32 buffer to bfloat16 in one fusion and pass the weight as a view into *that*
+  # (convfirst_t's MBConv project weights, 2026-11-27), where a 256-byte float32 offset is
+  # only 128 bytes: 256 elements keep every view aligned after any conversion to a type of
+  # one byte or more.
+  ALIGN_ELEMENTS = 256
 
   def __init__(self, template):
     leaves, self.treedef = jax.tree.flatten(template)
@@ -43,7 +47,7 @@ class TreePacker:
         self.loose += 1
         continue
       group = jnp.dtype(leaf.dtype).name
-      align = max(1, self.ALIGN_BYTES // jnp.dtype(leaf.dtype).itemsize)
+      align = self.ALIGN_ELEMENTS
       offset = -(-sizes.get(group, 0) // align) * align
       self.slots.append((group, offset, tuple(leaf.shape)))
       sizes[group] = offset + math.prod(leaf.shape)

@@ -13,6 +13,7 @@ from pallas_kernels.convfirst_block import (
     grouped_conv_reference,
     mbconv_block,
     mbconv_block_reference,
+    mbconv_stage,
 )
 from pallas_kernels.convnext_block import (
     ConvNeXtBlockParams,
@@ -24,5 +25,5 @@ __all__ = [
     "ConvFirstBlockParams", "ConvNeXtBlockParams", "GroupedConvConfig", "MBConvBlockParams",
     "convfirst_block", "convfirst_block_reference", "convnext_block",
     "convnext_block_reference", "grouped_conv", "grouped_conv_reference",
-    "mbconv_block", "mbconv_block_reference",
+    "mbconv_block", "mbconv_block_reference", "mbconv_stage",
 ]

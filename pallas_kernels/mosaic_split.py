@@ -122,13 +122,14 @@ def _normalise_in_place(z_smem, zb_smem, *, normalize: bool, eps: float):
   plgpu.commit_smem()
 
 
-def _expand_kernel(z_gmem, zb_gmem, w1t_gmem, b1_gmem, *refs, e: int, hc: int,
-                   act: str, normalize: bool, eps: float, stages: int, bm: int,
-                   staging: int = 2, pipelined: bool = False, row_mask: bool = False):
-  """zb_gmem: (n_cb, cb); w1t_gmem: (n_cb, E, cb) = W1^T in column blocks (a TMA copy moves
-  at most 256 elements along each dimension, so C=384/768 rows go in blocks).  refs:
-  [mask_gmem (M,) f32 when ``row_mask``: b1 is scaled per row, so that rows with z = 0 and
-  mask 0 give act(0)], h_gmem.
+def _expand_kernel(z_gmem, *refs, e: int, hc: int, act: str, normalize: bool, eps: float,
+                   stages: int, bm: int, staging: int = 2, pipelined: bool = False,
+                   row_mask: bool = False, has_zb: bool = True):
+  """refs: [zb_gmem (n_cb, cb) when ``has_zb``], w1t_gmem (n_cb, E, cb) = W1^T in column
+  blocks (a TMA copy moves at most 256 elements along each dimension, so C=384/768 rows go
+  in blocks), b1_gmem, [mask_gmem (M,) f32 when ``row_mask``: b1 is scaled per row, so that
+  rows with z = 0 and mask 0 give act(0)], h_gmem.  Without zb and normalisation the z tile
+  is used as loaded.
 
   ``pipelined``: each pipeline step takes two hidden slices of ``hc`` (its W1^T block is 2 hc
   rows), issues both slices' wgmmas into two accumulators, then reads the first with
@@ -136,21 +137,34 @@ def _expand_kernel(z_gmem, zb_gmem, w1t_gmem, b1_gmem, *refs, e: int, hc: int,
   while the first slice's bias + activation + store run -- and then the second (wait_n=0).
   Every wgmma is retired inside its step, so the weight slots need no delayed release.
   Measured slower than the serial form on an H100 (see ``split_mlp``); off by default."""
-  mask_gmem, h_gmem = refs if row_mask else (None, *refs)
+  refs = list(refs)
+  zb_gmem = refs.pop(0) if has_zb else None
+  w1t_gmem, b1_gmem = refs.pop(0), refs.pop(0)
+  mask_gmem = refs.pop(0) if row_mask else None
+  (h_gmem,) = refs
+  if normalize and not has_zb:
+    raise ValueError("the normalising expand kernel needs zb")
   dtype = z_gmem.dtype
   n_cb, _, cb = w1t_gmem.shape
   rows = pl.ds(lax.axis_index("m") * bm, bm)
 
-  def scoped(z_smem, zb_smem, h_smem, bars, *mask_smem):
-    mask_smem = mask_smem[0] if row_mask else None
+  def scoped(z_smem, h_smem, bars, *extra):
+    extra = list(extra)
+    zb_smem = extra.pop(0) if has_zb else None
+    mask_smem = extra.pop(0) if row_mask else None
     for b in range(n_cb):
       plgpu.copy_gmem_to_smem(z_gmem.at[rows, pl.ds(b * cb, cb)], z_smem.at[b], bars.at[b])
-    plgpu.copy_gmem_to_smem(zb_gmem, zb_smem, bars.at[n_cb])
+    nbar = n_cb
+    if has_zb:
+      plgpu.copy_gmem_to_smem(zb_gmem, zb_smem, bars.at[nbar])
+      nbar += 1
     if row_mask:
-      plgpu.copy_gmem_to_smem(mask_gmem.at[rows], mask_smem, bars.at[n_cb + 1])
-    for b in range(n_cb + 1 + row_mask):
+      plgpu.copy_gmem_to_smem(mask_gmem.at[rows], mask_smem, bars.at[nbar])
+      nbar += 1
+    for b in range(nbar):
       plgpu.barrier_wait(bars.at[b])
-    _normalise_in_place(z_smem, zb_smem, normalize=normalize, eps=eps)
+    if has_zb:
+      _normalise_in_place(z_smem, zb_smem, normalize=normalize, eps=eps)
 
     def activate_and_store(h, b1_smem, j):
       h = _activate(h, b1_smem, act, dtype, mask_smem)
@@ -196,9 +210,9 @@ def _expand_kernel(z_gmem, zb_gmem, w1t_gmem, b1_gmem, *refs, e: int, hc: int,
   pl.run_scoped(
       scoped,
       plgpu.SMEM((n_cb, bm, cb), dtype, transforms=_transforms(cb, dtype)),
-      plgpu.SMEM((n_cb, cb), jnp.float32),
       plgpu.SMEM((staging, bm, hc), dtype, transforms=_transforms(hc, dtype)),
-      plgpu.Barrier(num_barriers=n_cb + 1 + row_mask),
+      plgpu.Barrier(num_barriers=n_cb + has_zb + row_mask),
+      *([plgpu.SMEM((n_cb, cb), jnp.float32)] if has_zb else []),
       *([plgpu.SMEM((bm,), jnp.float32)] if row_mask else []),
   )
 
@@ -252,18 +266,22 @@ def _project_kernel(h_gmem, res_gmem, rs_gmem, w2_gmem, b2_gmem, out_gmem, *, e:
 def expand_call(z, zb, w1, b1, *, hc, cb, act, normalize, eps, stages, bm=BLOCK_M, staging=2,
                 pipelined=False, bias_row_mask=None, **params):
   """h = act(norm(z + zb) @ w1 + b1) for z with a multiple of ``bm`` rows (``_expand_kernel``);
-  with ``bias_row_mask`` (M,) act(norm(z + zb) @ w1 + mask * b1)."""
+  with ``bias_row_mask`` (M,) act(norm(z + zb) @ w1 + mask * b1).  ``zb`` None (only with
+  normalize=False): h = act(z @ w1 + b1), no pass over the z tile."""
   m, c = z.shape
   e = w1.shape[1]
   dtype = z.dtype
+  if zb is None and normalize:
+    raise ValueError("expand_call: normalize=True needs zb")
   mask = [] if bias_row_mask is None else [bias_row_mask.astype(jnp.float32)]
+  zbs = [] if zb is None else [zb.reshape(c // cb, cb)]
   return plgpu.kernel(
       functools.partial(_expand_kernel, e=e, hc=hc, act=act, normalize=normalize,
                         eps=float(eps), stages=stages, bm=bm, staging=staging,
-                        pipelined=pipelined, row_mask=bool(mask)),
+                        pipelined=pipelined, row_mask=bool(mask), has_zb=zb is not None),
       out_type=jax.ShapeDtypeStruct((m, e), dtype),
       grid=(m // bm,), grid_names=("m",), **params,
-  )(z, zb.reshape(c // cb, cb),
+  )(z, *zbs,
     w1.T.astype(dtype).reshape(e, c // cb, cb).transpose(1, 0, 2), b1.astype(jnp.float32),
     *mask)
 

@@ -1,7 +1,7 @@
 """Fused ConvFirst and MBConv blocks (inference form, BatchNorm folded), and the Pallas
 group-width-8 convolution layer that ConvFirstNet uses in training."""
 
-from pallas_kernels.convfirst_block.api import convfirst_block, mbconv_block
+from pallas_kernels.convfirst_block.api import convfirst_block, mbconv_block, mbconv_stage
 from pallas_kernels.convfirst_block.grouped_conv_triton import GroupedConvConfig, grouped_conv
 from pallas_kernels.convfirst_block.reference import (
     GROUP_WIDTH,
@@ -14,4 +14,4 @@ from pallas_kernels.convfirst_block.reference import grouped_conv as grouped_con
 
 __all__ = ["GROUP_WIDTH", "ConvFirstBlockParams", "GroupedConvConfig", "MBConvBlockParams",
            "convfirst_block", "convfirst_block_reference", "grouped_conv",
-           "grouped_conv_reference", "mbconv_block", "mbconv_block_reference"]
+           "grouped_conv_reference", "mbconv_block", "mbconv_block_reference", "mbconv_stage"]

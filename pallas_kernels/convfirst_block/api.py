@@ -15,6 +15,8 @@ checked and timed on a GPU (``python -m benchmarks.blocks_convfirst --check --sw
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import jax
 
 from pallas_kernels import mosaic_mlp
@@ -115,10 +117,11 @@ def mbconv_block(x: jax.Array, params: MBConvBlockParams, *,
   """x + fc2(silu(gconv_kxk(silu(fc1(x) + b1)) + b0)) + b2, NHWC, group width 8, stride 1.
 
   forward_kernel: which Pallas kernels run when Pallas is used: None or "triton" = the
-  single-launch Pallas-Triton kernel; "mosaic" = the experimental three-kernel Mosaic GPU
-  form (``mosaic_gconv.mbconv_forward``: tensor-core grouped conv, k = 3, bfloat16/float16,
-  C and E multiples of 64; not yet timed on a GPU, so only on request), raising
-  NotImplementedError naming what it does not support."""
+  single-launch Pallas-Triton kernel; "mosaic" = the three-kernel Mosaic GPU form
+  (``mosaic_gconv.mbconv_forward``: tensor-core grouped conv, k = 3, bfloat16/float16, C and
+  E multiples of 64), raising NotImplementedError naming what it does not support.  One
+  block alone pays the Mosaic form's layout passes; a stage of blocks should go through
+  ``mbconv_stage``, which pays them once."""
   _check(x, params, params.fc1_kernel.shape[-1], "mbconv_block")
   if forward_kernel not in (None, *FORWARD_KERNELS):
     raise ValueError(f"forward_kernel must be one of None, {FORWARD_KERNELS}, "
@@ -128,3 +131,55 @@ def mbconv_block(x: jax.Array, params: MBConvBlockParams, *,
       return mosaic_gconv.mbconv_forward(x, params, interpret=interpret)
     return pallas_triton.mbconv_block_pallas(x, params, interpret=interpret)
   return mbconv_block_reference(x, params)
+
+
+# implementation=None runs an MBConv stage in the Mosaic padded-row form when its kernels
+# process at most this many rows per real pixel (``mosaic_gconv.row_overhead``: 1.24 at
+# 14x14, batch 128; 1.5 at 7x7; 1.47 at 14x14, batch 16) -- see ``mbconv_stage``.
+MOSAIC_STAGE_MAX_ROW_OVERHEAD = 1.3
+
+
+def mbconv_stage_kernel(x, params: Sequence[MBConvBlockParams], *,
+                        implementation: str | None = None, interpret: bool = False) -> str:
+  """How ``mbconv_stage`` runs these blocks: "mosaic" (the chain in the padded-row layout)
+  or "blocks" (one ``mbconv_block`` call each, with this ``implementation``).
+
+  "xla": "blocks".  "pallas": "mosaic" where the Mosaic form supports the call (Hopper GPU
+  or interpret=True, bfloat16/float16, k = 3, C and E multiples of 64), else "blocks" (the
+  Pallas-Triton kernel, which raises NotImplementedError for what it does not cover).
+  None: "mosaic" where supported and ``mosaic_gconv.row_overhead`` is at most
+  ``MOSAIC_STAGE_MAX_ROW_OVERHEAD``, else "blocks" (XLA on a GPU)."""
+  if implementation not in (None, *IMPLEMENTATIONS):
+    raise ValueError(
+        f"implementation must be one of None, {IMPLEMENTATIONS}, got {implementation!r}")
+  if implementation == "xla" or not params:
+    return "blocks"
+  reason = mosaic_mlp.device_unsupported_reason(interpret) or next(
+      (r for p in params
+       if (r := mosaic_gconv.mbconv_unsupported_reason(x.shape, p, x.dtype)) is not None),
+      None)
+  if reason is not None:
+    return "blocks"
+  if implementation is None and mosaic_gconv.row_overhead(*x.shape[:3]) > (
+      MOSAIC_STAGE_MAX_ROW_OVERHEAD):
+    return "blocks"
+  return "mosaic"
+
+
+def mbconv_stage(x: jax.Array, params: Sequence[MBConvBlockParams], *,
+                 implementation: str | None = None, interpret: bool = False) -> jax.Array:
+  """A stage of MBConv blocks, ``mbconv_block`` applied with each ``params`` in turn.
+
+  Where ``mbconv_stage_kernel`` says "mosaic", x enters the Mosaic form's padded-row layout
+  once, each block is three Mosaic GPU kernels on it (expand + SiLU, the tensor-core
+  grouped conv + SiLU, project + residual; ``mosaic_gconv.mbconv_rows``) and the pixels
+  come out once; otherwise each block is one ``mbconv_block(x, p, implementation=...)``."""
+  params = tuple(params)
+  for p in params:
+    _check(x, p, p.fc1_kernel.shape[-1], "mbconv_stage")
+  if mbconv_stage_kernel(x, params, implementation=implementation,
+                         interpret=interpret) == "mosaic":
+    return mosaic_gconv.mbconv_stage_forward(x, params, interpret=interpret)
+  for p in params:
+    x = mbconv_block(x, p, implementation=implementation, interpret=interpret)
+  return x

@@ -63,20 +63,27 @@ class PaddedRows(NamedTuple):
   n: int
   h: int
   w: int
-  wp: int          # padded row length: w + 2
-  rows: int        # output rows: 8 * ceil(n / 8) * (h + 2) * wp, rounded up to ``multiple``
-  guard: int       # zero rows before and after the ``rows`` rows: >= 8 * (wp + 1), a
-                   # multiple of 64 (so the rows with guards suit 64-row CTAs too)
+  hp: int          # image rows with the zero borders: h + 2
+  wp: int          # row length: w + 1 (one zero column, shared by neighbouring rows)
+  rows: int        # rows of the image groups: 8 * ceil(n / 8) * hp * wp, rounded up to
+                   # ``multiple``
+  guard: int       # zero rows before and after them: >= 8 * (wp + 1), a multiple of 256
+                   # (so every kernel's CTAs tile the guards too)
 
   @property
   def total(self) -> int:
     return self.rows + 2 * self.guard
 
+  @property
+  def inner(self) -> slice:
+    """The rows of the image groups within the ``total`` rows."""
+    return slice(self.guard, self.guard + self.rows)
+
 
 def padded_rows(n: int, h: int, w: int, multiple: int = 256) -> PaddedRows:
-  wp = w + 2
-  rows = -(-(-(-n // 8) * 8 * (h + 2) * wp) // multiple) * multiple
-  return PaddedRows(n, h, w, wp, rows, -(-8 * (wp + 1) // 64) * 64)
+  hp, wp = h + 2, w + 1
+  rows = -(-(-(-n // 8) * 8 * hp * wp) // multiple) * multiple
+  return PaddedRows(n, h, w, hp, wp, rows, -(-8 * (wp + 1) // 256) * 256)
 
 
 def row_mask(layout: PaddedRows) -> jax.Array:
@@ -88,19 +95,23 @@ def row_mask(layout: PaddedRows) -> jax.Array:
 def to_padded_rows(x: jax.Array, layout: PaddedRows) -> jax.Array:
   """(n, h, w, c) -> (layout.total, c)."""
   n, h, w, c = x.shape
+  if (n, h, w) != layout[:3]:
+    raise ValueError(f"x of shape {x.shape} does not match the layout {layout}")
   n8 = -(-n // 8)
-  xp = jnp.pad(x, ((0, 8 * n8 - n), (1, 1), (1, 1), (0, 0)))
-  xp = xp.reshape(n8, 8, h + 2, w + 2, c).transpose(0, 2, 3, 1, 4).reshape(-1, c)
+  xp = jnp.pad(x, ((0, 8 * n8 - n), (1, 1), (1, 0), (0, 0)))
+  xp = xp.reshape(n8, 8, layout.hp, layout.wp, c).transpose(0, 2, 3, 1, 4).reshape(-1, c)
   tail = layout.rows - xp.shape[0] + layout.guard
   return jnp.pad(xp, ((layout.guard, tail), (0, 0)))
 
 
 def from_padded_rows(y: jax.Array, layout: PaddedRows) -> jax.Array:
-  """(layout.rows, c) output rows -> (n, h, w, c): the rows of real pixels."""
-  n, h, w = layout.n, layout.h, layout.w
+  """(layout.total, c) rows -> (n, h, w, c): the rows of real pixels."""
+  n, h, w, hp, wp = layout.n, layout.h, layout.w, layout.hp, layout.wp
+  if y.shape[0] != layout.total:
+    raise ValueError(f"expected {layout.total} rows for {layout}, got {y.shape[0]}")
   n8 = -(-n // 8)
-  y = y[: n8 * 8 * (h + 2) * (w + 2)].reshape(n8, h + 2, w + 2, 8, -1)
-  return y.transpose(0, 3, 1, 2, 4).reshape(8 * n8, h + 2, w + 2, -1)[:n, 1:h + 1, 1:w + 1]
+  y = y[layout.guard:layout.guard + n8 * 8 * hp * wp].reshape(n8, hp, wp, 8, -1)
+  return y.transpose(0, 3, 1, 2, 4).reshape(8 * n8, hp, wp, -1)[:n, 1:h + 1, 1:w + 1]
 
 
 def unsupported_reason(x_shape, kernel_shape, dtype, chunk: int = 32) -> str | None:
@@ -118,22 +129,23 @@ def unsupported_reason(x_shape, kernel_shape, dtype, chunk: int = 32) -> str | N
   return None
 
 
-def _kernel(x_gmem, w_gmem, b_gmem, out_gmem, *, wp: int, bm: int, cc: int, guard: int,
-            act: str):
-  """x_gmem: (total rows, C) padded interleaved rows; w_gmem: (C // cc, 9, cc, cc)
-  block-diagonal tap tiles (K = input channel, N = output channel within the chunk);
-  b_gmem: (C,) f32.  Output row r is input row guard + r; the window of output rows
-  [r0, r0 + bm) starts at input row r0 + guard - 8 (wp + 1) (a multiple of 8), and tap
-  (dy, dx) is its slice at 8 ((dy + 1) wp + dx + 1)."""
+def _kernel(x_gmem, w_gmem, b_gmem, out_gmem, *, wp: int, bm: int, cc: int, act: str):
+  """x_gmem: (total, C) padded interleaved rows; w_gmem: (C // cc, 9, cc, cc) block-diagonal
+  tap tiles (K = input channel, N = output channel within the chunk); b_gmem: (C,) f32.
+  Output rows [r0, r0 + bm) are act(conv + bias); their window starts 8 (wp + 1) rows
+  earlier (a multiple of 8), and tap (dy, dx) is its slice at 8 ((dy + 1) wp + dx + 1).
+  The CTAs over the guard rows clamp their window into the array (their rows, like the
+  border rows, come out finite but meaningless)."""
   dtype = x_gmem.dtype
+  total = x_gmem.shape[0]
   r0 = lax.axis_index("m") * bm
   chunk = lax.axis_index("c")
   cols = pl.ds(chunk * cc, cc)
   win = bm + 16 * (wp + 1)
+  start = jnp.clip(r0 - 8 * (wp + 1), 0, total - win)
 
   def scoped(x_smem, w_smem, b_smem, o_smem, bars):
-    plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(r0 + guard - 8 * (wp + 1), win), cols], x_smem,
-                            bars.at[0])
+    plgpu.copy_gmem_to_smem(x_gmem.at[pl.ds(start, win), cols], x_smem, bars.at[0])
     plgpu.copy_gmem_to_smem(w_gmem.at[chunk], w_smem, bars.at[1])
     plgpu.copy_gmem_to_smem(b_gmem.at[cols], b_smem, bars.at[2])
     for i in range(3):
@@ -164,25 +176,24 @@ def _kernel(x_gmem, w_gmem, b_gmem, out_gmem, *, wp: int, bm: int, cc: int, guar
 
 
 def grouped_conv_rows(xr: jax.Array, kernel: jax.Array, bias: jax.Array, layout: PaddedRows,
-                      *, act: str = "silu", chunk: int = 32, block_m: int = 64,
+                      *, act: str = "silu", chunk: int = 32, block_m: int = 256,
                       interpret=False) -> jax.Array:
-  """act(gconv(x) + bias) on padded flat rows: (layout.total, C) -> (layout.rows, C), the
-  border rows garbage.  For a producer / consumer that keep the layout themselves."""
+  """act(gconv(x) + bias) on padded flat rows: (layout.total, C) -> (layout.total, C); the
+  rows of real pixels are exact, the others finite but meaningless (the MBConv project
+  kernel's row mask zeroes them).  ``xr`` must be zero off the real pixels."""
   if act not in ACTIVATIONS:
     raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
-  if block_m not in (64, 128, 256) or layout.rows % block_m:
-    raise ValueError(f"block_m must be 64, 128 or 256 and divide the layout's {layout.rows} "
-                     f"rows, got {block_m}")
+  if block_m not in (64, 128, 256):
+    raise ValueError(f"block_m must be 64, 128 or 256, got {block_m}")
   total, c = xr.shape
   if total != layout.total:
     raise ValueError(f"expected {layout.total} padded rows for {layout}, got {total}")
   w = block_diagonal_conv_weight(kernel, chunk, c, xr.dtype)        # (9, C, chunk)
   w = w.reshape(9, c // chunk, chunk, chunk).transpose(1, 0, 2, 3)   # (C//chunk, 9, K, N)
   return plgpu.kernel(
-      functools.partial(_kernel, wp=layout.wp, bm=block_m, cc=chunk, guard=layout.guard,
-                        act=act),
-      out_type=jax.ShapeDtypeStruct((layout.rows, c), xr.dtype),
-      grid=(layout.rows // block_m, c // chunk), grid_names=("m", "c"),
+      functools.partial(_kernel, wp=layout.wp, bm=block_m, cc=chunk, act=act),
+      out_type=jax.ShapeDtypeStruct((total, c), xr.dtype),
+      grid=(total // block_m, c // chunk), grid_names=("m", "c"),
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params(interpret),
   )(xr, w, bias.astype(jnp.float32))
@@ -190,7 +201,7 @@ def grouped_conv_rows(xr: jax.Array, kernel: jax.Array, bias: jax.Array, layout:
 
 @functools.partial(jax.jit, static_argnames=("act", "chunk", "block_m", "interpret"))
 def grouped_conv_act(x: jax.Array, kernel: jax.Array, bias: jax.Array, *, act: str = "silu",
-                     chunk: int = 32, block_m: int = 64, interpret=False) -> jax.Array:
+                     chunk: int = 32, block_m: int = 256, interpret=False) -> jax.Array:
   """act(grouped_conv_3x3(x, kernel) + bias) for NHWC ``x`` (bfloat16/float16), kernel
   (3, 3, 8, C), bias (C,), "same" padding, stride 1; float32 accumulation, result in
   x.dtype.  Pads x into the padded-row layout, runs the kernel, drops the border rows."""
@@ -227,48 +238,77 @@ def mbconv_unsupported_reason(x_shape, params: MBConvBlockParams, dtype,
           or unsupported_reason((n, h, w, e), params.conv_kernel.shape, dtype, chunk))
 
 
+def _project_tile(c: int) -> tuple[int, int]:
+  """(rows, channels) per project CTA: 128 x 192 where 192 divides C (the ConvNeXt split
+  form's measured choice, ``convnext_block.tuning._project_tile``), else 64 x the widest
+  column block."""
+  return (128, 192) if c % 192 == 0 else (64, mosaic_split._column_block(c))
+
+
 def mbconv_rows(xr: jax.Array, params: MBConvBlockParams, layout: PaddedRows, mask: jax.Array,
                 *, chunk: int = 32, gconv_block_m: int = 256, interpret=False) -> jax.Array:
   """The MBConv block x + fc2(silu(gconv(silu(fc1(x) + b1)) + b0)) + b2 on padded rows:
   (layout.total, C) -> (layout.total, C), zero at every row that is not a real pixel, so a
   stage of blocks can chain in the layout.  ``mask`` = ``row_mask(layout)``.
 
-  Three kernels: the split expand kernel (``mosaic_split``) with its bias scaled by the row
-  mask, so border rows (x = 0) give silu(0) = 0 -- the conv's zero padding; the grouped conv
-  kernel above; the split project kernel with the row mask as its row scale, so border rows
-  come out as their residual, 0.  The 4C-wide h and g each make one bf16 DRAM round trip."""
+  Three kernels over all ``layout.total`` rows: the split expand kernel
+  (``mosaic_split``) with its bias scaled by the row mask, so rows off the pixels (x = 0)
+  give silu(0) = 0 -- the conv's zero padding; the grouped conv kernel above; the split
+  project kernel with the row mask as its row scale, so rows off the
+  pixels come out as their residual, 0.  The 4C-wide h and g each make one bf16 DRAM round
+  trip."""
   c = xr.shape[1]
-  e = params.fc1_kernel.shape[-1]
   kw = dict(compiler_params=plgpu.CompilerParams(approx_math=True),
             interpret=_interpret_params(interpret))
   hc = mosaic_split.choose_hidden_chunk(c, 2)
   cb = mosaic_split._column_block(c)
   hr = mosaic_split.expand_call(
-      xr, jnp.zeros((c,), jnp.float32), params.fc1_kernel, params.fc1_bias, hc=hc, cb=cb,
+      xr, None, params.fc1_kernel, params.fc1_bias, hc=hc, cb=cb,
       act="silu", normalize=False, eps=1e-6, stages=2,
       staging=mosaic_split.choose_staging(c, hc, 2), bias_row_mask=mask, **kw)
   g = grouped_conv_rows(hr, params.conv_kernel, params.conv_bias, layout, act="silu",
                         chunk=chunk, block_m=gconv_block_m, interpret=interpret)
-  inner = slice(layout.guard, layout.guard + layout.rows)
-  y = mosaic_split.project_call(g, xr[inner], mask[inner], params.fc2_kernel,
-                                params.fc2_bias, bn=mosaic_split._column_block(c), kc=64,
-                                stages=3, **kw)
-  return jnp.pad(y, ((layout.guard, layout.guard), (0, 0)))
+  bm, bn = _project_tile(c)
+  return mosaic_split.project_call(g, xr, mask, params.fc2_kernel, params.fc2_bias, bn=bn,
+                                   kc=64, stages=3, bm=bm, **kw)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "gconv_block_m", "interpret"))
 def mbconv_forward(x: jax.Array, params: MBConvBlockParams, *, chunk: int = 32,
                    gconv_block_m: int = 256, interpret=False) -> jax.Array:
   """``mbconv_block_reference(x, params)`` (k = 3) through ``mbconv_rows``: x into the padded
   row layout, the three kernels, the real pixels out.  Raises NotImplementedError naming
   what it does not support (bfloat16/float16, C and E multiples of 64, k = 3)."""
   _check(x, params, params.fc1_kernel.shape[-1], "mosaic_gconv.mbconv_forward")
-  reason = (mosaic_mlp.device_unsupported_reason(bool(interpret))
-            or mbconv_unsupported_reason(x.shape, params, x.dtype, chunk))
-  if reason is not None:
-    raise NotImplementedError(f"mosaic_gconv.mbconv_forward: {reason}")
+  return mbconv_stage_forward(x, (params,), chunk=chunk, gconv_block_m=gconv_block_m,
+                              interpret=interpret)
+
+
+def row_overhead(n: int, h: int, w: int) -> float:
+  """Rows the layout's kernels process per real pixel (borders, guards, the last image
+  group's padding images): ``padded_rows(n, h, w).total / (n h w)``."""
+  return padded_rows(n, h, w).total / (n * h * w)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk", "gconv_block_m", "interpret"))
+def mbconv_stage_forward(x: jax.Array, params: tuple[MBConvBlockParams, ...], *,
+                         chunk: int = 32, gconv_block_m: int = 256,
+                         interpret=False) -> jax.Array:
+  """A chain of MBConv blocks (k = 3) through ``mbconv_rows``: x enters the padded-row layout
+  once, every block runs in it (each block's output is the next one's input, zero off the
+  pixels), and the real pixels come out once."""
+  if not params:
+    return x
+  for p in params:
+    _check(x, p, p.fc1_kernel.shape[-1], "mosaic_gconv.mbconv_stage_forward")
+    reason = (mosaic_mlp.device_unsupported_reason(bool(interpret))
+              or mbconv_unsupported_reason(x.shape, p, x.dtype, chunk))
+    if reason is not None:
+      raise NotImplementedError(f"mosaic_gconv.mbconv_stage_forward: {reason}")
   n, h, w, _ = x.shape
   layout = padded_rows(n, h, w)
-  y = mbconv_rows(to_padded_rows(x, layout), params, layout, row_mask(layout), chunk=chunk,
-                  gconv_block_m=gconv_block_m, interpret=interpret)
-  return from_padded_rows(y[layout.guard:layout.guard + layout.rows], layout)
+  mask = row_mask(layout)
+  y = to_padded_rows(x, layout)
+  for p in params:
+    y = mbconv_rows(y, p, layout, mask, chunk=chunk, gconv_block_m=gconv_block_m,
+                    interpret=interpret)
+  return from_padded_rows(y, layout)

@@ -17,6 +17,7 @@ from pallas_kernels.convfirst_block import (
     grouped_conv_reference,
     mbconv_block,
     mbconv_block_reference,
+    mbconv_stage,
 )
 from pallas_kernels.convfirst_block import pallas_triton
 
@@ -153,8 +154,43 @@ def test_folded_model_pallas_matches_xla(monkeypatch, randomise_batchnorm):
                       functools.partial(convfirst_block, interpret=True))
   monkeypatch.setattr(pallas_kernels, "mbconv_block",
                       functools.partial(mbconv_block, interpret=True))
+  monkeypatch.setattr(pallas_kernels, "mbconv_stage",
+                      functools.partial(mbconv_stage, interpret=True))
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   ref = np.asarray(xla(x))
   out = np.asarray(pallas(x))
   assert np.abs(ref).max() > 1e-2
   assert _rel_err(out, ref) < F32_TOL
+
+
+def test_folded_bf16_model_runs_mbconv_stages_in_the_mosaic_form(monkeypatch,
+                                                                  randomise_batchnorm):
+  """In bfloat16 the folded model's MBConv stages (C = 128 and 256, E = 4) run as Mosaic
+  chains (interpreter) and match the XLA model."""
+  from pallas_kernels.convfirst_block import api
+  model = cj.create_model("convfirst_atto", num_classes=10, rngs=0)
+  randomise_batchnorm(model)
+  model.eval()
+  xla = cj.fold_batchnorm(model, block_impl="xla", dtype=jnp.bfloat16)
+  pallas = cj.fold_batchnorm(model, block_impl="pallas", dtype=jnp.bfloat16)
+  monkeypatch.setattr(pallas_kernels, "convfirst_block",
+                      functools.partial(convfirst_block, interpret=True))
+  kinds = []
+  real_kernel = api.mbconv_stage_kernel
+
+  def spy(*a, **k):
+    kinds.append(real_kernel(*a, **k))
+    return kinds[-1]
+
+  monkeypatch.setattr(api, "mbconv_stage_kernel", spy)
+  monkeypatch.setattr(pallas_kernels, "mbconv_stage",
+                      functools.partial(mbconv_stage, interpret=True))
+  x = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
+  ref = np.asarray(cj.fold_batchnorm(model, block_impl="xla")(x))   # float32
+  kinds.clear()
+  out = np.asarray(pallas(x).astype(jnp.float32))
+  assert kinds == ["mosaic", "mosaic"]
+  assert np.abs(ref).max() > 1e-2
+  # as close to the float32 model as XLA's own bfloat16 model is
+  xla_err = _rel_err(np.asarray(xla(x).astype(jnp.float32)), ref)
+  assert _rel_err(out, ref) < max(1.5 * xla_err, BF16_TOL)

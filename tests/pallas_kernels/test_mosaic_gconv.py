@@ -29,25 +29,49 @@ def _inputs(shape, seed=0, dtype=jnp.bfloat16):
 
 
 def test_padded_rows_layout_round_trip():
-  """Pixel (n, i, j) sits at row guard + 8 * ((n // 8 * (h+2) + i+1) * (w+2) + j+1) + n % 8,
+  """Pixel (n, i, j) sits at row guard + 8 * ((n // 8 * (h+2) + i+1) * (w+1) + j+1) + n % 8,
   every other row is zero, and the real pixels come back out (N not a multiple of 8)."""
   x = jnp.arange(10 * 3 * 5 * 4, dtype=jnp.float32).reshape(10, 3, 5, 4) + 1
   lay = mg.padded_rows(10, 3, 5, 64)
-  assert lay.wp == 7 and lay.rows == 576 and lay.guard == 64
+  assert (lay.hp, lay.wp, lay.rows, lay.guard) == (5, 6, 512, 256)
   xr = mg.to_padded_rows(x, lay)
   assert xr.shape == (lay.total, 4)
   for n, i, j in ((1, 2, 4), (9, 0, 0), (8, 2, 3)):
-    row = lay.guard + 8 * ((n // 8 * 5 + i + 1) * 7 + j + 1) + n % 8
+    row = lay.guard + 8 * ((n // 8 * 5 + i + 1) * 6 + j + 1) + n % 8
     np.testing.assert_array_equal(xr[row], x[n, i, j])
   assert int((np.asarray(xr).sum(1) != 0).sum()) == 10 * 3 * 5
-  np.testing.assert_array_equal(mg.from_padded_rows(xr[lay.guard:lay.guard + lay.rows], lay),
-                                x)
+  np.testing.assert_array_equal(mg.row_mask(lay), (np.asarray(xr)[:, 0] != 0))
+  np.testing.assert_array_equal(mg.from_padded_rows(xr, lay), x)
+  with pytest.raises(ValueError, match="does not match the layout"):
+    mg.to_padded_rows(x[:9], lay)
+
+
+def test_every_tap_of_a_pixel_stays_in_its_image():
+  """The property the kernel relies on: for each real pixel and each 3x3 tap, the row at
+  8 (dy wp + dx) from it holds the tap's neighbour of the same image, or a zero row where
+  the neighbour is outside the image -- never another image's pixel or a guard row."""
+  n, h, w = 11, 3, 4
+  x = jnp.arange(1, n * h * w + 1, dtype=jnp.float32).reshape(n, h, w, 1)
+  lay = mg.padded_rows(n, h, w)
+  xr = np.asarray(mg.to_padded_rows(x, lay))[:, 0]
+  for b in range(n):
+    for i in range(h):
+      for j in range(w):
+        row = lay.guard + 8 * ((b // 8 * lay.hp + i + 1) * lay.wp + j + 1) + b % 8
+        assert xr[row] == x[b, i, j, 0]
+        for dy in (-1, 0, 1):
+          for dx in (-1, 0, 1):
+            inside = 0 <= i + dy < h and 0 <= j + dx < w
+            want = x[b, i + dy, j + dx, 0] if inside else 0
+            got = xr[row + 8 * (dy * lay.wp + dx)]
+            assert lay.guard <= row + 8 * (dy * lay.wp + dx) < lay.guard + lay.rows
+            assert got == want, (b, i, j, dy, dx)
 
 
 @pytest.mark.parametrize("shape,kw", [
     ((2, 5, 7, 32), {}),                                  # odd H and W, one chunk
     ((1, 6, 6, 96), dict(block_m=128)),                   # batch 1, 3 chunks, 128-row CTAs
-    ((9, 4, 3, 32), dict(block_m=256)),                   # two image groups, 256-row CTAs
+    ((9, 4, 3, 32), dict(block_m=64)),                    # two image groups, 64-row CTAs
     ((2, 3, 14, 128), dict(chunk=64)),                    # 64-channel chunks, W + 2 = 16
     ((1, 1, 1, 64), {}),                                  # a single pixel
 ])
@@ -124,9 +148,10 @@ def test_mbconv_rows_keep_the_border_zero():
   lay = mg.padded_rows(2, 4, 5)
   mask = mg.row_mask(lay)
   y = mg.mbconv_rows(mg.to_padded_rows(x, lay), p, lay, mask, interpret=True)
+  assert y.shape == (lay.total, 64)
   assert not np.asarray(y.astype(jnp.float32)[np.asarray(mask) == 0]).any()
   y = mg.mbconv_rows(y, q, lay, mask, interpret=True)
-  got = mg.from_padded_rows(y[lay.guard:lay.guard + lay.rows], lay)
+  got = mg.from_padded_rows(y, lay)
   want = mbconv_block_reference(mbconv_block_reference(x.astype(jnp.float32), p), q)
   assert _rel(got, want) < BF16_TOL
 
@@ -156,12 +181,12 @@ def test_compiled_grouped_conv_on_gpu(shape):
 
 
 @pytest.mark.parametrize("shape,kw", [((128, 14, 14, 1536), {}),
-                                      ((128, 14, 14, 1536), dict(block_m=256)),
+                                      ((128, 14, 14, 1536), dict(block_m=64)),
                                       ((64, 7, 7, 3072), dict(block_m=128, chunk=64))])
 def test_kernel_lowers_for_cuda(shape, kw):
   """Mosaic GPU's own lowering (layout inference, TMA and wgmma constraints) runs on a CPU:
   it rejected the first design's TMA copies at row starts that were not multiples of 8."""
-  lay = mg.padded_rows(*shape[:3], kw.get("block_m", 64))
+  lay = mg.padded_rows(*shape[:3])
   xr = jax.ShapeDtypeStruct((lay.total, shape[-1]), jnp.bfloat16)
   w, b = jnp.zeros((3, 3, 8, shape[-1])), jnp.zeros((shape[-1],))
   jax.jit(lambda xr: mg.grouped_conv_rows(xr, w, b, lay, **kw)).trace(xr).lower(
@@ -191,6 +216,67 @@ def test_mbconv_block_forward_kernel_mosaic():
   with pytest.raises(NotImplementedError, match="3x3"):
     p5 = p._replace(conv_kernel=jnp.zeros((5, 5, 8, 128)))
     mbconv_block(x, p5, implementation="pallas", interpret=True, forward_kernel="mosaic")
+
+
+def test_mbconv_stage_chains_blocks_in_the_layout():
+  """mbconv_stage with implementation="pallas": three blocks in the Mosaic form (one layout
+  pass in, one out) match three reference blocks; "xla" is the reference chain."""
+  from pallas_kernels.convfirst_block import api
+  x = jax.random.normal(jax.random.key(11), (3, 5, 3, 64)).astype(jnp.bfloat16)
+  ps = [_mbconv(64, 128, seed=s) for s in (5, 6, 7)]
+  assert api.mbconv_stage_kernel(x, ps, implementation="pallas", interpret=True) == "mosaic"
+  got = api.mbconv_stage(x, ps, implementation="pallas", interpret=True)
+  want = x.astype(jnp.float32)
+  for p in ps:
+    want = mbconv_block_reference(want, p)
+  assert got.shape == x.shape and got.dtype == x.dtype
+  assert _rel(got, want) < BF16_TOL
+  xla = x
+  for p in ps:
+    xla = mbconv_block_reference(xla, p)
+  np.testing.assert_array_equal(api.mbconv_stage(x, ps, implementation="xla"), xla)
+  assert api.mbconv_stage(x, [], implementation="pallas", interpret=True) is x
+
+
+def test_mbconv_stage_kernel_choice():
+  """None takes the Mosaic form where its layout costs few rows per pixel (convfirst_t's
+  14x14 stage at batch 64+), not at 7x7 or small batches; unsupported calls run block by
+  block; bad arguments name the problem."""
+  from pallas_kernels.convfirst_block import api
+  s = lambda *shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt)
+  p384, p768 = _mbconv(384, 1536), _mbconv(768, 3072)
+  kind = lambda x, p, **kw: api.mbconv_stage_kernel(x, [p], interpret=True, **kw)
+  assert mg.row_overhead(128, 14, 14) < api.MOSAIC_STAGE_MAX_ROW_OVERHEAD
+  assert kind(s(128, 14, 14, 384), p384) == "mosaic"
+  assert kind(s(256, 14, 14, 384), p384) == "mosaic"
+  assert kind(s(128, 7, 7, 768), p768) == "blocks"
+  assert kind(s(128, 7, 7, 768), p768, implementation="pallas") == "mosaic"
+  assert kind(s(4, 14, 14, 384), p384) == "blocks"
+  assert kind(s(128, 14, 14, 384, dt=jnp.float32), p384, implementation="pallas") == "blocks"
+  assert kind(s(128, 14, 14, 384), p384, implementation="xla") == "blocks"
+  p5 = p384._replace(conv_kernel=jnp.zeros((5, 5, 8, 1536)))
+  assert kind(s(128, 14, 14, 384), p5, implementation="pallas") == "blocks"
+  assert api.mbconv_stage_kernel(s(128, 14, 14, 384), [p384]) == "blocks"  # CPU, compiled
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    kind(s(128, 14, 14, 384), p384, implementation="mosaic")
+  with pytest.raises(ValueError, match="fc2_kernel"):
+    api.mbconv_stage(jnp.zeros((1, 4, 4, 64), jnp.bfloat16),
+                     [_mbconv(64, 128)._replace(fc2_kernel=jnp.zeros((128, 32)))])
+
+
+@pytest.mark.gpu
+def test_compiled_mbconv_stage_on_gpu():
+  """The chain at convfirst_t's stage-3 width (three blocks, 14x14x384, E=4, batch 16)."""
+  if mosaic_mlp.device_unsupported_reason(False) is not None:
+    pytest.skip(mosaic_mlp.device_unsupported_reason(False))
+  from pallas_kernels.convfirst_block import api
+  x = jax.random.normal(jax.random.key(1), (16, 14, 14, 384)).astype(jnp.bfloat16)
+  ps = [_mbconv(384, 1536, seed=s) for s in range(3)]
+  got = api.mbconv_stage(x, ps, implementation="pallas")
+  want = x.astype(jnp.float32)
+  for p in ps:
+    want = mbconv_block_reference(want, p)
+  assert _rel(got, want) < BF16_TOL
 
 
 @pytest.mark.gpu

@@ -40,9 +40,9 @@ def test_pack_unpack_round_trip(setup):
   # the typed keys: a handful of arrays instead of hundreds.
   assert len(jax.tree.leaves(packed)) <= 8
   assert packed["float32"].shape == (packer.sizes["float32"],)
-  for group, offset, _ in packer.slots:  # every leaf 256-byte aligned (custom-call inputs)
-    if group is not None:
-      assert offset * jnp.dtype(group).itemsize % 256 == 0
+  for group, offset, _ in packer.slots:  # every leaf 256-element aligned: 256-byte aligned
+    if group is not None:                 # custom-call inputs, also in a converted copy
+      assert offset % 256 == 0
   back = jax.jit(packer.unpack)(packed)
   assert jax.tree.structure(back) == jax.tree.structure(state)
   for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(back)):

@@ -33,7 +33,14 @@ from pallas_kernels.timing import median_ms
 
 # (H, C, activation): convfirst_t's MBConv hidden tensors (E=4) and ConvFirst block inputs.
 SHAPES = ((14, 1536, "silu"), (7, 3072, "silu"), (28, 192, "identity"))
-VARIANTS = (dict(block_m=128, chunk=32), dict(block_m=256, chunk=32))
+VARIANTS = (dict(block_m=128, chunk=32), dict(block_m=256, chunk=32),
+            dict(block_m=128, chunk=32, per_cta=4), dict(block_m=128, chunk=32, per_cta=8),
+            dict(block_m=128, chunk=32, per_cta=16, stages=3),
+            dict(block_m=256, chunk=32, per_cta=4), dict(block_m=256, chunk=32, per_cta=8),
+            dict(block_m=64, chunk=32, per_cta=8, stages=3),
+            dict(block_m=128, chunk=32, per_cta=6), dict(block_m=256, chunk=32, per_cta=3))
+# grouped-conv settings of the MBConv block / stage runs (mbconv_rows' gconv_* arguments)
+GCONV = (dict(), dict(per_cta=4), dict(per_cta=8), dict(per_cta=8, block_m=128))
 # (H, C, blocks): convfirst_t's MBConv stages (stage 3: 9 blocks at 14x14x384, stage 4: 3
 # at 7x7x768), E=4.
 STAGES = ((14, 384, 9), (7, 768, 3))
@@ -76,12 +83,13 @@ def main(argv=None) -> int:
                xla_err=_rel(xla(xs[0]), ref))
     best = None
     for v in VARIANTS:
+      if v.get("per_cta", 1) and (c // v["chunk"]) % v.get("per_cta", 1):
+        continue
       full = jax.jit(lambda x, v=v: mg.grouped_conv_act(x, kern, bias, act=act, **v))
       lay = mg.padded_rows(*shape[:3])
-      mask = mg.row_mask(lay)
       rows_in = [jax.block_until_ready(mg.to_padded_rows(x, lay)) for x in xs]
-      kernel_only = jax.jit(lambda xr, v=v, lay=lay, mask=mask: mg.grouped_conv_rows(
-          xr, kern, bias, lay, mask, act=act, **v))
+      kernel_only = jax.jit(lambda xr, v=v, lay=lay: mg.grouped_conv_rows(
+          xr, kern, bias, lay, act=act, **v))
       try:
         err = _rel(full(xs[0]), ref)
         res = dict(v, full_ms=median_ms(full, [(x,) for x in xs], args.iters, args.reps),
@@ -98,7 +106,8 @@ def main(argv=None) -> int:
     lines.append(f"| {hw}x{hw}x{c} {act} | {row['xla_ms']:.3f} | "
                  + ("- | - | - | - |" if best is None else
                     f"{best['full_ms']:.3f} | {best['kernel_ms']:.3f} | "
-                    f"bm{best['block_m']} cc{best['chunk']} | {best['err']:.1e} |")
+                    f"bm{best['block_m']} cc{best['chunk']} n{best.get('per_cta', 0)} "
+                    f"s{best.get('stages', 2)} | {best['err']:.1e} |")
                  + f" {row['xla_err']:.1e} |")
   blocks = []
   f = lambda *s, scale: jnp.asarray(rng.standard_normal(s) * scale, jnp.float32)
@@ -119,14 +128,19 @@ def main(argv=None) -> int:
     lay = mg.padded_rows(*shape[:3])
     mask = mg.row_mask(lay)
     rows_in = [jax.block_until_ready(mg.to_padded_rows(x, lay)) for x in xs]
-    rows = jax.jit(lambda xr: mg.mbconv_rows(xr, p, lay, mask))
     row = dict(shape=list(shape), expansion=4,
                xla_ms=median_ms(xla, [(x,) for x in xs], args.iters, args.reps),
-               xla_err=_rel(xla(xs[0]), ref))
+               xla_err=_rel(xla(xs[0]), ref), gconv={})
     try:
       row.update(mosaic_ms=median_ms(mos, [(x,) for x in xs], args.iters, args.reps),
-                 rows_ms=median_ms(rows, [(r,) for r in rows_in], args.iters, args.reps),
                  mosaic_err=_rel(mos(xs[0]), ref))
+      for g in GCONV:
+        rows = jax.jit(lambda xr, g=g: mg.mbconv_rows(
+            xr, p, lay, mask, **{f"gconv_{k}": v for k, v in g.items()}))
+        row["gconv"][json.dumps(g)] = median_ms(rows, [(r,) for r in rows_in], args.iters,
+                                                args.reps)
+      row["rows_ms"] = min(row["gconv"].values())
+      row["rows_best"] = min(row["gconv"], key=row["gconv"].get)
     except Exception as e:  # reported, not fatal
       row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     out["blocks"] = blocks
@@ -145,14 +159,20 @@ def main(argv=None) -> int:
 
     ref = chain(xs[0].astype(jnp.float32))
     xla = jax.jit(chain)
-    mos = jax.jit(lambda x, ps=ps: mg.mbconv_stage_forward(x, ps))
     row = dict(shape=list(shape), blocks=depth, expansion=4,
                row_overhead=mg.row_overhead(*shape[:3]),
                xla_ms=median_ms(xla, [(x,) for x in xs], args.iters, args.reps),
-               xla_err=_rel(xla(xs[0]), ref))
+               xla_err=_rel(xla(xs[0]), ref), gconv={})
     try:
-      row.update(mosaic_ms=median_ms(mos, [(x,) for x in xs], args.iters, args.reps),
-                 mosaic_err=_rel(mos(xs[0]), ref))
+      for g in GCONV:
+        mos = jax.jit(lambda x, ps=ps, g=g: mg.mbconv_stage_forward(
+            x, ps, **{f"gconv_{k}": v for k, v in g.items()}))
+        row["gconv"][json.dumps(g)] = median_ms(mos, [(x,) for x in xs], args.iters,
+                                                args.reps)
+        if not g:
+          row["mosaic_err"] = _rel(mos(xs[0]), ref)
+      row["mosaic_ms"] = min(row["gconv"].values())
+      row["mosaic_best"] = min(row["gconv"], key=row["gconv"].get)
     except Exception as e:  # reported, not fatal
       row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
     stages.append(row)
@@ -164,16 +184,18 @@ def main(argv=None) -> int:
   print(f"\n{out['device']}, jax {out['jax']}, {out['date']}, batch {args.batch}, bf16, ms")
   print("| shape | XLA | Mosaic, whole call | Mosaic kernel alone | variant | err | XLA err |")
   print("\n".join(lines))
-  print("| MBConv block, E=4 | XLA | Mosaic (3 kernels + layout) | in the layout | x | err | "
-        "XLA err |")
+  print("| MBConv block, E=4 | XLA | Mosaic (3 kernels + layout) | in the layout (best gconv) | "
+        "x | err | XLA err | gconv |")
   for r in blocks:
     name = "x".join(map(str, r["shape"][1:]))
     if "error" in r:
       print(f"| {name} | {r['xla_ms']:.3f} | {r['error'][:60]} |")
     else:
       print(f"| {name} | {r['xla_ms']:.3f} | {r['mosaic_ms']:.3f} | {r['rows_ms']:.3f} | "
-            f"{r['xla_ms'] / r['rows_ms']:.2f} | {r['mosaic_err']:.1e} | {r['xla_err']:.1e} |")
-  print("| MBConv stage, E=4 | blocks | rows/pixel | XLA | Mosaic stage | x | err | XLA err |")
+            f"{r['xla_ms'] / r['rows_ms']:.2f} | {r['mosaic_err']:.1e} | {r['xla_err']:.1e} | "
+            f"{r['rows_best']} |")
+  print("| MBConv stage, E=4 | blocks | rows/pixel | XLA | Mosaic stage (best gconv) | x | err | "
+        "XLA err | gconv |")
   for r in stages:
     name = "x".join(map(str, r["shape"][1:]))
     if "error" in r:
@@ -181,7 +203,7 @@ def main(argv=None) -> int:
     else:
       print(f"| {name} | {r['blocks']} | {r['row_overhead']:.2f} | {r['xla_ms']:.3f} | "
             f"{r['mosaic_ms']:.3f} | {r['xla_ms'] / r['mosaic_ms']:.2f} | "
-            f"{r['mosaic_err']:.1e} | {r['xla_err']:.1e} |")
+            f"{r['mosaic_err']:.1e} | {r['xla_err']:.1e} | {r['mosaic_best']} |")
   return 0
 
 

@@ -175,12 +175,64 @@ def _kernel(x_gmem, w_gmem, b_gmem, out_gmem, *, wp: int, bm: int, cc: int, act:
   )
 
 
+def _kernel_pipelined(x_gmem, w_gmem, b_gmem, out_gmem, *, wp: int, bm: int, cc: int,
+                      act: str, per_cta: int, stages: int, staging: int = 2):
+  """``_kernel`` for ``per_cta`` consecutive channel chunks per CTA, pipelined: the next
+  chunks' windows, tap tiles and biases load (TMA, ``stages`` deep) while a chunk's wgmmas
+  run, and each chunk's result leaves through one of ``staging`` tiles without waiting for
+  the previous store.  w_gmem: (C // cc * 9, cc, cc)."""
+  dtype = x_gmem.dtype
+  total = x_gmem.shape[0]
+  r0 = lax.axis_index("m") * bm
+  c0 = lax.axis_index("c") * per_cta * cc        # first channel of this CTA
+  win = bm + 16 * (wp + 1)
+  start = jnp.clip(r0 - 8 * (wp + 1), 0, total - win)
+
+  def scoped(o_smem):
+    def step(idx, x_smem, w_smem, b_smem):
+      (k,) = idx
+
+      def taps(acc_ref):
+        for dy in range(3):
+          for dx in range(3):
+            off = 8 * (dy * wp + dx)
+            plgpu.wgmma(acc_ref, x_smem.at[pl.ds(off, bm)], w_smem.at[dy * 3 + dx])
+        plgpu.wgmma_wait(0)
+        return acc_ref[...]
+
+      y = _activate(pl.run_scoped(taps, plgpu.ACC((bm, cc), jnp.float32)), b_smem, act, dtype)
+      slot = lax.rem(k, staging)
+      plgpu.wait_smem_to_gmem(staging - 1, wait_read_only=True)
+      o_smem.at[slot][...] = y
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(o_smem.at[slot],
+                              out_gmem.at[pl.ds(r0, bm), pl.ds(c0 + k * cc, cc)])
+
+    plgpu.emit_pipeline(
+        step,
+        grid=(per_cta,),
+        in_specs=[
+            plgpu.BlockSpec((win, cc), lambda k: (0, k), transforms=_transforms(cc, dtype)),
+            plgpu.BlockSpec((9, cc, cc), lambda k: (k, 0, 0), transforms=_transforms(cc, dtype)),
+            plgpu.BlockSpec((cc,), lambda k: (k,)),
+        ],
+        max_concurrent_steps=stages,
+    )(x_gmem.at[pl.ds(start, win), pl.ds(c0, per_cta * cc)],
+      w_gmem.at[pl.ds(c0 // cc * 9, per_cta * 9)], b_gmem.at[pl.ds(c0, per_cta * cc)])
+    plgpu.wait_smem_to_gmem(0)
+
+  pl.run_scoped(scoped, plgpu.SMEM((staging, bm, cc), dtype, transforms=_transforms(cc, dtype)))
+
+
 def grouped_conv_rows(xr: jax.Array, kernel: jax.Array, bias: jax.Array, layout: PaddedRows,
                       *, act: str = "silu", chunk: int = 32, block_m: int = 256,
-                      interpret=False) -> jax.Array:
+                      per_cta: int = 0, stages: int = 2, interpret=False) -> jax.Array:
   """act(gconv(x) + bias) on padded flat rows: (layout.total, C) -> (layout.total, C); the
   rows of real pixels are exact, the others finite but meaningless (the MBConv project
-  kernel's row mask zeroes them).  ``xr`` must be zero off the real pixels."""
+  kernel's row mask zeroes them).  ``xr`` must be zero off the real pixels.
+
+  per_cta: 0 = one channel chunk per CTA (``_kernel``); n = n consecutive chunks per CTA,
+  their loads pipelined ``stages`` deep (``_kernel_pipelined``)."""
   if act not in ACTIVATIONS:
     raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
   if block_m not in (64, 128, 256):
@@ -188,20 +240,34 @@ def grouped_conv_rows(xr: jax.Array, kernel: jax.Array, bias: jax.Array, layout:
   total, c = xr.shape
   if total != layout.total:
     raise ValueError(f"expected {layout.total} padded rows for {layout}, got {total}")
+  if per_cta < 0 or (per_cta and (c // chunk) % per_cta):
+    raise ValueError(f"per_cta={per_cta} must divide the {c // chunk} channel chunks")
+  if per_cta and stages < 1:
+    raise ValueError(f"stages must be >= 1, got {stages}")
   w = block_diagonal_conv_weight(kernel, chunk, c, xr.dtype)        # (9, C, chunk)
   w = w.reshape(9, c // chunk, chunk, chunk).transpose(1, 0, 2, 3)   # (C//chunk, 9, K, N)
+  if per_cta:
+    body = functools.partial(_kernel_pipelined, wp=layout.wp, bm=block_m, cc=chunk, act=act,
+                             per_cta=per_cta, stages=stages)
+    w = w.reshape(c // chunk * 9, chunk, chunk)
+    grid = (total // block_m, c // chunk // per_cta)
+  else:
+    body = functools.partial(_kernel, wp=layout.wp, bm=block_m, cc=chunk, act=act)
+    grid = (total // block_m, c // chunk)
   return plgpu.kernel(
-      functools.partial(_kernel, wp=layout.wp, bm=block_m, cc=chunk, act=act),
+      body,
       out_type=jax.ShapeDtypeStruct((total, c), xr.dtype),
-      grid=(total // block_m, c // chunk), grid_names=("m", "c"),
+      grid=grid, grid_names=("m", "c"),
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params(interpret),
   )(xr, w, bias.astype(jnp.float32))
 
 
-@functools.partial(jax.jit, static_argnames=("act", "chunk", "block_m", "interpret"))
+@functools.partial(jax.jit, static_argnames=("act", "chunk", "block_m", "per_cta", "stages",
+                                             "interpret"))
 def grouped_conv_act(x: jax.Array, kernel: jax.Array, bias: jax.Array, *, act: str = "silu",
-                     chunk: int = 32, block_m: int = 256, interpret=False) -> jax.Array:
+                     chunk: int = 32, block_m: int = 256, per_cta: int = 0, stages: int = 2,
+                     interpret=False) -> jax.Array:
   """act(grouped_conv_3x3(x, kernel) + bias) for NHWC ``x`` (bfloat16/float16), kernel
   (3, 3, 8, C), bias (C,), "same" padding, stride 1; float32 accumulation, result in
   x.dtype.  Pads x into the padded-row layout, runs the kernel, drops the border rows."""
@@ -214,7 +280,8 @@ def grouped_conv_act(x: jax.Array, kernel: jax.Array, bias: jax.Array, *, act: s
   n, h, w, _ = x.shape
   layout = padded_rows(n, h, w)
   y = grouped_conv_rows(to_padded_rows(x, layout), kernel, bias, layout, act=act,
-                        chunk=chunk, block_m=block_m, interpret=interpret)
+                        chunk=chunk, block_m=block_m, per_cta=per_cta, stages=stages,
+                        interpret=interpret)
   return from_padded_rows(y, layout)
 
 
@@ -246,7 +313,8 @@ def _project_tile(c: int) -> tuple[int, int]:
 
 
 def mbconv_rows(xr: jax.Array, params: MBConvBlockParams, layout: PaddedRows, mask: jax.Array,
-                *, chunk: int = 32, gconv_block_m: int = 256, interpret=False) -> jax.Array:
+                *, chunk: int = 32, gconv_block_m: int = 256, gconv_per_cta: int = 0,
+                gconv_stages: int = 2, interpret=False) -> jax.Array:
   """The MBConv block x + fc2(silu(gconv(silu(fc1(x) + b1)) + b0)) + b2 on padded rows:
   (layout.total, C) -> (layout.total, C), zero at every row that is not a real pixel, so a
   stage of blocks can chain in the layout.  ``mask`` = ``row_mask(layout)``.
@@ -267,7 +335,8 @@ def mbconv_rows(xr: jax.Array, params: MBConvBlockParams, layout: PaddedRows, ma
       act="silu", normalize=False, eps=1e-6, stages=2,
       staging=mosaic_split.choose_staging(c, hc, 2), bias_row_mask=mask, **kw)
   g = grouped_conv_rows(hr, params.conv_kernel, params.conv_bias, layout, act="silu",
-                        chunk=chunk, block_m=gconv_block_m, interpret=interpret)
+                        chunk=chunk, block_m=gconv_block_m, per_cta=gconv_per_cta,
+                        stages=gconv_stages, interpret=interpret)
   bm, bn = _project_tile(c)
   return mosaic_split.project_call(g, xr, mask, params.fc2_kernel, params.fc2_bias, bn=bn,
                                    kc=64, stages=3, bm=bm, **kw)
@@ -289,10 +358,11 @@ def row_overhead(n: int, h: int, w: int) -> float:
   return padded_rows(n, h, w).total / (n * h * w)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "gconv_block_m", "interpret"))
+@functools.partial(jax.jit, static_argnames=("chunk", "gconv_block_m", "gconv_per_cta",
+                                             "gconv_stages", "interpret"))
 def mbconv_stage_forward(x: jax.Array, params: tuple[MBConvBlockParams, ...], *,
-                         chunk: int = 32, gconv_block_m: int = 256,
-                         interpret=False) -> jax.Array:
+                         chunk: int = 32, gconv_block_m: int = 256, gconv_per_cta: int = 0,
+                         gconv_stages: int = 2, interpret=False) -> jax.Array:
   """A chain of MBConv blocks (k = 3) through ``mbconv_rows``: x enters the padded-row layout
   once, every block runs in it (each block's output is the next one's input, zero off the
   pixels), and the real pixels come out once."""
@@ -310,5 +380,6 @@ def mbconv_stage_forward(x: jax.Array, params: tuple[MBConvBlockParams, ...], *,
   y = to_padded_rows(x, layout)
   for p in params:
     y = mbconv_rows(y, p, layout, mask, chunk=chunk, gconv_block_m=gconv_block_m,
+                    gconv_per_cta=gconv_per_cta, gconv_stages=gconv_stages,
                     interpret=interpret)
   return from_padded_rows(y, layout)

@@ -74,6 +74,9 @@ def test_every_tap_of_a_pixel_stays_in_its_image():
     ((9, 4, 3, 32), dict(block_m=64)),                    # two image groups, 64-row CTAs
     ((2, 3, 14, 128), dict(chunk=64)),                    # 64-channel chunks, W + 2 = 16
     ((1, 1, 1, 64), {}),                                  # a single pixel
+    ((2, 5, 7, 64), dict(per_cta=2, block_m=64)),         # pipelined: 2 chunks per CTA
+    ((9, 4, 3, 128), dict(per_cta=4, block_m=128, stages=3)),  # all 4 chunks, 3 stages
+    ((1, 6, 6, 96), dict(per_cta=3, stages=1)),           # pipeline depth 1
 ])
 def test_grouped_conv_act_matches_xla(shape, kw):
   x, w, b = _inputs(shape, seed=sum(shape))
@@ -90,11 +93,13 @@ def test_identity_activation_and_float16():
   assert _rel(got, want) < BF16_TOL
 
 
-def test_no_races():
+@pytest.mark.parametrize("kw", [{}, dict(per_cta=2, block_m=64)])
+def test_no_races(kw):
   from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
   x, w, b = _inputs((1, 3, 4, 64), seed=5)
   ipc.reset_gpu_interpret_mode_state()
-  got = mg.grouped_conv_act(x, w, b, interpret=plgpu.InterpretGPUParams(detect_races=True))
+  got = mg.grouped_conv_act(x, w, b, interpret=plgpu.InterpretGPUParams(detect_races=True),
+                            **kw)
   jax.block_until_ready(got)
   assert not ipc.get_races().races_found
   assert _rel(got, mg.grouped_conv_act_reference(x.astype(jnp.float32), w, b)) < BF16_TOL
@@ -112,6 +117,8 @@ def test_errors_name_the_problem():
     mg.grouped_conv_act(x, w, b[:8], interpret=True)
   with pytest.raises(ValueError, match="act"):
     mg.grouped_conv_act(x, w, b, act="gelu", interpret=True)
+  with pytest.raises(ValueError, match="per_cta=3 must divide the 1 channel chunks"):
+    mg.grouped_conv_act(x, w, b, per_cta=3, interpret=True)
 
 
 def _mbconv(c, e, seed=0):
@@ -182,7 +189,9 @@ def test_compiled_grouped_conv_on_gpu(shape):
 
 @pytest.mark.parametrize("shape,kw", [((128, 14, 14, 1536), {}),
                                       ((128, 14, 14, 1536), dict(block_m=64)),
-                                      ((64, 7, 7, 3072), dict(block_m=128, chunk=64))])
+                                      ((64, 7, 7, 3072), dict(block_m=128, chunk=64)),
+                                      ((128, 14, 14, 1536), dict(block_m=128, per_cta=8)),
+                                      ((128, 14, 14, 1536), dict(per_cta=4, stages=3))])
 def test_kernel_lowers_for_cuda(shape, kw):
   """Mosaic GPU's own lowering (layout inference, TMA and wgmma constraints) runs on a CPU:
   it rejected the first design's TMA copies at row starts that were not multiples of 8."""

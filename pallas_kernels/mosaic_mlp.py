@@ -258,13 +258,15 @@ def _hidden_chunk(acc2_ref, zn_smem, w1t_smem, b1_ref, w2_smem, h_smem, *, act: 
   plgpu.wgmma_wait(0)  # the weight slots are refilled once the chunk returns
 
 
-def _residual_out(acc, b2_smem, rs_smem, res_smem, out_gmem_rows):
-  """res_smem <- res + rs * (acc + b2), then TMA it to ``out_gmem_rows``."""
+def _residual_out(acc, b2_smem, rs_smem, res_smem, out_gmem_rows, select_zero_rows=False):
+  """res_smem <- res + rs * (acc + b2), then TMA it to ``out_gmem_rows``.
+  ``select_zero_rows``: rows with rs == 0 get exactly res, even where acc is not finite."""
   rows, c = acc.shape
   b2 = plgpu.load(b2_smem, layout=_WG.reduce(0))
-  rs = plgpu.load(rs_smem, layout=_WG.reduce(1))
-  branch = (acc + lax.broadcast_in_dim(b2, (rows, c), [1])) * lax.broadcast_in_dim(
-      rs, (rows, c), [0])
+  rs = lax.broadcast_in_dim(plgpu.load(rs_smem, layout=_WG.reduce(1)), (rows, c), [0])
+  branch = (acc + lax.broadcast_in_dim(b2, (rows, c), [1])) * rs
+  if select_zero_rows:
+    branch = jnp.where(rs != 0, branch, jnp.zeros_like(branch))
   y = plgpu.load(res_smem, layout=_WG).astype(jnp.float32) + branch
   res_smem[...] = y.astype(res_smem.dtype)  # the residual tile is the output staging tile
   plgpu.commit_smem()

@@ -218,7 +218,7 @@ def _expand_kernel(z_gmem, *refs, e: int, hc: int, act: str, normalize: bool, ep
 
 
 def _project_kernel(h_gmem, res_gmem, rs_gmem, w2_gmem, b2_gmem, out_gmem, *, e: int,
-                    kc: int, bn: int, stages: int, bm: int):
+                    kc: int, bn: int, stages: int, bm: int, select_zero_rows: bool = False):
   dtype = h_gmem.dtype
   rows = pl.ds(lax.axis_index("m") * bm, bm)
   cols = pl.ds(lax.axis_index("n") * bn, bn)
@@ -252,7 +252,8 @@ def _project_kernel(h_gmem, res_gmem, rs_gmem, w2_gmem, b2_gmem, out_gmem, *, e:
     acc = pl.run_scoped(accumulate, plgpu.ACC((bm, bn), jnp.float32))
     for b in range(3):
       plgpu.barrier_wait(bars.at[b])
-    mosaic_mlp._residual_out(acc, b2_smem, rs_smem, res_smem, out_gmem.at[rows, cols])
+    mosaic_mlp._residual_out(acc, b2_smem, rs_smem, res_smem, out_gmem.at[rows, cols],
+                             select_zero_rows)
 
   pl.run_scoped(
       scoped,
@@ -286,12 +287,15 @@ def expand_call(z, zb, w1, b1, *, hc, cb, act, normalize, eps, stages, bm=BLOCK_
     *mask)
 
 
-def project_call(h, res, rs, w2, b2, *, bn, kc, stages, bm=BLOCK_M, **params):
-  """y = res + rs * (h @ w2 + b2) for h with a multiple of ``bm`` rows (``_project_kernel``)."""
+def project_call(h, res, rs, w2, b2, *, bn, kc, stages, bm=BLOCK_M, select_zero_rows=False,
+                 **params):
+  """y = res + rs * (h @ w2 + b2) for h with a multiple of ``bm`` rows (``_project_kernel``);
+  ``select_zero_rows``: exactly res where rs == 0, whatever h holds there."""
   m, e = h.shape
   c = w2.shape[1]
   return plgpu.kernel(
-      functools.partial(_project_kernel, e=e, kc=kc, bn=bn, stages=stages, bm=bm),
+      functools.partial(_project_kernel, e=e, kc=kc, bn=bn, stages=stages, bm=bm,
+                        select_zero_rows=select_zero_rows),
       out_type=jax.ShapeDtypeStruct((m, c), res.dtype),
       grid=(m // bm, c // bn), grid_names=("m", "n"), **params,
   )(h, res, rs, w2.astype(h.dtype), b2.astype(jnp.float32))

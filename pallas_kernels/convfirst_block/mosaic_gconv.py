@@ -338,8 +338,11 @@ def mbconv_rows(xr: jax.Array, params: MBConvBlockParams, layout: PaddedRows, ma
                         chunk=chunk, block_m=gconv_block_m, per_cta=gconv_per_cta,
                         stages=gconv_stages, interpret=interpret)
   bm, bn = _project_tile(c)
+  # select_zero_rows: rows off the pixels come out exactly 0 even where g is not finite (g
+  # there is computed from neighbouring pixels; a NaN image would otherwise reach the
+  # image sharing its border rows in the next block).
   return mosaic_split.project_call(g, xr, mask, params.fc2_kernel, params.fc2_bias, bn=bn,
-                                   kc=64, stages=3, bm=bm, **kw)
+                                   kc=64, stages=3, bm=bm, select_zero_rows=True, **kw)
 
 
 def mbconv_forward(x: jax.Array, params: MBConvBlockParams, *, chunk: int = 32,

@@ -247,6 +247,21 @@ def test_mbconv_stage_chains_blocks_in_the_layout():
   assert api.mbconv_stage(x, [], implementation="pallas", interpret=True) is x
 
 
+def test_a_nan_image_stays_in_its_image():
+  """A NaN pixel in image 0 makes image 0 NaN and nothing else, over three chained blocks
+  (image 8 shares image 0's border rows' neighbourhood in the layout)."""
+  x = jax.random.normal(jax.random.key(12), (9, 3, 3, 64)).astype(jnp.bfloat16)
+  x = x.at[0, 1, 1, 5].set(jnp.nan)
+  ps = [_mbconv(64, 128, seed=s) for s in (1, 2, 3)]
+  got = np.asarray(mg.mbconv_stage_forward(x, tuple(ps), interpret=True).astype(jnp.float32))
+  want = x.astype(jnp.float32)
+  for p in ps:
+    want = mbconv_block_reference(want, p)
+  assert np.isnan(got[0]).any()
+  assert np.isfinite(got[1:]).all()
+  assert _rel(got[1:], want[1:]) < BF16_TOL
+
+
 def test_mbconv_stage_kernel_choice():
   """None takes the Mosaic form where its layout costs few rows per pixel (convfirst_t's
   14x14 stage at batch 64+), not at 7x7 or small batches; unsupported calls run block by

@@ -13,7 +13,7 @@
 #   SHAPE=128,28,28,192 bash benchmarks/gpu_suite.sh retune  # tuning.retune vs the table
 #   bash benchmarks/gpu_suite.sh profile   # per-kernel GPU time: stage blocks, ConvNeXt-T
 #   bash benchmarks/gpu_suite.sh layernorm # stem / downsampling LayerNorm kernels vs XLA
-#   bash benchmarks/gpu_suite.sh gconv     # experimental Mosaic grouped conv: GPU tests, vs XLA
+#   bash benchmarks/gpu_suite.sh gconv     # Mosaic grouped conv / MBConv stage: GPU tests, vs XLA
 # Results go to $OUT (or ./out) as JSON / PNG / logs; a short summary is printed last.
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -116,11 +116,11 @@ PY
     done
     ;;
   gconv)
-    log "Mosaic grouped conv (experimental): GPU tests, then Mosaic vs XLA at MBConv shapes"
+    log "Mosaic grouped conv and MBConv stage: GPU tests, then Mosaic vs XLA at MBConv shapes"
     timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/pallas_kernels/test_mosaic_gconv.py \
       2>&1 | tail -3
-    timeout 300 python3 -m benchmarks.mosaic_gconv --json "$OUT/mosaic_gconv.json" 2>&1 \
-      | grep -v cuda_timer | tail -8
+    timeout 400 python3 -m benchmarks.mosaic_gconv --json "$OUT/mosaic_gconv.json" 2>&1 \
+      | grep -v cuda_timer | tail -12
     ;;
   layernorm)
     log "LayerNorm kernels: GPU tests, then Pallas vs XLA at the stem / downsampling shapes"

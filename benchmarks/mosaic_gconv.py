@@ -1,21 +1,21 @@
-"""The experimental Mosaic GPU grouped conv (``convfirst_block.mosaic_gconv``) vs XLA's.
+"""The Mosaic GPU grouped conv and MBConv stage (``convfirst_block.mosaic_gconv``) vs XLA.
 
     PYTHONPATH=. python3 -m benchmarks.mosaic_gconv [--batch 128] [--json out.json]
 
 act(group-width-8 3x3 conv(x) + bias) at the shapes ConvFirstNet runs it: the MBConv
 blocks' hidden tensors (convfirst_t: 14x14x1536 and 7x7x3072, SiLU), which the kernel is
 for, and one ConvFirst block input (28x28x192, bias only; wide images are a poor fit: the
-shared-memory window is block_m + 16 (W + 3) rows).  XLA = what the models' XLA path runs
+shared-memory window is block_m + 16 (W + 2) rows).  XLA = what the models' XLA path runs
 (the conv in x.dtype, + bias, activation).  For each kernel variant (``block_m``,
-``chunk``) it reports the whole call (layout in, kernel, layout out) and the kernel alone on
-input already in the padded-row layout (what an expand kernel writing that layout would
-leave), with the error of each against the float32 reference.  Then the whole MBConv block
-(inference form, k=3, E=4, at convfirst_t's 14x14x384 and 7x7x768): XLA's block vs
-``mosaic_gconv.mbconv_forward`` (expand, grouped conv, project: three Mosaic kernels, plus
-the layout passes) and ``mbconv_rows`` alone (input already laid out, as inside a stage of
-chained blocks).  Times: median of
+``chunk``, pipelined ``per_cta`` / ``stages``) it reports the whole call (layout in, kernel,
+layout out) and the kernel alone on input already in the padded-row layout, with the error
+of each against the float32 reference.  Then the MBConv block (inference form, k=3, E=4,
+at convfirst_t's 14x14x384 and 7x7x768): XLA's block vs ``mosaic_gconv.mbconv_forward``
+(layout passes + three Mosaic kernels) and ``mbconv_rows`` alone (input already laid out)
+for each grouped-conv setting in ``GCONV``; and convfirst_t's two MBConv stages (9 blocks
+at 14x14x384, 3 at 7x7x768) as XLA's chain vs ``mbconv_stage_forward``.  Times: median of
 ``--iters`` samples of ``--reps`` back-to-back calls alternating two random inputs
-(pallas_kernels.timing).  Needs a Hopper GPU.
+(pallas_kernels.timing).  Needs a Hopper GPU; about 4-5 minutes on an H100.
 """
 
 from __future__ import annotations
@@ -33,14 +33,14 @@ from pallas_kernels.timing import median_ms
 
 # (H, C, activation): convfirst_t's MBConv hidden tensors (E=4) and ConvFirst block inputs.
 SHAPES = ((14, 1536, "silu"), (7, 3072, "silu"), (28, 192, "identity"))
+# Kernel settings: unpipelined (the default: 256-row CTAs) and the best pipelined ones of
+# the H100 sweep of 2026-11-27 (benchmarks/RESULTS.md; 16 chunks per CTA and 64-row CTAs
+# were slower everywhere).
 VARIANTS = (dict(block_m=128, chunk=32), dict(block_m=256, chunk=32),
-            dict(block_m=128, chunk=32, per_cta=4), dict(block_m=128, chunk=32, per_cta=8),
-            dict(block_m=128, chunk=32, per_cta=16, stages=3),
-            dict(block_m=256, chunk=32, per_cta=4), dict(block_m=256, chunk=32, per_cta=8),
-            dict(block_m=64, chunk=32, per_cta=8, stages=3),
-            dict(block_m=128, chunk=32, per_cta=6), dict(block_m=256, chunk=32, per_cta=3))
+            dict(block_m=128, chunk=32, per_cta=8), dict(block_m=128, chunk=32, per_cta=6),
+            dict(block_m=256, chunk=32, per_cta=3))
 # grouped-conv settings of the MBConv block / stage runs (mbconv_rows' gconv_* arguments)
-GCONV = (dict(), dict(per_cta=4), dict(per_cta=8), dict(per_cta=8, block_m=128))
+GCONV = (dict(), dict(per_cta=6, block_m=128))
 # (H, C, blocks): convfirst_t's MBConv stages (stage 3: 9 blocks at 14x14x384, stage 4: 3
 # at 7x7x768), E=4.
 STAGES = ((14, 384, 9), (7, 768, 3))

@@ -7,10 +7,11 @@ it supports the call (see ``convfirst_forward_kernel``), else the single-launch 
 what it does not cover; None picks the kernel where it is supported (GPU backend, or
 ``interpret=True``) and the input has at least ``MIN_ROWS_FOR_PALLAS`` pixels (N*H*W), and
 falls back to XLA otherwise -- except that for ``mbconv_block`` None
-keeps XLA on a real GPU (it still picks the kernel with ``interpret=True``): the MBConv kernel
-in this revision has passed its tests only in interpret mode (its previous revision overflowed
-shared memory on an H100), so it is opt-in with ``implementation="pallas"`` until it has been
-checked and timed on a GPU (``python -m benchmarks.blocks_convfirst --check --sweep``).
+keeps XLA on a real GPU (it still picks the kernel with ``interpret=True``): the single-launch
+Pallas-Triton MBConv kernel was slower than XLA where it ran on a GPU, so it is opt-in with
+``implementation="pallas"``.  MBConv stages go through ``mbconv_stage``, which on a Hopper GPU
+runs the three-kernel Mosaic form (``mosaic_gconv``: 1.19x XLA's 9-block 14x14x384 stage, H100
+2026-11-27) where its padded row layout is cheap enough (``mbconv_stage_kernel``).
 """
 
 from __future__ import annotations

@@ -1,34 +1,41 @@
-"""Group-width-8 3x3 convolution + bias + activation on tensor cores: one Mosaic GPU kernel
-(experimental; not used by the models yet, and not yet compiled or timed on a GPU).
+"""Group-width-8 3x3 convolution + bias + activation on tensor cores (one Mosaic GPU
+kernel), and the MBConv block / stage built on it (inference form).
 
-Why: in ConvFirstNet's MBConv blocks (inference form) XLA's group-width-8 conv on the
-4C-wide hidden tensor is about half of the block (14x14x384 E4, batch 128, H200
-2026-11-26: 0.18 of 0.38 ms) and the split Mosaic expand / project kernels could not beat
-XLA's block around it (benchmarks/RESULTS.md, "The same split for MBConv").  A CUDA-core
-kernel would not beat it either (72 multiply-adds per output at the ~15 T/s the depthwise
-conv kernel reaches is XLA's time), so the taps go to wgmma with block-diagonal weights.
+Why: in ConvFirstNet's MBConv blocks XLA's group-width-8 conv on the 4C-wide hidden tensor
+is about half of the block (14x14x384 E4, batch 128, H200 2026-11-26: 0.18 of 0.38 ms),
+and the split Mosaic expand / project kernels could not beat XLA's block around it
+(benchmarks/RESULTS.md, "The same split for MBConv").  A CUDA-core kernel would not beat it
+either (72 multiply-adds per output at the ~15 T/s the depthwise conv kernel reaches is
+XLA's time), so the taps go to wgmma with block-diagonal weights.
 
-**Layout: padded, image-interleaved flat rows.**  The input is stored as rows of
-zero-bordered images (``hp = H + 2`` rows of ``wp = W + 2`` pixels) with 8 images
-interleaved row by row: pixel (n, i, j) is row ``8 * ((n // 8 * hp + i + 1) * wp + j + 1) +
-n % 8``, every other row is zero, plus ``guard >= 8 * (wp + 1)`` zero rows before and after.
-Then the input of tap (dy, dx) for any block of output rows is the block shifted by ``8 *
-(dy * wp + dx)`` rows: a multiple of 8, so all nine taps are 8-row-aligned slices of one
-shared-memory window (``block_m + 16 * (wp + 1)`` rows, TMA-loaded at an aligned start),
-which is what a wgmma operand must be.  (A plain padded layout needs shifts by one row for
-dx = +-1: Mosaic GPU's TMA copies into tiled shared memory refuse row starts that are not
-multiples of the 8-row tile -- "AssertionError" in its layout inference on 2026-11-26.)
+**Layout: padded, image-interleaved flat rows.**  The input is stored as rows of images
+with a zero row above and below (``hp = H + 2`` rows) and one zero column (``wp = W + 1``
+pixels per row: the zero column ends one row and starts the next), with 8 images
+interleaved row by row: pixel (n, i, j) is row ``guard + 8 * ((n // 8 * hp + i + 1) * wp +
+j + 1) + n % 8``, every other row is zero, plus ``guard >= 8 * (wp + 1)`` zero rows before
+and after.  Then the input of tap (dy, dx) for any block of output rows is the block
+shifted by ``8 * (dy * wp + dx)`` rows: a multiple of 8, so all nine taps are 8-row-aligned
+slices of one shared-memory window (``block_m + 16 * (wp + 1)`` rows, TMA-loaded at an
+aligned start), which is what a wgmma operand must be; every tap of a real pixel lands on
+the same image or a zero row.  (A plain padded layout needs shifts by one row for dx =
++-1: Mosaic GPU's TMA copies into tiled shared memory refuse row starts that are not
+multiples of the 8-row tile -- "AssertionError" in its layout inference, 2026-11-26.)
 Per CTA (``block_m`` rows x ``chunk`` channels): one window, the 9 taps' (chunk x chunk)
 block-diagonal weight tiles and the bias by TMA, 9 wgmmas into one float32 accumulator,
-bias + activation in registers, one TMA store.  Rows at the zero border (and of the
-padding images when N is not a multiple of 8) produce garbage, dropped by
-``from_padded_rows``; a producer kernel writing this layout directly (the MBConv expand
-kernel) and a consumer reading it (the project kernel) would save the two layout passes.
+bias + activation in registers, one TMA store.  Rows off the real pixels produce finite
+garbage, dropped by ``from_padded_rows`` or zeroed by the MBConv project kernel's row mask.
 
-Cost model (not measured): with 32-channel chunks the block-diagonal tiles do 4x the real
-multiply-adds (14x14x1536, batch 128: ~22 GFLOP executed; a few tens of microseconds of
-wgmma); each input row is read from L2 about (block_m + 16 (wp + 1)) / block_m times (2.1x
-at 14x14 with 256-row CTAs), and the border rows cost (hp wp) / (H W) (1.3x at 14x14).
+Measured (H100, batch 128, bf16, 2026-11-27, benchmarks/RESULTS.md): the conv 0.109-0.116
+ms vs XLA's 0.215-0.221 at 14x14x1536; an MBConv block in the layout 0.331-0.340 vs XLA's
+0.380-0.398 ms at 14x14x384, but 0.41-0.44 vs 0.25 at 7x7x768 (1.55 rows per pixel there);
+the 9-block 14x14x384 stage 2.81-2.86 vs 3.34-3.37 ms.  ``pallas_kernels.mbconv_stage``
+picks it by rows per pixel (``row_overhead``).
+
+Cost: with 32-channel chunks the block-diagonal tiles do 4x the real multiply-adds
+(14x14x1536, batch 128: ~22 GFLOP executed); each input row is read from L2 about
+(block_m + 16 (wp + 1)) / block_m times (2x at 14x14 with 256-row CTAs), and the layout's
+extra rows cost ``row_overhead`` (1.24x at 14x14, batch 128).  The conv runs at about twice
+its DRAM floor; a pipelined form (``per_cta``) was slower at 14x14.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The experimental Mosaic GPU grouped conv (pallas_kernels.convfirst_block.mosaic_gconv:
+"""The Mosaic GPU grouped conv (pallas_kernels.convfirst_block.mosaic_gconv:
 3x3, group width 8, + bias + SiLU, on padded flat rows) in the Mosaic GPU interpreter on
 CPU, against XLA's grouped conv in float32 on the same bf16 inputs.  The interpreter starts
 outputs and shared memory as NaN, so unwritten rows of real pixels show up."""
@@ -177,7 +177,7 @@ def test_mbconv_forward_errors():
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(2, 14, 14, 1536), (3, 7, 7, 3072), (1, 9, 11, 64)])
 def test_compiled_grouped_conv_on_gpu(shape):
-  """Not yet run: the compiled kernel at MBConv's hidden widths (convfirst_t stages 3-4,
+  """The compiled kernel at MBConv's hidden widths (convfirst_t stages 3-4,
   E=4) and an odd small case."""
   if mosaic_mlp.device_unsupported_reason(False) is not None:
     pytest.skip(mosaic_mlp.device_unsupported_reason(False))
@@ -306,7 +306,7 @@ def test_compiled_mbconv_stage_on_gpu():
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(2, 14, 14, 384), (3, 7, 7, 768)])
 def test_compiled_mbconv_on_gpu(shape):
-  """Not yet run: the three compiled kernels at convfirst_t's MBConv widths (E=4)."""
+  """The three compiled kernels at convfirst_t's MBConv widths (E=4)."""
   if mosaic_mlp.device_unsupported_reason(False) is not None:
     pytest.skip(mosaic_mlp.device_unsupported_reason(False))
   x = jax.random.normal(jax.random.key(shape[-1]), shape).astype(jnp.bfloat16)

@@ -7,9 +7,9 @@ it supports the call (see ``convfirst_forward_kernel``), else the single-launch 
 what it does not cover; None picks the kernel where it is supported (GPU backend, or
 ``interpret=True``) and the input has at least ``MIN_ROWS_FOR_PALLAS`` pixels (N*H*W), and
 falls back to XLA otherwise -- except that for ``mbconv_block`` None
-keeps XLA on a real GPU (it still picks the kernel with ``interpret=True``): the single-launch
-Pallas-Triton MBConv kernel was slower than XLA where it ran on a GPU, so it is opt-in with
-``implementation="pallas"``.  MBConv stages go through ``mbconv_stage``, which on a Hopper GPU
+keeps XLA on a real GPU (it still picks a kernel with ``interpret=True``): one MBConv block
+alone is at best ~1.1x XLA's (the Mosaic form, paying its layout passes; the single-launch
+Pallas-Triton kernel was slower than XLA), so it is opt-in with ``implementation="pallas"``.  MBConv stages go through ``mbconv_stage``, which on a Hopper GPU
 runs the three-kernel Mosaic form (``mosaic_gconv``: 1.19x XLA's 9-block 14x14x384 stage, H100
 2026-11-27) where its padded row layout is cheap enough (``mbconv_stage_kernel``).
 """
@@ -112,23 +112,42 @@ def convfirst_block(x: jax.Array, params: ConvFirstBlockParams, *,
   return convfirst_block_reference(x, params)
 
 
+def mbconv_forward_kernel(x, params, interpret: bool, forward_kernel: str | None = None) -> str:
+  """The Pallas kernels an MBConv call runs: "mosaic" (``mosaic_gconv.mbconv_forward``: the
+  three-kernel Mosaic GPU form with the tensor-core grouped conv) where it supports the call
+  (Hopper or the interpreter, bfloat16/float16, k = 3, C and E multiples of 64), else
+  "triton" (the single-launch Pallas-Triton kernel).  ``forward_kernel`` forces one;
+  "mosaic" on an unsupported call raises NotImplementedError naming why."""
+  if forward_kernel not in (None, *FORWARD_KERNELS):
+    raise ValueError(f"forward_kernel must be one of None, {FORWARD_KERNELS}, "
+                     f"got {forward_kernel!r}")
+  if forward_kernel == "triton":
+    return "triton"
+  reason = (mosaic_mlp.device_unsupported_reason(interpret)
+            or mosaic_gconv.mbconv_unsupported_reason(x.shape, params, x.dtype))
+  if reason is None:
+    return "mosaic"
+  if forward_kernel == "mosaic":
+    raise NotImplementedError(f"mbconv_block(forward_kernel='mosaic'): {reason}")
+  return "triton"
+
+
 def mbconv_block(x: jax.Array, params: MBConvBlockParams, *,
                  implementation: str | None = None, interpret: bool = False,
                  forward_kernel: str | None = None) -> jax.Array:
   """x + fc2(silu(gconv_kxk(silu(fc1(x) + b1)) + b0)) + b2, NHWC, group width 8, stride 1.
 
-  forward_kernel: which Pallas kernels run when Pallas is used: None or "triton" = the
-  single-launch Pallas-Triton kernel; "mosaic" = the three-kernel Mosaic GPU form
-  (``mosaic_gconv.mbconv_forward``: tensor-core grouped conv, k = 3, bfloat16/float16, C and
-  E multiples of 64), raising NotImplementedError naming what it does not support.  One
-  block alone pays the Mosaic form's layout passes; a stage of blocks should go through
-  ``mbconv_stage``, which pays them once."""
+  forward_kernel: which Pallas kernels run when Pallas is used (``mbconv_forward_kernel``):
+  None = the Mosaic GPU form where it supports the call, else the Pallas-Triton kernel.
+  One block alone pays the Mosaic form's layout passes (14x14x384, batch 128, H100
+  2026-11-27: 0.358-0.367 ms with them vs 0.331-0.340 without, XLA 0.380-0.398); a stage of
+  blocks should go through ``mbconv_stage``, which pays them once."""
   _check(x, params, params.fc1_kernel.shape[-1], "mbconv_block")
   if forward_kernel not in (None, *FORWARD_KERNELS):
     raise ValueError(f"forward_kernel must be one of None, {FORWARD_KERNELS}, "
                      f"got {forward_kernel!r}")
   if _use_pallas(implementation, x, params, interpret, "mbconv_block"):
-    if forward_kernel == "mosaic":
+    if mbconv_forward_kernel(x, params, interpret, forward_kernel) == "mosaic":
       return mosaic_gconv.mbconv_forward(x, params, interpret=interpret)
     return pallas_triton.mbconv_block_pallas(x, params, interpret=interpret)
   return mbconv_block_reference(x, params)

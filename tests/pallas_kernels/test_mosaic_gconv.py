@@ -225,6 +225,14 @@ def test_mbconv_block_forward_kernel_mosaic():
   with pytest.raises(NotImplementedError, match="3x3"):
     p5 = p._replace(conv_kernel=jnp.zeros((5, 5, 8, 128)))
     mbconv_block(x, p5, implementation="pallas", interpret=True, forward_kernel="mosaic")
+  # "pallas" without forward_kernel: the Mosaic form where it runs, else Pallas-Triton.
+  from pallas_kernels.convfirst_block import api
+  assert api.mbconv_forward_kernel(x, p, True) == "mosaic"
+  assert api.mbconv_forward_kernel(x, p, True, "triton") == "triton"
+  assert api.mbconv_forward_kernel(x.astype(jnp.float32), p, True) == "triton"
+  assert api.mbconv_forward_kernel(x, p5, True) == "triton"
+  np.testing.assert_array_equal(
+      mbconv_block(x, p, implementation="pallas", interpret=True), got)
 
 
 def test_mbconv_stage_chains_blocks_in_the_layout():

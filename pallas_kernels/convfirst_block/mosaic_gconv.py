@@ -136,6 +136,19 @@ def unsupported_reason(x_shape, kernel_shape, dtype, chunk: int = 32) -> str | N
   return None
 
 
+def _conv_taps(x_smem, w_smem, wp: int, bm: int):
+  """The (bm, cc) float32 conv of a window: tap (dy, dx) is the window's slice at
+  8 (dy wp + dx) times its (cc x cc) block-diagonal tile, 9 wgmmas into one accumulator."""
+  def taps(acc_ref):
+    for dy in range(3):
+      for dx in range(3):
+        plgpu.wgmma(acc_ref, x_smem.at[pl.ds(8 * (dy * wp + dx), bm)], w_smem.at[dy * 3 + dx])
+    plgpu.wgmma_wait(0)
+    return acc_ref[...]
+
+  return pl.run_scoped(taps, plgpu.ACC((bm, w_smem.shape[-1]), jnp.float32))
+
+
 def _kernel(x_gmem, w_gmem, b_gmem, out_gmem, *, wp: int, bm: int, cc: int, act: str):
   """x_gmem: (total, C) padded interleaved rows; w_gmem: (C // cc, 9, cc, cc) block-diagonal
   tap tiles (K = input channel, N = output channel within the chunk); b_gmem: (C,) f32.
@@ -158,16 +171,7 @@ def _kernel(x_gmem, w_gmem, b_gmem, out_gmem, *, wp: int, bm: int, cc: int, act:
     for i in range(3):
       plgpu.barrier_wait(bars.at[i])
 
-    def taps(acc_ref):
-      for dy in range(3):
-        for dx in range(3):
-          off = 8 * (dy * wp + dx)
-          plgpu.wgmma(acc_ref, x_smem.at[pl.ds(off, bm)], w_smem.at[dy * 3 + dx])
-      plgpu.wgmma_wait(0)
-      return acc_ref[...]
-
-    acc = pl.run_scoped(taps, plgpu.ACC((bm, cc), jnp.float32))
-    o_smem[...] = _activate(acc, b_smem, act, dtype)
+    o_smem[...] = _activate(_conv_taps(x_smem, w_smem, wp, bm), b_smem, act, dtype)
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem, out_gmem.at[pl.ds(r0, bm), cols])
     plgpu.wait_smem_to_gmem(0)
@@ -199,15 +203,7 @@ def _kernel_pipelined(x_gmem, w_gmem, b_gmem, out_gmem, *, wp: int, bm: int, cc:
     def step(idx, x_smem, w_smem, b_smem):
       (k,) = idx
 
-      def taps(acc_ref):
-        for dy in range(3):
-          for dx in range(3):
-            off = 8 * (dy * wp + dx)
-            plgpu.wgmma(acc_ref, x_smem.at[pl.ds(off, bm)], w_smem.at[dy * 3 + dx])
-        plgpu.wgmma_wait(0)
-        return acc_ref[...]
-
-      y = _activate(pl.run_scoped(taps, plgpu.ACC((bm, cc), jnp.float32)), b_smem, act, dtype)
+      y = _activate(_conv_taps(x_smem, w_smem, wp, bm), b_smem, act, dtype)
       slot = lax.rem(k, staging)
       plgpu.wait_smem_to_gmem(staging - 1, wait_read_only=True)
       o_smem.at[slot][...] = y

@@ -77,24 +77,32 @@ def _use_pallas(implementation, x, params, interpret: bool, name: str) -> bool:
 FORWARD_KERNELS = ("mosaic", "triton")
 
 
+def _pick_forward_kernel(name: str, forward_kernel: str | None, interpret: bool,
+                        mosaic_reason) -> str:
+  """"mosaic" where ``mosaic_reason()`` (why the Mosaic form cannot run, or None) allows,
+  else "triton"; ``forward_kernel`` forces one ("mosaic" on an unsupported call raises
+  NotImplementedError naming why)."""
+  if forward_kernel not in (None, *FORWARD_KERNELS):
+    raise ValueError(f"forward_kernel must be one of None, {FORWARD_KERNELS}, "
+                     f"got {forward_kernel!r}")
+  if forward_kernel == "triton":
+    return "triton"
+  reason = mosaic_mlp.device_unsupported_reason(interpret) or mosaic_reason()
+  if reason is None:
+    return "mosaic"
+  if forward_kernel == "mosaic":
+    raise NotImplementedError(f"{name}(forward_kernel='mosaic'): {reason}")
+  return "triton"
+
+
 def convfirst_forward_kernel(x, params, interpret: bool, forward_kernel: str | None = None) -> str:
   """The Pallas kernel a ConvFirst call runs: "mosaic" (XLA grouped conv + one Mosaic GPU
   kernel for the MLP, mosaic.py) where it supports the call (bfloat16/float16, C % 32 == 0,
   C <= 256, Hopper or the interpreter), else "triton" (the whole block in one
   Pallas-Triton kernel).  ``forward_kernel`` forces one; "mosaic" on an unsupported call
   raises NotImplementedError naming why."""
-  if forward_kernel not in (None, *FORWARD_KERNELS):
-    raise ValueError(f"forward_kernel must be one of None, {FORWARD_KERNELS}, "
-                     f"got {forward_kernel!r}")
-  if forward_kernel == "triton":
-    return "triton"
-  reason = (mosaic_mlp.device_unsupported_reason(interpret)
-            or mosaic.unsupported_reason(x.shape, params, x.dtype))
-  if reason is None:
-    return "mosaic"
-  if forward_kernel == "mosaic":
-    raise NotImplementedError(f"convfirst_block(forward_kernel='mosaic'): {reason}")
-  return "triton"
+  return _pick_forward_kernel("convfirst_block", forward_kernel, interpret,
+                              lambda: mosaic.unsupported_reason(x.shape, params, x.dtype))
 
 
 def convfirst_block(x: jax.Array, params: ConvFirstBlockParams, *,
@@ -118,18 +126,9 @@ def mbconv_forward_kernel(x, params, interpret: bool, forward_kernel: str | None
   (Hopper or the interpreter, bfloat16/float16, k = 3, C and E multiples of 64), else
   "triton" (the single-launch Pallas-Triton kernel).  ``forward_kernel`` forces one;
   "mosaic" on an unsupported call raises NotImplementedError naming why."""
-  if forward_kernel not in (None, *FORWARD_KERNELS):
-    raise ValueError(f"forward_kernel must be one of None, {FORWARD_KERNELS}, "
-                     f"got {forward_kernel!r}")
-  if forward_kernel == "triton":
-    return "triton"
-  reason = (mosaic_mlp.device_unsupported_reason(interpret)
-            or mosaic_gconv.mbconv_unsupported_reason(x.shape, params, x.dtype))
-  if reason is None:
-    return "mosaic"
-  if forward_kernel == "mosaic":
-    raise NotImplementedError(f"mbconv_block(forward_kernel='mosaic'): {reason}")
-  return "triton"
+  return _pick_forward_kernel(
+      "mbconv_block", forward_kernel, interpret,
+      lambda: mosaic_gconv.mbconv_unsupported_reason(x.shape, params, x.dtype))
 
 
 def mbconv_block(x: jax.Array, params: MBConvBlockParams, *,

@@ -9,8 +9,9 @@ either (72 multiply-adds per output at the ~15 T/s the depthwise conv kernel rea
 XLA's time), so the taps go to wgmma with block-diagonal weights.
 
 **Layout: padded, image-interleaved flat rows.**  The input is stored as rows of images
-with a zero row above and below (``hp = H + 2`` rows) and one zero column (``wp = W + 1``
-pixels per row: the zero column ends one row and starts the next), with 8 images
+with one zero row (``hp = H + 1`` rows: it is the row above an image and the one below the
+image before it) and one zero column (``wp = W + 1`` pixels per row: it ends one row and
+starts the next), with 8 images
 interleaved row by row: pixel (n, i, j) is row ``guard + 8 * ((n // 8 * hp + i + 1) * wp +
 j + 1) + n % 8``, every other row is zero, plus ``guard >= 8 * (wp + 1)`` zero rows before
 and after.  Then the input of tap (dy, dx) for any block of output rows is the block
@@ -70,7 +71,7 @@ class PaddedRows(NamedTuple):
   n: int
   h: int
   w: int
-  hp: int          # image rows with the zero borders: h + 2
+  hp: int          # image rows with the zero row: h + 1
   wp: int          # row length: w + 1 (one zero column, shared by neighbouring rows)
   rows: int        # rows of the image groups: 8 * ceil(n / 8) * hp * wp, rounded up to
                    # ``multiple``
@@ -88,7 +89,7 @@ class PaddedRows(NamedTuple):
 
 
 def padded_rows(n: int, h: int, w: int, multiple: int = 256) -> PaddedRows:
-  hp, wp = h + 2, w + 1
+  hp, wp = h + 1, w + 1
   rows = -(-(-(-n // 8) * 8 * hp * wp) // multiple) * multiple
   return PaddedRows(n, h, w, hp, wp, rows, -(-8 * (wp + 1) // 256) * 256)
 
@@ -105,7 +106,7 @@ def to_padded_rows(x: jax.Array, layout: PaddedRows) -> jax.Array:
   if (n, h, w) != layout[:3]:
     raise ValueError(f"x of shape {x.shape} does not match the layout {layout}")
   n8 = -(-n // 8)
-  xp = jnp.pad(x, ((0, 8 * n8 - n), (1, 1), (1, 0), (0, 0)))
+  xp = jnp.pad(x, ((0, 8 * n8 - n), (1, 0), (1, 0), (0, 0)))
   xp = xp.reshape(n8, 8, layout.hp, layout.wp, c).transpose(0, 2, 3, 1, 4).reshape(-1, c)
   tail = layout.rows - xp.shape[0] + layout.guard
   return jnp.pad(xp, ((layout.guard, tail), (0, 0)))

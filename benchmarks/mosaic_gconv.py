@@ -46,6 +46,25 @@ GCONV = (dict(), dict(per_cta=6, block_m=128))
 STAGES = ((14, 384, 9), (7, 768, 3))
 
 
+def _gconv_sweep(call, inputs, args):
+  """({json of a GCONV setting: ms}, the jitted call with the default setting) for
+  ``call(x, gconv_block_m=..., ...)`` over the one-argument ``inputs``."""
+  times, default = {}, None
+  for g in GCONV:
+    fn = jax.jit(lambda x, g=g: call(x, **{f"gconv_{k}": v for k, v in g.items()}))
+    times[json.dumps(g)] = median_ms(fn, [(x,) for x in inputs], args.iters, args.reps)
+    if not g:
+      default = fn
+  return times, default
+
+
+def _table_row(name, r, cells):
+  """A markdown row: ``cells``, or (None: a failed case) XLA's time and the error."""
+  if cells is None:
+    cells = [f"{r['xla_ms']:.3f}", r["error"][:60]]
+  print("| " + " | ".join([name, *cells]) + " |")
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--batch", type=int, default=128)
@@ -134,11 +153,8 @@ def main(argv=None) -> int:
     try:
       row.update(mosaic_ms=median_ms(mos, [(x,) for x in xs], args.iters, args.reps),
                  mosaic_err=_rel(mos(xs[0]), ref))
-      for g in GCONV:
-        rows = jax.jit(lambda xr, g=g: mg.mbconv_rows(
-            xr, p, lay, mask, **{f"gconv_{k}": v for k, v in g.items()}))
-        row["gconv"][json.dumps(g)] = median_ms(rows, [(r,) for r in rows_in], args.iters,
-                                                args.reps)
+      row["gconv"], _ = _gconv_sweep(
+          lambda xr, **g: mg.mbconv_rows(xr, p, lay, mask, **g), rows_in, args)
       row["rows_ms"] = min(row["gconv"].values())
       row["rows_best"] = min(row["gconv"], key=row["gconv"].get)
     except Exception as e:  # reported, not fatal
@@ -164,13 +180,9 @@ def main(argv=None) -> int:
                xla_ms=median_ms(xla, [(x,) for x in xs], args.iters, args.reps),
                xla_err=_rel(xla(xs[0]), ref), gconv={})
     try:
-      for g in GCONV:
-        mos = jax.jit(lambda x, ps=ps, g=g: mg.mbconv_stage_forward(
-            x, ps, **{f"gconv_{k}": v for k, v in g.items()}))
-        row["gconv"][json.dumps(g)] = median_ms(mos, [(x,) for x in xs], args.iters,
-                                                args.reps)
-        if not g:
-          row["mosaic_err"] = _rel(mos(xs[0]), ref)
+      row["gconv"], default = _gconv_sweep(
+          lambda x, ps=ps, **g: mg.mbconv_stage_forward(x, ps, **g), xs, args)
+      row["mosaic_err"] = _rel(default(xs[0]), ref)
       row["mosaic_ms"] = min(row["gconv"].values())
       row["mosaic_best"] = min(row["gconv"], key=row["gconv"].get)
     except Exception as e:  # reported, not fatal
@@ -187,23 +199,18 @@ def main(argv=None) -> int:
   print("| MBConv block, E=4 | XLA | Mosaic (3 kernels + layout) | in the layout (best gconv) | "
         "x | err | XLA err | gconv |")
   for r in blocks:
-    name = "x".join(map(str, r["shape"][1:]))
-    if "error" in r:
-      print(f"| {name} | {r['xla_ms']:.3f} | {r['error'][:60]} |")
-    else:
-      print(f"| {name} | {r['xla_ms']:.3f} | {r['mosaic_ms']:.3f} | {r['rows_ms']:.3f} | "
-            f"{r['xla_ms'] / r['rows_ms']:.2f} | {r['mosaic_err']:.1e} | {r['xla_err']:.1e} | "
-            f"{r['rows_best']} |")
+    _table_row("x".join(map(str, r["shape"][1:])), r, None if "error" in r else [
+        f"{r['xla_ms']:.3f}", f"{r['mosaic_ms']:.3f}", f"{r['rows_ms']:.3f}",
+        f"{r['xla_ms'] / r['rows_ms']:.2f}", f"{r['mosaic_err']:.1e}", f"{r['xla_err']:.1e}",
+        r["rows_best"]])
   print("| MBConv stage, E=4 | blocks | rows/pixel | XLA | Mosaic stage (best gconv) | x | err | "
         "XLA err | gconv |")
   for r in stages:
-    name = "x".join(map(str, r["shape"][1:]))
-    if "error" in r:
-      print(f"| {name} | {r['blocks']} | {r['xla_ms']:.3f} | {r['error'][:60]} |")
-    else:
-      print(f"| {name} | {r['blocks']} | {r['row_overhead']:.2f} | {r['xla_ms']:.3f} | "
-            f"{r['mosaic_ms']:.3f} | {r['xla_ms'] / r['mosaic_ms']:.2f} | "
-            f"{r['mosaic_err']:.1e} | {r['xla_err']:.1e} | {r['mosaic_best']} |")
+    name = "x".join(map(str, r["shape"][1:])) + f" | {r['blocks']}"
+    _table_row(name, r, None if "error" in r else [
+        f"{r['row_overhead']:.2f}", f"{r['xla_ms']:.3f}", f"{r['mosaic_ms']:.3f}",
+        f"{r['xla_ms'] / r['mosaic_ms']:.2f}", f"{r['mosaic_err']:.1e}", f"{r['xla_err']:.1e}",
+        r["mosaic_best"]])
   return 0
 
 

@@ -9,9 +9,10 @@ what it does not cover; None picks the kernel where it is supported (GPU backend
 falls back to XLA otherwise -- except that for ``mbconv_block`` None
 keeps XLA on a real GPU (it still picks a kernel with ``interpret=True``): one MBConv block
 alone is at best ~1.1x XLA's (the Mosaic form, paying its layout passes; the single-launch
-Pallas-Triton kernel was slower than XLA), so it is opt-in with ``implementation="pallas"``.  MBConv stages go through ``mbconv_stage``, which on a Hopper GPU
-runs the three-kernel Mosaic form (``mosaic_gconv``: 1.19x XLA's 9-block 14x14x384 stage, H100
-2026-11-27) where its padded row layout is cheap enough (``mbconv_stage_kernel``).
+Pallas-Triton kernel was slower than XLA), so it is opt-in with ``implementation="pallas"``.
+MBConv stages go through ``mbconv_stage``, which on a Hopper GPU runs the three-kernel Mosaic
+form (``mosaic_gconv``: 1.23x XLA's 9-block 14x14x384 stage, H100 2026-11-27) where its
+padded row layout is cheap enough (``mbconv_stage_kernel``).
 """
 
 from __future__ import annotations

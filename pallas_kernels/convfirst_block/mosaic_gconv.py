@@ -29,8 +29,8 @@ garbage, dropped by ``from_padded_rows`` or zeroed by the MBConv project kernel'
 Measured (H100, batch 128, bf16, 2026-11-27, benchmarks/RESULTS.md): the conv 0.109-0.116
 ms vs XLA's 0.215-0.221 at 14x14x1536; an MBConv block in the layout 0.331-0.340 vs XLA's
 0.380-0.398 ms at 14x14x384, but 0.41-0.44 vs 0.25 at 7x7x768 (then 1.55 rows per pixel);
-the 9-block 14x14x384 stage 2.73 vs 3.36 ms with this layout (1.17 rows per pixel).  ``pallas_kernels.mbconv_stage``
-picks it by rows per pixel (``row_overhead``).
+the 9-block 14x14x384 stage 2.73 vs 3.36 ms with this layout (1.17 rows per pixel).
+``pallas_kernels.mbconv_stage`` picks it by rows per pixel (``row_overhead``).
 
 Cost: with 32-channel chunks the block-diagonal tiles do 4x the real multiply-adds
 (14x14x1536, batch 128: ~22 GFLOP executed); each input row is read from L2 about

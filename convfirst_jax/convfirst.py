@@ -74,6 +74,13 @@ def _dense(din, dout, *, use_bias, dtype, param_dtype, rngs):
                     kernel_init=_kaiming(), bias_init=nnx.initializers.zeros, rngs=rngs)
 
 
+def _update_running_stats(bn: nnx.BatchNorm, mean, var):
+  """What ``nnx.BatchNorm`` does with batch statistics in training mode."""
+  m = bn.momentum
+  bn.mean[...] = jax.lax.stop_gradient(m * bn.mean[...] + (1 - m) * mean.astype(bn.mean.dtype))
+  bn.var[...] = jax.lax.stop_gradient(m * bn.var[...] + (1 - m) * var.astype(bn.var.dtype))
+
+
 class _Block(nnx.Module):
   """Shared constructor of the training-form blocks (convs without bias + BatchNorm)."""
 
@@ -112,14 +119,33 @@ class _Block(nnx.Module):
 
 
 class ConvFirstBlock(_Block):
-  """gconv kxk -> BN -> 1x1 expand -> BN -> SiLU -> 1x1 project -> BN -> drop path -> + x."""
+  """gconv kxk -> BN -> 1x1 expand -> BN -> SiLU -> 1x1 project -> BN -> drop path -> + x.
+
+  In training mode (BatchNorm with batch statistics) implementations None and "pallas" run
+  ``pallas_kernels.convfirst_block_train``: the first two BatchNorms folded into the
+  expansion from the conv output's mean and covariance, the pointwise half on the Mosaic GPU
+  kernels ("pallas"; None where they run, else XLA GEMMs) -- the same function, gradients
+  and running-average updates as the flax modules, which "xla" and eval mode run."""
 
   @staticmethod
   def conv_channels(dim, hidden):
     return dim
 
+  def train_params(self) -> pallas_kernels.ConvFirstTrainParams:
+    return pallas_kernels.ConvFirstTrainParams(
+        self.conv_group.kernel[...], self.bn_group.scale[...], self.bn_group.bias[...],
+        self.fc1.kernel[...], self.bn1.scale[...], self.bn1.bias[...], self.fc2.kernel[...],
+        self.bn2.scale[...], self.bn2.bias[...])
+
   def __call__(self, x):
     x = x.astype(self.dtype)
+    if self.implementation != "xla" and not self.bn1.use_running_average:
+      y, stats = pallas_kernels.convfirst_block_train(
+          x, self.train_params(), self.drop_path.scale(x.shape[0]), eps=BN_EPS,
+          implementation=self.implementation)
+      for bn, (mean, var) in zip((self.bn_group, self.bn1, self.bn2), stats):
+        _update_running_stats(bn, mean, var)
+      return y
     h = self.bn_group(self._grouped_conv(x))
     h = jax.nn.silu(self.bn1(self.fc1(h)))
     h = self.bn2(self.fc2(h))

@@ -4,11 +4,14 @@ Every op has one public function taking ``implementation=None | "xla" | "pallas"
 None picks the fastest supported implementation and falls back to XLA."""
 
 from pallas_kernels.convfirst_block import (
+    BatchStats,
     ConvFirstBlockParams,
+    ConvFirstTrainParams,
     GroupedConvConfig,
     MBConvBlockParams,
     convfirst_block,
     convfirst_block_reference,
+    convfirst_block_train,
     grouped_conv,
     grouped_conv_reference,
     mbconv_block,
@@ -22,8 +25,8 @@ from pallas_kernels.convnext_block import (
 )
 
 __all__ = [
-    "ConvFirstBlockParams", "ConvNeXtBlockParams", "GroupedConvConfig", "MBConvBlockParams",
-    "convfirst_block", "convfirst_block_reference", "convnext_block",
+    "BatchStats", "ConvFirstBlockParams", "ConvFirstTrainParams", "ConvNeXtBlockParams", "GroupedConvConfig", "MBConvBlockParams",
+    "convfirst_block", "convfirst_block_reference", "convfirst_block_train", "convnext_block",
     "convnext_block_reference", "grouped_conv", "grouped_conv_reference",
     "mbconv_block", "mbconv_block_reference", "mbconv_stage",
 ]

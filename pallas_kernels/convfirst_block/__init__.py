@@ -1,5 +1,7 @@
-"""Fused ConvFirst and MBConv blocks (inference form, BatchNorm folded), and the Pallas
-group-width-8 convolution layer that ConvFirstNet uses in training."""
+"""Fused ConvFirst and MBConv blocks (inference form, BatchNorm folded), the ConvFirst
+training block (batch-statistics BatchNorm folded into the Mosaic pointwise kernels), and
+the Pallas group-width-8 convolution layer (ConvFirstNet's MBConv blocks in training with
+``block_impl="pallas"``)."""
 
 from pallas_kernels.convfirst_block.api import convfirst_block, mbconv_block, mbconv_stage
 from pallas_kernels.convfirst_block.grouped_conv_triton import GroupedConvConfig, grouped_conv
@@ -11,7 +13,13 @@ from pallas_kernels.convfirst_block.reference import (
     mbconv_block_reference,
 )
 from pallas_kernels.convfirst_block.reference import grouped_conv as grouped_conv_reference
+from pallas_kernels.convfirst_block.train import (
+    BatchStats,
+    ConvFirstTrainParams,
+    convfirst_block_train,
+)
 
-__all__ = ["GROUP_WIDTH", "ConvFirstBlockParams", "GroupedConvConfig", "MBConvBlockParams",
+__all__ = ["GROUP_WIDTH", "BatchStats", "ConvFirstBlockParams", "ConvFirstTrainParams",
+           "convfirst_block_train", "GroupedConvConfig", "MBConvBlockParams",
            "convfirst_block", "convfirst_block_reference", "grouped_conv",
            "grouped_conv_reference", "mbconv_block", "mbconv_block_reference", "mbconv_stage"]

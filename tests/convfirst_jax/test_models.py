@@ -127,9 +127,15 @@ def test_input_errors_name_expected_and_actual():
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the off-GPU error")
 def test_convfirst_pallas_training_block_off_gpu_fails_loudly():
-  # Training-form blocks with block_impl="pallas" use the Pallas grouped-conv layer, which
-  # needs a GPU (tests run it in interpret mode: tests/pallas_kernels/test_grouped_conv.py).
+  # Training-form blocks with block_impl="pallas" run Pallas kernels that need a GPU (tests
+  # run them in interpret mode: tests/pallas_kernels/test_grouped_conv.py,
+  # test_convfirst_train.py): the ConvFirst blocks the Mosaic pointwise kernels, the MBConv
+  # blocks the Pallas grouped-conv layer.
   model = cj.create_model("convfirst_atto", num_classes=3, block_impl="pallas", rngs=0)
+  with pytest.raises(NotImplementedError, match="convfirst_block_train.*backend"):
+    model(_images())
+  model = cj.create_model("convfirst_atto", num_classes=3, block_impl="pallas", rngs=0,
+                          block_types=("mbconv",) * 4)
   with pytest.raises(NotImplementedError, match="grouped_conv.*backend is 'cpu'"):
     model(_images())
 

@@ -157,11 +157,13 @@ def _grad_errors(grads, want):
   return out
 
 
-@pytest.mark.parametrize("block,c", [("ConvFirstBlock", 32), ("MBConvBlock", 64)])
+@pytest.mark.parametrize("block,c", [("MBConvBlock", 64)])
 def test_training_block_pallas_matches_xla(monkeypatch, block, c):
-  """A training-form block (BatchNorm with batch statistics, drop path off): the output,
-  every parameter gradient, the input gradient and the updated BatchNorm statistics with
-  implementation="pallas" match "xla"."""
+  """A training-form MBConv block (BatchNorm with batch statistics, drop path off): the
+  output, every parameter gradient, the input gradient and the updated BatchNorm statistics
+  with implementation="pallas" (the Pallas grouped-conv layer) match "xla".  (The ConvFirst
+  training block runs ``convfirst_block_train`` instead: tests/pallas_kernels/
+  test_convfirst_train.py.)"""
   from flax import nnx
   calls = _interpreted(monkeypatch)
   x = jax.random.normal(jax.random.key(c), (2, 7, 5, c))
@@ -191,12 +193,21 @@ def test_training_block_pallas_matches_xla(monkeypatch, block, c):
 
 def test_model_uses_pallas_layer_in_training_and_eval(monkeypatch, randomise_batchnorm):
   """A small ConvFirstNet (one block per stage, both block types) with block_impl="pallas":
-  a training step's gradient (traced only, to
-  keep CI fast; the numbers are checked per block above) sends every block's grouped conv
-  through the Pallas layer; in eval mode (unfolded, BatchNorm running statistics) the
-  logits match block_impl="xla"."""
+  a training step's gradient (traced only, to keep CI fast; the numbers are checked per
+  block above and in test_convfirst_train.py) sends every MBConv block's grouped conv
+  through the Pallas layer and every ConvFirst block through ``convfirst_block_train`` with
+  implementation "pallas" (recorded, then run as "fold": the Mosaic kernels take no float32);
+  in eval mode (unfolded, BatchNorm running statistics) every block's grouped conv is the
+  Pallas layer's and the logits match block_impl="xla"."""
   from flax import nnx
   calls = _interpreted(monkeypatch)
+  train_calls = []
+  block_train = pallas_kernels.convfirst_block_train
+
+  def recorded(x, params, drop_scale=None, *, implementation=None, **kw):
+    train_calls.append((x.shape, implementation))
+    return block_train(x, params, drop_scale, implementation="fold", **kw)
+  monkeypatch.setattr(pallas_kernels, "convfirst_block_train", recorded)
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
 
   def model(impl):
@@ -214,7 +225,9 @@ def test_model_uses_pallas_layer_in_training_and_eval(monkeypatch, randomise_bat
     return jnp.mean(out ** 2)
   grads = jax.eval_shape(jax.grad(loss), params)
   n_blocks = sum(m.depths)
-  assert len(calls) == n_blocks and all(impl == "pallas" for _, impl in calls), calls
+  assert [c for c, _ in calls] == [(2, 2, 2, 192), (2, 1, 1, 256)], calls  # E * C wide
+  assert [c for c, _ in train_calls] == [(2, 8, 8, 32), (2, 4, 4, 32)], train_calls
+  assert all(impl == "pallas" for _, impl in calls + train_calls)
   assert jax.tree.map(lambda a: (a.shape, a.dtype), grads) == \
       jax.tree.map(lambda a: (a.shape, a.dtype), params)
 

@@ -1,0 +1,169 @@
+"""The ConvFirst training block with its BatchNorms folded from batch statistics
+(pallas_kernels.convfirst_block_train) against the block as written (implementation="xla",
+which is what flax's modules compute): value, batch statistics and the gradients of x and
+every parameter; the Mosaic pointwise kernels in the Mosaic GPU interpreter; the model's
+training-mode block.
+
+Tolerances: float32 1e-4 relative (the fold reorders float32 sums over the batch: the
+variance of a comes from g's covariance, not from a itself); bfloat16 3e-2 (both sides
+round their intermediates to bfloat16, at different points).  The gradient of BN_g's bias is
+zero in exact arithmetic (BN_1 removes any per-channel shift of its input's product), so it
+is compared to the scale of the other parameters' gradients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import convfirst_jax as cj
+import pallas_kernels
+from pallas_kernels.convfirst_block import train
+
+F32 = jnp.float32
+
+
+def _params(seed, c, e, k=3):
+  ks = jax.random.split(jax.random.key(seed), 9)
+  n = jax.random.normal
+  return pallas_kernels.ConvFirstTrainParams(
+      conv_kernel=n(ks[0], (k, k, 8, c)) / (8 * k * k) ** 0.5,
+      bn_conv_scale=1 + 0.2 * n(ks[1], (c,)), bn_conv_bias=0.2 * n(ks[2], (c,)),
+      fc1_kernel=n(ks[3], (c, e)) / c ** 0.5, bn1_scale=1 + 0.2 * n(ks[4], (e,)),
+      bn1_bias=0.2 * n(ks[5], (e,)), fc2_kernel=n(ks[6], (e, c)) / e ** 0.5,
+      bn2_scale=1 + 0.2 * n(ks[7], (c,)), bn2_bias=0.2 * n(ks[8], (c,)))
+
+
+def _rel(a, b):
+  a, b = np.asarray(jnp.asarray(a, F32), np.float64), np.asarray(jnp.asarray(b, F32), np.float64)
+  assert not np.isnan(a).any(), "NaN in a result (unwritten or uninitialised)"
+  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def _value_and_grads(x, params, dps, dy, implementation, interpret=False):
+  def loss(x, params):
+    y, stats = pallas_kernels.convfirst_block_train(
+        x, params, dps, implementation=implementation, interpret=interpret)
+    return jnp.sum(y.astype(F32) * dy), (y, stats)
+  (_, (y, stats)), (gx, gp) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1),
+                                                         has_aux=True))(x, params)
+  return y, stats, gx, gp
+
+
+def _compare(got, want, tol):
+  y, stats, gx, gp = got
+  y0, stats0, gx0, gp0 = want
+  assert y.dtype == y0.dtype and y.shape == y0.shape
+  assert _rel(y, y0) < tol
+  for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(stats0)):
+    assert _rel(a, b) < tol
+  assert _rel(gx, gx0) < tol
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(gp0))
+  for field, a, b in zip(gp._fields, gp, gp0):
+    assert a.shape == b.shape and a.dtype == b.dtype, field
+    if field == "bn_conv_bias":  # zero in exact arithmetic: rounding noise on both sides
+      assert float(jnp.abs(a - b).max()) < tol * scale, field
+    else:
+      assert _rel(a, b) < tol, field
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)])
+@pytest.mark.parametrize("shape,c,k", [
+    ((2, 5, 7), 32, 3),   # odd H and W; convfirst_atto stage 1
+    ((1, 6, 5), 64, 5),   # batch 1, k = 5; atto stage 2 / nano stage 1
+    ((2, 3, 3), 96, 3),   # convfirst_t stage 1
+    ((2, 3, 5), 128, 3),  # nano stage 2
+    ((1, 3, 3), 192, 3),  # convfirst_t stage 2
+])
+def test_fold_matches_block_as_written(dtype, tol, shape, c, k):
+  e = 4 * c
+  params = _params(c + k, c, e, k)
+  x = (jax.random.normal(jax.random.key(1), (*shape, c)) + 0.5).astype(dtype)
+  dy = jax.random.normal(jax.random.key(2), x.shape)
+  dps = jnp.array([2.0, 0.0])[:shape[0]]  # one image dropped, one scaled (batch 2)
+  want = _value_and_grads(x, params, dps, dy, "xla")
+  got = _value_and_grads(x, params, dps, dy, "fold")
+  _compare(got, want, tol)
+  if shape[0] == 2:  # the dropped image's branch is gone: y = x exactly
+    np.testing.assert_array_equal(np.asarray(got[0][1], np.float32), np.asarray(x[1], np.float32))
+
+
+@pytest.mark.parametrize("shape,c", [((2, 5, 7), 32), ((1, 5, 9), 96)])
+def test_mosaic_pointwise_in_interpreter(shape, c):
+  """implementation="pallas" (the Mosaic forward + backward kernels, in the interpreter) vs
+  the block as written, bfloat16; 70 and 45 rows (not multiples of the 64-row tiles)."""
+  e = 4 * c
+  params = _params(c, c, e)
+  x = (jax.random.normal(jax.random.key(3), (*shape, c)) + 0.5).astype(jnp.bfloat16)
+  dy = jax.random.normal(jax.random.key(4), x.shape)
+  dps = jnp.array([1.0, 0.5])[:shape[0]]
+  want = _value_and_grads(x, params, dps, dy, "xla")
+  got = _value_and_grads(x, params, dps, dy, "pallas", interpret=True)
+  _compare(got, want, 3e-2)
+
+
+def test_implementation_choice_and_errors():
+  params = _params(0, 32, 128)
+  x = jnp.ones((1, 4, 4, 32), jnp.bfloat16)
+  if jax.default_backend() != "gpu":
+    with pytest.raises(NotImplementedError, match="implementation='pallas'.*backend"):
+      pallas_kernels.convfirst_block_train(x, params, implementation="pallas")
+    y_none, _ = pallas_kernels.convfirst_block_train(x, params)  # falls back to "fold"
+    y_fold, _ = pallas_kernels.convfirst_block_train(x, params, implementation="fold")
+    np.testing.assert_array_equal(np.asarray(y_none, np.float32), np.asarray(y_fold, np.float32))
+  with pytest.raises(NotImplementedError, match="bfloat16/float16"):  # Mosaic takes no f32
+    pallas_kernels.convfirst_block_train(x.astype(F32), params, implementation="pallas",
+                                         interpret=True)
+  with pytest.raises(ValueError, match="implementation must be"):
+    pallas_kernels.convfirst_block_train(x, params, implementation="triton")
+  with pytest.raises(ValueError, match="rank 4"):
+    pallas_kernels.convfirst_block_train(x[0], params)
+  with pytest.raises(ValueError, match=r"params.fc2_kernel has shape \(128, 16\)"):
+    pallas_kernels.convfirst_block_train(x, params._replace(fc2_kernel=jnp.ones((128, 16))))
+  with pytest.raises(ValueError, match="multiples of the group width"):
+    pallas_kernels.convfirst_block_train(jnp.ones((1, 4, 4, 12)), params)
+
+
+def test_statistics_from_covariance():
+  """fold_batchnorm_dense: the product's batch mean and variance from its input's mean and
+  covariance, against the product computed and reduced directly (float32)."""
+  u = jax.random.normal(jax.random.key(5), (300, 24)) * 3 + 1
+  w = jax.random.normal(jax.random.key(6), (24, 40))
+  mean, cov = train.mean_and_cov(u)
+  w1, b1, (mean_a, var_a) = train.fold_batchnorm_dense(mean, cov, w, jnp.full((40,), 2.0),
+                                                       jnp.full((40,), 0.5), 1e-5)
+  a = u @ w
+  np.testing.assert_allclose(mean_a, a.mean(0), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(var_a, a.var(0), rtol=1e-4)
+  bn = (a - a.mean(0)) / jnp.sqrt(a.var(0) + 1e-5) * 2.0 + 0.5
+  np.testing.assert_allclose(u @ w1 + b1, bn, rtol=1e-4, atol=1e-4)
+
+
+def test_model_training_block_matches_flax_modules():
+  """ConvFirstBlock in train mode: implementation None (the fold) vs "xla" (flax's
+  BatchNorm modules) -- output, gradients of every parameter, running averages."""
+  def run(impl):
+    block = cj.ConvFirstBlock(32, implementation=impl, zero_init_last=False,
+                              rngs=nnx.Rngs(0))
+    block.bn_group.bias[...] = 0.3 * jax.random.normal(jax.random.key(8), (32,))
+    block.train()
+    x = jax.random.normal(jax.random.key(7), (2, 5, 7, 32)) + 0.5
+
+    def loss(block):
+      return jnp.sum(block(x) ** 2)
+    grads = nnx.grad(loss)(block)
+    return block(x), grads, nnx.state(block, nnx.BatchStat)
+  y, g, st = run(None)
+  y0, g0, st0 = run("xla")
+  assert _rel(y, y0) < 1e-4
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
+    assert a.shape == b.shape
+    assert float(jnp.abs(a - b).max()) < 1e-4 * max(float(jnp.abs(b).max()), 1.0)
+  leaves, leaves0 = jax.tree.leaves(st), jax.tree.leaves(st0)
+  assert len(leaves) == len(leaves0) == 6
+  for a, b in zip(leaves, leaves0):  # updated twice (grad, then the call), identically
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  # and they moved away from their initial values (means 0, variances 1)
+  assert all(not (np.allclose(a, 0.0) or np.allclose(a, 1.0)) for a in leaves)

@@ -173,7 +173,13 @@ def _mosaic_mlp_config(m: int, c: int, e: int, dtype):
   from pallas_kernels import mosaic_mlp_bwd
   if c <= 256:
     reason = mosaic_mlp_bwd.unsupported_reason(m, c, e, dtype, "silu", 64, 2)
-    return (None, reason) if reason else (dict(hidden_chunk=64, stages=2, bwd_stages=2), None)
+    if reason:
+      return None, reason
+    # From C=192 up: 128-row forward CTAs, and the backward kernel not storing a copy of g
+    # for dW1 (XLA reads g itself): 1.336 vs 1.413 ms at 28x28x192, while at C=64 / 96 the
+    # 64-row defaults measured best (1.422 / 2.495 ms; H100, batch 128, 2026-11-27).
+    wide = dict(block_m=128, bwd_zn=False) if c >= 192 else {}
+    return dict(hidden_chunk=64, stages=2, bwd_stages=2, **wide), None
   from pallas_kernels import mosaic_split
   reason = (mosaic_split.unsupported_reason(m, c, e, dtype)
             or mosaic_mlp_bwd.split_unsupported_reason(m, c, e, dtype, "silu", 32, 2))
@@ -194,7 +200,7 @@ def pallas_unsupported_reason(x_shape, e: int, dtype, interpret: bool = False) -
   return _mosaic_mlp_config(n * h * w, c, e, dtype)[1]
 
 
-def _silu_mlp(z2d, w1, b1, w2, implementation, interpret):
+def _silu_mlp(z2d, w1, b1, w2, implementation, interpret, mosaic_kwargs=None):
   """silu(z W1 + b1) W2 over rows: XLA's two GEMMs, or the Mosaic kernels ("pallas")."""
   dtype = z2d.dtype
   if implementation == "pallas":
@@ -204,6 +210,7 @@ def _silu_mlp(z2d, w1, b1, w2, implementation, interpret):
     cfg, reason = _mosaic_mlp_config(m, c, e, dtype)
     if reason:
       raise NotImplementedError(f"convfirst_block_train(implementation='pallas'): {reason}")
+    cfg.update(mosaic_kwargs or {})
     zeros_c = jnp.zeros((c,), jnp.float32)
     return mosaic_mlp_bwd.mlp_with_grad(
         z2d, jnp.zeros_like(z2d), w1, b1, w2, zeros_c, act="silu", normalize=False,
@@ -234,8 +241,8 @@ def _convfirst_xla(x, params, drop_scale, eps):
 
 def convfirst_block_train(x: jax.Array, params: ConvFirstTrainParams,
                           drop_scale: jax.Array | None = None, *, eps: float = 1e-5,
-                          implementation: str | None = None,
-                          interpret: bool = False) -> tuple[jax.Array, BatchStats]:
+                          implementation: str | None = None, interpret: bool = False,
+                          mosaic_kwargs: dict | None = None) -> tuple[jax.Array, BatchStats]:
   """ConvFirst training block: y = x + drop_scale * BN_2(silu(BN_1(BN_g(gconv(x)) W1)) W2),
   BatchNorms with batch statistics.  Returns (y, BatchStats); differentiable in x and every
   parameter.
@@ -246,7 +253,8 @@ def convfirst_block_train(x: jax.Array, params: ConvFirstTrainParams,
   kernels (``mosaic_mlp_bwd.mlp_with_grad``: h never in DRAM), raising NotImplementedError
   naming the reason where they cannot run; None -- "pallas" where it runs, else "fold".
   The grouped conv is XLA's in every form (the Pallas-Triton grouped conv measured slower
-  for training, benchmarks/RESULTS.md).  drop_scale: (N,) per-image scale or None."""
+  for training, benchmarks/RESULTS.md).  drop_scale: (N,) per-image scale or None.
+  mosaic_kwargs: tile settings passed on to ``mlp_with_grad`` (tuning experiments)."""
   _check_implementation(implementation)
   c, e = _check(x, params, "convfirst_block_train")
   if implementation == "xla":
@@ -272,7 +280,7 @@ def convfirst_block_train(x: jax.Array, params: ConvFirstTrainParams,
   # BN_1(u W1) = (g s_g + t_g) W1' + b1' = g (s_g W1') + (t_g W1' + b1')
   b1 = t_g @ w1 + b1
   w1 = s_g[:, None] * w1
-  p = _silu_mlp(g, w1, b1, params.fc2_kernel, implementation, interpret)
+  p = _silu_mlp(g, w1, b1, params.fc2_kernel, implementation, interpret, mosaic_kwargs)
   st_p = moments(p)
   branch = _bn_apply(p, *st_p, params.bn2_scale, params.bn2_bias, eps).astype(dtype)
   y = _residual(x, branch.astype(jnp.float32).reshape(n, h, w, c), drop_scale)

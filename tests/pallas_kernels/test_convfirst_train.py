@@ -90,10 +90,11 @@ def test_fold_matches_block_as_written(dtype, tol, shape, c, k):
     np.testing.assert_array_equal(np.asarray(got[0][1], np.float32), np.asarray(x[1], np.float32))
 
 
-@pytest.mark.parametrize("shape,c", [((2, 5, 7), 32), ((1, 5, 9), 96)])
+@pytest.mark.parametrize("shape,c", [((2, 5, 7), 32), ((1, 5, 9), 96), ((1, 3, 5), 192)])
 def test_mosaic_pointwise_in_interpreter(shape, c):
   """implementation="pallas" (the Mosaic forward + backward kernels, in the interpreter) vs
-  the block as written, bfloat16; 70 and 45 rows (not multiples of the 64-row tiles)."""
+  the block as written, bfloat16; 70, 45 and 15 rows (not multiples of the 64- or 128-row
+  tiles; C=192 runs the 128-row forward kernel and the backward without its g copy)."""
   e = 4 * c
   params = _params(c, c, e)
   x = (jax.random.normal(jax.random.key(3), (*shape, c)) + 0.5).astype(jnp.bfloat16)

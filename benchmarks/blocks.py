@@ -91,7 +91,7 @@ def convnext_cases(batch: int, dtype, tiles=None):
 
 # ----------------------------------------------------------------- ConvFirst / MBConv (issue #6)
 # Inference (BatchNorm-folded) blocks: run with --blocks convfirst --no-backward; training
-# blocks (batch statistics, Pallas grouped-conv layer): --blocks convfirst_train.
+# blocks (batch statistics; Mosaic pointwise / Pallas grouped-conv layer): --blocks convfirst_train.
 # The sweep over kernel configs and GPU correctness checks live in benchmarks.blocks_convfirst.
 
 
@@ -121,8 +121,10 @@ def convfirst_cases(batch: int, dtype, tiles=None):
 
 def convfirst_train_cases(batch: int, dtype, tiles=None):
   """Training-form ConvFirst / MBConv blocks (BatchNorm with batch statistics, float32
-  parameters): "pallas" swaps the grouped conv for the Pallas layer
-  (``pallas_kernels.grouped_conv``), the rest stays XLA.  Floors: the fused block's FLOPs and
+  parameters), the model's modules in train mode: "pallas" runs a ConvFirst block as
+  ``pallas_kernels.convfirst_block_train`` (BatchNorms folded from batch statistics, Mosaic
+  pointwise kernels, XLA's grouped conv) and swaps an MBConv block's grouped conv for the
+  Pallas layer (``pallas_kernels.grouped_conv``), the rest of it XLA.  Floors: the fused block's FLOPs and
   minimum bytes (as the inference rows; BatchNorm statistics would cost a real fused kernel
   extra passes), backward twice the FLOPs, reading x and dy and writing dx."""
   del tiles

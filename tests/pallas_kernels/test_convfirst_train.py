@@ -168,3 +168,20 @@ def test_model_training_block_matches_flax_modules():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   # and they moved away from their initial values (means 0, variances 1)
   assert all(not (np.allclose(a, 0.0) or np.allclose(a, 1.0)) for a in leaves)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,c", [((4, 15, 13, 64), 64), ((3, 11, 9, 96), 96),
+                                     ((2, 9, 7, 192), 192), ((1, 7, 7, 32), 32)])
+def test_compiled_mosaic_pointwise_on_gpu(shape, c):
+  """The compiled Mosaic kernels (Hopper) against the block as written, bfloat16."""
+  from pallas_kernels import mosaic_mlp
+  if mosaic_mlp.device_unsupported_reason(False) is not None:
+    pytest.skip(mosaic_mlp.device_unsupported_reason(False))
+  params = _params(c + 1, c, 4 * c)
+  x = (jax.random.normal(jax.random.key(9), shape) + 0.5).astype(jnp.bfloat16)
+  dy = jax.random.normal(jax.random.key(10), x.shape)
+  dps = jnp.where(jnp.arange(shape[0]) % 3 == 1, 0.0, 1.25)
+  want = _value_and_grads(x, params, dps, dy, "xla")
+  got = _value_and_grads(x, params, dps, dy, "pallas")
+  _compare(got, want, 3e-2)

@@ -141,20 +141,23 @@ def bench_block(kind, batch, h, w, c, e):
   return row
 
 
-def param_grad_error(got, want) -> float:
+def param_grad_error(got, want, skip=("bn_group/bias",)) -> float:
   """The largest relative difference (norm of the difference / norm of ``want``) over the
-  parameter gradients.  A gradient that is zero in exact arithmetic -- a ConvFirst block's
-  bn_group bias: BN_1's batch mean removes any per-channel shift of its input -- is rounding
-  noise in both runs (bfloat16 XLA's has norm ~2e-4 of the largest leaf's, its float32
-  value ~2e-8), so a leaf whose norm is below 1e-3 of the largest leaf's is measured against
-  that largest norm instead.  (Until 2026-11-27 this was the max-abs relative error of every
-  leaf, which read 1.0 for that zero gradient.)"""
-  pairs = [(np.asarray(a, np.float64), np.asarray(b, np.float64))
-           for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want))]
-  scale = max(np.linalg.norm(b) for _, b in pairs)
-  return max(float(np.linalg.norm(a - b)
-                   / (np.linalg.norm(b) if np.linalg.norm(b) >= 1e-3 * scale else scale))
-             for a, b in pairs)
+  parameter gradients, leaving out the leaves named in ``skip`` ("module/param").  The
+  default skips a ConvFirst block's bn_group bias: its gradient is zero in exact arithmetic
+  (BN_1's batch mean removes any per-channel shift of its input), so both sides are rounding
+  noise -- and bfloat16 XLA's noise grows with the batch: on CPU at 32x56x56x64 its norm
+  was 251 (5e-3 of the largest gradient's) against 9e-4 in float32 and 2e-4 from the fold
+  in ``convfirst_block_train``, which reads as a relative error of 1.0.  (Until 2026-11-27
+  this was the max-abs relative error of every leaf, which read 1.0 for that reason.)"""
+  errs = []
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree.leaves(want)):
+    name = "/".join(str(getattr(k, "key", k)) for k in path)
+    if any(name.startswith(s_) for s_ in skip):
+      continue
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    errs.append(float(np.linalg.norm(a - b) / np.linalg.norm(b)))
+  return max(errs)
 
 
 def main(argv=None) -> int:

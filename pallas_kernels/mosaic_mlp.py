@@ -258,16 +258,19 @@ def _hidden_chunk(acc2_ref, zn_smem, w1t_smem, b1_ref, w2_smem, h_smem, *, act: 
   plgpu.wgmma_wait(0)  # the weight slots are refilled once the chunk returns
 
 
-def _residual_out(acc, b2_smem, rs_smem, res_smem, out_gmem_rows, select_zero_rows=False):
+def _residual_out(acc, b2_smem, rs_smem, res_smem, out_gmem_rows, select_zero_rows=False,
+                  has_res=True):
   """res_smem <- res + rs * (acc + b2), then TMA it to ``out_gmem_rows``.
-  ``select_zero_rows``: rows with rs == 0 get exactly res, even where acc is not finite."""
+  ``select_zero_rows``: rows with rs == 0 get exactly res, even where acc is not finite.
+  ``has_res=False``: no residual (res_smem is only the output staging tile)."""
   rows, c = acc.shape
   b2 = plgpu.load(b2_smem, layout=_WG.reduce(0))
   rs = lax.broadcast_in_dim(plgpu.load(rs_smem, layout=_WG.reduce(1)), (rows, c), [0])
   branch = (acc + lax.broadcast_in_dim(b2, (rows, c), [1])) * rs
   if select_zero_rows:
     branch = jnp.where(rs != 0, branch, jnp.zeros_like(branch))
-  y = plgpu.load(res_smem, layout=_WG).astype(jnp.float32) + branch
+  y = (plgpu.load(res_smem, layout=_WG).astype(jnp.float32) + branch if has_res
+       else branch)
   res_smem[...] = y.astype(res_smem.dtype)  # the residual tile is the output staging tile
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(res_smem, out_gmem_rows)
@@ -319,7 +322,8 @@ def _pipelined_chunks(acc2_ref, zn_smem, w1t_gmem, b1_gmem, w2_gmem, h_smem, *, 
 
 def _kernel(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b2_gmem,
             out_gmem, *, c: int, e: int, hc: int, act: str, normalize: bool, eps: float,
-            stages: int, h_in_smem: bool, bm: int, pipelined: bool = False):
+            stages: int, h_in_smem: bool, bm: int, pipelined: bool = False,
+            has_res: bool = True):
   dtype = z_gmem.dtype
   i = lax.axis_index("m")
   rows = pl.ds(i * bm, bm)
@@ -327,7 +331,8 @@ def _kernel(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b2_g
 
   def scoped(z_smem, res_smem, rs_smem, zb_smem, b2_smem, bars, h_smem):
     plgpu.copy_gmem_to_smem(z_gmem.at[rows], z_smem, bars.at[0])
-    plgpu.copy_gmem_to_smem(res_gmem.at[rows], res_smem, bars.at[1])
+    if has_res:
+      plgpu.copy_gmem_to_smem(res_gmem.at[rows], res_smem, bars.at[1])
     plgpu.copy_gmem_to_smem(rs_gmem.at[rows], rs_smem, bars.at[2])
     plgpu.copy_gmem_to_smem(zb_gmem, zb_smem, bars.at[3])
     plgpu.copy_gmem_to_smem(b2_gmem, b2_smem, bars.at[4])
@@ -361,10 +366,11 @@ def _kernel(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b2_g
 
     acc = pl.run_scoped(accumulate, plgpu.ACC((bm, c), jnp.float32))
 
-    plgpu.barrier_wait(bars.at[1])
+    if has_res:
+      plgpu.barrier_wait(bars.at[1])
     plgpu.barrier_wait(bars.at[2])
     plgpu.barrier_wait(bars.at[4])
-    _residual_out(acc, b2_smem, rs_smem, res_smem, out_gmem.at[rows])
+    _residual_out(acc, b2_smem, rs_smem, res_smem, out_gmem.at[rows], has_res=has_res)
 
   pl.run_scoped(
       scoped,
@@ -382,7 +388,7 @@ def _kernel(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b2_g
 
 def _kernel_ws(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b2_gmem,
                out_gmem, *, c: int, e: int, hc: int, act: str, normalize: bool, eps: float,
-               stages: int, h_in_smem: bool):
+               stages: int, h_in_smem: bool, has_res: bool = True):
   """128 rows per CTA, warp-specialised: warpgroups 0 and 1 each own 64 rows and run the
   same LN -> (wgmma, activation, wgmma) per hidden chunk as ``_kernel``; warpgroup 2 only
   issues the TMA copies of the weight chunks into ``stages`` slots, refilling a slot once
@@ -408,7 +414,8 @@ def _kernel_ws(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b
       plgpu.barrier_wait(tile_bars.at[3 * wgi])
       plgpu.barrier_wait(param_bars.at[0])
       _normalise_into(my_z, zb_smem, my_zn, normalize=normalize, eps=eps)
-      plgpu.copy_gmem_to_smem(res_gmem.at[rows], my_z, tile_bars.at[3 * wgi + 2])
+      if has_res:
+        plgpu.copy_gmem_to_smem(res_gmem.at[rows], my_z, tile_bars.at[3 * wgi + 2])
       plgpu.barrier_wait(param_bars.at[1])
 
       def accumulate(acc2_ref):
@@ -425,9 +432,10 @@ def _kernel_ws(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b
 
       acc = pl.run_scoped(accumulate, plgpu.ACC((64, c), jnp.float32))
       plgpu.barrier_wait(tile_bars.at[3 * wgi + 1])
-      plgpu.barrier_wait(tile_bars.at[3 * wgi + 2])
+      if has_res:
+        plgpu.barrier_wait(tile_bars.at[3 * wgi + 2])
       plgpu.barrier_wait(param_bars.at[2])
-      _residual_out(acc, b2_smem, my_rs, my_z, out_gmem.at[rows])
+      _residual_out(acc, b2_smem, my_rs, my_z, out_gmem.at[rows], has_res=has_res)
 
     @pl.when(wgi == 2)
     def _memory():
@@ -481,7 +489,7 @@ def check_mlp_args(z, res, w1, b1, w2, b2) -> tuple[int, int, int]:
   """(M, C, E) of a ``fused_mlp``-style call, after checking the shapes fit together."""
   m, c = z.shape
   e = w1.shape[1]
-  if res.shape != z.shape or res.dtype != z.dtype:
+  if res is not None and (res.shape != z.shape or res.dtype != z.dtype):
     raise ValueError(f"res must match z: got {res.shape} {res.dtype} vs {z.shape} {z.dtype}")
   if w1.shape != (c, e) or w2.shape != (e, c) or b1.shape != (e,) or b2.shape != (c,):
     raise ValueError(f"weight shapes do not fit C={c}, E={e}: w1 {w1.shape}, b1 {b1.shape}, "
@@ -491,14 +499,15 @@ def check_mlp_args(z, res, w1, b1, w2, b2) -> tuple[int, int, int]:
 
 def row_inputs(z, res, z_bias, row_scale, block_m: int):
   """(z, res, zb, rs): the optional vectors as float32 (zeros / ones when None), the rows
-  zero-padded to a multiple of ``block_m`` (the last CTA's rows; callers slice them off)."""
+  zero-padded to a multiple of ``block_m`` (the last CTA's rows; callers slice them off).
+  res None stays None."""
   m, c = z.shape
   zb = jnp.zeros((c,), jnp.float32) if z_bias is None else z_bias.astype(jnp.float32)
   rs = jnp.ones((m,), jnp.float32) if row_scale is None else row_scale.astype(jnp.float32)
   m_pad = -(-m // block_m) * block_m
   if m_pad != m:
     z = jnp.pad(z, ((0, m_pad - m), (0, 0)))
-    res = jnp.pad(res, ((0, m_pad - m), (0, 0)))
+    res = None if res is None else jnp.pad(res, ((0, m_pad - m), (0, 0)))
     rs = jnp.pad(rs, (0, m_pad - m))
   return z, res, zb, rs
 
@@ -512,7 +521,8 @@ def fused_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
               pipelined: bool = False, interpret: bool = False):
   """y = res + row_scale * (act(norm(z + z_bias) @ w1 + b1) @ w2 + b2) over rows.
 
-  z, res: (M, C) bfloat16/float16 (y has their dtype); w1: (C, E); w2: (E, C); b1: (E,);
+  z, res: (M, C) bfloat16/float16 (y has their dtype); res may be None (no residual: the
+  kernel reads none); w1: (C, E); w2: (E, C); b1: (E,);
   b2, z_bias: (C,); row_scale: (M,) or None (ones).  Weights are cast to z's dtype, biases
   and scales used in float32; accumulation is float32.  Raises NotImplementedError naming
   the reason for shapes/dtypes the kernel does not support (see ``unsupported_reason``).
@@ -554,7 +564,9 @@ def fused_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
     raise ValueError("h_in_smem=False (wgmma with a register operand) is not modelled by "
                      "the Mosaic GPU interpreter; use h_in_smem=True or None")
   common = dict(c=c, e=e, hc=hidden_chunk, act=act, normalize=normalize, eps=float(eps),
-                stages=stages, h_in_smem=bool(h_in_smem))
+                stages=stages, h_in_smem=bool(h_in_smem), has_res=res is not None)
+  if res is None:  # the kernel's res operand is never read: any (M, C) array will do
+    res = z
   if block_m == 128:  # two compute warpgroups + one TMA warpgroup
     kernel = functools.partial(_kernel_ws, **common)
     threads = dict(num_threads=3, thread_name="wg")
@@ -630,4 +642,6 @@ def fused_mlp_reference(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None,
   out = h @ w2.astype(f32) + b2.astype(f32)
   if row_scale is not None:
     out = out * row_scale.astype(f32)[:, None]
+  if res is None:
+    return out.astype(z.dtype)
   return (res.astype(f32) + out).astype(res.dtype)

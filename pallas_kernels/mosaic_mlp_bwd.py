@@ -544,6 +544,7 @@ class MlpConfig(NamedTuple):
   bwd_col_sums: bool = False    # db1 from the backward kernel's per-CTA column sums
   bwd_zn: bool = True           # zn for dW1 from the backward kernel (else XLA recomputes it)
   unit_rows: bool = False       # row_scale was None (all ones): no scaling in the backward
+  has_res: bool = True          # False: res was None (the (0, C) placeholder stands in)
 
 
 def _normalised(z, zb, normalize: bool, eps: float):
@@ -557,6 +558,8 @@ def _normalised(z, zb, normalize: bool, eps: float):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8,))
 def _mlp(z, res, w1, b1, w2, b2, zb, rs, cfg: MlpConfig):
+  if not cfg.has_res:  # fused_mlp reads no residual; split_mlp's project kernel needs one
+    res = jnp.zeros_like(z) if cfg.split else None
   if cfg.split:
     from pallas_kernels import mosaic_split
     return mosaic_split.split_mlp(
@@ -580,8 +583,9 @@ def _mlp_bwd(cfg, saved, dy):
   z, w1, b1, w2, b2, zb, rs, rs_perturbed = saved
   f32 = jnp.float32
   zeros = lambda v: jnp.zeros(v.shape, v.dtype)
+  dres_shape = z.shape if cfg.has_res else (0, z.shape[1])
   if isinstance(dy, jax.custom_derivatives.SymbolicZero):
-    return (zeros(z), jnp.zeros(z.shape, z.dtype), zeros(w1), zeros(b1), zeros(w2),
+    return (zeros(z), jnp.zeros(dres_shape, z.dtype), zeros(w1), zeros(b1), zeros(w2),
             zeros(b2), zeros(zb), zeros(rs))
   dtype = z.dtype
   dy = dy.astype(dtype)
@@ -618,7 +622,8 @@ def _mlp_bwd(cfg, saved, dy):
     drs = (dy.astype(f32) * u).sum(1)
   else:
     drs = jnp.zeros(rs.shape, f32)
-  return (dz, dy, dw1.astype(w1.dtype), db1.astype(b1.dtype), dw2.astype(w2.dtype),
+  dres = dy if cfg.has_res else jnp.zeros(dres_shape, dtype)
+  return (dz, dres, dw1.astype(w1.dtype), db1.astype(b1.dtype), dw2.astype(w2.dtype),
           db2.astype(b2.dtype), dzb.astype(zb.dtype), drs.astype(rs.dtype))
 
 
@@ -631,7 +636,8 @@ def mlp_with_grad(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: s
                   split: bool = False, project_stages: int = 3, project_block_m: int = 64,
                   block_n: int | None = None, bwd_hidden: int = 0, bwd_col_sums: bool = False,
                   bwd_zn: bool = True, interpret: bool = False):
-  """``mosaic_mlp.fused_mlp`` (same arguments and result) with a Mosaic GPU backward: the
+  """``mosaic_mlp.fused_mlp`` (same arguments and result; res may be None: no residual read
+  or added, and no zeros passed to the kernel) with a Mosaic GPU backward: the
   forward kernel saves only its inputs, the backward is ``fused_mlp_bwd`` plus XLA's GEMMs
   for the weight gradients.  Gradients flow to z, res, w1, b1, w2, b2, z_bias and (when it
   is perturbed) row_scale.  ``bwd_stages``: the backward kernel's weight pipeline depth;
@@ -657,5 +663,8 @@ def mlp_with_grad(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: s
   rs = jnp.ones((m,), jnp.float32) if row_scale is None else row_scale
   cfg = MlpConfig(act, bool(normalize), float(eps), hidden_chunk, stages, block_m, bwd_stages,
                   bool(interpret), bool(split), project_stages, project_block_m, block_n or 0,
-                  bwd_hidden, bool(bwd_col_sums), bool(bwd_zn), row_scale is None)
+                  bwd_hidden, bool(bwd_col_sums), bool(bwd_zn), row_scale is None,
+                  res is not None)
+  if res is None:  # a zero-size stand-in: the custom_vjp takes arrays
+    res = jnp.zeros((0, c), z.dtype)
   return _mlp(z, res, w1, b1, w2, b2, zb, rs, cfg)

@@ -213,8 +213,8 @@ def _silu_mlp(z2d, w1, b1, w2, implementation, interpret, mosaic_kwargs=None):
     cfg.update(mosaic_kwargs or {})
     zeros_c = jnp.zeros((c,), jnp.float32)
     return mosaic_mlp_bwd.mlp_with_grad(
-        z2d, jnp.zeros_like(z2d), w1, b1, w2, zeros_c, act="silu", normalize=False,
-        interpret=interpret, **cfg)
+        z2d, None, w1, b1, w2, zeros_c, act="silu", normalize=False, interpret=interpret,
+        **cfg)
   a = jnp.dot(z2d, w1.astype(dtype))
   return jnp.dot(jax.nn.silu(a.astype(jnp.float32) + b1).astype(dtype), w2.astype(dtype))
 

@@ -185,3 +185,25 @@ def test_compiled_mosaic_pointwise_on_gpu(shape, c):
   want = _value_and_grads(x, params, dps, dy, "xla")
   got = _value_and_grads(x, params, dps, dy, "pallas")
   _compare(got, want, 3e-2)
+
+
+@pytest.mark.parametrize("shape", [(128, 56, 56, 96), (128, 28, 28, 192)])
+def test_pointwise_kernels_lower_for_cuda(shape):
+  """convfirst_t's ConvFirst training shapes: the Mosaic forward (without a residual) and
+  backward kernels, with the settings ``convfirst_block_train`` picks, through Mosaic GPU's
+  own lowering (runs on a CPU)."""
+  from pallas_kernels import mosaic_mlp_bwd
+  n, h, w, c = shape
+  m, e = n * h * w, 4 * c
+  cfg, reason = train._mosaic_mlp_config(m, c, e, jnp.bfloat16)
+  assert reason is None and cfg["hidden_chunk"] == 64
+  assert cfg.get("block_m", 64) == (128 if c >= 192 else 64)
+
+  def loss(z, w1, b1, w2):
+    p = mosaic_mlp_bwd.mlp_with_grad(z, None, w1, b1, w2, jnp.zeros((c,)), act="silu",
+                                     normalize=False, **cfg)
+    return jnp.sum(p.astype(F32))
+  args = (jax.ShapeDtypeStruct((m, c), jnp.bfloat16), jax.ShapeDtypeStruct((c, e), F32),
+          jax.ShapeDtypeStruct((e,), F32), jax.ShapeDtypeStruct((e, c), F32))
+  jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).trace(*args).lower(
+      lowering_platforms=("cuda",))

@@ -107,11 +107,12 @@ class _Block(nnx.Module):
     raise NotImplementedError
 
   def _grouped_conv(self, h):
-    """The block's grouped conv: the Pallas training kernels (forward, input and weight
-    gradients; ``pallas_kernels.grouped_conv``) for implementation "pallas", XLA's (flax
-    ``nnx.Conv``) for "xla" and None -- None stays on XLA because XLA's grouped conv was the
-    faster one for training on an H100 (benchmarks/RESULTS.md).  BatchNorm with batch
-    statistics, the 1x1 convs and SiLU run in XLA either way."""
+    """The block's grouped conv where the block runs as flax modules (MBConv blocks, and
+    ConvFirst blocks in eval mode or with "xla"): the Pallas training kernels (forward,
+    input and weight gradients; ``pallas_kernels.grouped_conv``) for implementation
+    "pallas", XLA's (flax ``nnx.Conv``) for "xla" and None -- None stays on XLA because
+    XLA's grouped conv was the faster one for training on an H100 (benchmarks/RESULTS.md).
+    BatchNorm, the 1x1 convs and SiLU run in XLA here."""
     if self.implementation != "pallas":
       return self.conv_group(h)
     return pallas_kernels.grouped_conv(h.astype(self.dtype), self.conv_group.kernel[...],

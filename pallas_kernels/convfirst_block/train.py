@@ -35,8 +35,10 @@ and an elementwise pass.  Statistics use the same one-pass variance as flax's Ba
 rounded value.
 
 Measured (H100, 2026-11-27, batch 128, bf16, forward + backward of x and every parameter;
-benchmarks/RESULTS.md): 1.43 vs XLA's 1.99 ms at 56x56x64, 2.47-2.50 vs 3.12 at 56x56x96,
-1.39 vs 1.61 at 28x28x192 ("fold" alone, XLA GEMMs: 1.70 / 2.68 / 1.42).  The same fold of
+benchmarks/RESULTS.md): this function 1.43 vs XLA's 1.99 ms at 56x56x64, 2.47-2.50 vs 3.12
+at 56x56x96, 1.39 vs 1.61 at 28x28x192 ("fold" alone, XLA GEMMs: 1.70 / 2.68 / 1.42); the
+model's block, once the kernel stopped reading a zero residual: 1.35 vs 2.14, 2.37 vs 3.33,
+1.29 vs 1.74 ms (1.58x / 1.40x / 1.35x).  The same fold of
 BN_1 into the MBConv block's expansion (statistics from x's covariance, XLA GEMMs) measured
 no faster than XLA's MBConv training block (1.49 vs 1.49 ms at 14x14x384, 1.08 vs 0.96 at
 7x7x768): there the E-wide conv output's BatchNorm and the conv dominate, so it is not used.
@@ -100,8 +102,8 @@ def _check(x, params, name: str) -> tuple[int, int]:
   if params.conv_kernel.ndim != 4 or params.conv_kernel.shape[1] != k:
     raise ValueError(f"{name}: params.conv_kernel must be (k, k, {GROUP_WIDTH}, C), got "
                      f"{tuple(params.conv_kernel.shape)}")
-  expected = {"conv_kernel": (k, k, GROUP_WIDTH, c), "bn_conv_scale": (c,), "bn_conv_bias": (c,),
-              "fc1_kernel": (c, e), "bn1_scale": (e,), "bn1_bias": (e,), "fc2_kernel": (e, c),
+  expected = {"conv_kernel": (k, k, GROUP_WIDTH, c), "bn_conv_scale": (c,),
+              "bn_conv_bias": (c,), "fc1_kernel": (c, e), "bn1_scale": (e,), "bn1_bias": (e,), "fc2_kernel": (e, c),
               "bn2_scale": (c,), "bn2_bias": (c,)}
   for field, shape in expected.items():
     actual = tuple(getattr(params, field).shape)

@@ -5,8 +5,9 @@ every parameter; the Mosaic pointwise kernels in the Mosaic GPU interpreter; the
 training-mode block.
 
 Tolerances: float32 1e-4 relative (the fold reorders float32 sums over the batch: the
-variance of a comes from g's covariance, not from a itself); bfloat16 3e-2 (both sides
-round their intermediates to bfloat16, at different points).  The gradient of BN_g's bias is
+variance of a comes from g's covariance, not from a itself).  bfloat16 results are compared
+with the float32 block as written on the same (bf16-rounded) input, to 2e-2: the fold's
+largest error there is 1.2e-2 on these shapes, bf16 XLA's own 1.7e-2.  The gradient of BN_g's bias is
 zero in exact arithmetic (BN_1 removes any per-channel shift of its input's product), so it
 is compared to the scale of the other parameters' gradients."""
 
@@ -55,7 +56,7 @@ def _value_and_grads(x, params, dps, dy, implementation, interpret=False):
 def _compare(got, want, tol):
   y, stats, gx, gp = got
   y0, stats0, gx0, gp0 = want
-  assert y.dtype == y0.dtype and y.shape == y0.shape
+  assert y.shape == y0.shape
   assert _rel(y, y0) < tol
   for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(stats0)):
     assert _rel(a, b) < tol
@@ -69,7 +70,7 @@ def _compare(got, want, tol):
       assert _rel(a, b) < tol, field
 
 
-@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 3e-2)])
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-4), (jnp.bfloat16, 2e-2)])
 @pytest.mark.parametrize("shape,c,k", [
     ((2, 5, 7), 32, 3),   # odd H and W; convfirst_atto stage 1
     ((1, 6, 5), 64, 5),   # batch 1, k = 5; atto stage 2 / nano stage 1
@@ -83,8 +84,9 @@ def test_fold_matches_block_as_written(dtype, tol, shape, c, k):
   x = (jax.random.normal(jax.random.key(1), (*shape, c)) + 0.5).astype(dtype)
   dy = jax.random.normal(jax.random.key(2), x.shape)
   dps = jnp.array([2.0, 0.0])[:shape[0]]  # one image dropped, one scaled (batch 2)
-  want = _value_and_grads(x, params, dps, dy, "xla")
+  want = _value_and_grads(x.astype(F32), params, dps, dy, "xla")
   got = _value_and_grads(x, params, dps, dy, "fold")
+  assert got[0].dtype == dtype and got[2].dtype == dtype
   _compare(got, want, tol)
   if shape[0] == 2:  # the dropped image's branch is gone: y = x exactly
     np.testing.assert_array_equal(np.asarray(got[0][1], np.float32), np.asarray(x[1], np.float32))
@@ -92,17 +94,18 @@ def test_fold_matches_block_as_written(dtype, tol, shape, c, k):
 
 @pytest.mark.parametrize("shape,c", [((2, 5, 7), 32), ((1, 5, 9), 96), ((1, 3, 5), 192)])
 def test_mosaic_pointwise_in_interpreter(shape, c):
-  """implementation="pallas" (the Mosaic forward + backward kernels, in the interpreter) vs
-  the block as written, bfloat16; 70, 45 and 15 rows (not multiples of the 64- or 128-row
+  """implementation="pallas" (the Mosaic forward + backward kernels, in the interpreter) in
+  bfloat16 vs the float32 block as written; 70, 45 and 15 rows (not multiples of the 64- or 128-row
   tiles; C=192 runs the 128-row forward kernel and the backward without its g copy)."""
   e = 4 * c
   params = _params(c, c, e)
   x = (jax.random.normal(jax.random.key(3), (*shape, c)) + 0.5).astype(jnp.bfloat16)
   dy = jax.random.normal(jax.random.key(4), x.shape)
   dps = jnp.array([1.0, 0.5])[:shape[0]]
-  want = _value_and_grads(x, params, dps, dy, "xla")
+  want = _value_and_grads(x.astype(F32), params, dps, dy, "xla")
   got = _value_and_grads(x, params, dps, dy, "pallas", interpret=True)
-  _compare(got, want, 3e-2)
+  assert got[0].dtype == jnp.bfloat16
+  _compare(got, want, 2e-2)
 
 
 def test_implementation_choice_and_errors():
@@ -174,7 +177,8 @@ def test_model_training_block_matches_flax_modules():
 @pytest.mark.parametrize("shape,c", [((4, 15, 13, 64), 64), ((3, 11, 9, 96), 96),
                                      ((2, 9, 7, 192), 192), ((1, 7, 7, 32), 32)])
 def test_compiled_mosaic_pointwise_on_gpu(shape, c):
-  """The compiled Mosaic kernels (Hopper) against the block as written, bfloat16."""
+  """The compiled Mosaic kernels (Hopper) against the block as written, both bfloat16
+  (3e-2: both round their intermediates; passed on an H100, 2026-11-27)."""
   from pallas_kernels import mosaic_mlp
   if mosaic_mlp.device_unsupported_reason(False) is not None:
     pytest.skip(mosaic_mlp.device_unsupported_reason(False))

@@ -1,14 +1,15 @@
-"""ConvFirst / MBConv *training* blocks: XLA vs the Pallas grouped-conv layer.
+"""ConvFirst / MBConv *training* blocks: XLA vs `block_impl="pallas"` (the ConvFirst training
+block on Mosaic kernels, the MBConv blocks' Pallas grouped-conv layer).
 
     PYTHONPATH=. python3 -m benchmarks.blocks_convfirst_train [--sweep] [--json out.json]
 
 In training, ``block_impl="pallas"`` runs a ConvFirst block as
-``pallas_kernels.convfirst_block_train`` (its BatchNorms folded from batch statistics into the
-Mosaic GPU pointwise kernels, XLA's grouped conv) and replaces an MBConv block's group-width-8
-conv (forward, input gradient, weight gradient) with the Pallas kernels of
-``pallas_kernels.convfirst_block.grouped_conv_triton``, its BatchNorms staying in XLA.  The
-"gconv" columns time that Pallas conv layer alone against XLA's at every shape.  For each shape (batch 128,
-bfloat16 activations, float32 parameters, k=3) this prints:
+``pallas_kernels.convfirst_block_train`` (its BatchNorms folded from batch statistics into
+the Mosaic GPU pointwise kernels, XLA's grouped conv) and replaces an MBConv block's
+group-width-8 conv (forward, input gradient, weight gradient) with the Pallas kernels of
+``pallas_kernels.convfirst_block.grouped_conv_triton``, its BatchNorms staying in XLA. The
+"gconv" columns time that Pallas conv layer alone against XLA's at every shape. For each
+shape (batch 128, bfloat16 activations, float32 parameters, k=3) this prints:
 
 * the grouped conv alone: XLA and Pallas forward, forward+backward (gradients for x and the
   kernel), and the Pallas result's max relative error vs XLA's in the same run;

@@ -19,9 +19,10 @@ expansion's), a = u W1 has
 
     mean(a) = m_u W1     var(a)_j = W1[:, j]^T S_u W1[:, j]
 
-so BN_1(a) = u W1' + b1' with W1' = W1 diag(s_1), b1' = beta_1 - mean(a) s_1,
-s_1 = gamma_1 / sqrt(var(a) + eps) -- exactly BN_1 with batch statistics, computed from
-C x C statistics instead of a pass over the E-wide a.  BN_g folds into W1' as well (u's moments are g's, scaled), so the whole pointwise half is
+so BN_1(a) = u W1' + b1' with W1' = W1 diag(s_1), b1' = beta_1 - mean(a) s_1, s_1 = gamma_1
+/ sqrt(var(a) + eps) -- exactly BN_1 with batch statistics, computed from C x C statistics
+instead of a pass over the E-wide a. BN_g folds into W1' as well (u's moments are g's,
+scaled), so the whole pointwise half is
 
     p = silu(g W1'' + b1'') W2
 

@@ -5,11 +5,11 @@ every parameter; the Mosaic pointwise kernels in the Mosaic GPU interpreter; the
 training-mode block.
 
 Tolerances: float32 1e-4 relative (the fold reorders float32 sums over the batch: the
-variance of a comes from g's covariance, not from a itself).  bfloat16 results are compared
+variance of a comes from g's covariance, not from a itself). bfloat16 results are compared
 with the float32 block as written on the same (bf16-rounded) input, to 2e-2: the fold's
-largest error there is 1.2e-2 on these shapes, bf16 XLA's own 1.7e-2.  The gradient of BN_g's bias is
-zero in exact arithmetic (BN_1 removes any per-channel shift of its input's product), so it
-is compared to the scale of the other parameters' gradients."""
+largest error there is 1.2e-2 on these shapes, bf16 XLA's own 1.7e-2. The gradient of BN_g's
+bias is zero in exact arithmetic (BN_1 removes any per-channel shift of its input's
+product), so it is compared to the scale of the other parameters' gradients."""
 
 from __future__ import annotations
 

@@ -192,32 +192,27 @@ def _mosaic_mlp_config(m: int, c: int, e: int, dtype):
               block_n=192 if c % 192 == 0 else None, bwd_stages=2), None
 
 
-def pallas_unsupported_reason(x_shape, e: int, dtype, interpret: bool = False) -> str | None:
-  """Why the Mosaic pointwise kernels cannot run a ConvFirst training block of this shape
-  (x_shape (N, H, W, C), hidden width E), or None."""
+def _pallas_config(x_shape, e: int, dtype, interpret: bool):
+  """(``mlp_with_grad`` settings, None) where the Mosaic pointwise kernels can run a ConvFirst
+  training block of this shape (x_shape (N, H, W, C), hidden width E), else (None, reason)."""
   from pallas_kernels import mosaic_mlp
   reason = mosaic_mlp.device_unsupported_reason(interpret)
   if reason:
-    return reason
+    return None, reason
   n, h, w, c = x_shape
-  return _mosaic_mlp_config(n * h * w, c, e, dtype)[1]
+  return _mosaic_mlp_config(n * h * w, c, e, dtype)
 
 
-def _silu_mlp(z2d, w1, b1, w2, implementation, interpret, mosaic_kwargs=None):
-  """silu(z W1 + b1) W2 over rows: XLA's two GEMMs, or the Mosaic kernels ("pallas")."""
+
+def _silu_mlp(z2d, w1, b1, w2, mosaic_cfg, interpret):
+  """silu(z W1 + b1) W2 over rows: the Mosaic kernels with ``mosaic_cfg`` (the settings of
+  ``_mosaic_mlp_config``), or XLA's two GEMMs where it is None."""
   dtype = z2d.dtype
-  if implementation == "pallas":
+  if mosaic_cfg is not None:
     from pallas_kernels import mosaic_mlp_bwd
-    m, c = z2d.shape
-    e = w1.shape[1]
-    cfg, reason = _mosaic_mlp_config(m, c, e, dtype)
-    if reason:
-      raise NotImplementedError(f"convfirst_block_train(implementation='pallas'): {reason}")
-    cfg.update(mosaic_kwargs or {})
-    zeros_c = jnp.zeros((c,), jnp.float32)
-    return mosaic_mlp_bwd.mlp_with_grad(
-        z2d, None, w1, b1, w2, zeros_c, act="silu", normalize=False, interpret=interpret,
-        **cfg)
+    zeros_c = jnp.zeros((z2d.shape[1],), jnp.float32)
+    return mosaic_mlp_bwd.mlp_with_grad(z2d, None, w1, b1, w2, zeros_c, act="silu",
+                                        normalize=False, interpret=interpret, **mosaic_cfg)
   a = jnp.dot(z2d, w1.astype(dtype))
   return jnp.dot(jax.nn.silu(a.astype(jnp.float32) + b1).astype(dtype), w2.astype(dtype))
 
@@ -244,8 +239,8 @@ def _convfirst_xla(x, params, drop_scale, eps):
 
 def convfirst_block_train(x: jax.Array, params: ConvFirstTrainParams,
                           drop_scale: jax.Array | None = None, *, eps: float = 1e-5,
-                          implementation: str | None = None, interpret: bool = False,
-                          mosaic_kwargs: dict | None = None) -> tuple[jax.Array, BatchStats]:
+                          implementation: str | None = None,
+                          interpret: bool = False) -> tuple[jax.Array, BatchStats]:
   """ConvFirst training block: y = x + drop_scale * BN_2(silu(BN_1(BN_g(gconv(x)) W1)) W2),
   BatchNorms with batch statistics.  Returns (y, BatchStats); differentiable in x and every
   parameter.
@@ -256,19 +251,16 @@ def convfirst_block_train(x: jax.Array, params: ConvFirstTrainParams,
   kernels (``mosaic_mlp_bwd.mlp_with_grad``: h never in DRAM), raising NotImplementedError
   naming the reason where they cannot run; None -- "pallas" where it runs, else "fold".
   The grouped conv is XLA's in every form (the Pallas-Triton grouped conv measured slower
-  for training, benchmarks/RESULTS.md).  drop_scale: (N,) per-image scale or None.
-  mosaic_kwargs: tile settings passed on to ``mlp_with_grad`` (tuning experiments)."""
+  for training, benchmarks/RESULTS.md).  drop_scale: (N,) per-image scale or None."""
   _check_implementation(implementation)
   c, e = _check(x, params, "convfirst_block_train")
   if implementation == "xla":
     return _convfirst_xla(x, params, drop_scale, eps)
-  interp = interpret is not False and interpret is not None
-  if implementation is None:
-    implementation = ("pallas" if pallas_unsupported_reason(x.shape, e, x.dtype, interp) is None
-                      else "fold")
-  elif implementation == "pallas":
-    reason = pallas_unsupported_reason(x.shape, e, x.dtype, interp)
-    if reason:
+  mosaic_cfg = None  # "fold": XLA GEMMs
+  if implementation in (None, "pallas"):
+    interp = interpret is not False and interpret is not None
+    mosaic_cfg, reason = _pallas_config(x.shape, e, x.dtype, interp)
+    if reason and implementation == "pallas":
       raise NotImplementedError(f"convfirst_block_train(implementation='pallas'): {reason}")
   dtype = x.dtype
   n, h, w, _ = x.shape
@@ -283,7 +275,7 @@ def convfirst_block_train(x: jax.Array, params: ConvFirstTrainParams,
   # BN_1(u W1) = (g s_g + t_g) W1' + b1' = g (s_g W1') + (t_g W1' + b1')
   b1 = t_g @ w1 + b1
   w1 = s_g[:, None] * w1
-  p = _silu_mlp(g, w1, b1, params.fc2_kernel, implementation, interpret, mosaic_kwargs)
+  p = _silu_mlp(g, w1, b1, params.fc2_kernel, mosaic_cfg, interpret)
   st_p = moments(p)
   branch = _bn_apply(p, *st_p, params.bn2_scale, params.bn2_bias, eps).astype(dtype)
   y = _residual(x, branch.astype(jnp.float32).reshape(n, h, w, c), drop_scale)

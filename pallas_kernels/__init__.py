@@ -3,6 +3,7 @@
 Every op has one public function taking ``implementation=None | "xla" | "pallas"``:
 None picks the fastest supported implementation and falls back to XLA."""
 
+from pallas_kernels._sharding import batch_sharding, set_batch_sharding
 from pallas_kernels.convfirst_block import (
     BatchStats,
     ConvFirstBlockParams,
@@ -28,5 +29,6 @@ __all__ = [
     "BatchStats", "ConvFirstBlockParams", "ConvFirstTrainParams", "ConvNeXtBlockParams", "GroupedConvConfig", "MBConvBlockParams",
     "convfirst_block", "convfirst_block_reference", "convfirst_block_train", "convnext_block",
     "convnext_block_reference", "grouped_conv", "grouped_conv_reference",
-    "mbconv_block", "mbconv_block_reference", "mbconv_stage",
+    "mbconv_block", "mbconv_block_reference", "mbconv_stage", "batch_sharding",
+    "set_batch_sharding",
 ]

@@ -27,6 +27,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _common as cm
+from pallas_kernels import _sharding
 
 f32 = jnp.float32
 MAX_CHANNELS = 2048          # a row must fit one program's registers
@@ -215,5 +216,8 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, eps: float = 
   reason = unsupported_reason(x.shape, x.dtype)
   if reason is not None:
     raise ValueError(f"layer_norm: {reason}")
-  y = _ln(x.reshape(-1, c), scale, bias, float(eps), out_dtype, bool(interpret))
+  eps, interpret = float(eps), bool(interpret)
+  y = _sharding.map_batch(lambda x2, s, b: _ln(x2, s, b, eps, out_dtype, interpret),
+                          (x.reshape(-1, c),), (scale, bias),
+                          batch=x.shape[0] if x.ndim > 1 else 1)
   return y.reshape(x.shape)

@@ -146,16 +146,16 @@ def fit(config: TrainConfig, *, quiet: bool = False) -> FitResult:
 
   state_sharding = jax.tree.map(lambda _: repl, packed)
   batch_sh = parallel.batch_sharding(mesh)
-  train_step = jax.jit(
+  train_step = parallel.jit_in_mesh(
       engine.make_packed_train_step(packer, split, tx, num_classes=dataset.num_classes,
                                     label_smoothing=cfg.label_smoothing,
                                     ema_decay=cfg.ema_decay, mean=dataset.mean,
-                                    std=dataset.std),
+                                    std=dataset.std), mesh,
       donate_argnums=0, in_shardings=(state_sharding, batch_sh, batch_sh),
       out_shardings=(state_sharding, repl))
-  eval_steps = {prefix: jax.jit(engine.make_packed_eval_step(
+  eval_steps = {prefix: parallel.jit_in_mesh(engine.make_packed_eval_step(
       packer, split, ema=bool(prefix), num_classes=dataset.num_classes, mean=dataset.mean,
-      std=dataset.std), out_shardings=repl)
+      std=dataset.std), mesh, out_shardings=repl)
       for prefix in ("",) + (("ema_",) if cfg.ema_decay is not None else ())}
 
   def evaluate(step: int) -> dict:

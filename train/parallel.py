@@ -3,6 +3,8 @@ replicated; multi-host through jax.distributed."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -58,3 +60,19 @@ def put_local_batch(arrays, mesh: Mesh):
   sharded over 'data' (asynchronous transfer)."""
   sharding = batch_sharding(mesh)
   return tuple(jax.make_array_from_process_local_data(sharding, np.asarray(a)) for a in arrays)
+
+
+def jit_in_mesh(fn, mesh: Mesh, **jit_kwargs):
+  """``jax.jit(fn, **jit_kwargs)`` whose every call runs, and so traces, under
+  ``jax.set_mesh(mesh)``.  The Pallas kernels read the mesh while tracing and run each
+  device's slice of the batch in a ``shard_map`` (``pallas_kernels._sharding``); without it
+  XLA gathers the whole batch onto every device for each kernel call."""
+  jitted = jax.jit(fn, **jit_kwargs)
+
+  @functools.wraps(fn)
+  def call(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return jitted(*args, **kwargs)
+
+  call.jitted = jitted
+  return call

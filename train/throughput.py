@@ -21,6 +21,7 @@ import time
 import jax
 import numpy as np
 
+from pallas_kernels import _sharding as pallas_sharding
 from train import engine, parallel
 from train.data import IMAGENET_MEAN, IMAGENET_STD
 
@@ -28,8 +29,14 @@ from train.data import IMAGENET_MEAN, IMAGENET_STD
 def measure(model: str, batch_size: int, image_size: int, *, block_impl=None,
             dtype: str = "bfloat16", steps: int = 30, warmup: int = 5, num_classes: int = 1000,
             drop_path: float = 0.0, model_kwargs: dict | None = None,
-            state_form: str = "packed") -> dict:
-  mesh = parallel.make_mesh()
+            state_form: str = "packed", num_devices: int | None = None,
+            batch_sharding: bool = True) -> dict:
+  devices = jax.devices()
+  if num_devices is not None:
+    if not 1 <= num_devices <= len(devices):
+      raise ValueError(f"num_devices must be in [1, {len(devices)}], got {num_devices}")
+    devices = devices[:num_devices]
+  mesh = parallel.make_mesh(devices)
   parallel.check_batch_size(batch_size, mesh)
   net = engine.build_model(model, num_classes, block_impl=block_impl, dtype=dtype,
                            drop_path=drop_path, **(model_kwargs or {}))
@@ -49,7 +56,7 @@ def measure(model: str, batch_size: int, image_size: int, *, block_impl=None,
     raise ValueError(f"state_form must be 'packed' or 'tree', got {state_form!r}")
   state_sh = jax.tree.map(lambda _: repl, state)
   batch_sh = parallel.batch_sharding(mesh)
-  step = jax.jit(step_fn, donate_argnums=0, in_shardings=(state_sh, batch_sh, batch_sh),
+  step = parallel.jit_in_mesh(step_fn, mesh, donate_argnums=0, in_shardings=(state_sh, batch_sh, batch_sh),
                  out_shardings=(state_sh, repl))
   rng = np.random.default_rng(0)
   images = jax.device_put(
@@ -57,7 +64,8 @@ def measure(model: str, batch_size: int, image_size: int, *, block_impl=None,
   labels = jax.device_put(rng.integers(0, num_classes, batch_size).astype(np.int32), batch_sh)
 
   t0 = time.perf_counter()
-  state, metrics = step(state, images, labels)
+  with pallas_sharding.batch_sharding(batch_sharding):  # read while the step is traced
+    state, metrics = step(state, images, labels)
   jax.block_until_ready((state, metrics))
   compile_s = time.perf_counter() - t0
   for _ in range(max(warmup - 1, 0)):
@@ -85,6 +93,7 @@ def measure(model: str, batch_size: int, image_size: int, *, block_impl=None,
       "img_per_s": batch_size / median, "pipelined_img_per_s": batch_size / pipelined_s,
       "compile_s": compile_s, "final_loss": loss, "model_kwargs": model_kwargs or {},
       "state_form": state_form, "state_arrays": len(jax.tree.leaves(state)),
+      "batch_sharding": batch_sharding,
       "jax": jax.__version__,
   }
 
@@ -107,6 +116,11 @@ def main(argv=None):
   p.add_argument("--state-form", default="packed", choices=["packed", "tree"],
                  help="the TrainState as the jitted step's argument: packed into a few flat "
                  "buffers (as train.fit runs it) or the nested dict of every array")
+  p.add_argument("--num-devices", type=int, default=None,
+                 help="data-parallel over the first N devices (default: all)")
+  p.add_argument("--no-batch-sharding", action="store_true",
+                 help="do not run the Pallas kernels per device in a shard_map (each kernel "
+                 "then runs on the whole gathered batch on every device; for comparison)")
   p.add_argument("--json", default=None, help="also write the result to this JSON file")
   a = p.parse_args(argv)
   if not isinstance(a.model_kwargs, dict):
@@ -114,12 +128,14 @@ def main(argv=None):
   r = measure(a.model, a.batch_size, a.image_size,
               block_impl=None if a.block_impl == "auto" else a.block_impl, dtype=a.dtype,
               steps=a.steps, warmup=a.warmup, num_classes=a.num_classes, drop_path=a.drop_path,
-              model_kwargs=a.model_kwargs, state_form=a.state_form)
+              model_kwargs=a.model_kwargs, state_form=a.state_form,
+              num_devices=a.num_devices, batch_sharding=not a.no_batch_sharding)
   print(f"{r['model']} {r['block_impl']} {r['dtype']} batch {r['batch_size']} "
         f"{r['image_size']}x{r['image_size']} on {r['devices']}x {r['device_kind']}: "
         f"{r['img_per_s']:.0f} img/s train step (median {r['median_step_ms']:.2f} ms over "
         f"{r['steps']} steps; back-to-back {r['pipelined_img_per_s']:.0f} img/s; "
-        f"compile {r['compile_s']:.1f} s; state {r['state_form']}, {r['state_arrays']} arrays)")
+        f"compile {r['compile_s']:.1f} s; state {r['state_form']}, {r['state_arrays']} arrays"
+        + ("" if r["batch_sharding"] else "; Pallas kernels on the gathered batch") + ")")
   if a.json:
     with open(a.json, "w") as f:
       json.dump(r, f, indent=2)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import jax
 
-from pallas_kernels import mosaic_mlp
+from pallas_kernels import _sharding, mosaic_mlp
 from pallas_kernels.convfirst_block import mosaic, mosaic_gconv, pallas_triton
 from pallas_kernels.convfirst_block.common import pallas_gpu_unsupported_reason
 from pallas_kernels.convfirst_block.reference import (
@@ -116,8 +116,10 @@ def convfirst_block(x: jax.Array, params: ConvFirstBlockParams, *,
   _check(x, params, x.shape[-1], "convfirst_block")
   if _use_pallas(implementation, x, params, interpret, "convfirst_block"):
     if convfirst_forward_kernel(x, params, interpret, forward_kernel) == "mosaic":
-      return mosaic.forward(x, params, interpret=interpret)
-    return pallas_triton.convfirst_block_pallas(x, params, interpret=interpret)
+      fn = lambda x, p: mosaic.forward(x, p, interpret=interpret)
+    else:
+      fn = lambda x, p: pallas_triton.convfirst_block_pallas(x, p, interpret=interpret)
+    return _sharding.map_batch(fn, (x,), (params,), batch=x.shape[0])
   return convfirst_block_reference(x, params)
 
 
@@ -148,8 +150,10 @@ def mbconv_block(x: jax.Array, params: MBConvBlockParams, *,
                      f"got {forward_kernel!r}")
   if _use_pallas(implementation, x, params, interpret, "mbconv_block"):
     if mbconv_forward_kernel(x, params, interpret, forward_kernel) == "mosaic":
-      return mosaic_gconv.mbconv_forward(x, params, interpret=interpret)
-    return pallas_triton.mbconv_block_pallas(x, params, interpret=interpret)
+      fn = lambda x, p: mosaic_gconv.mbconv_forward(x, p, interpret=interpret)
+    else:
+      fn = lambda x, p: pallas_triton.mbconv_block_pallas(x, p, interpret=interpret)
+    return _sharding.map_batch(fn, (x,), (params,), batch=x.shape[0])
   return mbconv_block_reference(x, params)
 
 
@@ -201,7 +205,9 @@ def mbconv_stage(x: jax.Array, params: Sequence[MBConvBlockParams], *,
     _check(x, p, p.fc1_kernel.shape[-1], "mbconv_stage")
   if mbconv_stage_kernel(x, params, implementation=implementation,
                          interpret=interpret) == "mosaic":
-    return mosaic_gconv.mbconv_stage_forward(x, params, interpret=interpret)
+    return _sharding.map_batch(
+        lambda x, ps: mosaic_gconv.mbconv_stage_forward(x, ps, interpret=interpret),
+        (x,), (params,), batch=x.shape[0])
   for p in params:
     x = mbconv_block(x, p, implementation=implementation, interpret=interpret)
   return x

@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import _sharding
 from pallas_kernels.convfirst_block.common import (
     num_tiles,
     pallas_gpu_unsupported_reason,
@@ -205,7 +206,8 @@ def _grouped_conv_pallas(x, kernel, cfg, interpret):
 
 
 def _fwd(x, kernel, cfg, interpret):
-  return _grouped_conv_pallas(x, kernel, cfg, interpret), (x, kernel)
+  return _sharding.map_batch(lambda x, k: _grouped_conv_pallas(x, k, cfg, interpret),
+                             (x,), (kernel,), batch=x.shape[0]), (x, kernel)
 
 
 def _bwd(cfg, interpret, res, dy):
@@ -259,4 +261,5 @@ def grouped_conv(x: jax.Array, kernel: jax.Array, *, implementation: str | None 
     raise NotImplementedError(reason if reason.startswith("Pallas")
                               else f"Pallas grouped_conv: {reason}")
   cfg = config or default_config(x.shape[-1], kernel.shape[0])
-  return _grouped_conv_pallas(x, kernel, cfg, interpret)
+  return _sharding.map_batch(lambda x, k: _grouped_conv_pallas(x, k, cfg, interpret),
+                             (x,), (kernel,), batch=x.shape[0])

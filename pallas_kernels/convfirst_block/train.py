@@ -56,6 +56,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from pallas_kernels import _sharding
 from pallas_kernels.convfirst_block.reference import GROUP_WIDTH, grouped_conv
 
 IMPLEMENTATIONS = ("xla", "fold", "pallas")
@@ -204,15 +205,19 @@ def _pallas_config(x_shape, e: int, dtype, interpret: bool):
 
 
 
-def _silu_mlp(z2d, w1, b1, w2, mosaic_cfg, interpret):
-  """silu(z W1 + b1) W2 over rows: the Mosaic kernels with ``mosaic_cfg`` (the settings of
-  ``_mosaic_mlp_config``), or XLA's two GEMMs where it is None."""
+def _silu_mlp(z2d, w1, b1, w2, mosaic_cfg, interpret, batch):
+  """silu(z W1 + b1) W2 over rows (``batch`` images' pixels): the Mosaic kernels with
+  ``mosaic_cfg`` (the settings of ``_mosaic_mlp_config``), or XLA's two GEMMs where it is
+  None."""
   dtype = z2d.dtype
   if mosaic_cfg is not None:
     from pallas_kernels import mosaic_mlp_bwd
     zeros_c = jnp.zeros((z2d.shape[1],), jnp.float32)
-    return mosaic_mlp_bwd.mlp_with_grad(z2d, None, w1, b1, w2, zeros_c, act="silu",
-                                        normalize=False, interpret=interpret, **mosaic_cfg)
+    return _sharding.map_batch(
+        lambda z, w1, b1, w2, b2: mosaic_mlp_bwd.mlp_with_grad(
+            z, None, w1, b1, w2, b2, act="silu", normalize=False, interpret=interpret,
+            **mosaic_cfg),
+        (z2d,), (w1, b1, w2, zeros_c), batch=batch)
   a = jnp.dot(z2d, w1.astype(dtype))
   return jnp.dot(jax.nn.silu(a.astype(jnp.float32) + b1).astype(dtype), w2.astype(dtype))
 
@@ -275,7 +280,7 @@ def convfirst_block_train(x: jax.Array, params: ConvFirstTrainParams,
   # BN_1(u W1) = (g s_g + t_g) W1' + b1' = g (s_g W1') + (t_g W1' + b1')
   b1 = t_g @ w1 + b1
   w1 = s_g[:, None] * w1
-  p = _silu_mlp(g, w1, b1, params.fc2_kernel, mosaic_cfg, interpret)
+  p = _silu_mlp(g, w1, b1, params.fc2_kernel, mosaic_cfg, interpret, n)
   st_p = moments(p)
   branch = _bn_apply(p, *st_p, params.bn2_scale, params.bn2_bias, eps).astype(dtype)
   y = _residual(x, branch.astype(jnp.float32).reshape(n, h, w, c), drop_scale)

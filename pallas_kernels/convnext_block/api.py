@@ -24,7 +24,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import mosaic_mlp
+from pallas_kernels import _sharding, mosaic_mlp
 from pallas_kernels.convnext_block import dwconv_triton, mosaic, pallas_triton, tuning
 from pallas_kernels.convnext_block.reference import (
     ConvNeXtBlockParams,
@@ -214,4 +214,7 @@ def convnext_block(
     return convnext_block_reference(x, params, drop_path_scale, eps=eps)
   dps = (jnp.ones((x.shape[0],), jnp.float32) if drop_path_scale is None
          else jnp.asarray(drop_path_scale))
-  return _fused(x, params, dps, float(eps), tiles, bool(interpret), auto == "hybrid")
+  eps, interpret, hybrid = float(eps), bool(interpret), auto == "hybrid"
+  return _sharding.map_batch(
+      lambda x, dps, params: _fused(x, params, dps, eps, tiles, interpret, hybrid),
+      (x, dps), (params,), batch=x.shape[0])

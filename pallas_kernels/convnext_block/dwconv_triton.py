@@ -225,7 +225,9 @@ class WgradTiles(NamedTuple):
   accumulators (``_wgrad_kernel``).  strip: output rows per inner step (0: min(7, H));
   tile_w: columns per program (power of two; 0: the image width rounded up, at most 32, or
   16 in one pass); cblock: channels (power of two; 0: 32, or 256 // tile_w in one pass);
-  num_warps: Triton warps per program; fused_fma: as in ``DwconvTiles``."""
+  num_warps: Triton warps per program; fused_fma: as in ``DwconvTiles``; images: images
+  each program walks (one pass only: the k*k column sums and partial stores per program
+  are paid once per ``images`` images)."""
 
   strip: int = 0
   tile_w: int = 0
@@ -233,6 +235,7 @@ class WgradTiles(NamedTuple):
   num_warps: int = 4
   fused_fma: bool = True
   one_pass: bool = False
+  images: int = 1
 
 
 def resolve_wgrad_tiles(h: int, w: int, c: int, tiles: WgradTiles | None = None) -> WgradTiles:
@@ -243,31 +246,37 @@ def resolve_wgrad_tiles(h: int, w: int, c: int, tiles: WgradTiles | None = None)
   for name, v in (("tile_w", tile_w), ("cblock", cblock)):
     if v < 1 or v & (v - 1):
       raise ValueError(f"WgradTiles.{name} must be a power of two, got {v}")
-  if t.strip < 0 or t.num_warps < 1:
-    raise ValueError(f"WgradTiles.strip must be >= 0 and num_warps >= 1, got {t}")
+  if t.strip < 0 or t.num_warps < 1 or t.images < 1:
+    raise ValueError(f"WgradTiles.strip must be >= 0, num_warps and images >= 1, got {t}")
+  if t.images > 1 and not t.one_pass:
+    raise ValueError(f"WgradTiles.images > 1 needs one_pass=True, got {t}")
   return t._replace(strip=min(t.strip or 7, h), tile_w=tile_w, cblock=cblock)
 
 
-def _wgrad_program(h: int, w: int, c: int, tiles: WgradTiles):
-  """What a kernel-gradient program (image n = program 0, column tile = program 1, channel
-  block = program 2) works on: its columns ww, first channel c0, the number of row strips,
-  its partial-sum slot, and ``load_row(ref, i, cols)``: row i of image n at columns
-  ``cols`` (zero outside the image) in float32."""
-  n = pl.program_id(0)
+def _wgrad_program(n_images: int, h: int, w: int, c: int, tiles: WgradTiles):
+  """What a kernel-gradient program (images ``tiles.images`` * program 0 onwards, column
+  tile = program 1, channel block = program 2) works on: its columns ww, first channel c0,
+  the number of row strips, its partial-sum slot, and ``load_row(ref, i, cols, img=0)``:
+  row i of the program's image ``img`` at columns ``cols`` (zero outside the image or past
+  the last image) in float32."""
+  n0 = pl.program_id(0) * tiles.images
   wt = pl.program_id(1)
   ww = wt * tiles.tile_w + jnp.arange(tiles.tile_w, dtype=jnp.int32)
   c0, ch, mask_of = _channel_block(c, tiles.cblock)
 
-  def load_row(ref, i, cols):
+  def load_row(ref, i, cols, img=0):
+    n = n0 + img
     ok = (cols >= 0) & (cols < w) & (i >= 0) & (i < h)
+    if tiles.images > 1 and n_images % tiles.images:
+      ok = ok & (n < n_images)
     pix = jnp.where(ok, (n * h + i) * w + cols, 0)
     return plgpu.load(ref.at[pix[:, None] * c + ch[None, :]], mask=mask_of(ok),
                       other=0).astype(f32)
 
-  return ww, c0, cm.cdiv(h, tiles.strip), n * pl.num_programs(1) + wt, load_row
+  return ww, c0, cm.cdiv(h, tiles.strip), pl.program_id(0) * pl.num_programs(1) + wt, load_row
 
 
-def _wgrad_one_pass_kernel(x_ref, g_ref, o_ref, *, h, w, c, k, cpad, tiles: WgradTiles,
+def _wgrad_one_pass_kernel(x_ref, g_ref, o_ref, *, n, h, w, c, k, cpad, tiles: WgradTiles,
                            fused_fma: bool):
   """One program: image n, ``tile_w`` columns, ``cblock`` channels, all k*k taps.  It walks
   the image once in strips: a strip's dy rows are loaded once and kept, then for each
@@ -281,19 +290,27 @@ def _wgrad_one_pass_kernel(x_ref, g_ref, o_ref, *, h, w, c, k, cpad, tiles: Wgra
   next dx the row has left L1.)  Measured (H100, batch 128, bf16, 2026-11-26): 1.4-1.7x
   faster than ``_wgrad_kernel`` at 56x56x96 and 28x28x192 (0.356 / 0.238 ms with 8 x 32
   tiles) but still slower than XLA's kernel gradient (0.227 / 0.131), so it is an option,
-  not a default; its 49 cross-thread column sums per program are the suspected cost."""
+  not a default.  2026-11-27 (H100, same settings, XLA in the same run): the 49 column sums
+  were not the cost -- 2, 4 or 8 images per program (``tiles.images``) gave 0.38-0.39 ms at
+  56x56x96 (1 image: 0.364) and 0.199-0.246 at 28x28x192 (0.240); longer strips did help:
+  strip 14 with 4 images 0.271 at 56x56x96 (XLA 0.226) and **0.087 at 14x14x384 (XLA
+  0.100)**, the first shape where a Pallas kernel gradient beat XLA's.  Strips of 28 or 56
+  rows unroll into so much code that Triton's compile took minutes (not measured).  Not a
+  default: the block-level effect at 14x14x384 is unmeasured."""
   pad = k // 2
   strip, tile_w, cblock = tiles.strip, tiles.tile_w, tiles.cblock
-  ww, c0, strips, part, load_row = _wgrad_program(h, w, c, tiles)
+  ww, c0, strips, part, load_row = _wgrad_program(n, h, w, c, tiles)
 
-  def strip_pass(s, accs):
+  def strip_pass(step, accs):
+    # lax.div / rem (step >= 0): jnp's floor division does not lower in Pallas-Triton.
+    img, s = jax.lax.div(step, strips), jax.lax.rem(step, strips)
     r0 = s * strip
-    gs = [load_row(g_ref, r0 + o, ww) for o in range(strip)]
+    gs = [load_row(g_ref, r0 + o, ww, img) for o in range(strip)]
     accs = list(accs)
     for dx in range(k):
       iw = ww + (dx - pad)
       for t in range(strip + 2 * pad):
-        v = load_row(x_ref, r0 - pad + t, iw)
+        v = load_row(x_ref, r0 - pad + t, iw, img)
         for dy in range(k):
           o = t - dy                      # x row r0 + o + dy - pad pairs with dy row r0 + o
           if 0 <= o < strip:
@@ -301,13 +318,13 @@ def _wgrad_one_pass_kernel(x_ref, g_ref, o_ref, *, h, w, c, k, cpad, tiles: Wgra
     return tuple(accs)
 
   zero = jnp.zeros((tile_w, cblock), f32)
-  accs = jax.lax.fori_loop(0, strips, strip_pass, (zero,) * (k * k))
+  accs = jax.lax.fori_loop(0, strips * tiles.images, strip_pass, (zero,) * (k * k))
   for tap in range(k * k):
     off = (part * k * k + tap) * cpad
     plgpu.store(o_ref.at[pl.ds(off + c0, cblock)], jnp.sum(accs[tap], axis=0))
 
 
-def _wgrad_kernel(x_ref, g_ref, o_ref, *, h, w, c, k, cpad, tiles: WgradTiles,
+def _wgrad_kernel(x_ref, g_ref, o_ref, *, n, h, w, c, k, cpad, tiles: WgradTiles,
                   fused_fma: bool):
   """One program: image n, ``tile_w`` columns, ``cblock`` channels.  For each horizontal tap
   dx (fori_loop) it keeps k accumulators (one per vertical tap dy, tile_w x cblock float32)
@@ -318,7 +335,7 @@ def _wgrad_kernel(x_ref, g_ref, o_ref, *, h, w, c, k, cpad, tiles: WgradTiles,
   and stored as this program's partial kernel gradient; XLA sums the partials."""
   pad = k // 2
   strip, tile_w, cblock = tiles.strip, tiles.tile_w, tiles.cblock
-  ww, c0, strips, part, load_row = _wgrad_program(h, w, c, tiles)
+  ww, c0, strips, part, load_row = _wgrad_program(n, h, w, c, tiles)
 
   def column_pass(dx, carry):
     iw = ww + (dx - pad)
@@ -363,14 +380,15 @@ def depthwise_conv_wgrad(x: jax.Array, dy: jax.Array, k: int, *,
   cpad = cm.cdiv(c, t.cblock) * t.cblock
   wtiles = cm.cdiv(w, t.tile_w)
   kern = functools.partial(_wgrad_one_pass_kernel if t.one_pass else _wgrad_kernel,
-                           h=h, w=w, c=c, k=k, cpad=cpad, tiles=t,
+                           n=n, h=h, w=w, c=c, k=k, cpad=cpad, tiles=t,
                            fused_fma=t.fused_fma and not interpret)
+  groups = cm.cdiv(n, t.images)
   parts = pl.pallas_call(
       kern,
-      out_shape=jax.ShapeDtypeStruct((n * wtiles * k * k * cpad,), f32),
-      grid=(n, wtiles, cpad // t.cblock),
+      out_shape=jax.ShapeDtypeStruct((groups * wtiles * k * k * cpad,), f32),
+      grid=(groups, wtiles, cpad // t.cblock),
       compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=1),
       interpret=interpret,
       name="depthwise_conv_wgrad",
   )(x.reshape(-1), dy.astype(x.dtype).reshape(-1))
-  return parts.reshape(n * wtiles, k, k, cpad).sum(0)[..., :c]
+  return parts.reshape(groups * wtiles, k, k, cpad).sum(0)[..., :c]

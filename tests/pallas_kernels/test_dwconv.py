@@ -141,6 +141,9 @@ def test_pallas_depthwise_conv_compiled_on_gpu(shape):
     ((1, 7, 7, 64), 7, dict(one_pass=True)),
     ((2, 5, 11, 32), 7, dict(one_pass=True, strip=2, tile_w=4, cblock=16)),
     ((1, 6, 5, 24), 3, dict(one_pass=True, strip=4)),
+    # several images per program, one program's last image past the batch (3 = 2 + 1)
+    ((3, 5, 11, 32), 7, dict(one_pass=True, images=2, strip=2, tile_w=4, cblock=16)),
+    ((4, 6, 5, 24), 3, dict(one_pass=True, images=4)),
 ])
 def test_pallas_kernel_gradient_matches_xla(shape, k, tiles):
   """dwconv_triton.depthwise_conv_wgrad (interpreter) vs XLA's autodiff kernel gradient in
@@ -165,6 +168,9 @@ def test_pallas_kernel_gradient_matches_xla(shape, k, tiles):
     dwconv_triton.depthwise_conv_wgrad(x, g[:, :1], k, interpret=True)
   with pytest.raises(ValueError, match="even kernel size"):
     dwconv_triton.depthwise_conv_wgrad(x, g, 4, interpret=True)
+  with pytest.raises(ValueError, match="images > 1 needs one_pass"):
+    dwconv_triton.depthwise_conv_wgrad(x, g, k, interpret=True,
+                                       tiles=dwconv_triton.WgradTiles(images=2))
 
 
 @pytest.mark.parametrize("wgrad", ["xla", "grouped8", "pallas"])

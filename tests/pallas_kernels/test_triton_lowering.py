@@ -56,9 +56,10 @@ def test_depthwise_conv_kernels_lower(shape):
   kernel = jnp.ones((7, 7, shape[-1]), jnp.float32)
   _lower_for_cuda(lambda x: dwconv_triton.depthwise_conv(x, kernel), x)
   _lower_for_cuda(lambda x, g: dwconv_triton.depthwise_conv_wgrad(x, g, 7), x, x)
-  one_pass = dwconv_triton.WgradTiles(one_pass=True)
-  _lower_for_cuda(lambda x, g: dwconv_triton.depthwise_conv_wgrad(x, g, 7, tiles=one_pass),
-                  x, x)
+  for one_pass in (dwconv_triton.WgradTiles(one_pass=True),
+                   dwconv_triton.WgradTiles(one_pass=True, images=3)):  # 2 = 0 + 2 images
+    _lower_for_cuda(lambda x, g, t=one_pass: dwconv_triton.depthwise_conv_wgrad(x, g, 7, tiles=t),
+                    x, x)
 
 
 @pytest.mark.parametrize("c", [96, 768])

@@ -2,7 +2,7 @@
 training step), bfloat16 compute, float32 parameters, random inputs.
 
     PYTHONPATH=. python3 -m benchmarks.models --models convnext_tiny,convfirst_t \
-        --batches 1,16,64,256 --impls xla,pallas --json out.json
+        --batches 1,16,64,256 --impls xla,pallas --json out.json [--num-devices 2]
 
 ConvFirstNet runs inference in its BatchNorm-folded form (``fold_batchnorm``).  Each
 number is the median of ``--iters`` timed calls after warm-up, synchronised with
@@ -20,6 +20,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 import convfirst_jax as cj
 from pallas_kernels.timing import median_seconds
@@ -34,7 +35,7 @@ def build_inference(name: str, impl: str, dtype):
   return model
 
 
-def inference_throughput(name, impl, batch, image_size, dtype, iters):
+def inference_throughput(name, impl, batch, image_size, dtype, iters, mesh=None):
   """(images/s, seconds per call synchronised, seconds per call back to back).
 
   The model runs through ``convfirst_jax.predictor``: its state is passed to the jitted
@@ -42,10 +43,16 @@ def inference_throughput(name, impl, batch, image_size, dtype, iters):
   flatten the whole module on the host (0.4-0.9 ms per call at batch 1-4 on an H100 machine,
   2026-11-26), and passing its ``nnx.State`` (one array per weight) still cost ~1.3-1.5 ms
   of host time per synchronised call at batch 256, the same for XLA and Pallas blocks --
-  time that compressed every synchronised ratio."""
-  fn = cj.predictor(build_inference(name, impl, dtype))
+  time that compressed every synchronised ratio.  mesh: data-parallel over its devices
+  (``predictor(model, mesh)``; the inputs are placed split over them before timing)."""
+  fn = cj.predictor(build_inference(name, impl, dtype), mesh)
   keys = jax.random.split(jax.random.key(batch), 2)
   xs = [(jax.random.normal(k, (batch, image_size, image_size, 3), dtype),) for k in keys]
+  if mesh is not None:
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    sharding = NamedSharding(jax.sharding.Mesh(mesh.devices, mesh.axis_names),
+                             P(tuple(mesh.axis_names)))
+    xs = [jax.device_put(x, sharding) for x in xs]
   t = median_seconds(fn, arg_sets=xs, iters=iters)
   t_b2b = median_seconds(fn, arg_sets=xs, iters=iters, reps=10)
   return batch / t, t, t_b2b
@@ -61,10 +68,21 @@ def main(argv=None) -> int:
   p.add_argument("--image-size", type=int, default=224)
   p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
   p.add_argument("--iters", type=int, default=20)
+  p.add_argument("--num-devices", type=int, default=1,
+                 help="data-parallel over the first N devices (each batch split over them; "
+                      "batches must be multiples of N)")
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
   dtype = jnp.dtype(args.dtype)
-  device = jax.devices()[0].device_kind
+  devices = jax.devices()
+  if not 1 <= args.num_devices <= len(devices):
+    p.error(f"--num-devices must be in [1, {len(devices)}], got {args.num_devices}")
+  bad = [b for b in args.batches.split(",") if int(b) % args.num_devices]
+  if bad:
+    p.error(f"--batches {','.join(bad)} not a multiple of --num-devices {args.num_devices}")
+  mesh = (None if args.num_devices == 1 else
+          jax.sharding.Mesh(np.asarray(devices[:args.num_devices]), ("data",)))
+  device = devices[0].device_kind + (f" x{args.num_devices}" if mesh is not None else "")
   rows = []
   for name in args.models.split(","):
     for batch in [int(b) for b in args.batches.split(",")]:
@@ -73,7 +91,7 @@ def main(argv=None) -> int:
                    dtype=args.dtype, device=device)
         try:
           ips, t, t_b2b = inference_throughput(name, impl, batch, args.image_size, dtype,
-                                               args.iters)
+                                               args.iters, mesh)
           row.update(images_per_s=ips, ms=t * 1e3, back_to_back_images_per_s=batch / t_b2b,
                      back_to_back_ms=t_b2b * 1e3)
         except NotImplementedError as e:

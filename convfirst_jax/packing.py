@@ -94,20 +94,40 @@ class TreePacker:
     return jax.tree.unflatten(self.treedef, leaves)
 
 
-def predictor(model: nnx.Module) -> Callable[[jax.Array], jax.Array]:
+def predictor(model: nnx.Module, mesh: jax.sharding.Mesh | None = None
+              ) -> Callable[[jax.Array], jax.Array]:
   """``x -> model(x)``, jitted, with the model's state (weights, batch statistics, RNG
   state) passed packed: a few arrays per call instead of one per weight.
 
   A snapshot: the weights are packed when ``predictor`` is called (put the model in the
   mode you want -- ``model.eval()`` -- first, and call ``predictor`` again after changing
   it).  ``jax.jit(lambda m, x: m(x))(model, x)`` flattens the whole module on the host at
-  every call; ``python -m benchmarks.models`` times models through this function."""
+  every call; ``python -m benchmarks.models`` times models through this function.
+
+  mesh: run data-parallel over its devices -- the weights replicated, each batch split over
+  every axis of the mesh (its size must divide the batch; the axes are used as
+  ``AxisType.Auto`` whatever their type), the calls traced under
+  ``jax.set_mesh(mesh)`` so that the Pallas kernels run per device
+  (``pallas_kernels._sharding``); the logits come back split the same way."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
   graphdef, state = nnx.split(model)
   packer = TreePacker(state)
   packed = jax.jit(packer.pack)(state)
   fn = jax.jit(lambda p, x: nnx.merge(graphdef, packer.unpack(p))(x))
+  if mesh is None:
+    return lambda x: fn(packed, x)
+  # The models are written for XLA's automatic partitioning (reshapes etc. carry no
+  # out_sharding), so the mesh's axes are used as Auto ones (jax.make_mesh makes Explicit).
+  mesh = jax.sharding.Mesh(mesh.devices, mesh.axis_names)
+  packed = jax.device_put(packed, NamedSharding(mesh, P()))
+  batch_sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
 
   def predict(x: jax.Array) -> jax.Array:
-    return fn(packed, x)
+    if not jnp.ndim(x) or x.shape[0] % mesh.size:
+      raise ValueError(f"predictor(mesh=...): the batch of input {tuple(jnp.shape(x))} must "
+                       f"be a multiple of the mesh's {mesh.size} devices; pad it or use a "
+                       "smaller mesh")
+    with jax.set_mesh(mesh):
+      return fn(packed, jax.device_put(x, batch_sharding))
 
   return predict

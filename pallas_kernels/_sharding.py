@@ -64,6 +64,21 @@ def batch_axes(batch: int) -> tuple[str, ...]:
   return tuple(axes)
 
 
+def local_batch(batch: int) -> int:
+  """The images each device's kernel call sees: ``batch`` divided by the devices of
+  ``batch_axes(batch)`` (``batch`` itself without a mesh).  Size thresholds measured on one
+  GPU (``MIN_ROWS_FOR_PALLAS``, the MBConv stage's row overhead) apply to this."""
+  axes = batch_axes(batch)
+  if not axes:
+    return batch
+  mesh = jax.sharding.get_abstract_mesh()
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  devices = 1
+  for a in axes:
+    devices *= sizes[a]
+  return batch // devices
+
+
 def map_batch(fn, batched, replicated=(), *, batch: int, out_batched=True):
   """``fn(*batched, *replicated)`` with each device of the tracing mesh on its slice of the
   batch (see the module docstring), or a plain call when ``batch_axes(batch)`` is empty.

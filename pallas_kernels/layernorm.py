@@ -176,9 +176,13 @@ _ln.defvjp(_ln_fwd, _ln_bwd)
 
 def picks_pallas(shape, dtype, interpret: bool = False) -> bool:
   """``implementation=None``'s choice: the kernels for supported inputs of at least
-  ``MIN_ROWS`` rows on a GPU (or in the interpreter)."""
+  ``MIN_ROWS`` rows per device (under a mesh, ``_sharding.local_batch``) on a GPU (or in the
+  interpreter)."""
+  rows = math.prod(shape) // max(shape[-1], 1)
+  if len(shape) > 1 and shape[0]:
+    rows = rows // shape[0] * _sharding.local_batch(shape[0])
   return (unsupported_reason(shape, dtype) is None
-          and math.prod(shape) // max(shape[-1], 1) >= MIN_ROWS
+          and rows >= MIN_ROWS
           and (interpret or jax.default_backend() == "gpu"))
 
 

@@ -65,8 +65,9 @@ def _use_pallas(implementation, x, params, interpret: bool, name: str) -> bool:
     return False
   if implementation is None and not interpret and name not in _GPU_VERIFIED:
     return False
-  if implementation is None and x.shape[0] * x.shape[1] * x.shape[2] < MIN_ROWS_FOR_PALLAS:
-    return False
+  if implementation is None and (
+      _sharding.local_batch(x.shape[0]) * x.shape[1] * x.shape[2] < MIN_ROWS_FOR_PALLAS):
+    return False  # (per device under a mesh: that is what each kernel call sees)
   reason = _pallas_unsupported_reason(x, params, interpret, name)
   if reason is None:
     return True
@@ -186,7 +187,8 @@ def mbconv_stage_kernel(x, params: Sequence[MBConvBlockParams], *,
       None)
   if reason is not None:
     return "blocks"
-  if implementation is None and mosaic_gconv.row_overhead(*x.shape[:3]) > (
+  if implementation is None and mosaic_gconv.row_overhead(
+      _sharding.local_batch(x.shape[0]), *x.shape[1:3]) > (
       MOSAIC_STAGE_MAX_ROW_OVERHEAD):
     return "blocks"
   return "mosaic"

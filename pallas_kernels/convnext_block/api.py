@@ -210,7 +210,8 @@ def convnext_block(
                      f"{tiles.mosaic_dwconv!r}")
   if auto == "xla":  # the tile table records that XLA measured faster here
     return convnext_block_reference(x, params, drop_path_scale, eps=eps)
-  if implementation is None and x.shape[0] * x.shape[1] * x.shape[2] < MIN_ROWS_FOR_PALLAS:
+  if implementation is None and (  # per device under a mesh: what each kernel call sees
+      _sharding.local_batch(x.shape[0]) * x.shape[1] * x.shape[2] < MIN_ROWS_FOR_PALLAS):
     return convnext_block_reference(x, params, drop_path_scale, eps=eps)
   dps = (jnp.ones((x.shape[0],), jnp.float32) if drop_path_scale is None
          else jnp.asarray(drop_path_scale))

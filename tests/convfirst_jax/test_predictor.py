@@ -44,3 +44,13 @@ def test_predictor_matches_the_model():
   x = jax.random.normal(jax.random.key(2), (1, 64, 64, 3))
   np.testing.assert_array_equal(np.asarray(cj.predictor(folded)(x)),
                                 np.asarray(run(folded, x)))
+
+
+def test_predictor_with_a_mesh():
+  """mesh=: the same logits (two devices: tests/pallas_kernels/test_batch_sharding.py)."""
+  model = cj.create_model("convnext_atto", num_classes=10, rngs=0, **TINY)
+  model.eval()
+  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  mesh = jax.make_mesh((1,), ("data",))
+  np.testing.assert_array_equal(np.asarray(cj.predictor(model, mesh)(x)),
+                                np.asarray(cj.predictor(model)(x)))

@@ -148,7 +148,30 @@ def main(argv=None):
       report[name].update(max_rel=max(errs), errs=[float(f"{e:.3g}") for e in errs],
                           outputs=len(got), out_sharding=str(got[0].sharding.spec))
     print(name, report[name], flush=True)
+  report["predictor"] = _predictor_case(mesh, gpu)
+  print("predictor", report["predictor"], flush=True)
   print("RESULT " + json.dumps(report))
+
+
+def _predictor_case(mesh, gpu: bool):
+  """``convfirst_jax.predictor(model, mesh)`` against ``predictor(model)``: a tiny ConvNeXt
+  (XLA blocks on CPU; on GPUs bf16 with block_impl="pallas"), and its error for a batch
+  the mesh does not divide."""
+  import convfirst_jax as cj
+  kw = dict(block_impl="pallas", dtype=BF16) if gpu else {}
+  model = cj.create_model("convnext_atto", num_classes=10, rngs=0,
+                          depths=[1, 1, 1, 1], dims=[32, 64, 128, 256], **kw)
+  model.eval()
+  x = jax.random.normal(jax.random.key(3), (4, 64, 64, 3))
+  want = cj.predictor(model)(x)
+  got = cj.predictor(model, mesh)(x)
+  try:
+    cj.predictor(model, mesh)(x[:3])
+    error = None
+  except ValueError as e:
+    error = str(e)
+  return {"ran": True, "dtype": "float32", "max_rel": _rel(got, want),
+          "out_sharding": str(got.sharding.spec), "odd_batch_error": error}
 
 
 if __name__ == "__main__":

@@ -26,7 +26,11 @@ def _report(args, env):
 
 def _check(report, tol_f32, tol_bf16, every_case_runs):
   assert set(report) == {"layer_norm", "convnext_block", "grouped_conv", "convfirst_block",
-                         "mbconv_stage", "convfirst_block_train"}
+                         "mbconv_stage", "convfirst_block_train", "predictor"}
+  pred = report.pop("predictor")  # convfirst_jax.predictor(model, mesh) vs one device
+  assert pred["out_sharding"] == "P('data',)"
+  assert pred["max_rel"] < (tol_f32 if tol_bf16 is None else tol_bf16)
+  assert "multiple of the mesh's 2 devices" in pred["odd_batch_error"]
   for name, res in report.items():
     assert res["shard_map_with_mesh"], name  # the kernels were wrapped ...
     assert not res["shard_map_without_mesh"], name  # ... only where a mesh is set
@@ -85,3 +89,18 @@ def test_map_batch_without_mesh_is_a_plain_call(monkeypatch):
   calls = []
   out = _sharding.map_batch(lambda a, b: calls.append((a, b)) or a + b, (1,), (2,), batch=4)
   assert out == 3 and calls == [(1, 2)]
+
+
+def test_size_thresholds_apply_per_device(monkeypatch):
+  """implementation=None's minimum sizes, measured per kernel call on one GPU, compare the
+  rows each device's call sees: 8 images of 24x24 (4,608 px) are Pallas-sized for
+  LayerNorm (>= 4,096 rows) on one device, not split over 2 (2,304 each)."""
+  from pallas_kernels import layernorm
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  _fake_mesh(monkeypatch, (), (), ())
+  assert _sharding.local_batch(8) == 8
+  assert layernorm.picks_pallas((8, 24, 24, 32), jax.numpy.bfloat16)
+  _fake_mesh(monkeypatch, ("data",), (2,), (AUTO,))
+  assert _sharding.local_batch(8) == 4
+  assert not layernorm.picks_pallas((8, 24, 24, 32), jax.numpy.bfloat16)
+  assert layernorm.picks_pallas((16, 24, 24, 32), jax.numpy.bfloat16)

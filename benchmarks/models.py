@@ -49,10 +49,7 @@ def inference_throughput(name, impl, batch, image_size, dtype, iters, mesh=None)
   keys = jax.random.split(jax.random.key(batch), 2)
   xs = [(jax.random.normal(k, (batch, image_size, image_size, 3), dtype),) for k in keys]
   if mesh is not None:
-    from jax.sharding import NamedSharding, PartitionSpec as P
-    sharding = NamedSharding(jax.sharding.Mesh(mesh.devices, mesh.axis_names),
-                             P(tuple(mesh.axis_names)))
-    xs = [jax.device_put(x, sharding) for x in xs]
+    xs = [(jax.device_put(x, fn.input_sharding),) for (x,) in xs]
   t = median_seconds(fn, arg_sets=xs, iters=iters)
   t_b2b = median_seconds(fn, arg_sets=xs, iters=iters, reps=10)
   return batch / t, t, t_b2b

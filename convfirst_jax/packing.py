@@ -108,7 +108,8 @@ def predictor(model: nnx.Module, mesh: jax.sharding.Mesh | None = None
   every axis of the mesh (its size must divide the batch; the axes are used as
   ``AxisType.Auto`` whatever their type), the calls traced under
   ``jax.set_mesh(mesh)`` so that the Pallas kernels run per device
-  (``pallas_kernels._sharding``); the logits come back split the same way."""
+  (``pallas_kernels._sharding``); the logits come back split the same way.  Inputs
+  already placed with the returned function's ``input_sharding`` are not copied."""
   from jax.sharding import NamedSharding, PartitionSpec as P
   graphdef, state = nnx.split(model)
   packer = TreePacker(state)
@@ -130,4 +131,5 @@ def predictor(model: nnx.Module, mesh: jax.sharding.Mesh | None = None
     with jax.set_mesh(mesh):
       return fn(packed, jax.device_put(x, batch_sharding))
 
+  predict.input_sharding = batch_sharding
   return predict

@@ -71,12 +71,7 @@ def fit(config: TrainConfig, *, quiet: bool = False) -> FitResult:
   wall = Timer()
   parallel.initialize_distributed(cfg.coordinator_address, cfg.num_processes, cfg.process_id)
   is_main = jax.process_index() == 0
-  devices = jax.devices()
-  if cfg.num_devices is not None:
-    if not 1 <= cfg.num_devices <= len(devices):
-      raise ValueError(f"num_devices must be in [1, {len(devices)}], got {cfg.num_devices}")
-    devices = devices[:cfg.num_devices]
-  mesh = parallel.make_mesh(devices)
+  mesh = parallel.make_mesh(parallel.first_devices(cfg.num_devices))
   parallel.check_batch_size(cfg.batch_size, mesh)
 
   out = Path(cfg.output_dir)

@@ -35,6 +35,16 @@ def make_mesh(devices=None) -> Mesh:
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
+def first_devices(num_devices: int | None) -> list:
+  """The first ``num_devices`` of ``jax.devices()`` (all of them for None)."""
+  devices = jax.devices()
+  if num_devices is None:
+    return devices
+  if not 1 <= num_devices <= len(devices):
+    raise ValueError(f"num_devices must be in [1, {len(devices)}], got {num_devices}")
+  return devices[:num_devices]
+
+
 def check_batch_size(global_batch: int, mesh: Mesh) -> None:
   n, p = mesh.size, jax.process_count()
   if global_batch % n:

@@ -21,7 +21,7 @@ import time
 import jax
 import numpy as np
 
-from pallas_kernels import _sharding as pallas_sharding
+import pallas_kernels
 from train import engine, parallel
 from train.data import IMAGENET_MEAN, IMAGENET_STD
 
@@ -31,12 +31,7 @@ def measure(model: str, batch_size: int, image_size: int, *, block_impl=None,
             drop_path: float = 0.0, model_kwargs: dict | None = None,
             state_form: str = "packed", num_devices: int | None = None,
             batch_sharding: bool = True) -> dict:
-  devices = jax.devices()
-  if num_devices is not None:
-    if not 1 <= num_devices <= len(devices):
-      raise ValueError(f"num_devices must be in [1, {len(devices)}], got {num_devices}")
-    devices = devices[:num_devices]
-  mesh = parallel.make_mesh(devices)
+  mesh = parallel.make_mesh(parallel.first_devices(num_devices))
   parallel.check_batch_size(batch_size, mesh)
   net = engine.build_model(model, num_classes, block_impl=block_impl, dtype=dtype,
                            drop_path=drop_path, **(model_kwargs or {}))
@@ -56,15 +51,16 @@ def measure(model: str, batch_size: int, image_size: int, *, block_impl=None,
     raise ValueError(f"state_form must be 'packed' or 'tree', got {state_form!r}")
   state_sh = jax.tree.map(lambda _: repl, state)
   batch_sh = parallel.batch_sharding(mesh)
-  step = parallel.jit_in_mesh(step_fn, mesh, donate_argnums=0, in_shardings=(state_sh, batch_sh, batch_sh),
-                 out_shardings=(state_sh, repl))
+  step = parallel.jit_in_mesh(step_fn, mesh, donate_argnums=0,
+                              in_shardings=(state_sh, batch_sh, batch_sh),
+                              out_shardings=(state_sh, repl))
   rng = np.random.default_rng(0)
   images = jax.device_put(
       rng.integers(0, 256, (batch_size, image_size, image_size, 3), dtype=np.uint8), batch_sh)
   labels = jax.device_put(rng.integers(0, num_classes, batch_size).astype(np.int32), batch_sh)
 
   t0 = time.perf_counter()
-  with pallas_sharding.batch_sharding(batch_sharding):  # read while the step is traced
+  with pallas_kernels.batch_sharding(batch_sharding):  # read while the step is traced
     state, metrics = step(state, images, labels)
   jax.block_until_ready((state, metrics))
   compile_s = time.perf_counter() - t0

@@ -206,8 +206,7 @@ def _grouped_conv_pallas(x, kernel, cfg, interpret):
 
 
 def _fwd(x, kernel, cfg, interpret):
-  return _sharding.map_batch(lambda x, k: _grouped_conv_pallas(x, k, cfg, interpret),
-                             (x,), (kernel,), batch=x.shape[0]), (x, kernel)
+  return _grouped_conv_pallas(x, kernel, cfg, interpret), (x, kernel)
 
 
 def _bwd(cfg, interpret, res, dy):

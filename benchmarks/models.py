@@ -20,10 +20,10 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import convfirst_jax as cj
 from pallas_kernels.timing import median_seconds
+from train import parallel
 
 
 def build_inference(name: str, impl: str, dtype):
@@ -71,14 +71,14 @@ def main(argv=None) -> int:
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
   dtype = jnp.dtype(args.dtype)
-  devices = jax.devices()
-  if not 1 <= args.num_devices <= len(devices):
-    p.error(f"--num-devices must be in [1, {len(devices)}], got {args.num_devices}")
+  try:
+    devices = parallel.first_devices(args.num_devices)
+  except ValueError as e:
+    p.error(f"--num-devices: {e}")
   bad = [b for b in args.batches.split(",") if int(b) % args.num_devices]
   if bad:
     p.error(f"--batches {','.join(bad)} not a multiple of --num-devices {args.num_devices}")
-  mesh = (None if args.num_devices == 1 else
-          jax.sharding.Mesh(np.asarray(devices[:args.num_devices]), ("data",)))
+  mesh = None if args.num_devices == 1 else parallel.make_mesh(devices)
   device = devices[0].device_kind + (f" x{args.num_devices}" if mesh is not None else "")
   rows = []
   for name in args.models.split(","):

@@ -170,7 +170,7 @@ def _predictor_case(mesh, gpu: bool):
     error = None
   except ValueError as e:
     error = str(e)
-  return {"ran": True, "dtype": "float32", "max_rel": _rel(got, want),
+  return {"ran": True, "dtype": "bfloat16" if gpu else "float32", "max_rel": _rel(got, want),
           "out_sharding": str(got.sharding.spec), "odd_batch_error": error}
 
 

@@ -1,21 +1,25 @@
-"""ConvFirst / MBConv *training* blocks: XLA vs `block_impl="pallas"` (the ConvFirst training
-block on Mosaic kernels, the MBConv blocks' Pallas grouped-conv layer).
+"""ConvFirst / MBConv *training* blocks: XLA vs `block_impl="pallas"`, and the Pallas
+grouped-conv layer alone.
 
     PYTHONPATH=. python3 -m benchmarks.blocks_convfirst_train [--sweep] [--json out.json]
 
 In training, ``block_impl="pallas"`` runs a ConvFirst block as
 ``pallas_kernels.convfirst_block_train`` (its BatchNorms folded from batch statistics into
-the Mosaic GPU pointwise kernels, XLA's grouped conv) and replaces an MBConv block's
-group-width-8 conv (forward, input gradient, weight gradient) with the Pallas kernels of
-``pallas_kernels.convfirst_block.grouped_conv_triton``, its BatchNorms staying in XLA. The
-"gconv" columns time that Pallas conv layer alone against XLA's at every shape. For each
-shape (batch 128, bfloat16 activations, float32 parameters, k=3) this prints:
+the Mosaic GPU pointwise kernels, XLA's grouped conv) and an MBConv block as
+``pallas_kernels.mbconv_block_train`` (every BatchNorm with a hand-written backward and its
+reductions as Pallas kernels, XLA's grouped conv and GEMMs).  The "gconv" columns time
+the Pallas-Triton group-width-8 conv layer
+(``pallas_kernels.convfirst_block.grouped_conv_triton``: forward, input gradient, weight
+gradient) alone against XLA's at every shape; no model block uses it in training (it
+measured slower than XLA's).  For each shape (batch 128, bfloat16 activations, float32
+parameters, k=3) this prints:
 
 * the grouped conv alone: XLA and Pallas forward, forward+backward (gradients for x and the
   kernel), and the Pallas result's max relative error vs XLA's in the same run;
 * the whole training block (``ConvFirstBlock`` / ``MBConvBlock`` in train mode, gradients for
   every parameter and x): XLA vs Pallas forward+backward;
-* with ``--sweep``: the three Pallas kernels timed separately over alternative tile configs.
+* with ``--sweep``: the three Pallas conv kernels timed separately over alternative tile
+  configs.
 
 Times: median over repeats of the mean of back-to-back calls alternating two input sets.
 """

@@ -107,12 +107,12 @@ class _Block(nnx.Module):
     raise NotImplementedError
 
   def _grouped_conv(self, h):
-    """The block's grouped conv where the block runs as flax modules (MBConv blocks, and
-    ConvFirst blocks in eval mode or with "xla"): the Pallas training kernels (forward,
-    input and weight gradients; ``pallas_kernels.grouped_conv``) for implementation
-    "pallas", XLA's (flax ``nnx.Conv``) for "xla" and None -- None stays on XLA because
-    XLA's grouped conv was the faster one for training on an H100 (benchmarks/RESULTS.md).
-    BatchNorm, the 1x1 convs and SiLU run in XLA here."""
+    """The block's grouped conv where the block runs as flax modules (eval mode without
+    folding, or "xla"): the Pallas kernels (forward, input and weight gradients;
+    ``pallas_kernels.grouped_conv``) for implementation "pallas", XLA's (flax
+    ``nnx.Conv``) for "xla" and None -- None stays on XLA because XLA's grouped conv was
+    the faster one for training on an H100 (benchmarks/RESULTS.md).  BatchNorm, the 1x1
+    convs and SiLU run in XLA here."""
     if self.implementation != "pallas":
       return self.conv_group(h)
     return pallas_kernels.grouped_conv(h.astype(self.dtype), self.conv_group.kernel[...],
@@ -154,14 +154,33 @@ class ConvFirstBlock(_Block):
 
 
 class MBConvBlock(_Block):
-  """1x1 expand -> BN -> SiLU -> gconv kxk -> BN -> SiLU -> 1x1 project -> BN -> drop path -> + x."""
+  """1x1 expand -> BN -> SiLU -> gconv kxk -> BN -> SiLU -> 1x1 project -> BN -> drop path -> + x.
+
+  In training mode implementations None and "pallas" run
+  ``pallas_kernels.mbconv_block_train``: each BatchNorm (+ SiLU) with a hand-written
+  backward whose per-channel reductions are Pallas kernels ("pallas"; None where they pick
+  themselves) -- the same function, gradients and running-average updates as the flax
+  modules, which "xla" and eval mode run."""
 
   @staticmethod
   def conv_channels(dim, hidden):
     return hidden
 
+  def train_params(self) -> pallas_kernels.MBConvTrainParams:
+    return pallas_kernels.MBConvTrainParams(
+        self.fc1.kernel[...], self.bn1.scale[...], self.bn1.bias[...],
+        self.conv_group.kernel[...], self.bn_group.scale[...], self.bn_group.bias[...],
+        self.fc2.kernel[...], self.bn2.scale[...], self.bn2.bias[...])
+
   def __call__(self, x):
     x = x.astype(self.dtype)
+    if self.implementation != "xla" and not self.bn1.use_running_average:
+      y, stats = pallas_kernels.mbconv_block_train(
+          x, self.train_params(), self.drop_path.scale(x.shape[0]), eps=BN_EPS,
+          implementation=self.implementation)
+      for bn, (mean, var) in zip((self.bn_group, self.bn1, self.bn2), stats):
+        _update_running_stats(bn, mean, var)
+      return y
     h = jax.nn.silu(self.bn1(self.fc1(x)))
     h = jax.nn.silu(self.bn_group(self._grouped_conv(h)))
     h = self.bn2(self.fc2(h))
@@ -203,8 +222,8 @@ class ConvBN(nnx.Module):
   """conv (no bias) + BatchNorm; in folded form conv + bias.  ``patchify``: the conv as a
   matrix product over patches (``PatchConv``, for the 3-channel stem)."""
 
-  def __init__(self, din, dout, kernel, stride, *, folded=False, patchify=False, dtype,
-               param_dtype, rngs: nnx.Rngs):
+  def __init__(self, din, dout, kernel, stride, *, folded=False, patchify=False,
+               implementation: str | None = None, dtype, param_dtype, rngs: nnx.Rngs):
     conv = PatchConv if patchify else nnx.Conv
     self.conv = conv(din, dout, (kernel, kernel), strides=(stride, stride),
                      padding="VALID", use_bias=folded, dtype=dtype,
@@ -212,10 +231,22 @@ class ConvBN(nnx.Module):
                      bias_init=nnx.initializers.zeros, rngs=rngs)
     self.bn = nnx.data(None) if folded else _bn(dout, dtype=dtype, param_dtype=param_dtype,
                                                 rngs=rngs)
+    self.implementation = check_implementation(implementation)
 
   def __call__(self, x):
     x = self.conv(x)
-    return x if self.bn is None else self.bn(x)
+    if self.bn is None:
+      return x
+    if self.implementation == "xla" or self.bn.use_running_average:
+      return self.bn(x)
+    # Training: batch statistics with batchnorm's hand-written backward, its reductions
+    # Pallas kernels where they pick themselves (None) or always ("pallas").
+    x = x.astype(self.bn.dtype or x.dtype)
+    y, mean, var = pallas_kernels.batch_norm_act(
+        x.reshape(-1, x.shape[-1]), self.bn.scale[...], self.bn.bias[...], eps=BN_EPS,
+        batch=x.shape[0], implementation=self.implementation)
+    _update_running_stats(self.bn, mean, var)
+    return y.reshape(x.shape)
 
 
 class ConvFirstStage(nnx.Module):
@@ -223,7 +254,8 @@ class ConvFirstStage(nnx.Module):
                kernel_size, expansion, zero_init_last, implementation, folded, dtype,
                param_dtype, rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype)
-    self.downsample = (ConvBN(in_dim, out_dim, 2, 2, folded=folded, rngs=rngs, **kw)
+    self.downsample = (ConvBN(in_dim, out_dim, 2, 2, folded=folded,
+                              implementation=implementation, rngs=rngs, **kw)
                        if downsample else nnx.data(None))
     hidden = out_dim * expansion
     blocks = []
@@ -308,7 +340,8 @@ class ConvFirstNet(nnx.Module):
     self.folded = folded
     self.dtype = dtype
     kw = dict(dtype=dtype, param_dtype=param_dtype)
-    self.stem = ConvBN(in_chans, dims[0], 4, 4, folded=folded, patchify=True, rngs=rngs, **kw)
+    self.stem = ConvBN(in_chans, dims[0], 4, 4, folded=folded, patchify=True,
+                       implementation=block_impl, rngs=rngs, **kw)
     dp = drop_path_schedule(depths, drop_path_rate)
     self.stages = nnx.List([
         ConvFirstStage(dims[max(i - 1, 0)], dims[i], depths[i], block_type=block_types[i],

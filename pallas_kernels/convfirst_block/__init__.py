@@ -18,8 +18,10 @@ from pallas_kernels.convfirst_block.train import (
     ConvFirstTrainParams,
     convfirst_block_train,
 )
+from pallas_kernels.convfirst_block.train_mbconv import MBConvTrainParams, mbconv_block_train
 
 __all__ = ["GROUP_WIDTH", "BatchStats", "ConvFirstBlockParams", "ConvFirstTrainParams",
            "convfirst_block_train", "GroupedConvConfig", "MBConvBlockParams",
+           "MBConvTrainParams", "mbconv_block_train",
            "convfirst_block", "convfirst_block_reference", "grouped_conv",
            "grouped_conv_reference", "mbconv_block", "mbconv_block_reference", "mbconv_stage"]

@@ -30,16 +30,21 @@ scaled), so the whole pointwise half is
 Mosaic GPU forward kernel (h never in DRAM) and its Mosaic backward.  The folding is plain
 jnp, so autodiff carries gradients back through W1'' and b1'' to W1, both BatchNorms'
 affine parameters and, through the statistics (the Gram matrix), to g -- the same gradient
-as BatchNorm's backward, with no E-wide reduction.  BN_2 (C wide) stays an XLA reduction
-and an elementwise pass.  Statistics use the same one-pass variance as flax's BatchNorm
-(E[x^2] - E[x]^2 in float32, clipped at 0), applied to the exact product instead of its
-rounded value.
+as BatchNorm's backward, with no E-wide reduction; the Gram matrix's own gradient is one
+(M x C) x (C x C) product in the activations' dtype (``_mean_and_cov_bwd``: autodiff's
+transpose made it a float32 GEMM writing a float32 M x C tensor).  BN_2 (C wide) is
+``batchnorm.batch_norm_act``: its reductions Pallas kernels, its backward hand-written.
+Statistics use the same one-pass variance as flax's BatchNorm (E[x^2] - E[x]^2 in float32,
+clipped at 0), applied to the exact product instead of its rounded value.
 
 Measured (H100, 2026-11-27, batch 128, bf16, forward + backward of x and every parameter;
 benchmarks/RESULTS.md): this function 1.43 vs XLA's 1.99 ms at 56x56x64, 2.47-2.50 vs 3.12
 at 56x56x96, 1.39 vs 1.61 at 28x28x192 ("fold" alone, XLA GEMMs: 1.70 / 2.68 / 1.42); the
 model's block, once the kernel stopped reading a zero residual: 1.35 vs 2.14, 2.37 vs 3.33,
-1.29 vs 1.74 ms (1.58x / 1.40x / 1.35x).  The same fold of
+1.29 vs 1.74 ms (1.58x / 1.40x / 1.35x); with the Gram matrix's bf16 backward and BN_2 as
+``batch_norm_act`` (same day, later): 1.289 vs 2.187 ms at 56x56x64 (1.70x), 1.167 vs 1.712
+at 28x28x192 (1.47x), and every parameter gradient closer to a float32 run than bf16 XLA's
+(BN_1's bias: 0.011 vs 0.338 norm-relative at 56x56x64).  The same fold of
 BN_1 into the MBConv block's expansion (statistics from x's covariance, XLA GEMMs) measured
 no faster than XLA's MBConv training block (1.49 vs 1.49 ms at 14x14x384, 1.08 vs 0.96 at
 7x7x768): there the E-wide conv output's BatchNorm and the conv dominate, so it is not used.
@@ -132,14 +137,45 @@ def moments(z2d: jax.Array) -> tuple[jax.Array, jax.Array]:
   return mean, jnp.maximum(0.0, jnp.square(z).mean(0) - jnp.square(mean))
 
 
-def mean_and_cov(z2d: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Per-column mean (C,) and covariance (C, C) of (M, C) rows, float32: one Gram matrix
-  z^T z (products of z's own dtype, accumulated in float32) and one column sum."""
+def _mean_and_cov_impl(z2d):
   m = z2d.shape[0]
   mean = z2d.astype(jnp.float32).sum(0) / m
   gram = lax.dot_general(z2d, z2d, (((0,), (0,)), ((), ())),
                          preferred_element_type=jnp.float32) / m
   return mean, gram - jnp.outer(mean, mean)
+
+
+@jax.custom_vjp
+def _mean_and_cov(z2d):
+  return _mean_and_cov_impl(z2d)
+
+
+def _mean_and_cov_fwd(z2d):
+  return _mean_and_cov_impl(z2d), (z2d, _mean_and_cov_impl(z2d)[0])
+
+
+def _mean_and_cov_bwd(res, cts):
+  # cov = Z^T Z / m - mean mean^T, mean = 1^T Z / m:
+  #   dZ = Z (D + D^T) / m + 1 (dmean - (D + D^T) mean)^T / m      (D = dcov)
+  # The (M x C) x (C x C) product runs in Z's dtype (autodiff's transpose of the float32
+  # Gram matrix would promote Z to a float32 GEMM and write a float32 M x C tensor).
+  z2d, mean = res
+  dmean, dcov = cts
+  m = z2d.shape[0]
+  dsym = dcov + dcov.T
+  dz = jnp.dot(z2d, (dsym / m).astype(z2d.dtype), preferred_element_type=jnp.float32)
+  dz = dz + ((dmean - dsym @ mean) / m)[None, :]
+  return (dz.astype(z2d.dtype),)
+
+
+_mean_and_cov.defvjp(_mean_and_cov_fwd, _mean_and_cov_bwd)
+
+
+def mean_and_cov(z2d: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-column mean (C,) and covariance (C, C) of (M, C) rows, float32: one Gram matrix
+  z^T z (products of z's own dtype, accumulated in float32) and one column sum.  Its
+  gradient to z is one (M x C) x (C x C) product in z's dtype (``_mean_and_cov_bwd``)."""
+  return _mean_and_cov(z2d)
 
 
 def _bn_coefficients(mean, var, scale, bias, eps):
@@ -281,7 +317,11 @@ def convfirst_block_train(x: jax.Array, params: ConvFirstTrainParams,
   b1 = t_g @ w1 + b1
   w1 = s_g[:, None] * w1
   p = _silu_mlp(g, w1, b1, params.fc2_kernel, mosaic_cfg, interpret, n)
-  st_p = moments(p)
-  branch = _bn_apply(p, *st_p, params.bn2_scale, params.bn2_bias, eps).astype(dtype)
+  # BN_2 with its reductions as Pallas kernels ("pallas"; None where they pick themselves)
+  # or XLA's ("fold"), in both cases batchnorm's hand-written backward.
+  from pallas_kernels import batchnorm
+  branch, *st_p = batchnorm.batch_norm_act(
+      p, params.bn2_scale, params.bn2_bias, eps=eps, batch=n, interpret=interpret,
+      implementation={"fold": "xla"}.get(implementation, implementation))
   y = _residual(x, branch.astype(jnp.float32).reshape(n, h, w, c), drop_scale)
-  return y, BatchStats((mean_g, var_g), st_a, st_p)
+  return y, BatchStats((mean_g, var_g), st_a, tuple(st_p))

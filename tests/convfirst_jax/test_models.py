@@ -127,17 +127,20 @@ def test_input_errors_name_expected_and_actual():
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="checks the off-GPU error")
 def test_convfirst_pallas_training_block_off_gpu_fails_loudly():
-  # Training-form blocks with block_impl="pallas" run Pallas kernels that need a GPU (tests
-  # run them in interpret mode: tests/pallas_kernels/test_grouped_conv.py,
-  # test_convfirst_train.py): the ConvFirst blocks the Mosaic pointwise kernels, the MBConv
-  # blocks the Pallas grouped-conv layer.
+  # Training-form layers with block_impl="pallas" run Pallas kernels that need a GPU (tests
+  # run them in interpret mode: tests/pallas_kernels/test_convfirst_train.py,
+  # test_mbconv_train.py): the stem's BatchNorm (the first to run) its reduction kernels,
+  # the ConvFirst blocks the Mosaic pointwise kernels, the MBConv blocks the BatchNorm
+  # kernels.
   model = cj.create_model("convfirst_atto", num_classes=3, block_impl="pallas", rngs=0)
-  with pytest.raises(NotImplementedError, match="convfirst_block_train.*backend"):
+  with pytest.raises(NotImplementedError, match="batch_norm_act.*backend is 'cpu'"):
     model(_images())
+  with pytest.raises(NotImplementedError, match="convfirst_block_train.*backend"):
+    model.stages[0].blocks[0](jnp.zeros((2, 8, 8, 32)))
   model = cj.create_model("convfirst_atto", num_classes=3, block_impl="pallas", rngs=0,
                           block_types=("mbconv",) * 4)
-  with pytest.raises(NotImplementedError, match="grouped_conv.*backend is 'cpu'"):
-    model(_images())
+  with pytest.raises(NotImplementedError, match="batch_norm_act.*backend is 'cpu'"):
+    model.stages[0].blocks[0](jnp.zeros((2, 8, 8, 32)))
 
 
 def test_hyperparameters_are_constructor_arguments():

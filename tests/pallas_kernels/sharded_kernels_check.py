@@ -91,6 +91,27 @@ def _cases(gpu: bool):
   d = jax.random.uniform(next(ks), (4,)) + 0.5
   cases["convfirst_block_train"] = (lambda x, p, d=d: cf_train.convfirst_block_train(
       x, p, d, implementation="pallas", interpret=interp)[0], x, tp, True, False)
+
+  # BatchNorm with batch statistics: each device's kernel sums its own rows, the partial
+  # sums of both devices are added (global statistics, as on one device).
+  x = _normal(next(ks), (4, 3, 5, 32)) + 0.5
+  s, b = 1 + _normal(next(ks), (32,), 0.2), _normal(next(ks), (32,), 0.2)
+  cases["batch_norm_act"] = (lambda x, p: pallas_kernels.batch_norm_act(
+      x.reshape(-1, 32), *p, act="silu", batch=x.shape[0], implementation="pallas",
+      interpret=interp)[0].reshape(x.shape), x, (s, b), True, True)
+
+  c, e = 32, 128
+  tk = jax.random.split(next(ks), 9)
+  mp = pallas_kernels.MBConvTrainParams(
+      fc1_kernel=n(tk[0], (c, e)) / c ** 0.5, bn1_scale=1 + 0.2 * n(tk[1], (e,)),
+      bn1_bias=0.2 * n(tk[2], (e,)), conv_kernel=n(tk[3], (3, 3, 8, e)) / 72 ** 0.5,
+      bn_conv_scale=1 + 0.2 * n(tk[4], (e,)), bn_conv_bias=0.2 * n(tk[5], (e,)),
+      fc2_kernel=n(tk[6], (e, c)) / e ** 0.5, bn2_scale=1 + 0.2 * n(tk[7], (c,)),
+      bn2_bias=0.2 * n(tk[8], (c,)))
+  x = _normal(next(ks), (4, 5, 3, c))
+  d = jax.random.uniform(next(ks), (4,)) + 0.5
+  cases["mbconv_block_train"] = (lambda x, p, d=d: pallas_kernels.mbconv_block_train(
+      x, p, d, implementation="pallas", interpret=interp)[0], x, mp, True, True)
   return cases
 
 

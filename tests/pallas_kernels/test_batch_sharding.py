@@ -26,7 +26,8 @@ def _report(args, env):
 
 def _check(report, tol_f32, tol_bf16, every_case_runs):
   assert set(report) == {"layer_norm", "convnext_block", "grouped_conv", "convfirst_block",
-                         "mbconv_stage", "convfirst_block_train", "predictor"}
+                         "mbconv_stage", "convfirst_block_train", "batch_norm_act",
+                         "mbconv_block_train", "predictor"}
   pred = report.pop("predictor")  # convfirst_jax.predictor(model, mesh) vs one device
   assert pred["out_sharding"] == "P('data',)"
   assert pred["max_rel"] < (tol_f32 if tol_bf16 is None else tol_bf16)
@@ -49,7 +50,7 @@ def test_two_cpu_devices_match_one():
   report = _report([], {"XLA_FLAGS": "--xla_force_host_platform_device_count=2 "
                                      "--xla_backend_optimization_level=0"})
   _check(report, 1e-5, None, every_case_runs=False)
-  assert sum(r["ran"] for r in report.values()) == 4  # the Mosaic GPU cases: traced only
+  assert sum(r["ran"] for r in report.values()) == 6  # the Mosaic GPU cases: traced only
 
 
 @pytest.mark.gpu

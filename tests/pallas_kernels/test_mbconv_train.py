@@ -1,0 +1,163 @@
+"""The MBConv training block with hand-written BatchNorm backward passes
+(pallas_kernels.mbconv_block_train; the reductions as Pallas-Triton kernels in interpret
+mode) against the block as written (implementation="xla", what flax's modules compute):
+value, batch statistics and the gradients of x and every parameter; the model's
+training-mode MBConv block and ConvBN layers against flax's BatchNorm modules.
+
+Tolerances: float32 1e-4 relative (the same sums in another order); bfloat16 results are
+compared with the float32 block as written on the same (rounded) input, to 2e-2."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import convfirst_jax as cj
+import pallas_kernels
+
+F32 = jnp.float32
+
+
+def _params(seed, c, e, k=3):
+  ks = jax.random.split(jax.random.key(seed), 9)
+  n = jax.random.normal
+  return pallas_kernels.MBConvTrainParams(
+      fc1_kernel=n(ks[0], (c, e)) / c ** 0.5, bn1_scale=1 + 0.2 * n(ks[1], (e,)),
+      bn1_bias=0.2 * n(ks[2], (e,)), conv_kernel=n(ks[3], (k, k, 8, e)) / (8 * k * k) ** 0.5,
+      bn_conv_scale=1 + 0.2 * n(ks[4], (e,)), bn_conv_bias=0.2 * n(ks[5], (e,)),
+      fc2_kernel=n(ks[6], (e, c)) / e ** 0.5, bn2_scale=1 + 0.2 * n(ks[7], (c,)),
+      bn2_bias=0.2 * n(ks[8], (c,)))
+
+
+def _rel(a, b):
+  a, b = np.asarray(jnp.asarray(a, F32), np.float64), np.asarray(jnp.asarray(b, F32), np.float64)
+  assert not np.isnan(a).any(), "NaN in a result"
+  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def _value_and_grads(x, params, dps, dy, implementation, interpret=False):
+  def loss(x, params):
+    y, stats = pallas_kernels.mbconv_block_train(
+        x, params, dps, implementation=implementation, interpret=interpret)
+    return jnp.sum(y.astype(F32) * dy), (y, stats)
+  (_, (y, stats)), (gx, gp) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1),
+                                                         has_aux=True))(x, params)
+  return y, stats, gx, gp
+
+
+def _compare(got, want, tol):
+  y, stats, gx, gp = got
+  y0, stats0, gx0, gp0 = want
+  assert y.shape == y0.shape
+  assert _rel(y, y0) < tol
+  for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(stats0)):
+    assert _rel(a, b) < tol
+  assert _rel(gx, gx0) < tol
+  for field, a, b in zip(gp._fields, gp, gp0):
+    assert a.shape == b.shape and a.dtype == b.dtype, field
+    assert _rel(a, b) < tol, field
+
+
+@pytest.mark.parametrize("dtype,tol", [(F32, 1e-4), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("shape,c,k", [
+    ((2, 5, 7), 32, 3),   # odd H and W
+    ((1, 3, 5), 128, 5),  # batch 1, k = 5; convfirst_atto stage 3
+    ((2, 3, 3), 256, 3),  # atto stage 4 / nano stage 3
+    ((1, 3, 3), 384, 3),  # convfirst_t stage 3
+    ((2, 1, 3), 512, 3),  # nano stage 4
+    ((1, 7, 7), 768, 3),  # convfirst_t stage 4 at 224x224
+])
+def test_kernels_match_block_as_written(dtype, tol, shape, c, k):
+  params = _params(c + k, c, 4 * c, k)
+  x = (jax.random.normal(jax.random.key(1), (*shape, c)) + 0.5).astype(dtype)
+  dy = jax.random.normal(jax.random.key(2), x.shape)
+  dps = jnp.array([2.0, 0.0])[:shape[0]]  # one image dropped, one scaled (batch 2)
+  want = _value_and_grads(x.astype(F32), params, dps, dy, "xla")
+  got = _value_and_grads(x, params, dps, dy, "pallas", interpret=True)
+  assert got[0].dtype == dtype and got[2].dtype == dtype
+  _compare(got, want, tol)
+  if shape[0] == 2:  # the dropped image's branch is gone: y = x exactly
+    np.testing.assert_array_equal(np.asarray(got[0][1], F32), np.asarray(x[1], F32))
+
+
+def test_none_off_gpu_is_the_same_function_with_xla_reductions():
+  params = _params(0, 32, 128)
+  x = jax.random.normal(jax.random.key(3), (2, 5, 3, 32))
+  dy = jax.random.normal(jax.random.key(4), x.shape)
+  want = _value_and_grads(x, params, None, dy, "xla")
+  got = _value_and_grads(x, params, None, dy, None)
+  _compare(got, want, 1e-4)
+  if jax.default_backend() != "gpu":
+    jaxpr = str(jax.make_jaxpr(lambda x: pallas_kernels.mbconv_block_train(x, params))(x))
+    assert "pallas_call" not in jaxpr
+
+
+def test_errors_name_the_problem():
+  params = _params(0, 32, 128)
+  x = jnp.ones((1, 4, 4, 32))
+  with pytest.raises(ValueError, match="implementation must be"):
+    pallas_kernels.mbconv_block_train(x, params, implementation="fold")
+  with pytest.raises(ValueError, match="rank 4"):
+    pallas_kernels.mbconv_block_train(x[0], params)
+  with pytest.raises(ValueError, match=r"params.conv_kernel has shape \(3, 3, 8, 64\)"):
+    pallas_kernels.mbconv_block_train(
+        x, params._replace(conv_kernel=jnp.ones((3, 3, 8, 64))))
+  with pytest.raises(ValueError, match="multiple of the group width"):
+    pallas_kernels.mbconv_block_train(
+        x, params._replace(fc1_kernel=jnp.ones((32, 20))))
+  if jax.default_backend() != "gpu":
+    with pytest.raises(NotImplementedError, match="need a GPU backend"):
+      pallas_kernels.mbconv_block_train(x, params, implementation="pallas")
+
+
+def _train_and_grads(module, x):
+  module.train()
+
+  def loss(module):
+    return jnp.sum(module(x) ** 2)
+  grads = nnx.grad(loss)(module)
+  return module(x), grads, nnx.state(module, nnx.BatchStat)
+
+
+@pytest.mark.parametrize("layer", ["mbconv", "convbn"])
+def test_model_layers_match_flax_modules(layer):
+  """MBConvBlock and ConvBN in train mode: implementation None vs "xla" (flax's BatchNorm
+  modules) -- output, gradients of every parameter, running averages."""
+  def run(impl):
+    if layer == "mbconv":
+      m = cj.MBConvBlock(32, implementation=impl, zero_init_last=False, rngs=nnx.Rngs(0))
+      m.bn_group.bias[...] = 0.3 * jax.random.normal(jax.random.key(8), (128,))
+      x = jax.random.normal(jax.random.key(7), (2, 5, 7, 32)) + 0.5
+    else:
+      from convfirst_jax.convfirst import ConvBN
+      m = ConvBN(16, 32, 2, 2, implementation=impl, dtype=F32, param_dtype=F32,
+                 rngs=nnx.Rngs(0))
+      x = jax.random.normal(jax.random.key(7), (2, 6, 10, 16)) + 0.5
+    return _train_and_grads(m, x)
+  y, g, st = run(None)
+  y0, g0, st0 = run("xla")
+  assert _rel(y, y0) < 1e-4
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
+    assert a.shape == b.shape
+    assert float(jnp.abs(a - b).max()) < 1e-4 * max(float(jnp.abs(b).max()), 1.0)
+  leaves, leaves0 = jax.tree.leaves(st), jax.tree.leaves(st0)
+  assert len(leaves) == len(leaves0) == (6 if layer == "mbconv" else 2)
+  for a, b in zip(leaves, leaves0):  # updated twice (grad, then the call), identically
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert all(not (np.allclose(a, 0.0) or np.allclose(a, 1.0)) for a in leaves)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,c", [((4, 15, 13, 64), 64), ((128, 14, 14, 256), 256),
+                                     ((3, 7, 7, 768), 768)])
+def test_compiled_kernels_on_gpu(shape, c):
+  params = _params(1, c, 4 * c)
+  x = (jax.random.normal(jax.random.key(5), (*shape[:3], c)) + 0.5).astype(jnp.bfloat16)
+  dy = jax.random.normal(jax.random.key(6), x.shape)
+  dps = jnp.ones((shape[0],)).at[0].set(0.0)
+  want = _value_and_grads(x.astype(F32), params, dps, dy, "xla")
+  got = _value_and_grads(x, params, dps, dy, "pallas")
+  _compare(got, want, 3e-2)

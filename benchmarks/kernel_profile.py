@@ -53,7 +53,7 @@ def kernel_times(planes, calls: int) -> tuple[dict[str, float], dict[str, int]]:
 # The Pallas-Triton kernels' names (their pallas_call ``name=``); XLA may append "__<n>" to
 # repeated ones.  The Mosaic GPU kernels all appear as "anonymous_mosaic_gpu_kernel".
 PALLAS_TRITON_NAMES = frozenset((
-    "convfirst_block_fwd", "convnext_block_bwd_dwconv", "convnext_block_bwd_tile",
+    "batch_norm_sums", "batch_norm_bwd_sums", "convfirst_block_fwd", "convnext_block_bwd_dwconv", "convnext_block_bwd_tile",
     "convnext_block_bwd_weights", "convnext_block_fwd", "depthwise_conv",
     "depthwise_conv_wgrad", "grouped_conv_wgrad", "layer_norm_bwd", "layer_norm_fwd",
     "mbconv_block_fwd"))

@@ -183,8 +183,27 @@ def pipelined_smem_bytes(c: int, hc: int, stages: int, itemsize: int = 2,
           + bm * 4 + 2 * c * 4)
 
 
-def unsupported_reason(m: int, c: int, e: int, dtype, hidden_chunk: int = 64) -> str | None:
-  """Why ``fused_mlp`` cannot run this shape/dtype, or None."""
+def fused_smem_bytes(c: int, e: int, hc: int, stages: int, bm: int = BLOCK_M,
+                     itemsize: int = 2, h_in_smem: bool = False) -> int:
+  """Shared memory of ``fused_mlp``'s serial kernels on a GPU: the z and residual (or
+  normalised) tiles, ``stages`` slots of a hidden chunk of W1^T and of W2, the biases and
+  the row scale (and the hidden chunk where ``h_in_smem``).  128-row CTAs
+  (``_kernel_ws``) keep all of b1.  At C=256, E=1024, 128 rows, 2 stages: 268,800 bytes
+  (the compiler reported 271,480 with its alignment and barriers, H200 2026-11-27) -- over
+  the limit, which the ConvNeXt tile table used to ask for (``tuning._heuristic_tiles``)."""
+  tiles = 2 * bm * c * itemsize + stages * 2 * hc * c * itemsize + bm * 4 + 2 * c * 4
+  b1 = e * 4 if bm == 128 else stages * hc * 4
+  return tiles + b1 + (bm * hc * itemsize if h_in_smem else 0)
+
+
+# Headroom for barriers and the compiler's alignment (2,680 bytes measured at C=256).
+_SMEM_SLACK = 4096
+
+
+def unsupported_reason(m: int, c: int, e: int, dtype, hidden_chunk: int = 64, *,
+                       block_m: int | None = None, stages: int | None = None) -> str | None:
+  """Why ``fused_mlp`` cannot run this shape/dtype, or None; with ``block_m`` and
+  ``stages`` also whether that configuration fits a CTA's shared memory."""
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return (f"the Mosaic GPU kernel takes bfloat16/float16 activations (wgmma operands), "
             f"got {jnp.dtype(dtype).name}")
@@ -197,6 +216,12 @@ def unsupported_reason(m: int, c: int, e: int, dtype, hidden_chunk: int = 64) ->
     return f"hidden width {e} is not a multiple of the hidden chunk {hidden_chunk}"
   if m <= 0:
     return f"no rows (M={m})"
+  if block_m is not None and stages is not None:
+    need = fused_smem_bytes(c, e, hidden_chunk, stages, block_m, jnp.dtype(dtype).itemsize)
+    if need + _SMEM_SLACK > SMEM_BYTES:
+      return (f"C={c}, E={e} with {block_m}-row CTAs, hidden_chunk={hidden_chunk} and "
+              f"stages={stages} needs ~{need:,} bytes of shared memory, more than the "
+              f"{SMEM_BYTES:,} a CTA can have; use fewer stages or 64-row CTAs")
   return None
 
 
@@ -555,11 +580,19 @@ def fused_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
         f"fused_mlp(pipelined=True): C={c} with hidden_chunk={hidden_chunk} and stages={stages} "
         f"needs ~{need:,} bytes of shared memory, more than the {SMEM_BYTES:,} a CTA can "
         f"have; use fewer stages or the serial kernel (pipelined=False)")
-  z, res, zb, rs = row_inputs(z, res, z_bias, row_scale, block_m)
-  m_pad = z.shape[0]
   interpreting = interpret is not False and interpret is not None
   if h_in_smem is None:
     h_in_smem = interpreting
+  # (Compiled only: the interpreter models no shared-memory limit.)
+  if not pipelined and not interpreting and (need := fused_smem_bytes(
+      c, e, hidden_chunk, stages, block_m, jnp.dtype(dtype).itemsize,
+      bool(h_in_smem))) + _SMEM_SLACK > SMEM_BYTES:
+    raise NotImplementedError(
+        f"fused_mlp: C={c}, E={e} with block_m={block_m}, hidden_chunk={hidden_chunk} and "
+        f"stages={stages} needs ~{need:,} bytes of shared memory, more than the "
+        f"{SMEM_BYTES:,} a CTA can have; use fewer stages or block_m=64")
+  z, res, zb, rs = row_inputs(z, res, z_bias, row_scale, block_m)
+  m_pad = z.shape[0]
   if interpreting and not h_in_smem:
     raise ValueError("h_in_smem=False (wgmma with a register operand) is not modelled by "
                      "the Mosaic GPU interpreter; use h_in_smem=True or None")

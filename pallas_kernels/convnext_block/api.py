@@ -55,7 +55,9 @@ def forward_kernel(x_shape, dtype, params: ConvNeXtBlockParams, tiles: tuning.Co
   if tiles.fwd_kernel == "triton" or mosaic_mlp.device_unsupported_reason(interpret) is not None:
     return "triton"
   split = tiles.fwd_kernel == "mosaic_split"
-  if mosaic.unsupported_reason(x_shape, params, dtype, split=split) is None:
+  if mosaic.unsupported_reason(x_shape, params, dtype, split=split,
+                               block_m=tiles.mosaic_block_m, stages=tiles.mosaic_stages,
+                               hidden_chunk=tiles.mosaic_hidden) is None:
     return tiles.fwd_kernel
   return "triton"
 
@@ -92,7 +94,8 @@ def train_kernel(x_shape, dtype, params: ConvNeXtBlockParams, tiles: tuning.Conv
   if kernel in ("mosaic", "mosaic_split") and mosaic.train_unsupported_reason(
       x_shape, params, dtype, tiles.mosaic_bwd_stages, tiles.mosaic_hidden,
       split=kernel == "mosaic_split", bwd_hidden=tiles.mosaic_bwd_hidden,
-      bwd_col_sums=tiles.mosaic_bwd_db1) is None:
+      bwd_col_sums=tiles.mosaic_bwd_db1, fwd_block_m=tiles.mosaic_block_m,
+      fwd_stages=tiles.mosaic_stages) is None:
     return kernel
   return "xla"
 

@@ -28,11 +28,15 @@ from pallas_kernels.convnext_block.reference import ConvNeXtBlockParams
 
 
 def unsupported_reason(x_shape, params: ConvNeXtBlockParams, dtype,
-                       split: bool = False) -> str | None:
+                       split: bool = False, *, block_m: int | None = None,
+                       stages: int | None = None, hidden_chunk: int = 64) -> str | None:
+  """Why ``forward`` cannot run this call, or None; with ``block_m`` and ``stages`` (the
+  one-kernel form's) also whether they fit a CTA's shared memory."""
   n, h, w, c = x_shape
   if split:
     return mosaic_split.unsupported_reason(n * h * w, c, params.fc1_kernel.shape[1], dtype)
-  return mosaic_mlp.unsupported_reason(n * h * w, c, params.fc1_kernel.shape[1], dtype)
+  return mosaic_mlp.unsupported_reason(n * h * w, c, params.fc1_kernel.shape[1], dtype,
+                                       hidden_chunk, block_m=block_m, stages=stages)
 
 
 def fold_params(params: ConvNeXtBlockParams):
@@ -98,11 +102,19 @@ CONV_BIAS_MIN_C = 384
 
 def train_unsupported_reason(x_shape, params: ConvNeXtBlockParams, dtype,
                              bwd_stages: int = 2, hidden_chunk: int = 64, split: bool = False,
-                             bwd_hidden: int = 0, bwd_col_sums: bool = False) -> str | None:
+                             bwd_hidden: int = 0, bwd_col_sums: bool = False, *,
+                             fwd_block_m: int | None = None,
+                             fwd_stages: int | None = None) -> str | None:
   """Why ``forward_train`` cannot run this call, or None (``bwd_hidden`` 0: the backward
-  kernel's default chunk, ``hidden_chunk`` or 32 with ``split``)."""
+  kernel's default chunk, ``hidden_chunk`` or 32 with ``split``; ``fwd_block_m`` /
+  ``fwd_stages``: the one-kernel forward's, checked against shared memory)."""
   n, h, w, c = x_shape
   m, e = n * h * w, params.fc1_kernel.shape[1]
+  if not split and fwd_block_m is not None:
+    reason = mosaic_mlp.unsupported_reason(m, c, e, dtype, hidden_chunk,
+                                           block_m=fwd_block_m, stages=fwd_stages)
+    if reason:
+      return reason
   if split:
     return (mosaic_split.unsupported_reason(m, c, e, dtype)
             or mosaic_mlp_bwd.split_unsupported_reason(m, c, e, dtype, "gelu",

@@ -158,12 +158,17 @@ def _heuristic_tiles(c: int) -> ConvNeXtTiles:
                          wgrad_rows=128, wgrad_hidden=64, mosaic_stages=2,
                          mosaic_backward=True, mosaic_bwd_stages=1)
   if c <= 256:  # Mosaic: H200 2026-11-25, C=192: bm128 s2 0.397 ms vs bm64 s3 0.457 ms;
-    # Mosaic backward with 2 weight stages where they fit shared memory (see TUNED)
-    from pallas_kernels import mosaic_mlp_bwd
+    # 128-row CTAs with 2 weight stages where they fit shared memory -- not at C=256
+    # (~269 KB: the compiler refused it on an H200, 2026-11-27), which keeps 64-row CTAs
+    # (unmeasured there); Mosaic backward with 2 weight stages where they fit (see TUNED)
+    from pallas_kernels import mosaic_mlp, mosaic_mlp_bwd
     fits = mosaic_mlp_bwd.bwd_smem_bytes(c, 64, 2) <= mosaic_mlp_bwd.SMEM_BYTES
+    wide = mosaic_mlp.unsupported_reason(1, c, 4 * c, jnp.bfloat16, 64, block_m=128,
+                                         stages=2) is None
     return ConvNeXtTiles(fwd_pixels=64, fwd_hidden=64, bwd_pixels=64, bwd_hidden=32,
-                         wgrad_rows=64, wgrad_hidden=32, mosaic_block_m=128, mosaic_stages=2,
-                         mosaic_backward=True, mosaic_bwd_stages=2 if fits else 1)
+                         wgrad_rows=64, wgrad_hidden=32, mosaic_block_m=128 if wide else 64,
+                         mosaic_stages=2, mosaic_backward=True,
+                         mosaic_bwd_stages=2 if fits else 1)
   if c <= 512:  # split Mosaic: H200 2026-11-26, C=384: expand 2 stages 0.132 ms vs 0.165
     return ConvNeXtTiles(fwd_pixels=32, fwd_hidden=64, fwd_warps=4, bwd_pixels=32,
                          bwd_hidden=32, wgrad_rows=64, wgrad_hidden=32,

@@ -295,3 +295,58 @@ def test_interpreter_warns_about_async_cpu_dispatch(monkeypatch):
     monkeypatch.setattr(jax.config, "read", lambda name: False)
     params = plgpu.InterpretGPUParams(detect_races=True)
     assert mosaic_mlp._interpret_params(params) is params
+
+
+def _lower_for_cuda(fn, *args):
+  return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+
+
+def test_shared_memory_estimate_matches_the_compiler():
+  """``fused_smem_bytes`` against Mosaic GPU's own check (its lowering runs on a CPU and
+  refuses kernels over 227 KB): C=192 with 128-row CTAs and 2 stages lowers; C=256 with
+  them (271,480 bytes, the compiler's figure on an H200 on 2026-11-27, when a ConvNeXt with
+  C=256 and block_impl="pallas" failed there) is refused by ``fused_mlp`` itself with a
+  message naming shared memory."""
+  def call(c, **kw):
+    a = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+         for k, v in _mlp_inputs(0, 256, c, 4 * c).items()}
+    return _lower_for_cuda(lambda a: mosaic_mlp.fused_mlp(**a, **kw), a)
+  assert mosaic_mlp.fused_smem_bytes(192, 768, 64, 2, 128) < mosaic_mlp.SMEM_BYTES
+  call(192, block_m=128, stages=2)
+  need = mosaic_mlp.fused_smem_bytes(256, 1024, 64, 2, 128)
+  assert 271_480 - 4096 < need <= 271_480
+  with pytest.raises(NotImplementedError, match="shared memory"):
+    call(256, block_m=128, stages=2)
+  call(256, block_m=64, stages=2)
+  call(256, block_m=128, stages=1)
+
+
+@pytest.mark.parametrize("device_kind", [None, tuning._H100])
+def test_convnext_tiles_fit_shared_memory(device_kind):
+  """Every ConvNeXt width's tiles (the H100 table and the heuristic) ask for a one-kernel
+  Mosaic forward that fits shared memory, or the split / Triton forms."""
+  for c in (40, 48, 64, 80, 96, 128, 160, 192, 256, 320, 384, 512, 640, 768, 1024, 1536):
+    t = tuning.get_tiles(c, "bfloat16", device_kind=device_kind or "cpu")
+    if t.fwd_kernel == "mosaic" and c % 32 == 0 and c <= mosaic_mlp.MAX_CHANNELS:
+      assert mosaic_mlp.unsupported_reason(
+          1, c, 4 * c, jnp.bfloat16, t.mosaic_hidden, block_m=t.mosaic_block_m,
+          stages=t.mosaic_stages) is None, c
+
+
+def test_convnext_c256_block_lowers_with_mosaic(monkeypatch):
+  """The case that failed on GPUs: a C=256 ConvNeXt block with implementation="pallas",
+  forward and forward + backward, through Mosaic GPU's lowering (the GPU check and the
+  Triton compute-capability query patched so that it runs on a CPU)."""
+  import types
+  from jax._src.pallas.triton import pallas_call_registration as registration
+  monkeypatch.setattr(mosaic_mlp, "device_unsupported_reason", lambda interpret: None)
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  monkeypatch.setattr(registration.gpu_info_lib, "get_gpu_info",
+                      lambda: types.SimpleNamespace(compute_capability=90))
+  p = tuning.reference_params(jax.random.key(0), 256)
+  x = jax.ShapeDtypeStruct((2, 8, 8, 256), jnp.bfloat16)
+  assert api.forward_kernel(x.shape, x.dtype, p, tuning.get_tiles(256, "bfloat16", "cpu"),
+                            False) == "mosaic"
+  fwd = lambda x, p: convnext_block(x, p, implementation="pallas")
+  _lower_for_cuda(fwd, x, p)
+  _lower_for_cuda(jax.grad(lambda x, p: jnp.sum(fwd(x, p).astype(jnp.float32)), (0, 1)), x, p)

@@ -301,7 +301,8 @@ class ConvFirstNet(nnx.Module):
     num_classes, in_chans: head outputs (0: no Dense) and input channels.
     drop_path_rate: stochastic depth, increasing linearly to this value.
     zero_init_last: initialise each block's last BatchNorm scale to zero.
-    block_impl: "xla" | "pallas" | None, passed to every block.
+    block_impl: "xla" | "pallas" | None, passed to every block (and, for training, to
+      the stem and downsampling BatchNorms: ``pallas_kernels.batch_norm_act`` unless "xla").
     folded: build the inference form (no BatchNorm; see ``fold_batchnorm``).
     dtype / param_dtype: compute and parameter dtypes.
   """

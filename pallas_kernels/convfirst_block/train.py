@@ -61,7 +61,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels import _sharding
+from pallas_kernels import _sharding, batchnorm
 from pallas_kernels.convfirst_block.reference import GROUP_WIDTH, grouped_conv
 
 IMPLEMENTATIONS = ("xla", "fold", "pallas")
@@ -95,28 +95,32 @@ class BatchStats(NamedTuple):
 # ------------------------------------------------------------------------------ checks
 
 
-def _check(x, params, name: str) -> tuple[int, int]:
+def check_train_args(x, params, name: str, conv_channels: int,
+                     expected: dict[str, tuple[int, ...]]) -> None:
+  """Clear errors for a training block's input (rank-4 float NHWC) and parameter shapes
+  (``expected``: field -> shape; the conv kernel's k is read from params)."""
   if x.ndim != 4:
     raise ValueError(f"{name} expects NHWC input of rank 4, got shape {x.shape}")
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"{name} expects floating-point input, got {x.dtype}")
-  c = x.shape[-1]
-  e = params.fc1_kernel.shape[-1]
-  if c % GROUP_WIDTH or e % GROUP_WIDTH:
-    raise ValueError(f"{name}: channels ({c}) and hidden width ({e}) must be multiples of "
-                     f"the group width {GROUP_WIDTH}")
   k = params.conv_kernel.shape[0]
-  if params.conv_kernel.ndim != 4 or params.conv_kernel.shape[1] != k:
-    raise ValueError(f"{name}: params.conv_kernel must be (k, k, {GROUP_WIDTH}, C), got "
-                     f"{tuple(params.conv_kernel.shape)}")
-  expected = {"conv_kernel": (k, k, GROUP_WIDTH, c), "bn_conv_scale": (c,),
-              "bn_conv_bias": (c,), "fc1_kernel": (c, e), "bn1_scale": (e,), "bn1_bias": (e,), "fc2_kernel": (e, c),
-              "bn2_scale": (c,), "bn2_bias": (c,)}
+  expected = {"conv_kernel": (k, k, GROUP_WIDTH, conv_channels), **expected}
   for field, shape in expected.items():
     actual = tuple(getattr(params, field).shape)
     if actual != shape:
       raise ValueError(f"{name}: params.{field} has shape {actual}, expected {shape} "
                        f"(x.shape={x.shape})")
+
+
+def _check(x, params, name: str) -> tuple[int, int]:
+  c = x.shape[-1]
+  e = params.fc1_kernel.shape[-1]
+  if c % GROUP_WIDTH or e % GROUP_WIDTH:
+    raise ValueError(f"{name}: channels ({c}) and hidden width ({e}) must be multiples of "
+                     f"the group width {GROUP_WIDTH}")
+  check_train_args(x, params, name, c, {
+      "bn_conv_scale": (c,), "bn_conv_bias": (c,), "fc1_kernel": (c, e), "bn1_scale": (e,),
+      "bn1_bias": (e,), "fc2_kernel": (e, c), "bn2_scale": (c,), "bn2_bias": (c,)})
   return c, e
 
 
@@ -319,7 +323,6 @@ def convfirst_block_train(x: jax.Array, params: ConvFirstTrainParams,
   p = _silu_mlp(g, w1, b1, params.fc2_kernel, mosaic_cfg, interpret, n)
   # BN_2 with its reductions as Pallas kernels ("pallas"; None where they pick themselves)
   # or XLA's ("fold"), in both cases batchnorm's hand-written backward.
-  from pallas_kernels import batchnorm
   branch, *st_p = batchnorm.batch_norm_act(
       p, params.bn2_scale, params.bn2_bias, eps=eps, batch=n, interpret=interpret,
       implementation={"fold": "xla"}.get(implementation, implementation))

@@ -37,7 +37,8 @@ import jax.numpy as jnp
 
 from pallas_kernels import batchnorm
 from pallas_kernels.convfirst_block.reference import GROUP_WIDTH, grouped_conv
-from pallas_kernels.convfirst_block.train import BatchStats, _bn_apply, _residual, moments
+from pallas_kernels.convfirst_block.train import (BatchStats, _bn_apply, _residual,
+                                                  check_train_args, moments)
 
 IMPLEMENTATIONS = ("xla", "pallas")
 
@@ -59,29 +60,15 @@ class MBConvTrainParams(NamedTuple):
 
 
 def _check(x, params: MBConvTrainParams, name: str) -> tuple[int, int]:
-  if x.ndim != 4:
-    raise ValueError(f"{name} expects NHWC input of rank 4, got shape {x.shape}")
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f"{name} expects floating-point input, got {x.dtype}")
-  c = x.shape[-1]
+  c = x.shape[-1] if x.ndim else 0
   e = params.fc1_kernel.shape[-1]
   if e % GROUP_WIDTH:
     raise ValueError(f"{name}: the hidden width ({e}) must be a multiple of the group width "
                      f"{GROUP_WIDTH}")
-  k = params.conv_kernel.shape[0]
-  expected = {"fc1_kernel": (c, e), "bn1_scale": (e,), "bn1_bias": (e,),
-              "conv_kernel": (k, k, GROUP_WIDTH, e), "bn_conv_scale": (e,),
-              "bn_conv_bias": (e,), "fc2_kernel": (e, c), "bn2_scale": (c,),
-              "bn2_bias": (c,)}
-  for field, shape in expected.items():
-    actual = tuple(getattr(params, field).shape)
-    if actual != shape:
-      raise ValueError(f"{name}: params.{field} has shape {actual}, expected {shape} "
-                       f"(x.shape={x.shape})")
+  check_train_args(x, params, name, e, {
+      "fc1_kernel": (c, e), "bn1_scale": (e,), "bn1_bias": (e,), "bn_conv_scale": (e,),
+      "bn_conv_bias": (e,), "fc2_kernel": (e, c), "bn2_scale": (c,), "bn2_bias": (c,)})
   return c, e
-
-
-# ------------------------------------------------------------------------------ blocks
 
 
 def _mbconv_xla(x, params, drop_scale, eps):

@@ -64,6 +64,8 @@ BWD_TILES = Tiles()
 def unsupported_reason(shape, dtype) -> str | None:
   if len(shape) != 2:
     return f"expects (rows, channels), got shape {tuple(shape)}"
+  if shape[0] < 1 or shape[1] < 1:
+    return f"needs at least one row and one channel, got shape {tuple(shape)}"
   if jnp.dtype(dtype) not in (jnp.dtype(f32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return f"float32/bfloat16/float16 input, got {jnp.dtype(dtype).name}"
   if math.prod(shape) + shape[-1] * 1024 >= 2**31:

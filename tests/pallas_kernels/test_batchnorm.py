@@ -115,6 +115,8 @@ def test_bad_input_is_named():
     bn.batch_norm_act(z.reshape(2, 5, 16), scale, bias)
   with pytest.raises(ValueError, match=r"scale and bias must be \(16,\)"):
     bn.batch_norm_act(z, scale[:8], bias)
+  with pytest.raises(ValueError, match="at least one row"):
+    bn.batch_norm_act(z[:0], scale, bias, implementation="pallas", interpret=True)
   with pytest.raises(ValueError, match="float32/bfloat16/float16"):
     bn.batch_norm_act(z.astype(jnp.int32), scale, bias, implementation="pallas",
                       interpret=True)

@@ -150,6 +150,32 @@ def test_model_layers_match_flax_modules(layer):
   assert all(not (np.allclose(a, 0.0) or np.allclose(a, 1.0)) for a in leaves)
 
 
+def test_model_block_with_pallas_in_interpreter_matches_xla(monkeypatch):
+  """MBConvBlock in train mode with implementation="pallas" (the BatchNorm kernels in the
+  interpreter) against "xla": value, every parameter gradient, x's gradient, running
+  averages (float32)."""
+  import functools
+  monkeypatch.setattr(pallas_kernels, "mbconv_block_train",
+                      functools.partial(pallas_kernels.mbconv_block_train, interpret=True))
+  x = jax.random.normal(jax.random.key(9), (2, 7, 5, 64))
+  g = jax.random.normal(jax.random.key(10), x.shape)
+
+  def run(impl):
+    m = cj.MBConvBlock(64, implementation=impl, zero_init_last=False, rngs=nnx.Rngs(0))
+    m.train()
+    loss = lambda m, x: jnp.sum(m(x) * g)
+    val, (gm, gx) = nnx.value_and_grad(loss, argnums=(0, 1))(m, x)
+    return val, gm, gx, nnx.state(m, nnx.BatchStat)
+  vp, gmp, gxp, sp = run("pallas")
+  vx, gmx, gxx, sx = run("xla")
+  assert abs(float(vp) - float(vx)) <= 1e-5 * abs(float(vx))
+  assert _rel(gxp, gxx) < 1e-4
+  for a, b in zip(jax.tree.leaves(gmp), jax.tree.leaves(gmx)):
+    assert float(jnp.abs(a - b).max()) < 1e-4 * max(float(jnp.abs(b).max()), 1.0)
+  for a, b in zip(jax.tree.leaves(sp), jax.tree.leaves(sx)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape,c", [((4, 15, 13, 64), 64), ((128, 14, 14, 256), 256),
                                      ((3, 7, 7, 768), 768)])

@@ -23,13 +23,21 @@ def test_four_devices_match_one_device():
     one, four = res["losses"]
     np.testing.assert_allclose(four, one, rtol=1e-5)
     assert res["val_acc"][0] == res["val_acc"][1]
+    # One gradient: the same math, only the order of the cross-device sums (gradients,
+    # batch statistics) differs -- float32 rounding (measured <= 1.5e-6 relative, before
+    # and after the BatchNorm kernels of 2026-11-27).  Statistics computed per device
+    # instead of over the whole batch would show here at ~1e-2.
+    for name, rel in report["gradients"][model].items():
+      assert rel <= 1e-5, (model, name, rel)
     for name, (diff, magnitude) in res["diffs"].items():
-      # The same math; only the order of the cross-device sums (gradients, batch
-      # statistics) differs.  Adam divides each gradient by its own running RMS, so an
+      # After 8 Adam steps.  Adam divides each gradient by its own running RMS, so an
       # element whose gradient is small relative to its rounding moves by rounding noise
-      # times up to lr per step: 1e-4 is 240x below the lr * steps a real difference in
-      # the computation would show (ConvNeXt, without BatchNorm, stays below 1e-5).
-      tol = 1e-4 * max(1.0, magnitude)
+      # times up to lr per step: 2e-4 is 120x below the lr * steps a real difference in
+      # the computation would show (ConvNeXt, without BatchNorm, stays below 1e-5).  The
+      # largest ConvFirstNet difference was 8.7e-5 until 2026-11-27 and 1.27e-4 after its
+      # BatchNorms got hand-written backward passes, whose one-step gradients agree across
+      # devices as closely as before (checked above).
+      tol = 2e-4 * max(1.0, magnitude)
       leaf = name.removesuffix(".value")  # nnx.State paths end in .value, plain dicts not
       if model == "convfirst_atto" and "bn" in name and (
           leaf.endswith("['bias']") or leaf.endswith("['mean']")):

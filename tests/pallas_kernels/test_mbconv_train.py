@@ -68,7 +68,7 @@ def _compare(got, want, tol):
     ((2, 3, 3), 256, 3),  # atto stage 4 / nano stage 3
     ((1, 3, 3), 384, 3),  # convfirst_t stage 3
     ((2, 1, 3), 512, 3),  # nano stage 4
-    ((1, 7, 7), 768, 3),  # convfirst_t stage 4 at 224x224
+    ((2, 3, 3), 768, 3),  # convfirst_t stage 4 (7x7 at 224x224)
 ])
 def test_kernels_match_block_as_written(dtype, tol, shape, c, k):
   params = _params(c + k, c, 4 * c, k)

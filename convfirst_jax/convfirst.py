@@ -106,6 +106,16 @@ class _Block(nnx.Module):
   def conv_channels(dim: int, hidden: int) -> int:
     raise NotImplementedError
 
+  def _train_block(self, block_train, x):
+    """The block in training mode as one ``pallas_kernels`` training function
+    (``convfirst_block_train`` / ``mbconv_block_train``), the running averages updated
+    from the batch statistics it returns, as flax's BatchNorm modules would."""
+    y, stats = block_train(x, self.train_params(), self.drop_path.scale(x.shape[0]),
+                           eps=BN_EPS, implementation=self.implementation)
+    for bn, (mean, var) in zip((self.bn_group, self.bn1, self.bn2), stats):
+      _update_running_stats(bn, mean, var)
+    return y
+
   def _grouped_conv(self, h):
     """The block's grouped conv where the block runs as flax modules (eval mode without
     folding, or "xla"): the Pallas kernels (forward, input and weight gradients;
@@ -141,12 +151,7 @@ class ConvFirstBlock(_Block):
   def __call__(self, x):
     x = x.astype(self.dtype)
     if self.implementation != "xla" and not self.bn1.use_running_average:
-      y, stats = pallas_kernels.convfirst_block_train(
-          x, self.train_params(), self.drop_path.scale(x.shape[0]), eps=BN_EPS,
-          implementation=self.implementation)
-      for bn, (mean, var) in zip((self.bn_group, self.bn1, self.bn2), stats):
-        _update_running_stats(bn, mean, var)
-      return y
+      return self._train_block(pallas_kernels.convfirst_block_train, x)
     h = self.bn_group(self._grouped_conv(x))
     h = jax.nn.silu(self.bn1(self.fc1(h)))
     h = self.bn2(self.fc2(h))
@@ -175,12 +180,7 @@ class MBConvBlock(_Block):
   def __call__(self, x):
     x = x.astype(self.dtype)
     if self.implementation != "xla" and not self.bn1.use_running_average:
-      y, stats = pallas_kernels.mbconv_block_train(
-          x, self.train_params(), self.drop_path.scale(x.shape[0]), eps=BN_EPS,
-          implementation=self.implementation)
-      for bn, (mean, var) in zip((self.bn_group, self.bn1, self.bn2), stats):
-        _update_running_stats(bn, mean, var)
-      return y
+      return self._train_block(pallas_kernels.mbconv_block_train, x)
     h = jax.nn.silu(self.bn1(self.fc1(x)))
     h = jax.nn.silu(self.bn_group(self._grouped_conv(h)))
     h = self.bn2(self.fc2(h))

@@ -17,6 +17,7 @@ from flax import nnx
 
 import convfirst_jax as cj
 import pallas_kernels
+from tests.pallas_kernels.train_block_checks import compare, rel, value_and_grads
 
 F32 = jnp.float32
 
@@ -32,33 +33,9 @@ def _params(seed, c, e, k=3):
       bn2_bias=0.2 * n(ks[8], (c,)))
 
 
-def _rel(a, b):
-  a, b = np.asarray(jnp.asarray(a, F32), np.float64), np.asarray(jnp.asarray(b, F32), np.float64)
-  assert not np.isnan(a).any(), "NaN in a result"
-  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
-
-
 def _value_and_grads(x, params, dps, dy, implementation, interpret=False):
-  def loss(x, params):
-    y, stats = pallas_kernels.mbconv_block_train(
-        x, params, dps, implementation=implementation, interpret=interpret)
-    return jnp.sum(y.astype(F32) * dy), (y, stats)
-  (_, (y, stats)), (gx, gp) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1),
-                                                         has_aux=True))(x, params)
-  return y, stats, gx, gp
-
-
-def _compare(got, want, tol):
-  y, stats, gx, gp = got
-  y0, stats0, gx0, gp0 = want
-  assert y.shape == y0.shape
-  assert _rel(y, y0) < tol
-  for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(stats0)):
-    assert _rel(a, b) < tol
-  assert _rel(gx, gx0) < tol
-  for field, a, b in zip(gp._fields, gp, gp0):
-    assert a.shape == b.shape and a.dtype == b.dtype, field
-    assert _rel(a, b) < tol, field
+  return value_and_grads(lambda *a, **k: pallas_kernels.mbconv_block_train(*a, **k),
+                         x, params, dps, dy, implementation, interpret)
 
 
 @pytest.mark.parametrize("dtype,tol", [(F32, 1e-4), (jnp.bfloat16, 2e-2)])
@@ -78,7 +55,7 @@ def test_kernels_match_block_as_written(dtype, tol, shape, c, k):
   want = _value_and_grads(x.astype(F32), params, dps, dy, "xla")
   got = _value_and_grads(x, params, dps, dy, "pallas", interpret=True)
   assert got[0].dtype == dtype and got[2].dtype == dtype
-  _compare(got, want, tol)
+  compare(got, want, tol)
   if shape[0] == 2:  # the dropped image's branch is gone: y = x exactly
     np.testing.assert_array_equal(np.asarray(got[0][1], F32), np.asarray(x[1], F32))
 
@@ -89,7 +66,7 @@ def test_none_off_gpu_is_the_same_function_with_xla_reductions():
   dy = jax.random.normal(jax.random.key(4), x.shape)
   want = _value_and_grads(x, params, None, dy, "xla")
   got = _value_and_grads(x, params, None, dy, None)
-  _compare(got, want, 1e-4)
+  compare(got, want, 1e-4)
   if jax.default_backend() != "gpu":
     jaxpr = str(jax.make_jaxpr(lambda x: pallas_kernels.mbconv_block_train(x, params))(x))
     assert "pallas_call" not in jaxpr
@@ -139,7 +116,7 @@ def test_model_layers_match_flax_modules(layer):
     return _train_and_grads(m, x)
   y, g, st = run(None)
   y0, g0, st0 = run("xla")
-  assert _rel(y, y0) < 1e-4
+  assert rel(y, y0) < 1e-4
   for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
     assert a.shape == b.shape
     assert float(jnp.abs(a - b).max()) < 1e-4 * max(float(jnp.abs(b).max()), 1.0)
@@ -169,7 +146,7 @@ def test_model_block_with_pallas_in_interpreter_matches_xla(monkeypatch):
   vp, gmp, gxp, sp = run("pallas")
   vx, gmx, gxx, sx = run("xla")
   assert abs(float(vp) - float(vx)) <= 1e-5 * abs(float(vx))
-  assert _rel(gxp, gxx) < 1e-4
+  assert rel(gxp, gxx) < 1e-4
   for a, b in zip(jax.tree.leaves(gmp), jax.tree.leaves(gmx)):
     assert float(jnp.abs(a - b).max()) < 1e-4 * max(float(jnp.abs(b).max()), 1.0)
   for a, b in zip(jax.tree.leaves(sp), jax.tree.leaves(sx)):
@@ -186,4 +163,4 @@ def test_compiled_kernels_on_gpu(shape, c):
   dps = jnp.ones((shape[0],)).at[0].set(0.0)
   want = _value_and_grads(x.astype(F32), params, dps, dy, "xla")
   got = _value_and_grads(x, params, dps, dy, "pallas")
-  _compare(got, want, 3e-2)
+  compare(got, want, 3e-2)

@@ -1,0 +1,48 @@
+"""Shared checks of the training-form blocks (``convfirst_block_train``,
+``mbconv_block_train``) against their forms as written: value, batch statistics and the
+gradients of x and every parameter."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+F32 = jnp.float32
+
+
+def rel(a, b) -> float:
+  """Largest absolute difference relative to b's largest magnitude; NaN in a fails."""
+  a, b = np.asarray(jnp.asarray(a, F32), np.float64), np.asarray(jnp.asarray(b, F32), np.float64)
+  assert not np.isnan(a).any(), "NaN in a result (unwritten or uninitialised)"
+  return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
+
+
+def value_and_grads(block_train, x, params, dps, dy, implementation, interpret=False):
+  """(y, stats, dx, dparams) of ``sum(block_train(x, params, dps, ...)[0] * dy)``, jitted."""
+  def loss(x, params):
+    y, stats = block_train(x, params, dps, implementation=implementation, interpret=interpret)
+    return jnp.sum(y.astype(F32) * dy), (y, stats)
+  (_, (y, stats)), (gx, gp) = jax.jit(jax.value_and_grad(loss, argnums=(0, 1),
+                                                         has_aux=True))(x, params)
+  return y, stats, gx, gp
+
+
+def compare(got, want, tol, zero_grad_fields=()):
+  """Every output of ``value_and_grads`` within ``tol`` (``rel``); parameter gradients
+  that are zero in exact arithmetic (``zero_grad_fields``: rounding noise on both sides)
+  are compared to the scale of the other parameters' gradients instead."""
+  y, stats, gx, gp = got
+  y0, stats0, gx0, gp0 = want
+  assert y.shape == y0.shape
+  assert rel(y, y0) < tol
+  for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(stats0)):
+    assert rel(a, b) < tol
+  assert rel(gx, gx0) < tol
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(gp0))
+  for field, a, b in zip(gp._fields, gp, gp0):
+    assert a.shape == b.shape and a.dtype == b.dtype, field
+    if field in zero_grad_fields:
+      assert float(jnp.abs(a - b).max()) < tol * scale, field
+    else:
+      assert rel(a, b) < tol, field

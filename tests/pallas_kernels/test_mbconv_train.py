@@ -17,7 +17,8 @@ from flax import nnx
 
 import convfirst_jax as cj
 import pallas_kernels
-from tests.pallas_kernels.train_block_checks import compare, rel, value_and_grads
+from tests.pallas_kernels.train_block_checks import (compare, compare_layer_runs, rel,
+                                                     value_and_grads)
 
 F32 = jnp.float32
 
@@ -114,17 +115,7 @@ def test_model_layers_match_flax_modules(layer):
                  rngs=nnx.Rngs(0))
       x = jax.random.normal(jax.random.key(7), (2, 6, 10, 16)) + 0.5
     return _train_and_grads(m, x)
-  y, g, st = run(None)
-  y0, g0, st0 = run("xla")
-  assert rel(y, y0) < 1e-4
-  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
-    assert a.shape == b.shape
-    assert float(jnp.abs(a - b).max()) < 1e-4 * max(float(jnp.abs(b).max()), 1.0)
-  leaves, leaves0 = jax.tree.leaves(st), jax.tree.leaves(st0)
-  assert len(leaves) == len(leaves0) == (6 if layer == "mbconv" else 2)
-  for a, b in zip(leaves, leaves0):  # updated twice (grad, then the call), identically
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-  assert all(not (np.allclose(a, 0.0) or np.allclose(a, 1.0)) for a in leaves)
+  compare_layer_runs(run(None), run("xla"), 6 if layer == "mbconv" else 2)
 
 
 def test_model_block_with_pallas_in_interpreter_matches_xla(monkeypatch):

@@ -46,3 +46,20 @@ def compare(got, want, tol, zero_grad_fields=()):
       assert float(jnp.abs(a - b).max()) < tol * scale, field
     else:
       assert rel(a, b) < tol, field
+
+
+def compare_layer_runs(got, want, n_stats):
+  """A training-mode layer run two ways, each (output, parameter gradients, BatchNorm
+  statistics after the gradient call and one more call): outputs within 1e-4, gradients
+  within 1e-4 of the larger of 1 and their magnitude, ``n_stats`` running averages equal
+  to 1e-4 and moved away from their initial values (means 0, variances 1)."""
+  (y, g, st), (y0, g0, st0) = got, want
+  assert rel(y, y0) < 1e-4
+  for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g0)):
+    assert a.shape == b.shape
+    assert float(jnp.abs(a - b).max()) < 1e-4 * max(float(jnp.abs(b).max()), 1.0)
+  leaves, leaves0 = jax.tree.leaves(st), jax.tree.leaves(st0)
+  assert len(leaves) == len(leaves0) == n_stats
+  for a, b in zip(leaves, leaves0):  # updated twice (grad, then the call), identically
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  assert all(not (np.allclose(a, 0.0) or np.allclose(a, 1.0)) for a in leaves)

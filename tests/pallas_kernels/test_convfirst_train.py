@@ -22,7 +22,7 @@ from flax import nnx
 import convfirst_jax as cj
 import pallas_kernels
 from pallas_kernels.convfirst_block import train
-from tests.pallas_kernels.train_block_checks import (compare, compare_layer_runs, rel,
+from tests.pallas_kernels.train_block_checks import (compare, compare_layer_runs,
                                                      value_and_grads)
 
 F32 = jnp.float32

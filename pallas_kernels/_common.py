@@ -139,6 +139,26 @@ def fma(a: jax.Array, b: jax.Array, c: jax.Array, *, fused: bool) -> jax.Array:
   return out
 
 
+def sigmoid(x: jax.Array, *, fast: bool) -> jax.Array:
+  """1 / (1 + exp(-x)) of a float32 array.  ``fast=True`` (a compiled GPU kernel): two
+  MUFU instructions through inline PTX, ``ex2.approx`` of -x log2(e) and ``rcp.approx`` of
+  1 + that (relative error ~1e-6 over |x| < 20; saturates to 0 and 1), where
+  Pallas-Triton's lowering of ``lax.logistic`` calls libdevice's accurate ``expf`` and an
+  IEEE division -- about twenty instructions per element, which made the BatchNorm+SiLU
+  backward's sums kernel compute-bound (batchnorm.py).  ``fast=False`` (the interpreter,
+  which has no PTX): the exact expression."""
+  if x.dtype != jnp.float32:
+    raise ValueError(f"sigmoid takes a float32 array, got {x.dtype.name}")
+  if not fast:
+    return 1.0 / (1.0 + jnp.exp(-x))
+  [out] = plgpu.elementwise_inline_asm(
+      "{ .reg .f32 t; mul.f32 t, $1, 0fBFB8AA3B; ex2.approx.ftz.f32 t, t; "
+      "add.f32 t, t, 0f3F800000; rcp.approx.ftz.f32 $0, t; }",
+      args=[x], constraints="=f,f", pack=1,
+      result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)])
+  return out
+
+
 def erf_f32(x: jax.Array) -> jax.Array:
   x = jnp.clip(x, -4.0, 4.0)
   x2 = x * x

@@ -49,12 +49,15 @@ MIN_ROWS = 4096              # below this, implementation=None keeps XLA's reduc
 
 class Tiles(NamedTuple):
   """block_rows: rows per tile (power of two); steps: tiles each program walks (its rows
-  are contiguous); num_warps / num_stages: Triton's."""
+  are contiguous); num_warps / num_stages: Triton's; fast_sigmoid: the backward kernel's
+  SiLU derivative with ``_common.sigmoid(fast=True)`` (compiled kernels only; the
+  interpreter always evaluates the exact expression)."""
 
   block_rows: int = 32
   steps: int = 8
   num_warps: int = 4
   num_stages: int = 1
+  fast_sigmoid: bool = True
 
 
 SUMS_TILES = Tiles()
@@ -103,15 +106,15 @@ def _sums_kernel(z_ref, s1_ref, s2_ref, *, m, c, tiles):
   s2_ref[pl.ds(r * c + j * bc, bc)] = jnp.sum(a2, axis=0)
 
 
-def _act_grad(v, act):
+def _act_grad(v, act, fast: bool = False):
   if act is None:
     return jnp.ones_like(v)
-  sig = jax.nn.sigmoid(v)
+  sig = cm.sigmoid(v, fast=True) if fast else jax.nn.sigmoid(v)
   return sig * (1.0 + v * (1.0 - sig))
 
 
 def _bwd_sums_kernel(z_ref, du_ref, mean_ref, rstd_ref, scale_ref, bias_ref, s1_ref, s2_ref,
-                     *, m, c, tiles, act):
+                     *, m, c, tiles, act, exact_act):
   bc, br = _block_cols(c), tiles.block_rows
   j, r = pl.program_id(0), pl.program_id(1)
   cols = pl.ds(j * bc, bc)
@@ -123,7 +126,7 @@ def _bwd_sums_kernel(z_ref, du_ref, mean_ref, rstd_ref, scale_ref, bias_ref, s1_
     ok, z = _tile(z_ref, m, c, bc, row0, j, br)
     _, du = _tile(du_ref, m, c, bc, row0, j, br)
     zhat = jnp.where(ok, (z - mean) * rstd, 0.0)
-    dv = du * _act_grad(zhat * scale + bias, act)
+    dv = du * _act_grad(zhat * scale + bias, act, tiles.fast_sigmoid and not exact_act)
     return acc[0] + dv, acc[1] + dv * zhat
 
   zero = jnp.zeros((br, bc), f32)
@@ -163,7 +166,8 @@ def _bwd_sums(z2d, du2d, mean, rstd, scale, bias, act, batch, interpret, tiles=N
   vecs = tuple(v.astype(f32) for v in (mean, rstd, scale, bias))
   s1, s2 = _sharding.map_batch(
       lambda z, du, *v: _call(_bwd_sums_kernel, "batch_norm_bwd_sums", z, (du,), v,
-                              interpret, tiles or BWD_TILES, act=act),
+                              interpret, tiles or BWD_TILES, act=act,
+                              exact_act=interpret),
       (z2d, du2d), vecs, batch=batch)
   return s1.sum(0), s2.sum(0)
 

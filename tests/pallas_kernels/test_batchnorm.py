@@ -140,3 +140,24 @@ def test_compiled_kernels_match_xla(m, c):
     assert abs(float(v) - float(v_ref)) <= 1e-2 * abs(float(v_ref)) + 1e-2
     for a, b in zip(grads, grads_ref):
       assert _rel(a, b) < 1e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fast", [True, False])
+def test_compiled_float32_sums_are_tight(fast):
+  # The compiled backward sums (SiLU derivative with the PTX ex2/rcp approximations when
+  # fast) against float64 sums of the exact expression; the interpreter never runs the
+  # approximations, so this is their only check.
+  z, scale, bias, cot, _ = _inputs(25088, 256, jnp.float32, seed=4)
+  mean, var = z.mean(0), z.var(0)
+  rstd = jax.lax.rsqrt(var + 1e-5)
+  tiles = bn.Tiles(fast_sigmoid=fast)
+  got = jax.jit(lambda *a: bn._bwd_sums(*a, "silu", 1, False, tiles))(
+      z, cot, mean, rstd, scale, bias)
+  z64, cot64 = np.asarray(z, np.float64), np.asarray(cot, np.float64)
+  zhat = (z64 - np.asarray(mean, np.float64)) * np.asarray(rstd, np.float64)
+  v = zhat * np.asarray(scale, np.float64) + np.asarray(bias, np.float64)
+  sig = 1 / (1 + np.exp(-v))
+  dv = cot64 * sig * (1 + v * (1 - sig))
+  for a, b in zip(got, (dv.sum(0), (dv * zhat).sum(0))):
+    assert _rel(a, b) < 1e-5

@@ -32,7 +32,11 @@ def main():
 
 def _compare(tmp):
   report = {}
-  for model in ("convfirst_atto", "convnext_atto"):
+  # The whole loop (fit: Adam, BatchNorm running averages, eval) on ConvFirstNet, whose batch
+  # statistics make it the model that can go wrong across devices; one gradient of both
+  # models below.  (ConvNeXt's 8-step fit pair was dropped 2026-11-27 to keep CI's suite
+  # short: it stayed within 1e-5 in every run, and its gradients are compared below.)
+  for model in ("convfirst_atto",):
     one = run(tmp / f"{model}1", 1, model, drop_path=0.1)
     four = run(tmp / f"{model}4", 4, model, drop_path=0.1)
     tree1 = {"params": one.state["params"], "batch_stats": one.state["batch_stats"]}

@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import time
 from typing import Callable
 
@@ -254,6 +255,7 @@ def main(argv=None) -> int:
   device = jax.devices()[0].device_kind
   meta = dict(device=device, date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
               batch=args.batch, dtype=args.dtype, jax=jax.__version__,
+              xla_flags=os.environ.get("XLA_FLAGS", ""),
               peak_flops=PEAK_FLOPS, peak_bytes_per_s=PEAK_BYTES)
   print(f"# {meta}", flush=True)
   from pallas_kernels.convnext_block import tuning

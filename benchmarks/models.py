@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
     for batch in [int(b) for b in args.batches.split(",")]:
       for impl in args.impls.split(","):
         row = dict(model=name, batch=batch, impl=impl, image_size=args.image_size,
-                   dtype=args.dtype, device=device)
+                   dtype=args.dtype, device=device, xla_flags=os.environ.get("XLA_FLAGS", ""))
         try:
           ips, t, t_b2b = inference_throughput(name, impl, batch, args.image_size, dtype,
                                                args.iters, mesh)

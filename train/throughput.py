@@ -9,12 +9,19 @@ batches are), the TrainState packed into a few flat buffers as ``fit`` keeps it
 state, the TrainState donated.  After --warmup steps (compilation included) it times
 --steps steps one by one with block_until_ready and reports the median, then the same
 number of steps dispatched back to back (one sync at the end), and prints one line.
+
+XLA's own step varies between processes on Hopper: with XLA's default CUDA-graph command
+buffers, ConvNeXt-T's XLA step at batch 128 took 59.3, 49.1 and 33.4 ms in three processes
+on one H100 (2026-11-27), and 34.2, 33.6 and 34.3 ms in three with
+``XLA_FLAGS=--xla_gpu_enable_command_buffer=``.  Compare implementations over several
+processes (or with that flag); the result records the XLA_FLAGS it ran with.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -90,7 +97,7 @@ def measure(model: str, batch_size: int, image_size: int, *, block_impl=None,
       "compile_s": compile_s, "final_loss": loss, "model_kwargs": model_kwargs or {},
       "state_form": state_form, "state_arrays": len(jax.tree.leaves(state)),
       "batch_sharding": batch_sharding,
-      "jax": jax.__version__,
+      "jax": jax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
 
 

@@ -160,7 +160,11 @@ def _heuristic_tiles(c: int) -> ConvNeXtTiles:
   if c <= 256:  # Mosaic: H200 2026-11-25, C=192: bm128 s2 0.397 ms vs bm64 s3 0.457 ms;
     # 128-row CTAs with 2 weight stages where they fit shared memory -- not at C=256
     # (~269 KB: the compiler refused it on an H200, 2026-11-27), which keeps 64-row CTAs
-    # (unmeasured there); Mosaic backward with 2 weight stages where they fit (see TUNED)
+    # with 2 stages: H100 2026-11-27, batch 128, block forward 14x14x256 0.134 ms vs 0.149
+    # with 128-row CTAs and 1 stage, 0.154 with 64 rows and 1 stage (XLA 0.295); 28x28x256
+    # 0.459 vs 0.445 / 0.540 (XLA 0.992); 64 rows with 3 stages does not fit (the Triton
+    # forward runs: 0.320 / 0.978).  Mosaic backward with 2 weight stages where they fit
+    # (see TUNED)
     from pallas_kernels import mosaic_mlp, mosaic_mlp_bwd
     fits = mosaic_mlp_bwd.bwd_smem_bytes(c, 64, 2) <= mosaic_mlp_bwd.SMEM_BYTES
     wide = mosaic_mlp.unsupported_reason(1, c, 4 * c, jnp.bfloat16, 64, block_m=128,

@@ -14,6 +14,7 @@
 #   bash benchmarks/gpu_suite.sh profile   # per-kernel GPU time: stage blocks, ConvNeXt-T
 #   bash benchmarks/gpu_suite.sh layernorm # stem / downsampling LayerNorm kernels vs XLA
 #   bash benchmarks/gpu_suite.sh gconv     # Mosaic grouped conv / MBConv stage: GPU tests, vs XLA
+#   MODEL=convnext_tiny bash benchmarks/gpu_suite.sh compare  # xla vs auto step, 2 processes each
 # Results go to $OUT (or ./out) as JSON / PNG / logs; a short summary is printed last.
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -146,6 +147,12 @@ PY
     timeout 200 python3 -m benchmarks.blocks --blocks convnext --no-backward --iters 30 \
       --json "$OUT/blocks_convnext_fwd.json" 2>&1 | grep -v cuda_timer | tail -6
     ;;
-  *) echo "usage: $0 train|analysis|scaling|convfirst|models|mosaic|dwconv|pipelined|mosaic_train|retune|profile|layernorm" >&2
+  compare)
+    log "training step, ${MODEL:-convnext_tiny}, xla vs auto, 2 processes each (benchmarks.step_compare)"
+    timeout 590 python3 -m benchmarks.step_compare --model "${MODEL:-convnext_tiny}" \
+      --batch-size 256 --impls xla,auto --processes 2 --steps 15 --warmup 3 \
+      --json "$OUT/step_compare_${MODEL:-convnext_tiny}.json" 2>&1 | grep -v cuda_timer | tail -8
+    ;;
+  *) echo "usage: $0 train|analysis|scaling|convfirst|models|mosaic|dwconv|pipelined|mosaic_train|retune|profile|layernorm|gconv|compare" >&2
      exit 2 ;;
 esac

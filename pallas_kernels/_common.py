@@ -146,11 +146,11 @@ def sigmoid(x: jax.Array, *, fast: bool) -> jax.Array:
   Pallas-Triton's lowering of ``lax.logistic`` calls libdevice's accurate ``expf`` and an
   IEEE division -- about twenty instructions per element, which made the BatchNorm+SiLU
   backward's sums kernel compute-bound (batchnorm.py).  ``fast=False`` (the interpreter,
-  which has no PTX): the exact expression."""
+  which has no PTX, and XLA code): ``jax.nn.sigmoid``."""
   if x.dtype != jnp.float32:
     raise ValueError(f"sigmoid takes a float32 array, got {x.dtype.name}")
   if not fast:
-    return 1.0 / (1.0 + jnp.exp(-x))
+    return jax.nn.sigmoid(x)
   [out] = plgpu.elementwise_inline_asm(
       "{ .reg .f32 t; mul.f32 t, $1, 0fBFB8AA3B; ex2.approx.ftz.f32 t, t; "
       "add.f32 t, t, 0f3F800000; rcp.approx.ftz.f32 $0, t; }",

@@ -109,7 +109,7 @@ def _sums_kernel(z_ref, s1_ref, s2_ref, *, m, c, tiles):
 def _act_grad(v, act, fast: bool = False):
   if act is None:
     return jnp.ones_like(v)
-  sig = cm.sigmoid(v, fast=True) if fast else jax.nn.sigmoid(v)
+  sig = cm.sigmoid(v, fast=fast)
   return sig * (1.0 + v * (1.0 - sig))
 
 

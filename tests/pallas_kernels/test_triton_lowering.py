@@ -62,6 +62,19 @@ def test_depthwise_conv_kernels_lower(shape):
                     x, x)
 
 
+@pytest.mark.parametrize("m,c", [(999, 40), (4096, 1536)])
+def test_batchnorm_kernels_lower(m, c):
+  """BatchNorm's statistics and backward-sums kernels (the latter with and without the
+  inline-PTX sigmoid), a partial row tile and column block, and a wide C."""
+  from pallas_kernels import batchnorm as bn
+  z, v = _abstract((m, c)), jnp.ones((c,), jnp.float32)
+  _lower_for_cuda(lambda z: bn.column_sums(z), z)
+  for tiles in (bn.Tiles(), bn.Tiles(fast_sigmoid=False)):
+    for act in (None, "silu"):
+      _lower_for_cuda(lambda z, du, t=tiles, a=act: bn._bwd_sums(z, du, v, v, v, v, a, 1,
+                                                                   False, t), z, z)
+
+
 @pytest.mark.parametrize("c", [96, 768])
 def test_convnext_forward_and_backward_lower(c):
   params = reference_params(jax.random.key(0), c)

@@ -12,7 +12,9 @@ are not always hot) and divides the wall time, synchronised with block_until_rea
 (max |a-b| / max |b| of y, and of dx and d fc1 for the backward).
 
 Blocks are ``BlockCase`` entries produced by ``CASES[name](batch, dtype)``; ConvFirst and
-MBConv add an entry there with their own FLOP/byte counts.  ``--sweep`` times candidate
+MBConv add an entry there with their own FLOP/byte counts.  Sweeps over alternative kernel
+configs are not here: ``python -m benchmarks.blocks_convfirst --sweep`` (inference) and
+``python -m benchmarks.blocks_convfirst_train --sweep`` (the grouped-conv layer) time them.
 ``--tune`` re-tunes the Pallas tile sets on this GPU first (tuning.retune; the winners are
 cached in the JSON file named by $CONVFIRST_JAX_TUNING_CACHE) and then benchmarks them.
 """
@@ -31,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-PEAK_FLOPS = 680e12  # bf16 dense matmul, H100 SXM, measured with XLA (DESIGN.md)
-PEAK_BYTES = 2.0e12  # streaming DRAM bandwidth, H100 (DESIGN.md)
+PEAK_FLOPS = 680e12  # bf16 dense matmul, H100 SXM, measured with XLA (2026-11-23)
+PEAK_BYTES = 2.0e12  # streaming DRAM bandwidth, H100, measured (2026-11-23)
 
 
 @dataclasses.dataclass
@@ -92,7 +94,7 @@ def convnext_cases(batch: int, dtype, tiles=None):
 
 # ----------------------------------------------------------------- ConvFirst / MBConv (issue #6)
 # Inference (BatchNorm-folded) blocks: run with --blocks convfirst --no-backward; training
-# blocks (batch statistics; Mosaic pointwise / Pallas grouped-conv layer): --blocks convfirst_train.
+# blocks (batch statistics; convfirst_block_train / mbconv_block_train): --blocks convfirst_train.
 # The sweep over kernel configs and GPU correctness checks live in benchmarks.blocks_convfirst.
 
 
@@ -124,8 +126,9 @@ def convfirst_train_cases(batch: int, dtype, tiles=None):
   """Training-form ConvFirst / MBConv blocks (BatchNorm with batch statistics, float32
   parameters), the model's modules in train mode: "pallas" runs a ConvFirst block as
   ``pallas_kernels.convfirst_block_train`` (BatchNorms folded from batch statistics, Mosaic
-  pointwise kernels, XLA's grouped conv) and swaps an MBConv block's grouped conv for the
-  Pallas layer (``pallas_kernels.grouped_conv``), the rest of it XLA.  Floors: the fused block's FLOPs and
+  pointwise kernels, XLA's grouped conv) and an MBConv block as
+  ``pallas_kernels.mbconv_block_train`` (BatchNorms with Pallas reductions, XLA's grouped
+  conv and GEMMs).  Floors: the fused block's FLOPs and
   minimum bytes (as the inference rows; BatchNorm statistics would cost a real fused kernel
   extra passes), backward twice the FLOPs, reading x and dy and writing dx."""
   del tiles

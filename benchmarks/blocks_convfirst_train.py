@@ -42,7 +42,7 @@ from convfirst_jax.convfirst import ConvFirstBlock, MBConvBlock
 from pallas_kernels.convfirst_block import grouped_conv_triton as gc
 from pallas_kernels.convfirst_block.grouped_conv_triton import GroupedConvConfig, default_config
 
-SHAPES = [  # (name, kind, H, W, C, E): DESIGN's two training rows, then ConvFirstNet-T stages
+SHAPES = [  # (name, kind, H, W, C, E): the two reference training rows, then ConvFirstNet-T stages
     ("ConvFirst 56x56x64 E4", "convfirst", 56, 56, 64, 4),
     ("MBConv 14x14x256 E4", "mbconv", 14, 14, 256, 4),
     ("ConvFirst 56x56x96 E4", "convfirst", 56, 56, 96, 4),

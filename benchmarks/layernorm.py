@@ -27,7 +27,8 @@ SHAPES = ((56, 96), (28, 192), (14, 384))
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--batch", type=int, default=256)
   p.add_argument("--json", default=None)
   a = p.parse_args(argv)

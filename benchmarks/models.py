@@ -1,14 +1,18 @@
-"""Whole-model throughput, XLA vs Pallas blocks: inference images/s (and optionally the
-training step), bfloat16 compute, float32 parameters, random inputs.
+r"""Whole-model inference throughput, XLA vs Pallas blocks: images/s, bfloat16 compute,
+float32 parameters, random inputs (the training step: ``python -m train.throughput``).
 
     PYTHONPATH=. python3 -m benchmarks.models --models convnext_tiny,convfirst_t \
         --batches 1,16,64,256 --impls xla,pallas --json out.json [--num-devices 2]
 
 ConvFirstNet runs inference in its BatchNorm-folded form (``fold_batchnorm``).  Each
 number is the median of ``--iters`` timed calls after warm-up, synchronised with
-``block_until_ready`` (and, second, of ``--iters`` samples of 10 calls back to back); an implementation that is not supported for a model prints n/a.
-``--impls`` takes xla, pallas (every block that has a Pallas kernel uses it) and auto
-(``block_impl=None``: each block picks, e.g. ConvFirstNet's MBConv blocks stay on XLA).
+``block_until_ready`` (and, second, of ``--iters`` samples of 10 calls back to back); an
+implementation that is not supported for a model prints n/a.  ``--impls`` takes xla,
+pallas (every block that has a Pallas kernel uses it) and auto (``block_impl=None``: each
+block picks what was measured faster; e.g. ConvFirstNet's folded MBConv stages run the
+Mosaic ``mbconv_stage`` on a Hopper GPU in bfloat16 where its padded-row layout is cheap
+enough -- convfirst_t's 14x14 stage from batch 64 -- and XLA otherwise, its 7x7 stage
+included).
 """
 
 from __future__ import annotations

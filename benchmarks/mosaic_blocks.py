@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python3 -m benchmarks.mosaic_blocks [--batch 128] [--json out.json]
 
-For the ConvNeXt-T stage shapes the kernel supports (C <= 256) and DESIGN.md's ConvFirst
+For the ConvNeXt-T stage shapes the kernel supports (C <= 256) and the reference ConvFirst
 inference shapes, bfloat16, this times in one process: XLA's whole block forward
 (``convnext_block_reference`` / ``convfirst_block_reference``), the XLA conv alone, and the
 Mosaic block forward (XLA conv + one fused kernel) for each kernel variant (hidden chunk,

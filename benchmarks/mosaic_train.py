@@ -60,7 +60,8 @@ def _inputs(key, batch, hw, c):
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--batch", type=int, default=128)
   ap.add_argument("--iters", type=int, default=20)
   ap.add_argument("--reps", type=int, default=10)

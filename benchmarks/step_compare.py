@@ -1,4 +1,4 @@
-"""Training-step throughput of several ``--block-impl`` choices, each in several fresh
+r"""Training-step throughput of several ``--block-impl`` choices, each in several fresh
 processes, alternating -- the comparison to run on your own GPU.
 
     python -m benchmarks.step_compare --model convnext_tiny --batch-size 256 \
@@ -14,8 +14,13 @@ that slow drift (clocks, temperature) does not favour one side.  Reported per
 implementation: each process's synchronised img/s, the median and the best, and the
 spread (best / worst); ratios against the first implementation use the medians (and the
 bests).  A spread above ``--spread-warn`` is flagged: compare with more processes or with
-the flag above.  Extra ``XLA_FLAGS`` for every process: ``--xla-flags``.  Exit status 1 if
-any process failed (its error is printed; the statistics leave it out).
+the flag above.  Extra ``XLA_FLAGS`` for every process: ``--xla-flags``, e.g.
+
+    python -m benchmarks.step_compare --impls xla,auto \
+        --xla-flags=--xla_gpu_enable_command_buffer=
+
+(``--xla-flags VALUE`` with a space works too, although VALUE starts with '-').  Exit
+status 1 if any process failed (its error is printed; the statistics leave it out).
 """
 
 from __future__ import annotations
@@ -31,6 +36,36 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Options whose values start with '-' (XLA flags): argparse would take "--xla-flags
+# --xla_foo=1" for an option without its value, so ``join_option_values`` rewrites it as
+# "--xla-flags=--xla_foo=1" first.
+_DASH_VALUE_OPTIONS = ("--xla-flags",)
+
+
+def join_option_values(argv: list[str]) -> list[str]:
+  """``argv`` with every ``--xla-flags VALUE`` pair joined into ``--xla-flags=VALUE``."""
+  out, i = [], 0
+  while i < len(argv):
+    if argv[i] in _DASH_VALUE_OPTIONS and i + 1 < len(argv):
+      out.append(f"{argv[i]}={argv[i + 1]}")
+      i += 2
+    else:
+      out.append(argv[i])
+      i += 1
+  return out
+
+
+def json_object(text: str) -> dict:
+  """argparse type of ``--model-kwargs``: a JSON object (as train.cli.json_object; not
+  imported from there so that this driver does not import jax)."""
+  try:
+    value = json.loads(text)
+  except json.JSONDecodeError as e:
+    raise argparse.ArgumentTypeError(f"not valid JSON: {e}: {text!r}") from None
+  if not isinstance(value, dict):
+    raise argparse.ArgumentTypeError(f"must be a JSON object, got {text!r}")
+  return value
 
 
 def round_order(impls: list[str], round_index: int) -> list[str]:
@@ -102,13 +137,17 @@ def main(argv=None) -> int:
   p.add_argument("--warmup", type=int, default=4)
   p.add_argument("--num-classes", type=int, default=1000)
   p.add_argument("--num-devices", type=int, default=None)
-  p.add_argument("--model-kwargs", type=json.loads, default={})
-  p.add_argument("--xla-flags", default="", help="appended to XLA_FLAGS for every process")
+  p.add_argument("--model-kwargs", type=json_object, default={},
+                 help='more create_model arguments as a JSON object, e.g. '
+                 '\'{"depths": [1, 1, 2, 1]}\'')
+  p.add_argument("--xla-flags", default="",
+                 help="appended to XLA_FLAGS for every process (example above: "
+                 "--xla-flags=VALUE or --xla-flags VALUE)")
   p.add_argument("--timeout", type=float, default=600, help="seconds per process")
   p.add_argument("--spread-warn", type=float, default=1.10,
                  help="flag an implementation whose best / worst process exceeds this")
   p.add_argument("--json", default=None)
-  a = p.parse_args(argv)
+  a = p.parse_args(join_option_values(sys.argv[1:] if argv is None else list(argv)))
   impls = [s for s in a.impls.split(",") if s]
   bad = [s for s in impls if s not in ("xla", "auto", "pallas")]
   if bad or not impls:
@@ -117,8 +156,6 @@ def main(argv=None) -> int:
     p.error(f"--impls lists an implementation twice: {a.impls!r}")
   if a.processes < 1:
     p.error(f"--processes must be at least 1, got {a.processes}")
-  if not isinstance(a.model_kwargs, dict):
-    p.error(f"--model-kwargs must be a JSON object, got {a.model_kwargs!r}")
 
   results: dict[str, list[dict]] = {impl: [] for impl in impls}
   with tempfile.TemporaryDirectory() as d:

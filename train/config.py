@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 DTYPES = ("float32", "bfloat16")
+DEFAULT_STEPS = 300  # the run's length when neither steps nor epochs is given
 
 
 @dataclasses.dataclass
@@ -15,7 +16,9 @@ class TrainConfig:
   fields (the CLI spells ``block_impl`` as ``--block-impl`` and so on).
 
   The defaults train convnext_atto on the built-in digits data set at 32x32 for 300 steps of
-  64 (13 epochs): about a minute on a 2-core CPU, ending near 98% validation accuracy.
+  64 (13 epochs): 1.5 to 4.5 minutes on a 2-core CPU, depending on the machine, ending at
+  98.9% validation accuracy (README).  ``steps`` or ``epochs`` sets the length (``steps``
+  wins if both are given); with neither it is ``DEFAULT_STEPS`` (300) steps.
   """
 
   # model
@@ -35,7 +38,7 @@ class TrainConfig:
   augment: bool = True
   # schedule
   epochs: float | None = None            # either epochs or steps; steps wins if both given
-  steps: int | None = 300
+  steps: int | None = None               # neither: DEFAULT_STEPS (300)
   lr: float = 2e-3
   min_lr: float = 1e-5
   warmup_steps: int | None = None        # default: warmup_epochs, else 5% of the steps
@@ -73,8 +76,6 @@ class TrainConfig:
                        f"got {self.image_size}")
     if self.batch_size < 1:
       raise ValueError(f"batch_size must be positive, got {self.batch_size}")
-    if self.steps is None and self.epochs is None:
-      raise ValueError("give either steps or epochs")
     if self.steps is not None and self.steps < 1:
       raise ValueError(f"steps must be positive, got {self.steps}")
     if self.epochs is not None and self.epochs <= 0:

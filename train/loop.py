@@ -15,7 +15,7 @@ import numpy as np
 from train import data as data_lib
 from train import engine, parallel
 from train.checkpoint import Checkpointer, CheckpointError
-from train.config import RESUME_INVARIANT_FIELDS, TrainConfig
+from train.config import DEFAULT_STEPS, RESUME_INVARIANT_FIELDS, TrainConfig
 from train.metrics import METRICS_FILE, PLOT_FILE, MetricsLog, Progress, Timer, format_seconds, plot_curves
 
 CONFIG_FILE = "config.json"
@@ -36,7 +36,14 @@ class FitResult:
 
 
 def _schedule_lengths(cfg: TrainConfig, spe: int) -> tuple[int, int]:
-  total = cfg.steps if cfg.steps is not None else max(1, math.ceil(cfg.epochs * spe))
+  """(total steps, warm-up steps) for ``spe`` steps per epoch: ``cfg.steps``, else
+  ``cfg.epochs`` epochs, else ``DEFAULT_STEPS``."""
+  if cfg.steps is not None:
+    total = cfg.steps
+  elif cfg.epochs is not None:
+    total = max(1, math.ceil(cfg.epochs * spe))
+  else:
+    total = DEFAULT_STEPS
   if cfg.warmup_steps is not None:
     warmup = cfg.warmup_steps
   elif cfg.warmup_epochs is not None:

@@ -1,4 +1,4 @@
-"""Whole-training-step throughput: forward + backward + AdamW update, as ``fit`` runs it.
+r"""Whole-training-step throughput: forward + backward + AdamW update, as ``fit`` runs it.
 
     python -m train.throughput --model convnext_tiny --batch-size 256 --image-size 224 \
         --block-impl xla --steps 30 [--json out.json]
@@ -30,6 +30,7 @@ import numpy as np
 
 import pallas_kernels
 from train import engine, parallel
+from train.cli import json_object
 from train.data import IMAGENET_MEAN, IMAGENET_STD
 
 
@@ -113,7 +114,7 @@ def main(argv=None):
   p.add_argument("--warmup", type=int, default=5, help="untimed steps first (with compile)")
   p.add_argument("--num-classes", type=int, default=1000)
   p.add_argument("--drop-path", type=float, default=0.0)
-  p.add_argument("--model-kwargs", type=json.loads, default={},
+  p.add_argument("--model-kwargs", type=json_object, default={},
                  help='more create_model arguments as JSON (as for python -m train), e.g. '
                  '\'{"depths": [1, 1, 2, 1]}\'')
   p.add_argument("--state-form", default="packed", choices=["packed", "tree"],
@@ -126,8 +127,6 @@ def main(argv=None):
                  "then runs on the whole gathered batch on every device; for comparison)")
   p.add_argument("--json", default=None, help="also write the result to this JSON file")
   a = p.parse_args(argv)
-  if not isinstance(a.model_kwargs, dict):
-    p.error(f"--model-kwargs must be a JSON object, got {a.model_kwargs!r}")
   r = measure(a.model, a.batch_size, a.image_size,
               block_impl=None if a.block_impl == "auto" else a.block_impl, dtype=a.dtype,
               steps=a.steps, warmup=a.warmup, num_classes=a.num_classes, drop_path=a.drop_path,

@@ -55,11 +55,13 @@ DEVICES: dict[str, Device] = {
     # GDDR6X 1,008 GB/s.
     "rtx4090": Device("NVIDIA GeForce RTX 4090", _peaks(165.2, 82.6), 1.008e12,
                       "NVIDIA Ada GPU architecture whitepaper"),
-    # What the project measured on an H100 80GB (DESIGN.md, 2026-11-23): XLA bf16 matmul
-    # 680 TFLOP/s, streaming kernels 2.0 TB/s (a plain device copy reaches 3.0 TB/s).
-    "h100-measured": Device("NVIDIA H100 80GB, measured ceilings (DESIGN.md)",
+    # What the project measured on an H100 80GB on 2026-11-23: XLA bf16 matmul 680 TFLOP/s,
+    # streaming kernels 2.0 TB/s (a plain device copy reaches 3.0 TB/s).  The block
+    # benchmarks' floors (benchmarks/blocks.py, blocks_convfirst.py) use the same two.
+    "h100-measured": Device("NVIDIA H100 80GB, measured ceilings (2026-11-23)",
                             _peaks(680.0, 51.0), 2.0e12,
-                            "DESIGN.md measured baselines (XLA bf16 matmul, streaming)"),
+                            "measured on an H100 80GB, 2026-11-23: XLA bf16 matmul, "
+                            "streaming kernels"),
 }
 
 

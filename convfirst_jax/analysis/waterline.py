@@ -1,4 +1,4 @@
-"""Waterline analysis (DESIGN.md fact 5): the latency floor of a sequence of kernels,
+"""Waterline analysis (the paper's roofline argument): the latency floor of a sequence of kernels,
 
     floor = sum over kernels of max(FLOPs / peak_flops, min_bytes / dram_bandwidth),
 

@@ -54,3 +54,25 @@ def test_bad_arguments_are_named(capsys):
     with pytest.raises(SystemExit):
       sc.main(argv)
     assert msg in capsys.readouterr().err
+
+
+def test_xla_flags_value_may_start_with_a_dash(capsys):
+  flag = "--xla_gpu_enable_command_buffer="
+  assert sc.join_option_values(["--xla-flags", flag, "--impls", "xla"]) == [
+      f"--xla-flags={flag}", "--impls", "xla"]
+  assert sc.join_option_values([f"--xla-flags={flag}"]) == [f"--xla-flags={flag}"]
+  assert sc.join_option_values(["--xla-flags"]) == ["--xla-flags"]
+  # Both spellings parse (the run then stops at the bad --processes, before any process).
+  for argv in (["--xla-flags", flag], [f"--xla-flags={flag}"]):
+    with pytest.raises(SystemExit):
+      sc.main([*argv, "--processes", "0"])
+    err = capsys.readouterr().err
+    assert "at least 1" in err and "expected one argument" not in err
+
+
+def test_bad_model_kwargs_are_named(capsys):
+  for value, msg in (("{depths: 1}", "--model-kwargs: not valid JSON"),
+                     ("[1]", "--model-kwargs: must be a JSON object")):
+    with pytest.raises(SystemExit):
+      sc.main(["--model-kwargs", value])
+    assert msg in capsys.readouterr().err

@@ -152,7 +152,7 @@ def test_fused_bytes_never_exceed_unfused(name, training_form):
 
 
 def test_floors_match_design_md_baselines():
-  # DESIGN.md's H100 table (batch 128, bf16, 680 TFLOP/s, 2.0 TB/s).  Its floors count
+  # The design notes' H100 table (batch 128, bf16, 680 TFLOP/s, 2.0 TB/s).  Its floors count
   # only the convs' and matmuls' FLOPs; ours add element-wise work (a few %).
   dev = get_device("h100-measured")
   expect = {("convnext_tiny", "stages.0.blocks.0"): 0.093,

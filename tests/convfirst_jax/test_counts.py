@@ -8,7 +8,7 @@ from flax import nnx
 import convfirst_jax as cj
 from convfirst_jax.analysis import block_counts, layer_counts
 
-# timm 1.0.29, num_classes=1000 (DESIGN.md).
+# timm 1.0.29, num_classes=1000 (the design notes' reference counts).
 TIMM_PARAMS = {
     "convnext_atto": 3_695_520, "convnext_femto": 5_217_784, "convnext_pico": 9_045_672,
     "convnext_nano": 15_593_560, "convnext_tiny": 28_589_128, "convnext_small": 50_223_688,

@@ -8,7 +8,8 @@ import pytest
 
 from tests.train.helpers import CHECKPOINTED_RUN, TINY, run_python, tiny_config
 from train import CheckpointError, TrainConfig, fit
-from train.cli import config_from_args
+from train.cli import build_parser, config_from_args
+from train.loop import _schedule_lengths
 from train.metrics import read_metrics
 
 
@@ -59,6 +60,43 @@ def test_cli_defaults_match_config():
   assert cfg.epochs == 3 and cfg.steps is None and cfg.block_impl == "xla"
   assert cfg.grad_clip is None and cfg.ema_decay == 0.999
   assert cfg.model_kwargs == {"depths": [1, 1, 1, 1]}
+
+
+def test_run_length_from_steps_epochs_or_default():
+  # epochs alone trains by epochs (steps defaults to None, not to 300); neither gives 300.
+  assert TrainConfig().steps is None and TrainConfig(epochs=2).validate().steps is None
+  assert _schedule_lengths(TrainConfig(epochs=2), 22) == (44, 2)
+  assert _schedule_lengths(TrainConfig(epochs=0.5), 22) == (11, 1)
+  assert _schedule_lengths(TrainConfig().validate(), 22) == (300, 15)
+  assert _schedule_lengths(TrainConfig(steps=40), 22) == (40, 2)
+  assert _schedule_lengths(TrainConfig(steps=40, epochs=2), 22) == (40, 2)  # steps wins
+  assert _schedule_lengths(TrainConfig(epochs=2, warmup_epochs=1), 22) == (44, 22)
+  assert _schedule_lengths(config_from_args([]), 22) == (300, 15)
+  assert _schedule_lengths(config_from_args(["--epochs", "2"]), 22) == (44, 2)
+
+
+def test_cli_help_and_bad_model_kwargs(capsys):
+  text = " ".join(build_parser().format_help().split())  # whatever the terminal's width
+  assert "(default: True)" not in text and "(default: False)" not in text
+  assert "(default: None)" not in text
+  assert "(default: 300 unless --epochs is given)" in text
+  with pytest.raises(SystemExit):
+    config_from_args(["--model-kwargs", "{depths: 1}"])
+  assert "--model-kwargs: not valid JSON" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    config_from_args(["--model-kwargs", "[1, 2]"])
+  assert "--model-kwargs: must be a JSON object" in capsys.readouterr().err
+
+
+def test_cli_reports_unsupported_block_impl(tmp_path):
+  # "pallas" on a CPU: the kernels' NotImplementedError as an error message with what the
+  # CLI user can do instead (not the library's "pass interpret=True"), exit status 2.
+  r = run_python(["-m", "train", "--block-impl", "pallas", "--model-kwargs", json.dumps(TINY),
+                  "--steps", "2", "--no-progress", "--output-dir", str(tmp_path / "run")],
+                 env={"JAX_PLATFORMS": "cpu"}, timeout=300)
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert "error:" in r.stderr and "Traceback" not in r.stderr
+  assert "--block-impl auto" in r.stderr and "interpret=True" not in r.stderr
 
 
 def test_cli_reports_bad_dataset_path(tmp_path):

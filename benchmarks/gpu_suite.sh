@@ -15,6 +15,7 @@
 #   bash benchmarks/gpu_suite.sh layernorm # stem / downsampling LayerNorm kernels vs XLA
 #   bash benchmarks/gpu_suite.sh gconv     # Mosaic grouped conv / MBConv stage: GPU tests, vs XLA
 #   MODEL=convnext_tiny bash benchmarks/gpu_suite.sh compare  # xla vs auto step, 2 processes each
+#   SHAPES=56x96 bash benchmarks/gpu_suite.sh wgrad  # depthwise kernel-gradient kernels vs XLA
 # Results go to $OUT (or ./out) as JSON / PNG / logs; a short summary is printed last.
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -153,6 +154,13 @@ PY
       --batch-size 256 --impls xla,auto --processes 2 --steps 15 --warmup 3 \
       --json "$OUT/step_compare_${MODEL:-convnext_tiny}.json" 2>&1 | grep -v cuda_timer | tail -8
     ;;
-  *) echo "usage: $0 train|analysis|scaling|convfirst|models|mosaic|dwconv|pipelined|mosaic_train|retune|profile|layernorm|gconv|compare" >&2
+  wgrad)
+    # One shape per call where the device time is short: each Pallas variant compiles for
+    # seconds to minutes (benchmarks/dwconv_wgrad.py); results are appended line by line.
+    log "depthwise-conv kernel gradient: XLA vs the Pallas kernels (benchmarks.dwconv_wgrad)"
+    timeout 560 python3 -m benchmarks.dwconv_wgrad --shapes "${SHAPES:-56x96,28x192,14x384,7x768}" \
+      --jsonl "$OUT/dwconv_wgrad.jsonl" 2>&1 | grep -v cuda_timer | tail -8
+    ;;
+  *) echo "usage: $0 train|analysis|scaling|convfirst|models|mosaic|dwconv|pipelined|mosaic_train|retune|profile|layernorm|gconv|compare|wgrad" >&2
      exit 2 ;;
 esac

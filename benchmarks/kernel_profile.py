@@ -53,9 +53,10 @@ def kernel_times(planes, calls: int) -> tuple[dict[str, float], dict[str, int]]:
 # The Pallas-Triton kernels' names (their pallas_call ``name=``); XLA may append "__<n>" to
 # repeated ones.  The Mosaic GPU kernels all appear as "anonymous_mosaic_gpu_kernel".
 PALLAS_TRITON_NAMES = frozenset((
-    "batch_norm_sums", "batch_norm_bwd_sums", "convfirst_block_fwd", "convnext_block_bwd_dwconv", "convnext_block_bwd_tile",
-    "convnext_block_bwd_weights", "convnext_block_fwd", "depthwise_conv",
-    "depthwise_conv_wgrad", "grouped_conv_wgrad", "layer_norm_bwd", "layer_norm_fwd",
+    "batch_norm_sums", "batch_norm_bwd_sums", "convfirst_block_fwd",
+    "convnext_block_bwd_dwconv", "convnext_block_bwd_tile", "convnext_block_bwd_weights",
+    "convnext_block_fwd", "depthwise_conv", "depthwise_conv_wgrad",
+    "depthwise_conv_wgrad_columns", "grouped_conv_wgrad", "layer_norm_bwd", "layer_norm_fwd",
     "mbconv_block_fwd"))
 
 
@@ -168,7 +169,8 @@ def _model_fn(name, batch, image_size, impl, mode):
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = argparse.ArgumentParser(description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = ap.add_subparsers(dest="what", required=True)
   b = sub.add_parser("block", help="one ConvNeXt block")
   b.add_argument("--shape", default="128,56,56,96", help="N,H,W,C (bfloat16)")

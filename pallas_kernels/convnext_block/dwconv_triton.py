@@ -236,10 +236,36 @@ class WgradTiles(NamedTuple):
   fused_fma: bool = True
   one_pass: bool = False
   images: int = 1
+  columns: bool = False
+  rows: int = 0
+  unroll: int = 0
+
+
+def _resolve_columns_tiles(h: int, c: int, t: WgradTiles) -> WgradTiles:
+  """Tiles of the column-walk kernel: strip (0: min(7, H)), rows per program (0: two
+  strips; a multiple of strip), cblock (0: the largest of 32 / 64 / 128 not above C rounded
+  up to a power of two), num_warps = cblock // 32 (one channel per thread), unroll (0: 1)
+  columns per loop iteration."""
+  strip = min(t.strip or 7, h)
+  rows = t.rows or 2 * strip
+  cblock = t.cblock or min(128, max(32, cm.next_power_of_2(c) if c < 128 else 128))
+  if cblock & (cblock - 1) or cblock < 32:
+    raise ValueError(f"WgradTiles.cblock must be a power of two >= 32 with columns=True, "
+                     f"got {cblock}")
+  if t.strip < 0 or rows < 1 or rows % strip:
+    raise ValueError(f"WgradTiles.rows must be a positive multiple of strip with "
+                     f"columns=True, got {t}")
+  if t.one_pass or t.images != 1 or t.unroll < 0:
+    raise ValueError(f"WgradTiles.columns=True excludes one_pass and images (unroll >= 0), "
+                     f"got {t}")
+  return t._replace(strip=strip, rows=rows, cblock=cblock, num_warps=cblock // 32, tile_w=0,
+                    unroll=t.unroll or 1)
 
 
 def resolve_wgrad_tiles(h: int, w: int, c: int, tiles: WgradTiles | None = None) -> WgradTiles:
   t = tiles or WgradTiles()
+  if t.columns:
+    return _resolve_columns_tiles(h, c, t)
   tile_w = t.tile_w or min(cm.next_power_of_2(w), 16 if t.one_pass else 32)
   cblock = t.cblock or (max(8, 256 // tile_w) if t.one_pass else 32)
   cblock = min(cblock, cm.next_power_of_2(c))
@@ -362,6 +388,71 @@ def _wgrad_kernel(x_ref, g_ref, o_ref, *, n, h, w, c, k, cpad, tiles: WgradTiles
   jax.lax.fori_loop(0, k, column_pass, 0)
 
 
+def _wgrad_columns_kernel(x_ref, g_ref, o_ref, *, n, h, w, c, k, cpad, tiles: WgradTiles,
+                          fused_fma: bool):
+  """The column walk.  One program: image ``program_id(0)``, ``tiles.rows`` dy rows (in
+  strips of ``tiles.strip``), ``cblock`` channels -- one channel per thread, each row of a
+  column a separate (cblock,) vector.  For each strip it walks the image's columns left to
+  right keeping a window of the k input columns x - k//2 .. x + k//2 (strip + k - 1 rows
+  each) in registers: per column one new input column and the strip's dy values are loaded
+  and all k*k*strip multiply-adds of that column are done from registers (k*k accumulators
+  per channel).  The other kernels here reload each input row once per horizontal tap
+  (k-1 of every k loads an L1 hit of data already loaded), which left them issue-bound on
+  loads, address arithmetic and bf16 unpacking; here each input element is loaded
+  (strip + k - 1) / strip times and used k*k*strip / (strip + k - 1) times per load.  The
+  column loop runs ``tiles.unroll`` columns per iteration (the window rotates by renaming
+  inside an iteration and by register moves between iterations).  Each program stores its
+  k*k partial sums; XLA sums the partials.
+
+  Compile time: unrolled 7 columns at a time (2,401 multiply-adds per iteration with strip
+  7) one such kernel took about two minutes in Triton on the H100 machine (2026-11-27; the
+  run was cut off before any timing) -- hence unroll 1 by default.  Not yet timed on a GPU."""
+  pad = k // 2
+  strip, cblock, unroll = tiles.strip, tiles.cblock, tiles.unroll
+  strips_per_program = tiles.rows // strip
+  img, rg, cb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  c0 = cb * cblock
+  ch = c0 + jnp.arange(cblock, dtype=jnp.int32)
+  c_ok = ch < c
+  r_in = strip + 2 * pad                     # input rows of a strip
+
+  def load(ref, i, col):
+    ok = (i >= 0) & (i < h) & (col >= 0) & (col < w)
+    pix = jnp.where(ok, (img * h + i) * w + col, 0)
+    return plgpu.load(ref.at[pix * c + ch], mask=c_ok & ok, other=0).astype(f32)
+
+  def strip_pass(s, accs):
+    r0 = (rg * strips_per_program + s) * strip
+
+    def x_column(col):
+      return [load(x_ref, r0 - pad + t, col) for t in range(r_in)]
+
+    def column_chunk(q, carry):
+      accs, flat = list(carry[0]), carry[1]
+      window = [list(flat[j * r_in:(j + 1) * r_in]) for j in range(2 * pad)]
+      for u in range(unroll):                # the window rotates by renaming
+        col = q * unroll + u
+        window.append(x_column(col + pad))   # input columns col - pad .. col + pad
+        gs = [load(g_ref, r0 + o, col) for o in range(strip)]   # zero past the image
+        for dy in range(k):
+          for dx in range(k):
+            tap = dy * k + dx
+            for o in range(strip):           # x row r0 + o + dy - pad pairs with dy row r0 + o
+              accs[tap] = cm.fma(window[dx][o + dy], gs[o], accs[tap], fused=fused_fma)
+        window = window[1:]
+      return tuple(accs), tuple(v for column in window for v in column)
+
+    first = tuple(v for col in range(-pad, pad) for v in x_column(col))
+    accs, _ = jax.lax.fori_loop(0, cm.cdiv(w, unroll), column_chunk, (accs, first))
+    return accs
+
+  zero = jnp.zeros((cblock,), f32)
+  accs = jax.lax.fori_loop(0, strips_per_program, strip_pass, (zero,) * (k * k))
+  part = img * pl.num_programs(1) + rg
+  for tap in range(k * k):
+    plgpu.store(o_ref.at[pl.ds((part * k * k + tap) * cpad + c0, cblock)], accs[tap])
+
+
 @functools.partial(jax.jit, static_argnames=("k", "tiles", "interpret"))
 def depthwise_conv_wgrad(x: jax.Array, dy: jax.Array, k: int, *,
                          tiles: WgradTiles | None = None, interpret: bool = False) -> jax.Array:
@@ -378,6 +469,18 @@ def depthwise_conv_wgrad(x: jax.Array, dy: jax.Array, k: int, *,
   n, h, w, c = x.shape
   t = resolve_wgrad_tiles(h, w, c, tiles)
   cpad = cm.cdiv(c, t.cblock) * t.cblock
+  if t.columns:
+    row_groups = cm.cdiv(h, t.rows)
+    parts = pl.pallas_call(
+        functools.partial(_wgrad_columns_kernel, n=n, h=h, w=w, c=c, k=k, cpad=cpad, tiles=t,
+                          fused_fma=t.fused_fma and not interpret),
+        out_shape=jax.ShapeDtypeStruct((n * row_groups * k * k * cpad,), f32),
+        grid=(n, row_groups, cpad // t.cblock),
+        compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=1),
+        interpret=interpret,
+        name="depthwise_conv_wgrad_columns",
+    )(x.reshape(-1), dy.astype(x.dtype).reshape(-1))
+    return parts.reshape(n * row_groups, k, k, cpad).sum(0)[..., :c]
   wtiles = cm.cdiv(w, t.tile_w)
   kern = functools.partial(_wgrad_one_pass_kernel if t.one_pass else _wgrad_kernel,
                            n=n, h=h, w=w, c=c, k=k, cpad=cpad, tiles=t,

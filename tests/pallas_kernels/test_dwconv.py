@@ -144,6 +144,13 @@ def test_pallas_depthwise_conv_compiled_on_gpu(shape):
     # several images per program, one program's last image past the batch (3 = 2 + 1)
     ((3, 5, 11, 32), 7, dict(one_pass=True, images=2, strip=2, tile_w=4, cblock=16)),
     ((4, 6, 5, 24), 3, dict(one_pass=True, images=4)),
+    # the column walk: default tiles (2 strips of 7 rows per program, 64-channel block
+    # with C = 40 padded); 7x7; a strip not dividing H, a program past the last row, the
+    # unrolled column loop past the last column (11 = 3 + 3 + 3 + 2); k = 3
+    ((2, 9, 13, 40), 7, dict(columns=True)),
+    ((1, 7, 7, 64), 7, dict(columns=True)),
+    ((2, 5, 11, 32), 7, dict(columns=True, strip=2, rows=4, unroll=3)),
+    ((1, 6, 5, 24), 3, dict(columns=True, strip=4, rows=4)),
 ])
 def test_pallas_kernel_gradient_matches_xla(shape, k, tiles):
   """dwconv_triton.depthwise_conv_wgrad (interpreter) vs XLA's autodiff kernel gradient in
@@ -158,7 +165,7 @@ def test_pallas_kernel_gradient_matches_xla(shape, k, tiles):
                                            tiles=dwconv_triton.WgradTiles(**tiles))
   assert got.shape == want.shape and got.dtype == jnp.float32
   assert _rel(got, want) < 2e-6
-  if set(tiles) <= {"one_pass"}:  # bf16 with each kernel's default tiles, once per shape
+  if set(tiles) <= {"one_pass", "columns"}:  # bf16 with each kernel's default tiles
     xb, gb = x.astype(jnp.bfloat16), g.astype(jnp.bfloat16)
     got = dwconv_triton.depthwise_conv_wgrad(
         xb, gb, k, interpret=True, tiles=dwconv_triton.WgradTiles(**tiles))
@@ -171,6 +178,14 @@ def test_pallas_kernel_gradient_matches_xla(shape, k, tiles):
   with pytest.raises(ValueError, match="images > 1 needs one_pass"):
     dwconv_triton.depthwise_conv_wgrad(x, g, k, interpret=True,
                                        tiles=dwconv_triton.WgradTiles(images=2))
+  with pytest.raises(ValueError, match="positive multiple of strip"):
+    dwconv_triton.depthwise_conv_wgrad(x, g, k, interpret=True,
+                                       tiles=dwconv_triton.WgradTiles(columns=True, strip=2,
+                                                                      rows=3))
+  with pytest.raises(ValueError, match="excludes one_pass"):
+    dwconv_triton.depthwise_conv_wgrad(x, g, k, interpret=True,
+                                       tiles=dwconv_triton.WgradTiles(columns=True,
+                                                                      one_pass=True))
 
 
 @pytest.mark.parametrize("wgrad", ["xla", "grouped8", "pallas"])

@@ -57,7 +57,9 @@ def test_depthwise_conv_kernels_lower(shape):
   _lower_for_cuda(lambda x: dwconv_triton.depthwise_conv(x, kernel), x)
   _lower_for_cuda(lambda x, g: dwconv_triton.depthwise_conv_wgrad(x, g, 7), x, x)
   for one_pass in (dwconv_triton.WgradTiles(one_pass=True),
-                   dwconv_triton.WgradTiles(one_pass=True, images=3)):  # 2 = 0 + 2 images
+                   dwconv_triton.WgradTiles(one_pass=True, images=3),  # 2 = 0 + 2 images
+                   dwconv_triton.WgradTiles(columns=True),
+                   dwconv_triton.WgradTiles(columns=True, strip=4, rows=8, unroll=7)):
     _lower_for_cuda(lambda x, g, t=one_pass: dwconv_triton.depthwise_conv_wgrad(x, g, 7, tiles=t),
                     x, x)
 

@@ -30,6 +30,8 @@ products on tensor cores, and XLA runs it in 0.24-0.78 ms (g = 64) at those shap
 * ``"pallas"`` (with ``conv="pallas"`` only): the Pallas-Triton weight-gradient kernel
   ``dwconv_triton.depthwise_conv_wgrad`` (per-program partial sums of the 49 tap products,
   float32, reduced by XLA).
+* ``"pallas_columns"`` (with ``conv="pallas"`` only): the same function's column-walk
+  kernel (``WgradTiles(columns=True)``, default tiles; not yet timed on a GPU).
 
 Forward and input gradient are XLA's unless ``conv="pallas"`` (then the Pallas-Triton
 kernel of dwconv_triton.py runs both: the input gradient is the conv with mirrored taps).
@@ -44,7 +46,9 @@ import functools
 import jax
 import jax.numpy as jnp
 
-WGRAD_METHODS = ("auto", "xla", "grouped8", "grouped16", "grouped32", "grouped64", "pallas")
+WGRAD_METHODS = ("auto", "xla", "grouped8", "grouped16", "grouped32", "grouped64", "pallas",
+                 "pallas_columns")
+_PALLAS_WGRAD_TILES = {"pallas": None, "pallas_columns": "columns"}
 _GROUP_WIDTHS = (64, 32, 16, 8)
 
 # What ``convnext_block_reference`` (the XLA ConvNeXt block) passes as ``wgrad``; set it to
@@ -144,8 +148,10 @@ def _pallas_wgrad(wgrad_method, interpret, x, kernel, dy):
   if wgrad_method == "xla":
     _, vjp_w = jax.vjp(lambda w: _plain(x, w), kernel)
     (dw,) = vjp_w(dy)
-  elif wgrad_method == "pallas":  # rounded to x.dtype like the other formulations
-    dw = dwconv_triton.depthwise_conv_wgrad(x, dy, kernel.shape[0],
+  elif wgrad_method in _PALLAS_WGRAD_TILES:  # rounded to x.dtype like the other formulations
+    tiles = (dwconv_triton.WgradTiles(columns=True)
+             if _PALLAS_WGRAD_TILES[wgrad_method] == "columns" else None)
+    dw = dwconv_triton.depthwise_conv_wgrad(x, dy, kernel.shape[0], tiles=tiles,
                                             interpret=interpret).astype(x.dtype)
   else:
     dw = _wgrad_grouped(x, dy, kernel.shape[0], int(wgrad_method[len("grouped"):]))
@@ -206,8 +212,8 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, *, wgrad: str = "auto", conv
   method = resolve_wgrad(x.shape, kernel.shape[0], wgrad)
   if conv not in CONVS:
     raise ValueError(f"conv must be one of {CONVS}, got {conv!r}")
-  if method == "pallas" and conv != "pallas":
-    raise ValueError('wgrad="pallas" needs conv="pallas" (the Pallas conv\'s VJP runs it)')
+  if method in _PALLAS_WGRAD_TILES and conv != "pallas":
+    raise ValueError(f'wgrad="{method}" needs conv="pallas" (the Pallas conv\'s VJP runs it)')
   if conv == "pallas":
     return _pallas_conv(x, kernel, method, bool(interpret))
   if method == "xla":

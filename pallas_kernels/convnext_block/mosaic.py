@@ -136,7 +136,8 @@ def forward_train(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | No
 
   * depthwise conv: ``dwconv.depthwise_conv`` -- forward and input gradient on the
     Pallas-Triton kernel (``dwconv_pallas``) or XLA, the weight gradient as ``dw_wgrad``
-    says ("auto": XLA's; "pallas": the Pallas-Triton kernel, with ``dwconv_pallas`` only);
+    says ("auto": XLA's; "pallas" / "pallas_columns": the Pallas-Triton kernels, with
+    ``dwconv_pallas`` only);
     with ``dwconv_pallas`` the residual's share of x's gradient comes from the conv
     kernel's input-gradient pass (``dwconv.depthwise_conv_and_x``), and from
     ``CONV_BIAS_MIN_C`` channels up so do the conv bias (added in that kernel, rounded once

@@ -80,8 +80,9 @@ class ConvNeXtTiles:
   # (default tiles; 1.4-2.0x XLA's conv on an H100, 2026-11-26), "xla" = XLA's conv.
   mosaic_dwconv: str = "pallas"
   # The depthwise conv's kernel gradient in differentiated calls (dwconv.WGRAD_METHODS):
-  # "auto" (XLA's, or the grouped form at images no larger than the kernel), or "pallas"
-  # (dwconv_triton.depthwise_conv_wgrad; needs mosaic_dwconv="pallas", else "auto" runs).
+  # "auto" (XLA's, or the grouped form at images no larger than the kernel), "pallas"
+  # (dwconv_triton.depthwise_conv_wgrad) or "pallas_columns" (its column-walk kernel, not yet
+  # timed on a GPU); the Pallas forms need mosaic_dwconv="pallas", else "auto" runs.
   mosaic_dwconv_wgrad: str = "auto"
   # Differentiated calls ("hybrid" or "pallas") with a Mosaic forward: True = that forward
   # plus the Mosaic backward of pallas_kernels/mosaic_mlp_bwd.py for the pointwise half
@@ -405,7 +406,8 @@ def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]
         return vjp(g)
       return run
 
-    wgrads = ("auto", "pallas") if best.mosaic_dwconv == "pallas" else ("auto",)
+    wgrads = (("auto", "pallas", "pallas_columns") if best.mosaic_dwconv == "pallas"
+              else ("auto",))
     _, best = phase([dict(mosaic_backward=False, mosaic_dwconv_wgrad=w) for w in wgrads]
                     + [dict(mosaic_backward=True, mosaic_bwd_stages=s) for s in (1, 2)],
                     grad_call, (x, params, dps, g), best, include_current=False)

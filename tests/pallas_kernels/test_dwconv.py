@@ -188,7 +188,7 @@ def test_pallas_kernel_gradient_matches_xla(shape, k, tiles):
                                                                       one_pass=True))
 
 
-@pytest.mark.parametrize("wgrad", ["xla", "grouped8", "pallas"])
+@pytest.mark.parametrize("wgrad", ["xla", "grouped8", "pallas", "pallas_columns"])
 def test_pallas_conv_gradients_match_xla(wgrad):
   """depthwise_conv(conv="pallas"): the Pallas forward and its input gradient (the conv with
   mirrored taps) and the chosen weight gradient vs plain XLA autodiff, float32, odd H/W."""

@@ -366,12 +366,13 @@ def test_train_kernel_choice():
   assert api.train_kernel((2, 7, 7, 384), jnp.bfloat16, p384, t384, True) == "mosaic_split"
 
 
-@pytest.mark.parametrize("fastest", [(True, 2, "auto"), (False, 2, "pallas")])
+@pytest.mark.parametrize("fastest", [(True, 2, "auto"), (False, 2, "pallas"),
+                                     (False, 2, "pallas_columns")])
 def test_retune_chooses_the_training_path(monkeypatch, fastest):
   """retune's phases on a C=384 shape with a stand-in timer (no GPU here): the split Mosaic
   forward wins the forward phases, then the training phase times XLA's block (with XLA's and
   the Pallas conv kernel gradient) against the Mosaic backward with 1 and 2 weight stages,
-  and keeps whichever the timer calls fastest."""
+  and keeps whichever the timer calls fastest (the column-walk kernel gradient included)."""
   monkeypatch.setattr(mosaic_mlp, "device_unsupported_reason", lambda interpret: None)
   seen = []
 
@@ -391,12 +392,13 @@ def test_retune_chooses_the_training_path(monkeypatch, fastest):
     assert best.mosaic_bwd_stages == fastest[1]
   # the heuristic's stage count (2) rides along where the Mosaic backward is off
   assert sorted(seen) == sorted([(False, 2, "auto"), (False, 2, "pallas"),
-                                 (True, 1, "auto"), (True, 2, "auto")])
-  assert [t for t, _ in timings[-4:]] == [
+                                 (False, 2, "pallas_columns"), (True, 1, "auto"),
+                                 (True, 2, "auto")])
+  assert [t for t, _ in timings[-5:]] == [
       dataclasses.replace(best, mosaic_backward=b, mosaic_bwd_stages=st,
                           mosaic_dwconv_wgrad=w).to_json()
-      for b, st, w in ((False, 2, "auto"), (False, 2, "pallas"), (True, 1, "auto"),
-                       (True, 2, "auto"))]
+      for b, st, w in ((False, 2, "auto"), (False, 2, "pallas"), (False, 2, "pallas_columns"),
+                       (True, 1, "auto"), (True, 2, "auto"))]
 
 
 def test_retune_without_a_gpu_says_so(monkeypatch, tmp_path):

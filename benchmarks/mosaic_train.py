@@ -88,12 +88,16 @@ def main(argv=None):
     variants = [("xla", "xla", None),
                 ("hybrid", None, rep(mosaic_backward=False, mosaic_dwconv_wgrad="auto")),
                 ("hybrid, Pallas dwconv wgrad", None,
-                 rep(mosaic_backward=False, mosaic_dwconv_wgrad="pallas"))]
+                 rep(mosaic_backward=False, mosaic_dwconv_wgrad="pallas")),
+                ("hybrid, column-walk dwconv wgrad", None,
+                 rep(mosaic_backward=False, mosaic_dwconv_wgrad="pallas_columns"))]
     if c <= 384:
       variants += [(f"mosaic backward (stages {tuned.mosaic_bwd_stages})", None,
                     rep(mosaic_backward=True, mosaic_dwconv_wgrad="auto")),
                    ("mosaic backward, Pallas dwconv wgrad", None,
                     rep(mosaic_backward=True, mosaic_dwconv_wgrad="pallas")),
+                   ("mosaic backward, column-walk dwconv wgrad", None,
+                    rep(mosaic_backward=True, mosaic_dwconv_wgrad="pallas_columns")),
                    ("mosaic backward, zn recomputed by XLA", None,
                     rep(mosaic_backward=True, mosaic_dwconv_wgrad="auto", mosaic_bwd_zn=False)),
                    ("mosaic backward, db1 " + ("from XLA" if tuned.mosaic_bwd_db1

@@ -410,22 +410,33 @@ def _wgrad_columns_kernel(x_ref, g_ref, o_ref, *, n, h, w, c, k, cpad, tiles: Wg
   pad = k // 2
   strip, cblock, unroll = tiles.strip, tiles.cblock, tiles.unroll
   strips_per_program = tiles.rows // strip
-  img, rg, cb = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  c0 = cb * cblock
+  img, rg = pl.program_id(0), pl.program_id(1)
+  c0 = pl.program_id(2) * cblock
   ch = c0 + jnp.arange(cblock, dtype=jnp.int32)
-  c_ok = ch < c
+  c_ok = None if c % cblock == 0 else ch < c
+  if c_ok is not None:
+    ch = jnp.where(c_ok, ch, 0)
   r_in = strip + 2 * pad                     # input rows of a strip
 
-  def load(ref, i, col):
-    ok = (i >= 0) & (i < h) & (col >= 0) & (col < w)
-    pix = jnp.where(ok, (img * h + i) * w + col, 0)
-    return plgpu.load(ref.at[pix * c + ch], mask=c_ok & ok, other=0).astype(f32)
+  def load(ref, row_base, row_ok, col, col_ok):
+    # row_base (the clamped row's first pixel), row_ok: per strip; col (clamped), col_ok:
+    # per column -- so each load costs one scalar add, one multiply and one vector add.
+    ok = row_ok & col_ok
+    mask = ok if c_ok is None else c_ok & ok
+    return plgpu.load(ref.at[(row_base + col) * c + ch], mask=mask, other=0).astype(f32)
 
   def strip_pass(s, accs):
     r0 = (rg * strips_per_program + s) * strip
+    rows = [r0 - pad + t for t in range(r_in)]
+    row_ok = [(r >= 0) & (r < h) for r in rows]
+    row_base = [(img * h + jnp.clip(r, 0, h - 1)) * w for r in rows]
+
+    def column(col):
+      return jnp.clip(col, 0, w - 1), (col >= 0) & (col < w)
 
     def x_column(col):
-      return [load(x_ref, r0 - pad + t, col) for t in range(r_in)]
+      cc, col_ok = column(col)
+      return [load(x_ref, row_base[t], row_ok[t], cc, col_ok) for t in range(r_in)]
 
     def column_chunk(q, carry):
       accs, flat = list(carry[0]), carry[1]
@@ -433,14 +444,16 @@ def _wgrad_columns_kernel(x_ref, g_ref, o_ref, *, n, h, w, c, k, cpad, tiles: Wg
       for u in range(unroll):                # the window rotates by renaming
         col = q * unroll + u
         window.append(x_column(col + pad))   # input columns col - pad .. col + pad
-        gs = [load(g_ref, r0 + o, col) for o in range(strip)]   # zero past the image
+        cc, col_ok = column(col)             # dy rows r0 + o are input rows o + pad
+        gs = [load(g_ref, row_base[o + pad], row_ok[o + pad], cc, col_ok)
+              for o in range(strip)]         # zero past the image
         for dy in range(k):
           for dx in range(k):
             tap = dy * k + dx
             for o in range(strip):           # x row r0 + o + dy - pad pairs with dy row r0 + o
               accs[tap] = cm.fma(window[dx][o + dy], gs[o], accs[tap], fused=fused_fma)
         window = window[1:]
-      return tuple(accs), tuple(v for column in window for v in column)
+      return tuple(accs), tuple(v for values in window for v in values)
 
     first = tuple(v for col in range(-pad, pad) for v in x_column(col))
     accs, _ = jax.lax.fori_loop(0, cm.cdiv(w, unroll), column_chunk, (accs, first))

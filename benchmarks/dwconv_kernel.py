@@ -32,6 +32,10 @@ VARIANTS = tuple(
         (56, 8, 32, 4, True), (28, 8, 32, 4, True), (56, 8, 32, 2, True), (28, 8, 64, 4, True),
         (28, 16, 32, 4, True), (14, 16, 32, 4, True), (14, 32, 32, 4, True),
         (7, 0, 32, 4, True), (4, 32, 64, 4, True)))
+# The column-walk kernel (DwconvTiles(columns=True); not yet timed): with --columns these
+# run after the default tiles instead of VARIANTS.
+COLUMN_VARIANTS = (dict(columns=True), dict(columns=True, strip=4),
+                   dict(columns=True, cblock=64), dict(columns=True, unroll=2))
 
 
 def _rel(a, b):
@@ -47,6 +51,8 @@ def main(argv=None):
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--shapes", default="all", help="comma list of H (e.g. 56,28) or 'all'")
   ap.add_argument("--no-block", action="store_true", help="skip the whole-block timings")
+  ap.add_argument("--columns", action="store_true",
+                  help="time the default tiles and the column-walk variants only")
   ap.add_argument("--json", default=None)
   args = ap.parse_args(argv)
 
@@ -77,7 +83,7 @@ def main(argv=None):
                xla_err=_rel(xla(xs[0]), ref), variants=[])
     row["floor_ms"] = 2 * xs[0].size * 2 / bandwidth * 1e3  # read x, write z once
     best = None
-    for v in VARIANTS:
+    for v in ((VARIANTS[0],) + COLUMN_VARIANTS if args.columns else VARIANTS):
       tiles = dwconv_triton.DwconvTiles(**v)
       fn = jax.jit(lambda x, t=tiles: dwconv_triton.depthwise_conv(x, kern, bias, tiles=t))
       try:

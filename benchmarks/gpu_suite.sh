@@ -8,6 +8,7 @@
 #   MODELS=convfirst_t,convnext_tiny bash benchmarks/gpu_suite.sh models  # whole-model img/s
 #   bash benchmarks/gpu_suite.sh mosaic    # Mosaic GPU kernel variants vs XLA and Triton
 #   bash benchmarks/gpu_suite.sh dwconv    # Pallas depthwise conv vs XLA, block forwards
+#   COLUMNS=1 bash benchmarks/gpu_suite.sh dwconv  # the column-walk conv variants only
 #   bash benchmarks/gpu_suite.sh pipelined # pipelined vs serial Mosaic kernels (+ their tests)
 #   bash benchmarks/gpu_suite.sh mosaic_train  # training-path blocks (Mosaic backward) + step
 #   SHAPE=128,28,28,192 bash benchmarks/gpu_suite.sh retune  # tuning.retune vs the table
@@ -142,7 +143,9 @@ PY
     ;;
   dwconv)
     log "Pallas depthwise conv tiles vs XLA, and the ConvNeXt block forward with each conv"
-    timeout 400 python3 -m benchmarks.dwconv_kernel --json "$OUT/dwconv_kernel.json" 2>&1 \
+    # COLUMNS=1: only the default tiles and the column-walk variants (DwconvTiles(columns=True))
+    timeout 400 python3 -m benchmarks.dwconv_kernel ${COLUMNS:+--columns --no-block} \
+      --json "$OUT/dwconv_kernel.json" 2>&1 \
       | grep -v cuda_timer | tee "$OUT/dwconv_kernel.txt" | tail -7
     log "block forwards (benchmarks.blocks, no backward)"
     timeout 200 python3 -m benchmarks.blocks --blocks convnext --no-backward --iters 30 \

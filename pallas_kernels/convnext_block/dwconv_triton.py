@@ -26,6 +26,14 @@ Python made Triton compile for ~3 minutes; both are why the loop is over dx here
 
 The transposed conv (the input gradient of a depthwise conv) is the same conv with the
 taps mirrored: ``depthwise_conv(dy, kernel[::-1, ::-1])``.
+
+Column-walk forms (2026-11-27, built and tested in the interpreter, not yet timed on a GPU):
+``DwconvTiles(columns=True)`` / ``WgradTiles(columns=True)`` give each thread one channel and
+walk an image strip's columns left to right with the k input columns around the current
+one in registers, so a loaded element feeds up to k*k multiply-adds instead of k, and the
+bf16 unpacking and address arithmetic that the tile kernels spend ~30% of their
+instructions on shrink accordingly.  Neither is a default yet; ``python -m
+benchmarks.dwconv_kernel --columns`` and ``python -m benchmarks.dwconv_wgrad`` time them.
 """
 
 from __future__ import annotations
@@ -55,18 +63,39 @@ class DwconvTiles(NamedTuple):
   up, at most 64); cblock: channels (power of two); num_warps: Triton warps per program;
   fused_fma: one ``fma.rn.f32`` per multiply-add (``_common.fma``) instead of the separate
   multiply and add that Pallas-Triton's ``a * b + c`` compiles to (ignored in interpret
-  mode)."""
+  mode).  columns: the column-walk kernel (``_conv_columns_kernel``; not yet timed on a
+  GPU) with ``rows`` output rows per program (0: one strip; a multiple of strip), strip
+  (0: min(7, H)), cblock (a power of two >= 32; num_warps = cblock // 32, one channel per
+  thread) and ``unroll`` columns per loop iteration (0: 1); tile_w is unused."""
 
   strip: int = 0
   tile_w: int = 0
   cblock: int = 32
   num_warps: int = 4
   fused_fma: bool = True
+  columns: bool = False
+  rows: int = 0
+  unroll: int = 0
+
+
+def _resolve_conv_columns(h: int, t: DwconvTiles) -> DwconvTiles:
+  strip = min(t.strip or 7, h)
+  rows = t.rows or strip
+  if t.cblock < 32 or t.cblock & (t.cblock - 1):
+    raise ValueError(f"DwconvTiles.cblock must be a power of two >= 32 with columns=True, "
+                     f"got {t.cblock}")
+  if t.strip < 0 or t.unroll < 0 or rows < 1 or rows % strip:
+    raise ValueError(f"DwconvTiles.rows must be a positive multiple of strip (and strip, "
+                     f"unroll >= 0) with columns=True, got {t}")
+  return t._replace(strip=strip, rows=rows, num_warps=t.cblock // 32, tile_w=0,
+                    unroll=t.unroll or 1)
 
 
 def resolve_tiles(h: int, w: int, c: int, tiles: DwconvTiles | None = None) -> DwconvTiles:
   """``tiles`` (default DwconvTiles()) made concrete for an (h, w, c) image."""
   t = tiles or DwconvTiles()
+  if t.columns:
+    return _resolve_conv_columns(h, t)
   tile_w = t.tile_w or min(cm.next_power_of_2(w), 64)
   cblock = min(t.cblock, cm.next_power_of_2(c))
   for name, v in (("tile_w", tile_w), ("cblock", cblock)):
@@ -153,6 +182,111 @@ def _kernel(x_ref, k_ref, b_ref, *refs, h, w, c, k, cpad, strips, tiles: DwconvT
     plgpu.store(s_ref.at[pl.ds(part * cpad + c0, cblock)], jnp.sum(tot, axis=0))
 
 
+def _column_walk_access(c: int, cblock: int):
+  """The column-walk kernels' channel block (grid axis 2: one channel per thread): its first
+  channel c0, ``load(ref, row_base, row_ok, col, col_ok)`` -- one (cblock,) float32 vector of
+  pixel (row_base + col) of an NHWC ref, zero where not ok or past the last channel -- and
+  ``store(ref, row_base, row_ok, col, col_ok, value)``.  Row offsets / validity come once per
+  strip and the clamped column once per column (``_strip_rows``), so a load costs a scalar
+  add, a multiply and a vector add."""
+  c0 = pl.program_id(2) * cblock
+  ch = c0 + jnp.arange(cblock, dtype=jnp.int32)
+  c_ok = None if c % cblock == 0 else ch < c
+  if c_ok is not None:
+    ch = jnp.where(c_ok, ch, 0)
+
+  def mask(row_ok, col_ok):
+    ok = row_ok & col_ok
+    return ok if c_ok is None else c_ok & ok
+
+  def load(ref, row_base, row_ok, col, col_ok):
+    return plgpu.load(ref.at[(row_base + col) * c + ch], mask=mask(row_ok, col_ok),
+                      other=0).astype(f32)
+
+  def store(ref, row_base, row_ok, col, col_ok, value):
+    plgpu.store(ref.at[(row_base + col) * c + ch], value.astype(ref.dtype),
+                mask=mask(row_ok, col_ok))
+
+  return c0, load, store
+
+
+def _strip_rows(img, first_row, count: int, h: int, w: int):
+  """Rows first_row .. first_row + count - 1 of image ``img``: each one's first pixel
+  (clamped into the image) and validity, and ``column(col)`` -> (clamped col, validity)."""
+  rows = [first_row + t for t in range(count)]
+  row_ok = [(r >= 0) & (r < h) for r in rows]
+  row_base = [(img * h + jnp.clip(r, 0, h - 1)) * w for r in rows]
+
+  def column(col):
+    return jnp.clip(col, 0, w - 1), (col >= 0) & (col < w)
+
+  return row_base, row_ok, column
+
+
+def _conv_columns_kernel(x_ref, k_ref, b_ref, *refs, h, w, c, k, cpad, tiles: DwconvTiles,
+                         residual: bool, col_sums: bool, fused_fma: bool):
+  """The column walk (``DwconvTiles(columns=True)``), same outputs as ``_kernel``.  One
+  program: image ``program_id(0)``, ``tiles.rows`` output rows in strips of ``tiles.strip``,
+  ``cblock`` channels -- one channel per thread, its k*k taps in registers.  For each strip
+  it walks the image's columns keeping the k input columns col - k//2 .. col + k//2
+  (strip + k - 1 rows each) in registers: per output column one new input column is
+  loaded and the strip's outputs are k*k-term fma chains over the window, stored with the
+  bias (and the residual) added.  ``_kernel`` instead reloads each input row once per
+  horizontal tap and feeds each load to at most k outputs (its profile: bf16 unpacking and
+  address arithmetic ~30% of the instructions, H100 2026-11-26); here a loaded element
+  feeds up to k*k outputs.  ``col_sums``: the strip's own pixels are the window's centre
+  column, summed in registers.  Not yet timed on a GPU."""
+  refs = list(refs)
+  r_ref = refs.pop(0) if residual else None
+  y_ref = refs.pop(0)
+  s_ref = refs.pop(0) if col_sums else None
+  pad = k // 2
+  strip, cblock, unroll = tiles.strip, tiles.cblock, tiles.unroll
+  strips_per_program = tiles.rows // strip
+  img, rg = pl.program_id(0), pl.program_id(1)
+  c0, load, store = _column_walk_access(c, cblock)
+  r_in = strip + 2 * pad
+  taps = [k_ref[pl.ds(tap * cpad + c0, cblock)] for tap in range(k * k)]
+  bias = b_ref[pl.ds(c0, cblock)]
+
+  def strip_pass(s, sums):
+    r0 = (rg * strips_per_program + s) * strip
+    row_base, row_ok, column = _strip_rows(img, r0 - pad, r_in, h, w)
+
+    def x_column(col):
+      cc, col_ok = column(col)
+      return [load(x_ref, row_base[t], row_ok[t], cc, col_ok) for t in range(r_in)]
+
+    def column_chunk(q, carry):
+      sums, flat = carry[0], carry[1]
+      window = [list(flat[j * r_in:(j + 1) * r_in]) for j in range(2 * pad)]
+      for u in range(unroll):                # the window rotates by renaming
+        col = q * unroll + u
+        window.append(x_column(col + pad))   # input columns col - pad .. col + pad
+        cc, col_ok = column(col)
+        for o in range(strip):               # output row r0 + o: input rows o .. o + 2 pad
+          acc = bias
+          for dy in range(k):
+            for dx in range(k):
+              acc = cm.fma(window[dx][o + dy], taps[dy * k + dx], acc, fused=fused_fma)
+          if r_ref is not None:
+            acc = acc + load(r_ref, row_base[o + pad], row_ok[o + pad], cc, col_ok)
+          store(y_ref, row_base[o + pad], row_ok[o + pad], cc, col_ok, acc)
+          if col_sums:                       # x at this output pixel (zero off the image)
+            sums = sums + window[pad][o + pad]
+        window = window[1:]
+      return sums, tuple(v for values in window for v in values)
+
+    first = tuple(v for col in range(-pad, pad) for v in x_column(col))
+    sums, _ = jax.lax.fori_loop(0, cm.cdiv(w, unroll), column_chunk, (sums, first))
+    return sums
+
+  sums = jax.lax.fori_loop(0, strips_per_program, strip_pass, jnp.zeros((cblock,), f32))
+  if s_ref is not None:
+    part = img * pl.num_programs(1) + rg
+    plgpu.store(s_ref.at[pl.ds(part * cpad + c0, cblock)], sums)
+
+
 def unsupported_reason(x_shape, kernel_shape) -> str | None:
   if len(x_shape) != 4:
     return f"expects NHWC input of rank 4, got shape {tuple(x_shape)}"
@@ -195,18 +329,22 @@ def depthwise_conv(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = Non
   kflat = cm.pad_axis(kernel.reshape(k * k, c).astype(f32), 1, cpad).reshape(-1)
   b = jnp.zeros((c,), f32) if bias is None else bias.astype(f32)
   b = cm.pad_axis(b, 0, cpad)
-  strips = cm.cdiv(h, t.strip)
-  kern = functools.partial(_kernel, h=h, w=w, c=c, k=k, cpad=cpad, strips=strips, tiles=t,
-                           residual=residual is not None, col_sums=col_sums,
-                           fused_fma=t.fused_fma and not interpret)
-  wtiles = cm.cdiv(w, t.tile_w)
+  flags = dict(h=h, w=w, c=c, k=k, cpad=cpad, tiles=t, residual=residual is not None,
+               col_sums=col_sums, fused_fma=t.fused_fma and not interpret)
+  if t.columns:
+    kern = functools.partial(_conv_columns_kernel, **flags)
+    grid = (n, cm.cdiv(h, t.rows), cpad // t.cblock)
+  else:
+    strips = cm.cdiv(h, t.strip)
+    kern = functools.partial(_kernel, strips=strips, **flags)
+    grid = (n * strips, cm.cdiv(w, t.tile_w), cpad // t.cblock)
   out_shape = [jax.ShapeDtypeStruct((x.size,), x.dtype)]
   if col_sums:
-    out_shape.append(jax.ShapeDtypeStruct((n * strips * wtiles * cpad,), f32))
+    out_shape.append(jax.ShapeDtypeStruct((grid[0] * grid[1] * cpad,), f32))
   y, *parts = pl.pallas_call(
       kern,
       out_shape=out_shape,
-      grid=(n * strips, wtiles, cpad // t.cblock),
+      grid=grid,
       compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=1),
       interpret=interpret,
       name="depthwise_conv",
@@ -411,28 +549,12 @@ def _wgrad_columns_kernel(x_ref, g_ref, o_ref, *, n, h, w, c, k, cpad, tiles: Wg
   strip, cblock, unroll = tiles.strip, tiles.cblock, tiles.unroll
   strips_per_program = tiles.rows // strip
   img, rg = pl.program_id(0), pl.program_id(1)
-  c0 = pl.program_id(2) * cblock
-  ch = c0 + jnp.arange(cblock, dtype=jnp.int32)
-  c_ok = None if c % cblock == 0 else ch < c
-  if c_ok is not None:
-    ch = jnp.where(c_ok, ch, 0)
+  c0, load, _ = _column_walk_access(c, cblock)
   r_in = strip + 2 * pad                     # input rows of a strip
-
-  def load(ref, row_base, row_ok, col, col_ok):
-    # row_base (the clamped row's first pixel), row_ok: per strip; col (clamped), col_ok:
-    # per column -- so each load costs one scalar add, one multiply and one vector add.
-    ok = row_ok & col_ok
-    mask = ok if c_ok is None else c_ok & ok
-    return plgpu.load(ref.at[(row_base + col) * c + ch], mask=mask, other=0).astype(f32)
 
   def strip_pass(s, accs):
     r0 = (rg * strips_per_program + s) * strip
-    rows = [r0 - pad + t for t in range(r_in)]
-    row_ok = [(r >= 0) & (r < h) for r in rows]
-    row_base = [(img * h + jnp.clip(r, 0, h - 1)) * w for r in rows]
-
-    def column(col):
-      return jnp.clip(col, 0, w - 1), (col >= 0) & (col < w)
+    row_base, row_ok, column = _strip_rows(img, r0 - pad, r_in, h, w)
 
     def x_column(col):
       cc, col_ok = column(col)

@@ -96,6 +96,11 @@ def test_block_reference_gradients_independent_of_wgrad():
     ((2, 9, 7, 40), 7, dict(strip=4, cblock=16)),      # C not a block multiple, 3 strips
     ((1, 10, 9, 32), 7, {}),                           # default tiles: one strip of 10
     ((1, 5, 6, 64), 3, dict(strip=2, tile_w=4)),       # W split in tiles, k = 3
+    # the column walk: a partial channel block (40 of 64), 2 strips per program past H;
+    # default (one 7-row strip per program, a partial last one); unrolled past W, k = 3
+    ((2, 9, 7, 40), 7, dict(columns=True, strip=4, rows=8)),
+    ((1, 10, 9, 32), 7, dict(columns=True)),
+    ((1, 5, 6, 64), 3, dict(columns=True, strip=2, unroll=4)),
 ])
 def test_pallas_depthwise_conv_matches_xla(shape, k, tiles):
   """dwconv_triton (the Pallas-Triton depthwise conv, interpreter): strips that do not
@@ -247,7 +252,8 @@ def test_conv_and_x_adds_both_cotangents(dtype, tol):
     dwconv_triton.depthwise_conv(x, w, residual=x[:1], interpret=True)
 
 
-@pytest.mark.parametrize("tiles", [None, dict(strip=4, tile_w=4, cblock=16)])
+@pytest.mark.parametrize("tiles", [None, dict(strip=4, tile_w=4, cblock=16),
+                                   dict(columns=True, strip=4, rows=8, unroll=3)])
 def test_pallas_conv_column_sums(tiles):
   """depthwise_conv(col_sums=True): x summed over N, H, W from the programs' partial sums,
   every pixel counted once -- partial strips, column tiles and channel blocks (9 x 7 x 40
@@ -307,3 +313,23 @@ def test_fma_helper_checks_its_operands():
     cm.fma(a.astype(jnp.bfloat16), b, c, fused=False)
   with pytest.raises(ValueError, match="one shape"):
     cm.fma(a[:1], b, c, fused=True)
+
+
+def test_column_walk_conv_residual_and_bad_tiles():
+  """The column-walk conv with bias and a residual equals the default kernel's (float32,
+  interpreter); its tile checks name the problem."""
+  from pallas_kernels.convnext_block import dwconv_triton
+  kx, kw, kb, kr = jax.random.split(jax.random.key(11), 4)
+  x = jax.random.normal(kx, (2, 6, 9, 32))
+  w = jax.random.normal(kw, (7, 7, 32)) * 0.1
+  b = jax.random.normal(kb, (32,))
+  r = jax.random.normal(kr, x.shape)
+  cols = dwconv_triton.DwconvTiles(columns=True, strip=3, rows=3, unroll=2)
+  got = dwconv_triton.depthwise_conv(x, w, b, r, tiles=cols, interpret=True)
+  want = dwconv_triton.depthwise_conv(x, w, b, r, interpret=True)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  for bad, msg in ((dict(cblock=16), "power of two >= 32"), (dict(strip=2, rows=3),
+                                                             "positive multiple of strip")):
+    with pytest.raises(ValueError, match=msg):
+      dwconv_triton.depthwise_conv(x, w, tiles=dwconv_triton.DwconvTiles(columns=True, **bad),
+                                   interpret=True)

@@ -55,6 +55,9 @@ def test_depthwise_conv_kernels_lower(shape):
   x = _abstract(shape)
   kernel = jnp.ones((7, 7, shape[-1]), jnp.float32)
   _lower_for_cuda(lambda x: dwconv_triton.depthwise_conv(x, kernel), x)
+  cols = dwconv_triton.DwconvTiles(columns=True)
+  _lower_for_cuda(lambda x, r: dwconv_triton.depthwise_conv(x, kernel, None, r, tiles=cols,
+                                                            col_sums=True), x, x)
   _lower_for_cuda(lambda x, g: dwconv_triton.depthwise_conv_wgrad(x, g, 7), x, x)
   for one_pass in (dwconv_triton.WgradTiles(one_pass=True),
                    dwconv_triton.WgradTiles(one_pass=True, images=3),  # 2 = 0 + 2 images

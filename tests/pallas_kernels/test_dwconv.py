@@ -122,8 +122,9 @@ def test_pallas_depthwise_conv_matches_xla(shape, k, tiles):
 @pytest.mark.parametrize("shape", [(2, 56, 56, 96), (2, 28, 28, 192), (2, 14, 14, 384),
                                    (3, 7, 7, 768), (1, 9, 70, 40)])
 def test_pallas_depthwise_conv_compiled_on_gpu(shape):
-  """The compiled kernel with its default tiles at ConvNeXt-T's stage shapes and an odd one
-  (W > 64: two column tiles; C=40: a partial channel block), bf16, vs XLA in float32."""
+  """The compiled kernel with its default tiles, and the column walk, at ConvNeXt-T's stage
+  shapes and an odd one (W > 64: two column tiles; C=40: a partial channel block), bf16, vs
+  XLA in float32."""
   if jax.default_backend() != "gpu":
     pytest.skip("needs a GPU")
   from pallas_kernels.convnext_block import dwconv_triton
@@ -131,10 +132,11 @@ def test_pallas_depthwise_conv_compiled_on_gpu(shape):
   x = jax.random.normal(kx, shape).astype(jnp.bfloat16)
   kernel = jax.random.normal(kk, (7, 7, shape[-1])) * 0.1
   bias = jax.random.normal(kb, (shape[-1],))
-  got = dwconv_triton.depthwise_conv(x, kernel, bias)
   want = dwconv._plain(x.astype(jnp.float32), kernel) + bias
-  err = float(jnp.abs(got.astype(jnp.float32) - want).max() / jnp.abs(want).max())
-  assert err < 1e-2
+  for tiles in (None, dwconv_triton.DwconvTiles(columns=True)):  # the tile kernel, the walk
+    got = dwconv_triton.depthwise_conv(x, kernel, bias, tiles=tiles)
+    err = float(jnp.abs(got.astype(jnp.float32) - want).max() / jnp.abs(want).max())
+    assert err < 1e-2, (tiles, err)
 
 
 @pytest.mark.parametrize("shape,k,tiles", [
@@ -275,7 +277,7 @@ def test_pallas_conv_column_sums(tiles):
 def test_pallas_conv_gradients_compiled_on_gpu():
   """depthwise_conv(conv="pallas") compiled: value, input and kernel gradients vs XLA's
   autodiff in float32 (ConvNeXt-T stage-1 width, stage 4), with the "auto" kernel gradient
-  (XLA's / the grouped form) and the Pallas kernel's."""
+  (XLA's / the grouped form) and the Pallas kernels' (the tile and the column-walk forms)."""
   if jax.default_backend() != "gpu":
     pytest.skip("needs a GPU")
   for shape in ((2, 56, 56, 96), (4, 7, 7, 768)):
@@ -284,7 +286,7 @@ def test_pallas_conv_gradients_compiled_on_gpu():
     w = jax.random.normal(kw, (7, 7, shape[-1])) * 0.1
     g = jax.random.normal(kg, shape).astype(jnp.bfloat16)
     y0, dx0, dw0 = _plain_autodiff(x.astype(jnp.float32), w, g.astype(jnp.float32))
-    for wgrad in ("auto", "pallas"):
+    for wgrad in ("auto", "pallas", "pallas_columns"):
       y, vjp = jax.vjp(lambda a, b: dwconv.depthwise_conv(a, b, conv="pallas", wgrad=wgrad),
                        x, w)
       dx, dw = vjp(g)

@@ -223,6 +223,37 @@ def _strip_rows(img, first_row, count: int, h: int, w: int):
   return row_base, row_ok, column
 
 
+def _walk_columns(x_ref, load, rows, w: int, k: int, unroll: int, body, carry):
+  """The column walk over one strip: ``rows`` = ``_strip_rows(...)`` of its strip + k - 1
+  input rows.  For each output column col (0 .. w - 1, then up to unroll - 1 past the
+  image, whose loads are masked), ``window`` holds the input columns col - k//2 ..
+  col + k//2 (each a list of one vector per input row, zero off the image) and
+  ``carry = body(col, cc, col_ok, window, carry)`` (cc / col_ok: the clamped column and its
+  validity).  ``unroll`` columns per ``fori_loop`` iteration: the window rotates by
+  renaming inside one and by register moves between them."""
+  row_base, row_ok, column = rows
+  pad, r_in = k // 2, len(row_base)
+
+  def x_column(col):
+    cc, col_ok = column(col)
+    return [load(x_ref, row_base[t], row_ok[t], cc, col_ok) for t in range(r_in)]
+
+  def chunk(q, state):
+    carry, flat = state
+    window = [list(flat[j * r_in:(j + 1) * r_in]) for j in range(2 * pad)]
+    for u in range(unroll):
+      col = q * unroll + u
+      window.append(x_column(col + pad))
+      cc, col_ok = column(col)
+      carry = body(col, cc, col_ok, window, carry)
+      window = window[1:]
+    return carry, tuple(v for values in window for v in values)
+
+  first = tuple(v for col in range(-pad, pad) for v in x_column(col))
+  carry, _ = jax.lax.fori_loop(0, cm.cdiv(w, unroll), chunk, (carry, first))
+  return carry
+
+
 def _conv_columns_kernel(x_ref, k_ref, b_ref, *refs, h, w, c, k, cpad, tiles: DwconvTiles,
                          residual: bool, col_sums: bool, fused_fma: bool):
   """The column walk (``DwconvTiles(columns=True)``), same outputs as ``_kernel``.  One
@@ -251,35 +282,23 @@ def _conv_columns_kernel(x_ref, k_ref, b_ref, *refs, h, w, c, k, cpad, tiles: Dw
 
   def strip_pass(s, sums):
     r0 = (rg * strips_per_program + s) * strip
-    row_base, row_ok, column = _strip_rows(img, r0 - pad, r_in, h, w)
+    rows = _strip_rows(img, r0 - pad, r_in, h, w)
+    row_base, row_ok, _ = rows
 
-    def x_column(col):
-      cc, col_ok = column(col)
-      return [load(x_ref, row_base[t], row_ok[t], cc, col_ok) for t in range(r_in)]
+    def body(col, cc, col_ok, window, sums):
+      for o in range(strip):                 # output row r0 + o: input rows o .. o + 2 pad
+        acc = bias
+        for dy in range(k):
+          for dx in range(k):
+            acc = cm.fma(window[dx][o + dy], taps[dy * k + dx], acc, fused=fused_fma)
+        if r_ref is not None:
+          acc = acc + load(r_ref, row_base[o + pad], row_ok[o + pad], cc, col_ok)
+        store(y_ref, row_base[o + pad], row_ok[o + pad], cc, col_ok, acc)
+        if col_sums:                         # x at this output pixel (zero off the image)
+          sums = sums + window[pad][o + pad]
+      return sums
 
-    def column_chunk(q, carry):
-      sums, flat = carry[0], carry[1]
-      window = [list(flat[j * r_in:(j + 1) * r_in]) for j in range(2 * pad)]
-      for u in range(unroll):                # the window rotates by renaming
-        col = q * unroll + u
-        window.append(x_column(col + pad))   # input columns col - pad .. col + pad
-        cc, col_ok = column(col)
-        for o in range(strip):               # output row r0 + o: input rows o .. o + 2 pad
-          acc = bias
-          for dy in range(k):
-            for dx in range(k):
-              acc = cm.fma(window[dx][o + dy], taps[dy * k + dx], acc, fused=fused_fma)
-          if r_ref is not None:
-            acc = acc + load(r_ref, row_base[o + pad], row_ok[o + pad], cc, col_ok)
-          store(y_ref, row_base[o + pad], row_ok[o + pad], cc, col_ok, acc)
-          if col_sums:                       # x at this output pixel (zero off the image)
-            sums = sums + window[pad][o + pad]
-        window = window[1:]
-      return sums, tuple(v for values in window for v in values)
-
-    first = tuple(v for col in range(-pad, pad) for v in x_column(col))
-    sums, _ = jax.lax.fori_loop(0, cm.cdiv(w, unroll), column_chunk, (sums, first))
-    return sums
+    return _walk_columns(x_ref, load, rows, w, k, unroll, body, sums)
 
   sums = jax.lax.fori_loop(0, strips_per_program, strip_pass, jnp.zeros((cblock,), f32))
   if s_ref is not None:
@@ -554,32 +573,21 @@ def _wgrad_columns_kernel(x_ref, g_ref, o_ref, *, n, h, w, c, k, cpad, tiles: Wg
 
   def strip_pass(s, accs):
     r0 = (rg * strips_per_program + s) * strip
-    row_base, row_ok, column = _strip_rows(img, r0 - pad, r_in, h, w)
+    rows = _strip_rows(img, r0 - pad, r_in, h, w)
+    row_base, row_ok, _ = rows
 
-    def x_column(col):
-      cc, col_ok = column(col)
-      return [load(x_ref, row_base[t], row_ok[t], cc, col_ok) for t in range(r_in)]
+    def body(col, cc, col_ok, window, accs):
+      accs = list(accs)
+      gs = [load(g_ref, row_base[o + pad], row_ok[o + pad], cc, col_ok)  # dy rows r0 + o
+            for o in range(strip)]           # zero past the image
+      for dy in range(k):
+        for dx in range(k):
+          tap = dy * k + dx
+          for o in range(strip):             # x row r0 + o + dy - pad pairs with dy row r0 + o
+            accs[tap] = cm.fma(window[dx][o + dy], gs[o], accs[tap], fused=fused_fma)
+      return tuple(accs)
 
-    def column_chunk(q, carry):
-      accs, flat = list(carry[0]), carry[1]
-      window = [list(flat[j * r_in:(j + 1) * r_in]) for j in range(2 * pad)]
-      for u in range(unroll):                # the window rotates by renaming
-        col = q * unroll + u
-        window.append(x_column(col + pad))   # input columns col - pad .. col + pad
-        cc, col_ok = column(col)             # dy rows r0 + o are input rows o + pad
-        gs = [load(g_ref, row_base[o + pad], row_ok[o + pad], cc, col_ok)
-              for o in range(strip)]         # zero past the image
-        for dy in range(k):
-          for dx in range(k):
-            tap = dy * k + dx
-            for o in range(strip):           # x row r0 + o + dy - pad pairs with dy row r0 + o
-              accs[tap] = cm.fma(window[dx][o + dy], gs[o], accs[tap], fused=fused_fma)
-        window = window[1:]
-      return tuple(accs), tuple(v for values in window for v in values)
-
-    first = tuple(v for col in range(-pad, pad) for v in x_column(col))
-    accs, _ = jax.lax.fori_loop(0, cm.cdiv(w, unroll), column_chunk, (accs, first))
-    return accs
+    return _walk_columns(x_ref, load, rows, w, k, unroll, body, accs)
 
   zero = jnp.zeros((cblock,), f32)
   accs = jax.lax.fori_loop(0, strips_per_program, strip_pass, (zero,) * (k * k))

@@ -612,29 +612,21 @@ def depthwise_conv_wgrad(x: jax.Array, dy: jax.Array, k: int, *,
   n, h, w, c = x.shape
   t = resolve_wgrad_tiles(h, w, c, tiles)
   cpad = cm.cdiv(c, t.cblock) * t.cblock
+  flags = dict(n=n, h=h, w=w, c=c, k=k, cpad=cpad, tiles=t,
+               fused_fma=t.fused_fma and not interpret)
   if t.columns:
-    row_groups = cm.cdiv(h, t.rows)
-    parts = pl.pallas_call(
-        functools.partial(_wgrad_columns_kernel, n=n, h=h, w=w, c=c, k=k, cpad=cpad, tiles=t,
-                          fused_fma=t.fused_fma and not interpret),
-        out_shape=jax.ShapeDtypeStruct((n * row_groups * k * k * cpad,), f32),
-        grid=(n, row_groups, cpad // t.cblock),
-        compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=1),
-        interpret=interpret,
-        name="depthwise_conv_wgrad_columns",
-    )(x.reshape(-1), dy.astype(x.dtype).reshape(-1))
-    return parts.reshape(n * row_groups, k, k, cpad).sum(0)[..., :c]
-  wtiles = cm.cdiv(w, t.tile_w)
-  kern = functools.partial(_wgrad_one_pass_kernel if t.one_pass else _wgrad_kernel,
-                           n=n, h=h, w=w, c=c, k=k, cpad=cpad, tiles=t,
-                           fused_fma=t.fused_fma and not interpret)
-  groups = cm.cdiv(n, t.images)
+    kern, name = _wgrad_columns_kernel, "depthwise_conv_wgrad_columns"
+    grid = (n, cm.cdiv(h, t.rows), cpad // t.cblock)
+  else:
+    kern = _wgrad_one_pass_kernel if t.one_pass else _wgrad_kernel
+    name = "depthwise_conv_wgrad"
+    grid = (cm.cdiv(n, t.images), cm.cdiv(w, t.tile_w), cpad // t.cblock)
   parts = pl.pallas_call(
-      kern,
-      out_shape=jax.ShapeDtypeStruct((groups * wtiles * k * k * cpad,), f32),
-      grid=(groups, wtiles, cpad // t.cblock),
+      functools.partial(kern, **flags),
+      out_shape=jax.ShapeDtypeStruct((grid[0] * grid[1] * k * k * cpad,), f32),
+      grid=grid,
       compiler_params=plgpu.CompilerParams(num_warps=t.num_warps, num_stages=1),
       interpret=interpret,
-      name="depthwise_conv_wgrad",
+      name=name,
   )(x.reshape(-1), dy.astype(x.dtype).reshape(-1))
-  return parts.reshape(groups * wtiles, k, k, cpad).sum(0)[..., :c]
+  return parts.reshape(grid[0] * grid[1], k, k, cpad).sum(0)[..., :c]

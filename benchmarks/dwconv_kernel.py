@@ -32,11 +32,14 @@ VARIANTS = tuple(
         (56, 8, 32, 4, True), (28, 8, 32, 4, True), (56, 8, 32, 2, True), (28, 8, 64, 4, True),
         (28, 16, 32, 4, True), (14, 16, 32, 4, True), (14, 32, 32, 4, True),
         (7, 0, 32, 4, True), (4, 32, 64, 4, True)))
-# The column-walk kernel (DwconvTiles(columns=True); not yet timed): with --columns these
-# run after the default tiles instead of VARIANTS.
-COLUMN_VARIANTS = (dict(columns=True), dict(columns=True, strip=4),
-                   dict(columns=True, cblock=64), dict(columns=True, unroll=2))
-
+# The column-walk kernel (DwconvTiles(columns=True)): with --columns these run after the
+# default tiles instead of VARIANTS (index order = --pick).  The first entry is the walk's
+# defaults (loads prefetched one column ahead), the second without the prefetch.
+COLUMN_VARIANTS = (dict(columns=True), dict(columns=True, prefetch=False),
+                   dict(columns=True, strip=4, prefetch=False),
+                   dict(columns=True, cblock=64, prefetch=False),
+                   dict(columns=True, unroll=2, prefetch=False),
+                   dict(columns=True, rows=14), dict(columns=True, cblock=64))
 
 def _rel(a, b):
   a = np.asarray(jnp.asarray(a, jnp.float32), np.float64)
@@ -53,6 +56,8 @@ def main(argv=None):
   ap.add_argument("--no-block", action="store_true", help="skip the whole-block timings")
   ap.add_argument("--columns", action="store_true",
                   help="time the default tiles and the column-walk variants only")
+  ap.add_argument("--pick", default=None,
+                  help="with --columns: comma list of COLUMN_VARIANTS indices (default all)")
   ap.add_argument("--json", default=None)
   args = ap.parse_args(argv)
 
@@ -61,6 +66,12 @@ def main(argv=None):
   from pallas_kernels.convnext_block.reference import (
       ConvNeXtBlockParams, convnext_block_reference)
 
+  columns = COLUMN_VARIANTS
+  if args.pick:
+    try:
+      columns = tuple(COLUMN_VARIANTS[int(i)] for i in args.pick.split(","))
+    except (ValueError, IndexError):
+      ap.error(f"--pick: comma list of indices 0..{len(COLUMN_VARIANTS) - 1}, got {args.pick!r}")
   shapes = SHAPES if args.shapes == "all" else tuple(
       s for s in SHAPES if str(s[0]) in args.shapes.split(","))
   kind = jax.devices()[0].device_kind.lower()
@@ -83,7 +94,7 @@ def main(argv=None):
                xla_err=_rel(xla(xs[0]), ref), variants=[])
     row["floor_ms"] = 2 * xs[0].size * 2 / bandwidth * 1e3  # read x, write z once
     best = None
-    for v in ((VARIANTS[0],) + COLUMN_VARIANTS if args.columns else VARIANTS):
+    for v in ((VARIANTS[0],) + columns if args.columns else VARIANTS):
       tiles = dwconv_triton.DwconvTiles(**v)
       fn = jax.jit(lambda x, t=tiles: dwconv_triton.depthwise_conv(x, kern, bias, tiles=t))
       try:

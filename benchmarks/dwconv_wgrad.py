@@ -14,8 +14,9 @@ the H100 machine, 2026-11-27, and a sweep that buffered its output lost everythi
 time ran out).  The table comes last.
 
 Variants (``VARIANTS``): ``xla``; ``tap`` (``_wgrad_kernel``, default tiles);
-``onepass_*`` (``_wgrad_one_pass_kernel``: strip s, images i); ``col_*``
-(``_wgrad_columns_kernel``: strip s, rows r per program, channel block c, unroll u).
+``onepass_*`` (``_wgrad_one_pass_kernel``: strip s, images i); ``col`` (the column walk
+``_wgrad_columns_kernel`` with its default tiles); ``col_*`` (strip s, rows r per program,
+channel block c (else 128), unroll u; ``_p``: loads one column ahead, else not).
 ``--interpret`` runs the Pallas kernels in the interpreter (a CPU smoke run at small
 shapes; its times mean nothing).
 """
@@ -36,17 +37,25 @@ from pallas_kernels.timing import median_ms
 
 K = 7
 SHAPES = "56x96,28x192,14x384,7x768"
+_COL = dict(columns=True, cblock=128, prefetch=False)  # the first column-walk form timed
 VARIANTS = {
     "tap": dt.WgradTiles(),
     "onepass_s14_i4": dt.WgradTiles(one_pass=True, strip=14, images=4),
-    "col_s7_r14": dt.WgradTiles(columns=True, strip=7, rows=14),
-    "col_s7_r7": dt.WgradTiles(columns=True, strip=7, rows=7),
-    "col_s7_r28": dt.WgradTiles(columns=True, strip=7, rows=28),
-    "col_s4_r8": dt.WgradTiles(columns=True, strip=4, rows=8),
-    "col_s7_r14_c32": dt.WgradTiles(columns=True, strip=7, rows=14, cblock=32),
-    "col_s7_r14_u2": dt.WgradTiles(columns=True, strip=7, rows=14, unroll=2),
+    # the column walk, default tiles (strip 7, 14 rows, 64 / 128 channels, loads prefetched)
+    "col": dt.WgradTiles(columns=True),
+    # 128 channels per program, loads not prefetched unless ``_p`` (H100 2026-11-27 runs)
+    "col_s7_r14": dt.WgradTiles(**_COL, strip=7, rows=14),
+    "col_s7_r7": dt.WgradTiles(**_COL, strip=7, rows=7),
+    "col_s7_r28": dt.WgradTiles(**_COL, strip=7, rows=28),
+    "col_s4_r8": dt.WgradTiles(**_COL, strip=4, rows=8),
+    "col_s7_r14_c32": dt.WgradTiles(**dict(_COL, cblock=32), strip=7, rows=14),
+    "col_s7_r14_u2": dt.WgradTiles(**_COL, strip=7, rows=14, unroll=2),
+    "col_s7_r14_p": dt.WgradTiles(**dict(_COL, prefetch=True), strip=7, rows=14),
+    "col_s7_r28_p": dt.WgradTiles(**dict(_COL, prefetch=True), strip=7, rows=28),
+    "col_s7_r14_c64_p": dt.WgradTiles(columns=True, strip=7, rows=14, cblock=64, prefetch=True),
+    "col_s4_r8_p": dt.WgradTiles(**dict(_COL, prefetch=True), strip=4, rows=8),
 }
-DEFAULT_VARIANTS = "xla,tap,onepass_s14_i4,col_s7_r14,col_s7_r7,col_s4_r8"
+DEFAULT_VARIANTS = "xla,tap,col,col_s7_r14_p,col_s7_r14"
 
 
 def xla_wgrad(x, dy):

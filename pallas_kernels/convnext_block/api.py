@@ -65,7 +65,8 @@ def forward_kernel(x_shape, dtype, params: ConvNeXtBlockParams, tiles: tuning.Co
 def _forward(x, params, dps, eps, tiles, interpret):
   kernel = forward_kernel(x.shape, x.dtype, params, tiles, interpret)
   if kernel in ("mosaic", "mosaic_split"):
-    dw_tiles = dwconv_triton.DwconvTiles() if tiles.mosaic_dwconv == "pallas" else None
+    dw_tiles = (dwconv_triton.default_tiles(x.shape[2], bool(interpret))
+                if tiles.mosaic_dwconv == "pallas" else None)
     return mosaic.forward(x, params, dps, eps=eps, hidden_chunk=tiles.mosaic_hidden,
                           stages=tiles.mosaic_stages, block_m=tiles.mosaic_block_m,
                           split=kernel == "mosaic_split",

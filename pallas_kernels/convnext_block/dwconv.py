@@ -31,7 +31,9 @@ products on tensor cores, and XLA runs it in 0.24-0.78 ms (g = 64) at those shap
   ``dwconv_triton.depthwise_conv_wgrad`` (per-program partial sums of the 49 tap products,
   float32, reduced by XLA).
 * ``"pallas_columns"`` (with ``conv="pallas"`` only): the same function's column-walk
-  kernel (``WgradTiles(columns=True)``, default tiles; not yet timed on a GPU).
+  kernel (``WgradTiles(columns=True)``, default tiles): on an H100 (bf16, batch 128,
+  2026-11-27) 0.226 / 0.120 / 0.068 / 0.059 ms at ConvNeXt-T's stage shapes vs XLA's
+  0.229 / 0.132 / 0.099 / 2.136 and ``"pallas"``'s 0.629 at 56x56x96.
 
 Forward and input gradient are XLA's unless ``conv="pallas"`` (then the Pallas-Triton
 kernel of dwconv_triton.py runs both: the input gradient is the conv with mirrored taps).

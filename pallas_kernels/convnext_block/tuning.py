@@ -81,8 +81,8 @@ class ConvNeXtTiles:
   mosaic_dwconv: str = "pallas"
   # The depthwise conv's kernel gradient in differentiated calls (dwconv.WGRAD_METHODS):
   # "auto" (XLA's, or the grouped form at images no larger than the kernel), "pallas"
-  # (dwconv_triton.depthwise_conv_wgrad) or "pallas_columns" (its column-walk kernel, not yet
-  # timed on a GPU); the Pallas forms need mosaic_dwconv="pallas", else "auto" runs.
+  # (dwconv_triton.depthwise_conv_wgrad) or "pallas_columns" (its column-walk kernel); the
+  # Pallas forms need mosaic_dwconv="pallas", else "auto" runs.
   mosaic_dwconv_wgrad: str = "auto"
   # Differentiated calls ("hybrid" or "pallas") with a Mosaic forward: True = that forward
   # plus the Mosaic backward of pallas_kernels/mosaic_mlp_bwd.py for the pointwise half
@@ -136,7 +136,7 @@ def heuristic_tiles(c: int, dtype) -> ConvNeXtTiles:
     return ConvNeXtTiles(fwd_pixels=32, fwd_hidden=32, fwd_warps=8, fwd_stages=2,
                          bwd_pixels=32, bwd_hidden=32, bwd_warps=8, wgrad_rows=64,
                          wgrad_hidden=16, wgrad_warps=8, fwd_kernel="mosaic_split",
-                         mosaic_stages=2, mosaic_dwconv_wgrad="pallas", auto="hybrid",
+                         mosaic_stages=2, mosaic_dwconv_wgrad="pallas_columns", auto="hybrid",
                          **_project_tile(c))
   return dataclasses.replace(_heuristic_tiles(c), auto="hybrid" if c <= 512 else "xla")
 
@@ -208,7 +208,10 @@ def _heuristic_tiles(c: int) -> ConvNeXtTiles:
 # Pallas depthwise-conv kernel gradient (mosaic_dwconv_wgrad): 0.723 ms vs "hybrid" 0.892 and
 # XLA 0.870 (the kernel gradient alone 0.100 ms vs the grouped form's 0.231 and XLA's own
 # 2.126); at 14x14 and larger XLA's kernel gradient is faster than the Pallas one (0.094 vs
-# 0.128, 0.122 vs 0.336, 0.218 vs 0.641 ms).
+# 0.128, 0.122 vs 0.336, 0.218 vs 0.641 ms).  The column-walk kernel gradient
+# ("pallas_columns", H100 2026-11-27, benchmarks.dwconv_wgrad, batch 128) beats XLA's at
+# C=192 / 384 / 768 (0.120 / 0.068 / 0.059 ms vs 0.132 / 0.099 / 2.136) and ties it at C=96
+# (0.226 vs 0.229, which keeps "auto"): those three entries use it.
 _H100 = "NVIDIA H100 80GB HBM3"
 TUNED: dict[tuple[int, str, str], ConvNeXtTiles] = {
     (96, "bfloat16", _H100): ConvNeXtTiles(
@@ -218,18 +221,20 @@ TUNED: dict[tuple[int, str, str], ConvNeXtTiles] = {
     (192, "bfloat16", _H100): ConvNeXtTiles(
         fwd_pixels=64, fwd_hidden=64, fwd_warps=4, bwd_pixels=64, bwd_hidden=32,
         wgrad_rows=64, wgrad_hidden=32, dw_pixels=128, dw_channels=32, auto="hybrid",
-        mosaic_block_m=128, mosaic_stages=2, mosaic_backward=True, mosaic_bwd_stages=2),
+        mosaic_block_m=128, mosaic_stages=2, mosaic_backward=True, mosaic_bwd_stages=2,
+        mosaic_dwconv_wgrad="pallas_columns"),
     (384, "bfloat16", _H100): ConvNeXtTiles(
         fwd_pixels=32, fwd_hidden=64, fwd_warps=4, bwd_pixels=32, bwd_hidden=32,
         wgrad_rows=64, wgrad_hidden=32, dw_pixels=128, dw_channels=32, auto="hybrid",
         fwd_kernel="mosaic_split", mosaic_stages=2, mosaic_project_block_m=128,
-        mosaic_block_n=192, mosaic_backward=True, mosaic_bwd_stages=2),
+        mosaic_block_n=192, mosaic_backward=True, mosaic_bwd_stages=2,
+        mosaic_dwconv_wgrad="pallas_columns"),
     (768, "bfloat16", _H100): ConvNeXtTiles(
         fwd_pixels=32, fwd_hidden=32, fwd_warps=8, fwd_stages=2, bwd_pixels=32,
         bwd_hidden=32, bwd_warps=8, wgrad_rows=64, wgrad_hidden=16, wgrad_warps=8,
         dw_pixels=128, dw_channels=32, auto="hybrid", fwd_kernel="mosaic_split",
         mosaic_stages=2, mosaic_project_block_m=128, mosaic_block_n=192,
-        mosaic_dwconv_wgrad="pallas"),
+        mosaic_dwconv_wgrad="pallas_columns"),
 }
 
 _CACHE_ENV = "CONVFIRST_JAX_TUNING_CACHE"
@@ -384,7 +389,8 @@ def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]
               project_stages=t.mosaic_project_stages,
               project_block_m=t.mosaic_project_block_m, block_n=t.mosaic_block_n or None,
               pipelined=t.mosaic_pipelined,
-              dwconv_tiles=None if t.mosaic_dwconv == "xla" else dwconv_triton.DwconvTiles()),
+              dwconv_tiles=(None if t.mosaic_dwconv == "xla"
+                            else dwconv_triton.default_tiles(x.shape[2]))),
           (x, params, dps), best, include_current=False)
       if verbose:
         print(f"  forward: Triton {t_triton * 1e3:.3f} ms, Mosaic {t_mosaic * 1e3:.3f} ms "

@@ -101,6 +101,8 @@ def test_block_reference_gradients_independent_of_wgrad():
     ((2, 9, 7, 40), 7, dict(columns=True, strip=4, rows=8)),
     ((1, 10, 9, 32), 7, dict(columns=True)),
     ((1, 5, 6, 64), 3, dict(columns=True, strip=2, unroll=4)),
+    # loads not issued ahead (the default prefetches): unrolled past W, partial strip
+    ((2, 9, 7, 40), 7, dict(columns=True, strip=4, rows=8, unroll=2, prefetch=False)),
 ])
 def test_pallas_depthwise_conv_matches_xla(shape, k, tiles):
   """dwconv_triton (the Pallas-Triton depthwise conv, interpreter): strips that do not
@@ -158,6 +160,9 @@ def test_pallas_depthwise_conv_compiled_on_gpu(shape):
     ((1, 7, 7, 64), 7, dict(columns=True)),
     ((2, 5, 11, 32), 7, dict(columns=True, strip=2, rows=4, unroll=3)),
     ((1, 6, 5, 24), 3, dict(columns=True, strip=4, rows=4)),
+    # the loads not issued one column ahead (the default prefetches)
+    ((2, 9, 13, 40), 7, dict(columns=True, prefetch=False)),
+    ((2, 5, 11, 32), 7, dict(columns=True, strip=2, rows=4, unroll=3, prefetch=False)),
 ])
 def test_pallas_kernel_gradient_matches_xla(shape, k, tiles):
   """dwconv_triton.depthwise_conv_wgrad (interpreter) vs XLA's autodiff kernel gradient in
@@ -172,7 +177,7 @@ def test_pallas_kernel_gradient_matches_xla(shape, k, tiles):
                                            tiles=dwconv_triton.WgradTiles(**tiles))
   assert got.shape == want.shape and got.dtype == jnp.float32
   assert _rel(got, want) < 2e-6
-  if set(tiles) <= {"one_pass", "columns"}:  # bf16 with each kernel's default tiles
+  if set(tiles) <= {"one_pass", "columns", "prefetch"}:  # bf16, each kernel's default tiles
     xb, gb = x.astype(jnp.bfloat16), g.astype(jnp.bfloat16)
     got = dwconv_triton.depthwise_conv_wgrad(
         xb, gb, k, interpret=True, tiles=dwconv_triton.WgradTiles(**tiles))
@@ -255,7 +260,8 @@ def test_conv_and_x_adds_both_cotangents(dtype, tol):
 
 
 @pytest.mark.parametrize("tiles", [None, dict(strip=4, tile_w=4, cblock=16),
-                                   dict(columns=True, strip=4, rows=8, unroll=3)])
+                                   dict(columns=True, strip=4, rows=8, unroll=3),
+                                   dict(columns=True, strip=4, rows=8, prefetch=False)])
 def test_pallas_conv_column_sums(tiles):
   """depthwise_conv(col_sums=True): x summed over N, H, W from the programs' partial sums,
   every pixel counted once -- partial strips, column tiles and channel blocks (9 x 7 x 40
@@ -326,12 +332,27 @@ def test_column_walk_conv_residual_and_bad_tiles():
   w = jax.random.normal(kw, (7, 7, 32)) * 0.1
   b = jax.random.normal(kb, (32,))
   r = jax.random.normal(kr, x.shape)
-  cols = dwconv_triton.DwconvTiles(columns=True, strip=3, rows=3, unroll=2)
-  got = dwconv_triton.depthwise_conv(x, w, b, r, tiles=cols, interpret=True)
   want = dwconv_triton.depthwise_conv(x, w, b, r, interpret=True)
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  for prefetch in (False, True):             # the residual is one of the prefetched loads
+    cols = dwconv_triton.DwconvTiles(columns=True, strip=3, rows=3, unroll=2, prefetch=prefetch)
+    got = dwconv_triton.depthwise_conv(x, w, b, r, tiles=cols, interpret=True)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
   for bad, msg in ((dict(cblock=16), "power of two >= 32"), (dict(strip=2, rows=3),
                                                              "positive multiple of strip")):
     with pytest.raises(ValueError, match=msg):
       dwconv_triton.depthwise_conv(x, w, tiles=dwconv_triton.DwconvTiles(columns=True, **bad),
                                    interpret=True)
+
+
+def test_default_tiles_follow_the_measured_rule():
+  """tiles=None: the column walk with prefetched loads except at 8- to 16-wide images and in
+  the interpreter (the tile kernel); the walk's kernel-gradient defaults by channel count."""
+  from pallas_kernels.convnext_block import dwconv_triton as dt
+  walk = dt.DwconvTiles(columns=True, prefetch=True)
+  assert [dt.default_tiles(w) for w in (56, 28, 17, 14, 8, 7)] == [walk] * 3 + [
+      dt.DwconvTiles()] * 2 + [walk]
+  assert dt.default_tiles(56, interpret=True) == dt.DwconvTiles()
+  assert dt.resolve_tiles(56, 56, 96, None).columns
+  for c, cblock in ((96, 64), (192, 64), (384, 128), (768, 128)):
+    t = dt.resolve_wgrad_tiles(14, 14, c, dt.WgradTiles(columns=True))
+    assert (t.cblock, t.num_warps, t.rows, t.prefetch) == (cblock, cblock // 32, 14, True)

@@ -129,7 +129,7 @@ def test_split_forward_kernel_choice():
   assert t768 == tuning.TUNED[(768, "bfloat16", tuning._H100)]
   t640 = tuning.heuristic_tiles(640, jnp.bfloat16)
   assert (t640.fwd_kernel, t640.auto, t640.mosaic_dwconv_wgrad, t640.mosaic_block_n) == (
-      "mosaic_split", "hybrid", "pallas", 0)
+      "mosaic_split", "hybrid", "pallas_columns", 0)
   assert tuning.heuristic_tiles(768, jnp.float32).auto == "xla"
   assert tuning.heuristic_tiles(1024, jnp.bfloat16).auto == "xla"
   # 128-row project CTAs only with 192 channels (a 128 x 256 accumulator spills)

@@ -2,14 +2,16 @@
 waterline floor max(FLOPs / peak, min_bytes / bandwidth).
 
     PYTHONPATH=. python3 -m benchmarks.blocks [--blocks convnext,convfirst,convfirst_train]
-        [--batch 128]
-        [--dtype bfloat16] [--iters 50] [--json out.json] [--tune]
+        [--batch 128] [--dtype bfloat16] [--iters 30] [--json out.json] [--tune]
+        [--convnext-impl auto|pallas]
 
 Each time is the median over ``--iters`` samples; a sample dispatches ``--reps`` calls
 back to back (rotating between two random input sets, so inputs that fit in the 50 MB L2
 are not always hot) and divides the wall time, synchronised with block_until_ready, by
 ``--reps``, after warm-up.  The Pallas result is checked against XLA in the same run
-(max |a-b| / max |b| of y, and of dx and d fc1 for the backward).
+(max |a-b| / max |b| of y, and of dx and d fc1 for the backward).  The ConvNeXt rows'
+"Pallas" column is ``implementation=None`` -- what ``block_impl="auto"`` models run -- unless
+``--convnext-impl pallas`` forces the Pallas path (see ``convnext_cases``).
 
 Blocks are ``BlockCase`` entries produced by ``CASES[name](batch, dtype)``; ConvFirst and
 MBConv add an entry there with their own FLOP/byte counts.  Sweeps over alternative kernel
@@ -57,7 +59,15 @@ class BlockCase:
     return max(f / PEAK_FLOPS, b / PEAK_BYTES) * 1e3
 
 
-def convnext_cases(batch: int, dtype, tiles=None):
+def convnext_cases(batch: int, dtype, tiles=None, impl: str = "auto"):
+  """ConvNeXt-T's four stage blocks.  The "Pallas" column runs ``implementation=None``
+  (``impl="auto"``: what a model's ``block_impl="auto"`` gets -- the tile table's choice,
+  e.g. XLA's block with the Pallas depthwise conv when differentiated at C=768) or
+  ``implementation="pallas"`` (``impl="pallas"``: the Pallas path forced, the Triton
+  backward at C=768; the tables before 2026-11-27's fifth session used this)."""
+  if impl not in ("auto", "pallas"):
+    raise ValueError(f"impl must be 'auto' or 'pallas', got {impl!r}")
+  implementation = None if impl == "auto" else "pallas"
   from pallas_kernels.convnext_block import api
   from pallas_kernels.convnext_block.tuning import reference_params
 
@@ -80,7 +90,7 @@ def convnext_cases(batch: int, dtype, tiles=None):
     impls = {
         "xla": lambda x, p, d: api.convnext_block(x, p, d, implementation="xla"),
         "pallas": lambda x, p, d, tiles=tiles: api.convnext_block(
-            x, p, d, implementation="pallas", tiles=tiles),
+            x, p, d, implementation=implementation, tiles=tiles),
     }
     flops = 2.0 * m * (49 * c + 2 * c * hidden)
     cases.append(BlockCase(
@@ -250,6 +260,10 @@ def main(argv=None) -> int:
   ap.add_argument("--iters", type=int, default=30)
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--no-backward", action="store_true")
+  ap.add_argument("--convnext-impl", choices=["auto", "pallas"], default="auto",
+                  help="what the ConvNeXt rows' Pallas column runs: implementation=None "
+                       "(auto, the library default) or \"pallas\" (forced; the Triton "
+                       "backward at C=768)")
   ap.add_argument("--tune", action="store_true",
                   help="re-tune the Pallas tiles on this GPU first (cached to JSON)")
   ap.add_argument("--json", default=None)
@@ -258,7 +272,7 @@ def main(argv=None) -> int:
   device = jax.devices()[0].device_kind
   meta = dict(device=device, date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
               batch=args.batch, dtype=args.dtype, jax=jax.__version__,
-              xla_flags=os.environ.get("XLA_FLAGS", ""),
+              xla_flags=os.environ.get("XLA_FLAGS", ""), convnext_impl=args.convnext_impl,
               peak_flops=PEAK_FLOPS, peak_bytes_per_s=PEAK_BYTES)
   print(f"# {meta}", flush=True)
   from pallas_kernels.convnext_block import tuning
@@ -267,7 +281,8 @@ def main(argv=None) -> int:
   if unknown:
     ap.error(f"unknown --blocks {sorted(unknown)}; choose from {sorted(CASES)}")
   for name in args.blocks.split(","):
-    for case in CASES[name](args.batch, dtype):
+    kw = dict(impl=args.convnext_impl) if name == "convnext" else {}
+    for case in CASES[name](args.batch, dtype, **kw):
       if args.tune and name == "convnext":  # tune right before each shape's benchmark
         best, _ = tuning.retune(case.shape, dtype, iters=5)
         print(f"TUNED {case.name}: {best}", flush=True)

@@ -68,8 +68,9 @@ class DwconvTiles(NamedTuple):
   fused_fma: one ``fma.rn.f32`` per multiply-add (``_common.fma``) instead of the separate
   multiply and add that Pallas-Triton's ``a * b + c`` compiles to (ignored in interpret
   mode).  columns: the column-walk kernel (``_conv_columns_kernel``) with ``rows``
-  output rows per program (0: one strip; a multiple of strip), strip (0: min(7, H)), cblock (a power of two >= 32; num_warps = cblock // 32, one channel per
-  thread), ``unroll`` columns per loop iteration (0: 1) and ``prefetch`` (each column's
+  output rows per program (0: one strip; a multiple of strip), strip (0: min(7, H)),
+  cblock (a power of two >= 32; num_warps = cblock // 32, one channel per thread),
+  ``unroll`` columns per loop iteration (0: 1) and ``prefetch`` (each column's
   loads issued one column ahead, ``_walk_columns``; on by default: 0.176 vs 0.191 ms at
   56x56x96, H100, batch 128, 2026-11-27); tile_w is unused.  ``depthwise_conv(tiles=None)``
   picks the kernel by shape (``default_tiles``)."""
@@ -253,7 +254,7 @@ def _walk_columns(x_ref, load, rows, w: int, k: int, unroll: int, body, carry, *
   col + k//2 (each a list of one vector per input row, zero off the image) and
   ``carry = body(col, cc, col_ok, window, more, carry)`` (cc / col_ok: the clamped column
   and its validity; ``more = extra(cc, col_ok)``, the caller's other loads at that column,
-  or () without ``extra``).  ``unroll`` columns per ``fori_loop`` iteration: the window
+  or empty without ``extra``).  ``unroll`` columns per ``fori_loop`` iteration: the window
   rotates by renaming inside one and by register moves between them.
 
   ``prefetch``: a column's loads (its new input column and ``extra``) are issued one column

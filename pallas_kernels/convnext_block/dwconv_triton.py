@@ -145,15 +145,21 @@ def _channel_block(c: int, cblock: int):
   return c0, ch, mask_of
 
 
+def _conv_refs(refs, residual: bool, col_sums: bool):
+  """The conv kernels' output refs after x, kernel and bias: ([r_ref,] y_ref [, s_ref]) ->
+  (r_ref or None, y_ref, s_ref or None)."""
+  refs = list(refs)
+  r_ref = refs.pop(0) if residual else None
+  y_ref = refs.pop(0)
+  return r_ref, y_ref, refs.pop(0) if col_sums else None
+
+
 def _kernel(x_ref, k_ref, b_ref, *refs, h, w, c, k, cpad, strips, tiles: DwconvTiles,
             residual: bool, col_sums: bool, fused_fma: bool):
   """refs: [r_ref,] y_ref [, s_ref]: y = conv(x) + b (+ r, a residual of y's shape); s_ref
   (``col_sums``): this program's sums of x over its own output pixels, per channel (for a
   bias gradient when x is a cotangent)."""
-  refs = list(refs)
-  r_ref = refs.pop(0) if residual else None
-  y_ref = refs.pop(0)
-  s_ref = refs.pop(0) if col_sums else None
+  r_ref, y_ref, s_ref = _conv_refs(refs, residual, col_sums)
   pad = k // 2
   strip, tile_w, cblock = tiles.strip, tiles.tile_w, tiles.cblock
   pid = pl.program_id(0)
@@ -316,10 +322,7 @@ def _conv_columns_kernel(x_ref, k_ref, b_ref, *refs, h, w, c, k, cpad, tiles: Dw
   address arithmetic ~30% of the instructions, H100 2026-11-26); here a loaded element
   feeds up to k*k outputs.  ``col_sums``: the strip's own pixels are the window's centre
   column, summed in registers."""
-  refs = list(refs)
-  r_ref = refs.pop(0) if residual else None
-  y_ref = refs.pop(0)
-  s_ref = refs.pop(0) if col_sums else None
+  r_ref, y_ref, s_ref = _conv_refs(refs, residual, col_sums)
   pad = k // 2
   strip, cblock, unroll = tiles.strip, tiles.cblock, tiles.unroll
   strips_per_program = tiles.rows // strip

@@ -104,6 +104,10 @@ def main(argv=None):
                                                else "in the kernel"), None,
                     rep(mosaic_backward=True, mosaic_dwconv_wgrad="auto",
                         mosaic_bwd_db1=not tuned.mosaic_bwd_db1))]
+    if c <= 256:  # the one-kernel backward: the other CTA size
+      other = 192 - tuned.mosaic_bwd_block_m  # 64 <-> 128
+      variants.append((f"mosaic backward, {other}-row CTAs", None,
+                       rep(mosaic_backward=True, mosaic_bwd_block_m=other)))
     ref = None
     base = None
     for label, impl, tiles in variants:

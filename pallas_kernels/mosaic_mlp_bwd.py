@@ -27,6 +27,15 @@ dzn += da_j W1_j^T (da_j in z's dtype as its register operand; a 64 x C float32 
 accumulator kept over the whole loop) while h_j and da_j go through two shared-memory
 staging slots to DRAM (TMA) for the weight gradients.  The LayerNorm backward (recomputing
 mean and 1/std from the raw z tile in float32) runs in the epilogue, which writes dz once.
+``_bwd_kernel_ws`` (``fused_mlp_bwd(block_m=128)``) runs 128 rows per CTA as two compute
+warpgroups of 64 rows sharing each weight slice, fed by a third warpgroup that only issues
+the weight TMA copies -- so that one warpgroup's wgmmas overlap the other's GELU / GELU' and
+stores (one 64-row CTA per SM at C=192 leaves the tensor cores idle meanwhile).  To fit
+shared memory it normalises z in place and keeps 1/std in registers for the epilogue, and
+W2 may have fewer slots than W1^T (``ws_bwd_layout``).  Measured (H100, 2026-11-27, N=128,
+bf16, kernel alone): 56x56x96 0.596-0.611 ms vs 0.685 for the 64-row kernel, 28x28x192
+0.346 vs 0.376; block forward + backward 1.775-1.800 vs 1.867-1.876 ms and 1.070-1.085 vs
+1.112-1.130 (benchmarks/RESULTS.md).  It has no db1 column sums (see its docstring).
 ``_hidden_grad_kernel`` is the same without dzn, for C > 256 (``hidden_grads``; XLA then
 computes dzn = da W1^T and the LayerNorm backward).  So a is recomputed rather than saved
 by the forward (the forward stays the inference kernel, saving only its inputs), and the
@@ -50,7 +59,7 @@ by one extra XLA GEMM (u = h W2 + b2, d rs = sum_c dy u).
 
 Limits: those of ``fused_mlp`` (bfloat16/float16, C a multiple of 32, E a multiple of the
 hidden chunk), C at most 256, GELU or SiLU, and the tiles must fit shared memory
-(``bwd_smem_bytes``; C=256 needs ``stages=1``); ``hidden_grads``: C and E multiples of 64,
+(``bwd_smem_bytes``; C=256 needs ``stages=1``; with 128-row CTAs ``ws_bwd_smem_bytes``); ``hidden_grads``: C and E multiples of 64,
 its tiles within shared memory (``split_bwd_smem_bytes``: C=384 with 32-wide chunks, not
 C=768).
 
@@ -95,8 +104,25 @@ def bwd_smem_bytes(c: int, hc: int, stages: int, itemsize: int = 2, bm: int = BL
 
 def unsupported_reason(m: int, c: int, e: int, dtype, act: str = "gelu",
                        hidden_chunk: int = 64, stages: int = 2,
-                       col_sums: bool = False) -> str | None:
-  """Why ``fused_mlp_bwd`` cannot run this shape/dtype/activation, or None."""
+                       col_sums: bool = False, block_m: int = BLOCK_M) -> str | None:
+  """Why ``fused_mlp_bwd`` cannot run this shape/dtype/activation (with ``block_m``-row
+  CTAs), or None."""
+  if block_m not in (64, 128):
+    return f"the backward kernel's block_m must be 64 or 128, got {block_m}"
+  if block_m == 128:
+    reason = mosaic_mlp.unsupported_reason(m, c, e, dtype, hidden_chunk) or _kernel_reason(
+        "backward kernel", lambda *_: 0, c, act, hidden_chunk, stages, dtype)
+    if reason is None and col_sums:
+      reason = ("db1 column sums (col_sums) are not available with 128-row CTAs (two "
+                "warpgroups' cross-warp reductions would share one scratch buffer); use "
+                "block_m=64 or col_sums=False")
+    if reason is None and ws_bwd_layout(c, e, hidden_chunk, stages,
+                                        jnp.dtype(dtype).itemsize) is None:
+      need = ws_bwd_smem_bytes(c, e, hidden_chunk, stages, 1, 1, jnp.dtype(dtype).itemsize)
+      reason = (f"C={c} with a hidden chunk of {hidden_chunk} and {stages} weight stages needs "
+                f"{need} bytes of shared memory in the 128-row backward kernel (at most "
+                f"{SMEM_BYTES}); use fewer stages, a smaller chunk or block_m=64")
+    return reason
   smem = functools.partial(bwd_smem_bytes, col_sums_e=e if col_sums else 0)
   return (mosaic_mlp.unsupported_reason(m, c, e, dtype, hidden_chunk)
           or _kernel_reason("backward kernel", smem, c, act, hidden_chunk, stages, dtype))
@@ -150,17 +176,17 @@ def _hidden_grad(a, dh, b1_smem, rs_smem, act: str):
 
 
 def _store_hidden(h, da, out_smem, j, rows, h_gmem, da_gmem, before_store=None,
-                  db1_smem=None):
-  """Writes chunk j's h and da (z's dtype) into staging slot j % 2 of ``out_smem`` (2, 2,
-  rows, hc) and TMA-copies them to columns [j hc, (j + 1) hc) of h_gmem / da_gmem.  The
-  stores issued for chunk j - 2 must have read the slot first (those of chunk j - 1 may
-  still be in flight).  ``before_store(da_slot)`` runs after the slots are committed and
+                  db1_smem=None, slots: int = 2):
+  """Writes chunk j's h and da (z's dtype) into staging slot j % slots of ``out_smem``
+  (slots, 2, rows, hc) and TMA-copies them to columns [j hc, (j + 1) hc) of h_gmem /
+  da_gmem.  The stores issued for chunk j - slots must have read the slot first (with two
+  slots those of chunk j - 1 may still be in flight).  ``before_store(da_slot)`` runs after the slots are committed and
   before the copies are issued (the fused kernel's dzn wgmma).  ``db1_smem`` (E / hc, hc)
   float32: row j gets the chunk's column sums of da (float32, before rounding)."""
   hc = h.shape[1]
-  slot = lax.rem(j, 2)
-  plgpu.wait_smem_to_gmem(2, wait_read_only=True)
-  h_slot, da_slot = out_smem.at[0, slot], out_smem.at[1, slot]
+  slot = lax.rem(j, slots)
+  plgpu.wait_smem_to_gmem(2 * (slots - 1), wait_read_only=True)  # 2 stores per chunk
+  h_slot, da_slot = out_smem.at[slot, 0], out_smem.at[slot, 1]
   h_slot[...] = h.astype(h_slot.dtype)
   da_slot[...] = da.astype(da_slot.dtype)
   if db1_smem is not None:
@@ -262,6 +288,193 @@ def _bwd_kernel(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, dz
   )
 
 
+def ws_bwd_smem_bytes(c: int, e: int, hc: int, stages: int, w2_stages: int, slots: int,
+                      itemsize: int = 2) -> int:
+  """Shared memory of ``_bwd_kernel_ws`` (128-row CTAs): per compute warpgroup a z tile
+  (normalised in place) and a g tile of 64 rows, ``slots`` staging slots each for h and da;
+  ``stages`` slices of W1^T and ``w2_stages`` of W2; z_bias, all of b1, the row scales,
+  plus 2 KiB for barriers."""
+  return (itemsize * (2 * (2 * 64 * c + slots * 2 * 64 * hc) + (stages + w2_stages) * hc * c)
+          + 4 * (c + e + 128) + 2048)
+
+
+def ws_bwd_layout(c: int, e: int, hc: int, stages: int,
+                  itemsize: int = 2) -> tuple[int, int] | None:
+  """(W2 stages, staging slots) of ``_bwd_kernel_ws`` for ``stages`` slices of W1^T: the
+  first of (stages, 2), (stages, 1), (1, 2), (1, 1) that fits shared memory, or None.  At
+  C=192 (hc=64, bf16) with 2 W1 stages that is (1, 1): 211,200 bytes; (2, 1) would need
+  235,776 of the 232,448."""
+  for w2_stages, slots in ((stages, 2), (stages, 1), (1, 2), (1, 1)):
+    if ws_bwd_smem_bytes(c, e, hc, stages, w2_stages, slots, itemsize) <= SMEM_BYTES:
+      return w2_stages, slots
+  return None
+
+
+def _normalise_in_place_rstd(z_smem, zb_smem, *, normalize: bool, eps: float):
+  """z_smem <- LN(z + zb) (or z + zb) in place, fenced for the tensor cores; returns the
+  rows' 1/std (float32 registers, WGMMA row layout) for the LayerNorm backward (None
+  without ``normalize``)."""
+  rows, c = z_smem.shape
+  z = plgpu.load(z_smem, layout=_WG).astype(jnp.float32)
+  zb = plgpu.load(zb_smem, layout=_WG.reduce(0))
+  z = z + lax.broadcast_in_dim(zb, (rows, c), [1])
+  rstd = None
+  if normalize:
+    mean = z.sum(axis=1) * (1.0 / c)
+    d = z - lax.broadcast_in_dim(mean, (rows, c), [0])
+    rstd = lax.rsqrt((d * d).sum(axis=1) * (1.0 / c) + eps)
+    z = d * lax.broadcast_in_dim(rstd, (rows, c), [0])
+  z_smem[...] = z.astype(z_smem.dtype)
+  plgpu.commit_smem()
+  return rstd
+
+
+def _ln_backward_from_zn(dzn, zn_smem, rstd):
+  """dz from dzn through zn = norm(z + zb), given the normalised tile (in z's dtype) and the
+  rows' 1/std: dz = (dzn - mean(dzn) - zn mean(dzn zn)) / std.  (zn rounded to bf16 stands
+  in for the exact zhat: ~2e-3 relative on the last term.)  rstd None: the identity."""
+  if rstd is None:
+    return dzn
+  rows, c = dzn.shape
+  zhat = plgpu.load(zn_smem, layout=_WG).astype(jnp.float32)
+  row = lambda v: lax.broadcast_in_dim(v, (rows, c), [0])
+  m1 = dzn.sum(axis=1) * (1.0 / c)
+  m2 = (dzn * zhat).sum(axis=1) * (1.0 / c)
+  return (dzn - row(m1) - zhat * row(m2)) * row(rstd)
+
+
+def _bwd_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, dz_gmem,
+                   h_gmem, da_gmem, *extra_gmem, c: int, e: int, hc: int, act: str,
+                   normalize: bool, eps: float, stages: int, w2_stages: int, slots: int,
+                   da_in_regs: bool, with_zn: bool = False):
+  """``_bwd_kernel`` with 128 rows per CTA, warp-specialised (as the forward's
+  ``mosaic_mlp._kernel_ws``): warpgroups 0 and 1 each own 64 rows and run the same per-chunk
+  wgmma -> GELU / GELU' -> wgmma chain; warpgroup 2 only issues the TMA copies of the weight
+  slices, W1^T into ``stages`` slots and W2 into ``w2_stages``, refilling a W2 slot as soon
+  as both compute warpgroups' dh wgmmas have read it and a W1^T slot after their dzn
+  wgmmas.  Why: with one 64-row warpgroup per CTA and one CTA per SM (C=192), the tensor
+  cores idle while the activation, its derivative and the h / da stores run; two compute
+  warpgroups let one's wgmmas overlap the other's register work, and each weight slice is
+  read from L2 once per 128 rows.  To fit, each warpgroup normalises its z tile in place and
+  keeps only the rows' 1/std (registers) for the LayerNorm backward, which then uses the
+  rounded zn (``_ln_backward_from_zn``); ``slots`` (1 or 2) staging slots per warpgroup.
+  ``extra_gmem``: zn_gmem with ``with_zn``.  No db1 column sums: a reduction over rows
+  crosses the warps of a warpgroup, and Mosaic GPU (jax 0.11.2) gives every warpgroup the
+  same shared-memory scratch for it -- the two compute warpgroups' sums raced (wrong
+  results on an H100, 2026-11-27; right in the interpreter, which runs them one after the
+  other)."""
+  zn_gmem = extra_gmem[0] if with_zn else None
+  dtype = z_gmem.dtype
+  n_chunks = e // hc
+  cta = lax.axis_index("m")
+
+  def body(zn_smem, g_smem, rs_smem, zb_smem, b1_smem, w1t_smem, w2_smem, out_smem, tile_bars,
+           param_bars, w1_bars, w2_bars, w1_free, w2_free):
+    wgi = lax.axis_index("wg")
+
+    @pl.when(wgi < 2)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+      rows = pl.ds(cta * 128 + wgi * 64, 64)
+      my_zn, my_g, my_out = zn_smem.at[wgi], g_smem.at[wgi], out_smem.at[wgi]
+      plgpu.copy_gmem_to_smem(z_gmem.at[rows], my_zn, tile_bars.at[3 * wgi])
+      plgpu.copy_gmem_to_smem(g_gmem.at[rows], my_g, tile_bars.at[3 * wgi + 1])
+      if rs_gmem is None:
+        my_rs = None
+      else:
+        my_rs = rs_smem.at[wgi]
+        plgpu.copy_gmem_to_smem(rs_gmem.at[rows], my_rs, tile_bars.at[3 * wgi + 2])
+        plgpu.barrier_wait(tile_bars.at[3 * wgi + 2])
+      plgpu.barrier_wait(tile_bars.at[3 * wgi])
+      plgpu.barrier_wait(param_bars.at[0])
+      rstd = _normalise_in_place_rstd(my_zn, zb_smem, normalize=normalize, eps=eps)
+      if zn_gmem is not None:  # read-only from here on; awaited with the h / da stores
+        plgpu.copy_smem_to_gmem(my_zn, zn_gmem.at[rows])
+      plgpu.barrier_wait(tile_bars.at[3 * wgi + 1])
+      plgpu.barrier_wait(param_bars.at[1])
+
+      def accumulate(dzn_ref):
+        @pl.loop(0, n_chunks)
+        def _chunk(j):
+          s1, s2 = lax.rem(j, stages), lax.rem(j, w2_stages)
+          w1t = w1t_smem.at[s1]
+          plgpu.barrier_wait(w1_bars.at[s1])
+          plgpu.barrier_wait(w2_bars.at[s2])
+
+          def matmuls(acc_a, acc_dh):
+            plgpu.wgmma(acc_a, my_zn, w1t.transpose((1, 0)))
+            plgpu.wgmma(acc_dh, my_g, w2_smem.at[s2].transpose((1, 0)))
+            plgpu.wgmma_wait(0)
+            return acc_a[...], acc_dh[...]
+
+          a, dh = pl.run_scoped(matmuls, plgpu.ACC((64, hc), jnp.float32),
+                                plgpu.ACC((64, hc), jnp.float32))
+          plgpu.barrier_arrive(w2_free.at[s2])
+          h, da = _hidden_grad(a, dh, b1_smem.at[j], my_rs, act)
+
+          def project_back(da_slot):  # as _bwd_kernel's
+            plgpu.wgmma(dzn_ref, da.astype(dtype) if da_in_regs else da_slot, w1t)
+
+          _store_hidden(h, da, my_out, j, rows, h_gmem, da_gmem, project_back, slots=slots)
+          plgpu.wgmma_wait(0)
+          plgpu.barrier_arrive(w1_free.at[s1])
+        return dzn_ref[...]
+
+      dzn = pl.run_scoped(accumulate, plgpu.ACC((64, c), jnp.float32))
+      dz = _ln_backward_from_zn(dzn, my_zn, rstd)
+      my_g[...] = dz.astype(dtype)  # every wgmma that read g has been retired
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(my_g, dz_gmem.at[rows])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wgi == 2)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+      plgpu.copy_gmem_to_smem(zb_gmem, zb_smem, param_bars.at[0])
+      plgpu.copy_gmem_to_smem(b1_gmem, b1_smem, param_bars.at[1])
+
+      def issue(j, w_gmem, w_smem, bars, free, n_slots):
+        # Chunk j into slot j % n_slots, once both compute warpgroups released chunk
+        # j - n_slots from it.
+        slot = lax.rem(j, n_slots)
+
+        @pl.when(j >= n_slots)
+        def _():
+          plgpu.barrier_wait(free.at[slot])
+        plgpu.copy_gmem_to_smem(w_gmem.at[pl.ds(j * hc, hc)], w_smem.at[slot], bars.at[slot])
+
+      @pl.loop(0, n_chunks)
+      def _load(j):
+        issue(j, w1t_gmem, w1t_smem, w1_bars, w1_free, stages)
+        issue(j, w2_gmem, w2_smem, w2_bars, w2_free, w2_stages)
+
+      # Observe the last chunks' releases too, so that every barrier phase is drained before
+      # the barriers are freed.
+      for free, n_slots in ((w1_free, stages), (w2_free, w2_stages)):
+        for j in range(max(n_chunks - n_slots, 0), n_chunks):
+          plgpu.barrier_wait(free.at[j % n_slots])
+
+  w_t = _transforms(c, dtype)
+  pl.run_scoped(
+      body,
+      plgpu.SMEM((2, 64, c), dtype, transforms=w_t),
+      plgpu.SMEM((2, 64, c), dtype, transforms=w_t),
+      plgpu.SMEM((2, 64), jnp.float32),
+      plgpu.SMEM((c,), jnp.float32),
+      plgpu.SMEM((n_chunks, hc), jnp.float32),
+      plgpu.SMEM((stages, hc, c), dtype, transforms=w_t),
+      plgpu.SMEM((w2_stages, hc, c), dtype, transforms=w_t),
+      plgpu.SMEM((2, slots, 2, 64, hc), dtype, transforms=_transforms(hc, dtype)),
+      plgpu.Barrier(num_barriers=6),
+      plgpu.Barrier(num_barriers=2),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=w2_stages),
+      plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=2, num_barriers=w2_stages),
+      collective_axes="wg",
+  )
+
+
 def _rs_optional(kernel, has_rs: bool):
   """``kernel`` (whose third argument is rs_gmem) for calls without a row-scale input when
   ``has_rs`` is False: rs_gmem is then None and the kernel skips the scaling."""
@@ -282,16 +495,16 @@ def _check_bwd_args(z, g, w1, b1, w2) -> tuple[int, int, int]:
   return m, c, e
 
 
-def _bwd_inputs(z, g, z_bias, row_scale):
+def _bwd_inputs(z, g, z_bias, row_scale, block_m: int = BLOCK_M):
   """(zb, z, g, rs, M padded): z_bias as float32 (zeros when None), row_scale as float32
   (None stays None: the kernels then skip the scaling), z, g and rs with zero rows up to a
-  multiple of BLOCK_M (g = 0 there gives da = 0 and dz = 0; callers slice them off)."""
+  multiple of ``block_m`` (g = 0 there gives da = 0 and dz = 0; callers slice them off)."""
   m, c = z.shape
   zb = jnp.zeros((c,), jnp.float32) if z_bias is None else z_bias.astype(jnp.float32)
   rs = None if row_scale is None else row_scale.astype(jnp.float32)
   if rs is not None and rs.shape != (m,):
     raise ValueError(f"row_scale must have shape ({m},) (one per row of z), got {rs.shape}")
-  m_pad = -(-m // BLOCK_M) * BLOCK_M
+  m_pad = -(-m // block_m) * block_m
   if m_pad != m:
     z = jnp.pad(z, ((0, m_pad - m), (0, 0)))
     g = jnp.pad(g, ((0, m_pad - m), (0, 0)))
@@ -300,11 +513,14 @@ def _bwd_inputs(z, g, z_bias, row_scale):
 
 
 @functools.partial(jax.jit, static_argnames=("act", "normalize", "eps", "hidden_chunk",
-                                             "stages", "col_sums", "with_zn", "interpret"))
+                                             "stages", "col_sums", "with_zn", "block_m",
+                                             "w2_stages", "staging_slots", "interpret"))
 def fused_mlp_bwd(z, g, w1, b1, w2, *, z_bias=None, row_scale=None, act: str = "gelu",
                   normalize: bool = True,
                   eps: float = 1e-6, hidden_chunk: int = 64, stages: int = 2,
-                  col_sums: bool = False, with_zn: bool = False, interpret: bool = False):
+                  col_sums: bool = False, with_zn: bool = False, block_m: int = BLOCK_M,
+                  w2_stages: int | None = None, staging_slots: int | None = None,
+                  interpret: bool = False):
   """(dz, h, da) of ``fused_mlp`` for the output cotangent g and row scale rs.
 
   z, g: (M, C) bfloat16/float16; w1: (C, E); b1: (E,); w2: (E, C); z_bias: (C,) or None;
@@ -318,30 +534,57 @@ def fused_mlp_bwd(z, g, w1, b1, w2, *, z_bias=None, row_scale=None, act: str = "
   anyway (one TMA store; XLA would otherwise recompute it in two passes over z for dW1).
   ``col_sums=True`` adds one more, db1 = da summed over rows (E,) float32, from per-CTA
   column sums the kernel writes (float32 da before rounding) instead of a pass over da.
+  ``block_m=128``: two compute warpgroups of 64 rows per CTA fed by a TMA warpgroup
+  (``_bwd_kernel_ws``), with ``stages`` W1^T slots, ``w2_stages`` W2 slots and
+  ``staging_slots`` h / da staging slots per warpgroup (None: ``ws_bwd_layout``'s choice).
   Raises NotImplementedError naming the reason for unsupported shapes
   (``unsupported_reason``)."""
   m, c, e = _check_bwd_args(z, g, w1, b1, w2)
-  reason = unsupported_reason(m, c, e, z.dtype, act, hidden_chunk, stages, col_sums)
+  reason = unsupported_reason(m, c, e, z.dtype, act, hidden_chunk, stages, col_sums, block_m)
   if reason is not None:
     raise NotImplementedError(f"fused_mlp_bwd: {reason}")
   dtype = z.dtype
-  zb, z, g, rs, m_pad = _bwd_inputs(z, g, z_bias, row_scale)
-  kernel = _rs_optional(functools.partial(
-      _bwd_kernel, c=c, e=e, hc=hidden_chunk, act=act, normalize=normalize, eps=float(eps),
-      stages=stages, bm=BLOCK_M, da_in_regs=interpret is False or interpret is None,
-      with_zn=with_zn), rs is not None)
+  zb, z, g, rs, m_pad = _bwd_inputs(z, g, z_bias, row_scale, block_m)
+  da_in_regs = interpret is False or interpret is None
+  if block_m == 128:
+    auto_w2, auto_slots = ws_bwd_layout(c, e, hidden_chunk, stages, jnp.dtype(dtype).itemsize)
+    w2_stages, staging_slots = w2_stages or auto_w2, staging_slots or auto_slots
+    if staging_slots not in (1, 2) or w2_stages < 1:
+      raise ValueError(f"staging_slots must be 1 or 2 and w2_stages >= 1, got "
+                       f"{staging_slots} and {w2_stages}")
+    need = ws_bwd_smem_bytes(c, e, hidden_chunk, stages, w2_stages, staging_slots,
+                             jnp.dtype(dtype).itemsize)
+    if need > SMEM_BYTES:
+      raise NotImplementedError(
+          f"fused_mlp_bwd: C={c} with {stages} W1 stages, {w2_stages} W2 stages and "
+          f"{staging_slots} staging slots needs {need} bytes of shared memory in the 128-row "
+          f"backward kernel (at most {SMEM_BYTES})")
+    kernel = functools.partial(
+        _bwd_kernel_ws, c=c, e=e, hc=hidden_chunk, act=act, normalize=normalize,
+        eps=float(eps), stages=stages, w2_stages=w2_stages, slots=staging_slots,
+        da_in_regs=da_in_regs, with_zn=with_zn)
+    threads = dict(num_threads=3, thread_name="wg")
+    b1_arg = b1.astype(jnp.float32).reshape(e // hidden_chunk, hidden_chunk)
+  else:
+    kernel = functools.partial(
+        _bwd_kernel, c=c, e=e, hc=hidden_chunk, act=act, normalize=normalize, eps=float(eps),
+        stages=stages, bm=BLOCK_M, da_in_regs=da_in_regs, with_zn=with_zn)
+    threads = {}
+    b1_arg = b1.astype(jnp.float32)
+  kernel = _rs_optional(kernel, rs is not None)
   call = plgpu.kernel(
       kernel,
       out_type=(jax.ShapeDtypeStruct((m_pad, c), dtype), jax.ShapeDtypeStruct((m_pad, e), dtype),
                 jax.ShapeDtypeStruct((m_pad, e), dtype),
                 *_optional_types(m_pad, c, e, hidden_chunk, dtype, with_zn, col_sums)),
-      grid=(m_pad // BLOCK_M,),
+      grid=(m_pad // block_m,),
       grid_names=("m",),
+      **threads,
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params(interpret),
   )
   dz, h, da, *rest = call(z, g, *([] if rs is None else [rs]), zb, w1.T.astype(dtype),
-                          b1.astype(jnp.float32), w2.astype(dtype))
+                          b1_arg, w2.astype(dtype))
   return _trim_results(m, m_pad, e, [dz, h, da], rest, with_zn, col_sums)
 
 
@@ -545,6 +788,7 @@ class MlpConfig(NamedTuple):
   bwd_zn: bool = True           # zn for dW1 from the backward kernel (else XLA recomputes it)
   unit_rows: bool = False       # row_scale was None (all ones): no scaling in the backward
   has_res: bool = True          # False: res was None (the (0, C) placeholder stands in)
+  bwd_block_m: int = 64         # the backward kernel's rows per CTA (128: _bwd_kernel_ws)
 
 
 def _normalised(z, zb, normalize: bool, eps: float):
@@ -609,7 +853,7 @@ def _mlp_bwd(cfg, saved, dy):
                                      normalize=cfg.normalize, eps=cfg.eps,
                                      hidden_chunk=cfg.bwd_hidden, stages=cfg.bwd_stages,
                                      col_sums=cfg.bwd_col_sums, with_zn=cfg.bwd_zn,
-                                     interpret=cfg.interpret)
+                                     block_m=cfg.bwd_block_m, interpret=cfg.interpret)
   zn = rest.pop(0) if cfg.bwd_zn else _normalised(z, zb, cfg.normalize, cfg.eps).astype(dtype)
   dw1 = jnp.dot(zn.T, da, preferred_element_type=f32)
   dw2 = jnp.dot(h.T, g, preferred_element_type=f32)  # h is rs act(a) when g is dy
@@ -635,7 +879,7 @@ def mlp_with_grad(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: s
                   stages: int = 2, block_m: int = 64, bwd_stages: int = 2,
                   split: bool = False, project_stages: int = 3, project_block_m: int = 64,
                   block_n: int | None = None, bwd_hidden: int = 0, bwd_col_sums: bool = False,
-                  bwd_zn: bool = True, interpret: bool = False):
+                  bwd_zn: bool = True, bwd_block_m: int = 64, interpret: bool = False):
   """``mosaic_mlp.fused_mlp`` (same arguments and result; res may be None: no residual read
   or added, and no zeros passed to the kernel) with a Mosaic GPU backward: the
   forward kernel saves only its inputs, the backward is ``fused_mlp_bwd`` plus XLA's GEMMs
@@ -644,7 +888,8 @@ def mlp_with_grad(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: s
   ``bwd_hidden``: its hidden chunk (0: ``hidden_chunk``, or 32 with ``split``);
   ``bwd_col_sums``: db1 from the kernel's per-CTA column sums of da instead of an XLA pass
   over da (``fused_mlp_bwd(col_sums=True)``); ``bwd_zn``: the normalised z for the dW1 GEMM
-  from the backward kernel (``with_zn``) instead of XLA's recomputation.
+  from the backward kernel (``with_zn``) instead of XLA's recomputation; ``bwd_block_m``:
+  the backward kernel's rows per CTA (128: two compute warpgroups, ``_bwd_kernel_ws``).
 
   ``split=True`` (C > 256): the forward is ``mosaic_split.split_mlp`` (``stages`` is its
   expand kernel's depth; ``project_stages``, ``project_block_m``, ``block_n`` its project
@@ -653,10 +898,14 @@ def mlp_with_grad(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: s
   m, c, e = mosaic_mlp.check_mlp_args(z, res, w1, b1, w2, b2)
   bwd_hidden = bwd_hidden or (32 if split else hidden_chunk)
   if split:
+    if bwd_block_m != 64:
+      raise ValueError(f"bwd_block_m={bwd_block_m}: the split backward (hidden_grads) has "
+                       f"64-row CTAs only")
     reason = split_unsupported_reason(m, c, e, z.dtype, act, bwd_hidden, bwd_stages,
                                       bwd_col_sums)
   else:
-    reason = unsupported_reason(m, c, e, z.dtype, act, bwd_hidden, bwd_stages, bwd_col_sums)
+    reason = unsupported_reason(m, c, e, z.dtype, act, bwd_hidden, bwd_stages, bwd_col_sums,
+                                bwd_block_m)
   if reason is not None:
     raise NotImplementedError(f"mlp_with_grad: {reason}")
   zb = jnp.zeros((c,), jnp.float32) if z_bias is None else z_bias
@@ -664,7 +913,7 @@ def mlp_with_grad(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: s
   cfg = MlpConfig(act, bool(normalize), float(eps), hidden_chunk, stages, block_m, bwd_stages,
                   bool(interpret), bool(split), project_stages, project_block_m, block_n or 0,
                   bwd_hidden, bool(bwd_col_sums), bool(bwd_zn), row_scale is None,
-                  res is not None)
+                  res is not None, int(bwd_block_m))
   if res is None:  # a zero-size stand-in: the custom_vjp takes arrays
     res = jnp.zeros((0, c), z.dtype)
   return _mlp(z, res, w1, b1, w2, b2, zb, rs, cfg)

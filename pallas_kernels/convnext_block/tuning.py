@@ -97,7 +97,8 @@ class ConvNeXtTiles:
   mosaic_bwd_hidden: int = 0
   # The Mosaic backward's db1 (fc1 bias gradient) from per-CTA column sums of da written by
   # the backward kernel instead of XLA's pass over da (0.09 ms of the 2.34 ms stage-1 block,
-  # H100 2026-11-26).  On in the H100 table at C=96 only: training-path blocks, N=128, two
+  # H100 2026-11-26); 64-row backward CTAs only (mosaic_bwd_block_m).  Was on in the H100
+  # table at C=96 only (off since that entry has 128-row CTAs): training-path blocks, N=128, two
   # H100 runs 2026-11-26: 56x56x96 2.320 / 2.000 ms vs 2.369 / 2.045 without, but 28x28x192
   # 1.334 / 1.302 vs 1.311 / 1.264, 14x14x384 0.996 / 0.970 vs 0.987 / 0.965; on an H200
   # 56x56x96 1.945 vs 1.925 (off in the heuristic).
@@ -108,6 +109,10 @@ class ConvNeXtTiles:
   # 28x28x192 1.264 vs 1.341, 14x14x384 0.965 vs 0.987 (H200: 1.925 / 1.177 / 0.924 vs
   # 2.041 / 1.241 / 0.935).
   mosaic_bwd_zn: bool = True
+  # The one-kernel Mosaic backward's rows per CTA: 64 (one warpgroup) or 128 (two compute
+  # warpgroups sharing each weight slice, fed by a TMA warpgroup: mosaic_mlp_bwd's
+  # ``_bwd_kernel_ws``).  The split form (C > 256) has 64 only.
+  mosaic_bwd_block_m: int = 64
   # What implementation=None runs (from measurements, per channel count and device):
   # "pallas": Pallas forward and backward; "hybrid": Pallas for plain (inference) calls,
   # XLA forward+backward when the call is differentiated (the Pallas forward was faster
@@ -211,18 +216,24 @@ def _heuristic_tiles(c: int) -> ConvNeXtTiles:
 # 0.128, 0.122 vs 0.336, 0.218 vs 0.641 ms).  The column-walk kernel gradient
 # ("pallas_columns", H100 2026-11-27, benchmarks.dwconv_wgrad, batch 128) beats XLA's at
 # C=192 / 384 / 768 (0.120 / 0.068 / 0.059 ms vs 0.132 / 0.099 / 2.136) and ties it at C=96
-# (0.226 vs 0.229, which keeps "auto"): those three entries use it.
+# (0.226 vs 0.229, which keeps "auto"): those three entries use it.  The two-warpgroup
+# Mosaic backward (mosaic_bwd_block_m=128, H100 2026-11-27, batch 128, block forward +
+# backward in one process, two rounds): 56x56x96 1.775 / 1.800 ms with 2 weight stages (1
+# stage: 1.983) vs 1.876 / 1.867 for the 64-row kernel with 1 stage and db1 column sums
+# (which the 128-row kernel cannot have; without them 1.869); 28x28x192 1.070 / 1.085 vs
+# 1.112 / 1.130.  ConvNeXt-T training step (batch 256, two processes each): 6,732 / 6,723
+# img/s vs 6,611 / 6,620 with the 64-row kernels; XLA 4,196.
 _H100 = "NVIDIA H100 80GB HBM3"
 TUNED: dict[tuple[int, str, str], ConvNeXtTiles] = {
     (96, "bfloat16", _H100): ConvNeXtTiles(
         fwd_pixels=128, fwd_hidden=64, fwd_warps=4, bwd_pixels=64, bwd_hidden=64,
         wgrad_rows=128, wgrad_hidden=64, dw_pixels=128, dw_channels=32, auto="hybrid",
-        mosaic_stages=2, mosaic_backward=True, mosaic_bwd_stages=1, mosaic_bwd_db1=True),
+        mosaic_stages=2, mosaic_backward=True, mosaic_bwd_stages=2, mosaic_bwd_block_m=128),
     (192, "bfloat16", _H100): ConvNeXtTiles(
         fwd_pixels=64, fwd_hidden=64, fwd_warps=4, bwd_pixels=64, bwd_hidden=32,
         wgrad_rows=64, wgrad_hidden=32, dw_pixels=128, dw_channels=32, auto="hybrid",
         mosaic_block_m=128, mosaic_stages=2, mosaic_backward=True, mosaic_bwd_stages=2,
-        mosaic_dwconv_wgrad="pallas_columns"),
+        mosaic_bwd_block_m=128, mosaic_dwconv_wgrad="pallas_columns"),
     (384, "bfloat16", _H100): ConvNeXtTiles(
         fwd_pixels=32, fwd_hidden=64, fwd_warps=4, bwd_pixels=32, bwd_hidden=32,
         wgrad_rows=64, wgrad_hidden=32, dw_pixels=128, dw_channels=32, auto="hybrid",
@@ -414,8 +425,11 @@ def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]
 
     wgrads = (("auto", "pallas", "pallas_columns") if best.mosaic_dwconv == "pallas"
               else ("auto",))
+    # 128-row backward CTAs exist for the one-kernel form only
+    bwd_rows = (64, 128) if best.fwd_kernel == "mosaic" else (64,)
     _, best = phase([dict(mosaic_backward=False, mosaic_dwconv_wgrad=w) for w in wgrads]
-                    + [dict(mosaic_backward=True, mosaic_bwd_stages=s) for s in (1, 2)],
+                    + [dict(mosaic_backward=True, mosaic_bwd_stages=s, mosaic_bwd_block_m=bm)
+                       for s in (1, 2) for bm in bwd_rows],
                     grad_call, (x, params, dps, g), best, include_current=False)
   if not timings:  # nothing ran (e.g. no GPU): nothing to choose from, nothing to cache
     raise RuntimeError(f"retune: no candidate ran on {_device_kind()} "

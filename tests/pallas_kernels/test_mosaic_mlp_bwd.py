@@ -60,6 +60,11 @@ def _reference_grads(a, dy, act, normalize, argnums):
     (64, 32, 256, "gelu", True, dict(hidden_chunk=128)),    # two 128-wide chunks
     (100, 96, 384, "gelu", True, dict(on_chip_rs=True, with_zn=True, col_sums=True)),
     (64, 32, 256, "silu", False, dict(on_chip_rs=True)),
+    # 128-row CTAs (two compute warpgroups + a TMA warpgroup): padded rows, a CTA whose
+    # second warpgroup has only padding, zn, the row scale on chip
+    (200, 96, 384, "gelu", True, dict(block_m=128, on_chip_rs=True, with_zn=True)),
+    (70, 32, 256, "silu", False, dict(block_m=128, stages=3, staging_slots=1)),  # 4 chunks
+    (128, 64, 256, "gelu", True, dict(block_m=128, stages=1, w2_stages=2)),
 ])
 def test_bwd_kernel_outputs(m, c, e, act, normalize, kw):
   """dz, h = act(a) and da = (g W2^T) act'(a) for g = rs * dy against float32 jnp; with
@@ -234,14 +239,19 @@ def test_without_residual(kw):
     assert _rel(x, y) < 1e-2, (name, _rel(x, y))
 
 
-def test_bwd_kernel_has_no_races():
+@pytest.mark.parametrize("kw", [dict(stages=3),
+                                dict(block_m=128, stages=2, w2_stages=1, staging_slots=1),
+                                dict(block_m=128, stages=3, w2_stages=2, staging_slots=2)])
+def test_bwd_kernel_has_no_races(kw):
   """The interpreter's race detector over the TMA loads, the weight pipeline (3 slots over
-  4 chunks) and the two staging slots of h / da reused by later chunks' TMA stores."""
+  4 chunks) and the staging slots of h / da reused by later chunks' TMA stores; with
+  128-row CTAs also the weight slots shared by two compute warpgroups and refilled by the
+  TMA warpgroup (W1^T and W2 with different slot counts)."""
   from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
-  a, dy = _inputs(3, 128, 32, 256)
+  a, dy = _inputs(3, 256, 32, 256)
   ipc.reset_gpu_interpret_mode_state()
   dz, h, da = mosaic_mlp_bwd.fused_mlp_bwd(
-      a["z"], dy, a["w1"], a["b1"], a["w2"], z_bias=a["z_bias"], stages=3,
+      a["z"], dy, a["w1"], a["b1"], a["w2"], z_bias=a["z_bias"], **kw,
       interpret=plgpu.InterpretGPUParams(detect_races=True))
   jax.block_until_ready(dz)
   assert not ipc.get_races().races_found
@@ -293,6 +303,22 @@ def test_errors_name_the_problem():
                      match="C=256 with a hidden chunk of 64 and 2 weight stages.*shared memory"):
     mosaic_mlp_bwd.fused_mlp_bwd(b["z"], dyb, b["w1"], b["b1"], b["w2"], interpret=True)
   assert mosaic_mlp_bwd.unsupported_reason(64, 256, 1024, jnp.bfloat16, stages=1) is None
+  with pytest.raises(NotImplementedError, match="block_m must be 64 or 128, got 32"):
+    mosaic_mlp_bwd.fused_mlp_bwd(a["z"], dy, *w, block_m=32, interpret=True)
+  with pytest.raises(NotImplementedError, match="C=256 .*128-row backward kernel"):
+    mosaic_mlp_bwd.fused_mlp_bwd(b["z"], dyb, b["w1"], b["b1"], b["w2"], block_m=128,
+                                 stages=2, interpret=True)
+  with pytest.raises(NotImplementedError, match="2 W2 stages and 2 staging slots.*128-row"):
+    d, dyd = _inputs(8, 64, 192, 768)
+    mosaic_mlp_bwd.fused_mlp_bwd(d["z"], dyd, d["w1"], d["b1"], d["w2"], block_m=128,
+                                 stages=2, w2_stages=2, staging_slots=2, interpret=True)
+  with pytest.raises(NotImplementedError, match="col_sums.*not available with 128-row"):
+    mosaic_mlp_bwd.fused_mlp_bwd(a["z"], dy, *w, block_m=128, col_sums=True, interpret=True)
+  assert mosaic_mlp_bwd.ws_bwd_layout(192, 768, 64, 2) == (1, 1)  # what fits at stage 2
+  assert mosaic_mlp_bwd.ws_bwd_layout(96, 384, 64, 2) == (2, 2)
+  with pytest.raises(ValueError, match="split backward .*64-row CTAs only"):
+    mosaic_mlp_bwd.mlp_with_grad(a["z"], a["res"], *w, a["b2"], split=True, bwd_block_m=128,
+                                 interpret=True)
   with pytest.raises(NotImplementedError, match="mlp_with_grad: .*multiple of 32"):
     c, e = _inputs(7, 64, 40, 160)
     mosaic_mlp_bwd.mlp_with_grad(c["z"], c["res"], c["w1"], c["b1"], c["w2"], c["b2"],
@@ -308,19 +334,22 @@ def _block_inputs(seed, shape):
   return x, tuning.reference_params(kp, c), g, d
 
 
-@pytest.mark.parametrize("shape,perturb_dps,db1", [
-    ((2, 5, 7, 96), True, True),    # stage 1 width, odd H and W; db1 from the kernel
-    ((1, 7, 5, 192), False, False),  # stage 2 width, batch 1, drop-path scale held constant
-    ((1, 5, 3, 384), False, True),  # stage 3 width: the split forms; db1 from the kernel
+@pytest.mark.parametrize("shape,perturb_dps,db1,bwd_block_m", [
+    ((2, 5, 7, 96), True, True, 64),    # stage 1 width, odd H and W; db1 from the kernel
+    ((1, 7, 5, 192), False, False, 64),  # stage 2 width, batch 1, drop-path scale constant
+    ((1, 5, 3, 384), False, True, 64),  # stage 3 width: the split forms; db1 from the kernel
+    ((3, 7, 9, 96), False, False, 128),  # two-warpgroup backward: 189 rows, 2 CTAs
+    ((1, 5, 3, 384), False, False, 128),  # the split form ignores it (64-row CTAs only)
 ])
-def test_convnext_block_training_path(shape, perturb_dps, db1):
+def test_convnext_block_training_path(shape, perturb_dps, db1, bwd_block_m):
   """convnext_block with tiles.mosaic_backward: the output and the gradients of x and all
   nine parameters (and of the drop-path scale when it is differentiated) against the
   float32 reference on the same bf16 inputs (fc1's bias gradient from the backward
-  kernel's column sums where ``db1``)."""
+  kernel's column sums where ``db1``; ``bwd_block_m`` the backward kernel's CTA rows)."""
   x, p, g, d = _block_inputs(sum(shape), shape)
   tiles = dataclasses.replace(tuning.heuristic_tiles(shape[-1], jnp.bfloat16),
-                              mosaic_backward=True, mosaic_bwd_stages=1, mosaic_bwd_db1=db1)
+                              mosaic_backward=True, mosaic_bwd_stages=1, mosaic_bwd_db1=db1,
+                              mosaic_bwd_block_m=bwd_block_m)
   assert api.train_kernel(x.shape, x.dtype, p, tiles, True) == (
       "mosaic" if shape[-1] <= 256 else "mosaic_split")
   f = lambda x, p, d: convnext_block(x, p, d, implementation="pallas", interpret=True,
@@ -416,14 +445,17 @@ def test_retune_without_a_gpu_says_so(monkeypatch, tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,c,e,stages,col_sums", [
-    (8192, 96, 384, 1, False), (4160, 192, 768, 2, False), (4096, 64, 256, 2, False),
-    (8192, 96, 384, 1, True), (4160, 192, 768, 2, True)])
-def test_compiled_bwd_kernel_on_gpu(m, c, e, stages, col_sums):
+@pytest.mark.parametrize("m,c,e,stages,col_sums,block_m", [
+    (8192, 96, 384, 1, False, 64), (4160, 192, 768, 2, False, 64),
+    (4096, 64, 256, 2, False, 64), (8192, 96, 384, 1, True, 64),
+    (4160, 192, 768, 2, True, 64), (8192 + 64, 96, 384, 2, False, 128),
+    (4160, 192, 768, 2, False, 128), (4160, 192, 768, 1, False, 128)])
+def test_compiled_bwd_kernel_on_gpu(m, c, e, stages, col_sums, block_m):
   a, dy = _inputs(11, m, c, e)
   got = jax.grad(lambda w1, b1, w2, z, zb: jnp.sum(mosaic_mlp_bwd.mlp_with_grad(
       z, a["res"], w1, b1, w2, a["b2"], z_bias=zb, row_scale=a["row_scale"],
-      bwd_stages=stages, bwd_col_sums=col_sums).astype(jnp.float32) * dy.astype(jnp.float32)),
+      bwd_stages=stages, bwd_col_sums=col_sums, bwd_block_m=block_m).astype(jnp.float32)
+      * dy.astype(jnp.float32)),
       argnums=(0, 1, 2, 3, 4))(a["w1"], a["b1"], a["w2"], a["z"], a["z_bias"])
   want = _reference_grads(a, dy, "gelu", True, (2, 3, 4, 0, 6))
   for x, y in zip(got, want):

@@ -346,7 +346,8 @@ def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]
   the backward kernels, an independent launch); then, where a Mosaic forward won
   (one-kernel or split) and ``auto`` is "hybrid", whether differentiated calls run
   XLA's block (``mosaic_dwconv_wgrad`` "auto" or "pallas") or the Mosaic backward
-  (``mosaic_backward``, 1 or 2 weight stages).  ``candidates``: (forward changes,
+  (``mosaic_backward``, 1 or 2 weight stages; for the one-kernel form also 64- or 128-row
+  backward CTAs, ``mosaic_bwd_block_m``).  ``candidates``: (forward changes,
   backward changes) as dicts of ConvNeXtTiles fields for the Triton kernels.  Candidates
   that fail to compile (registers, shared memory) are skipped; RuntimeError (nothing cached)
   when none ran, e.g. without a GPU.  Returns (best, timings)."""

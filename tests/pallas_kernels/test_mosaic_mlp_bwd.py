@@ -430,6 +430,25 @@ def test_retune_chooses_the_training_path(monkeypatch, fastest):
                        (True, 1, "auto"), (True, 2, "auto"))]
 
 
+def test_retune_times_both_backward_cta_sizes(monkeypatch):
+  """At C=192 (the one-kernel Mosaic form) the training phase also times 128-row backward
+  CTAs, and keeps them when the (stand-in) timer calls them fastest."""
+  monkeypatch.setattr(mosaic_mlp, "device_unsupported_reason", lambda interpret: None)
+  seen = []
+
+  def fake_time(make_fn, t, args, iters):
+    if make_fn.__name__ == "grad_call":
+      key = (t.mosaic_backward, t.mosaic_bwd_stages, t.mosaic_bwd_block_m)
+      seen.append(key)
+      return 0.3 if key == (True, 2, 128) else 0.4
+    return 0.5 if t.fwd_kernel == "mosaic" else 1.0
+  monkeypatch.setattr(tuning, "_time_tiles", fake_time)
+  best, _ = tuning.retune((2, 8, 8, 192), save=False, verbose=False)
+  assert best.fwd_kernel == "mosaic"
+  assert (best.mosaic_backward, best.mosaic_bwd_stages, best.mosaic_bwd_block_m) == (True, 2, 128)
+  assert {k for k in seen if k[0]} == {(True, s, bm) for s in (1, 2) for bm in (64, 128)}
+
+
 def test_retune_without_a_gpu_says_so(monkeypatch, tmp_path):
   """Where no candidate compiles (here: the CPU), retune raises and caches nothing."""
   if jax.default_backend() == "gpu":

@@ -59,9 +59,9 @@ by one extra XLA GEMM (u = h W2 + b2, d rs = sum_c dy u).
 
 Limits: those of ``fused_mlp`` (bfloat16/float16, C a multiple of 32, E a multiple of the
 hidden chunk), C at most 256, GELU or SiLU, and the tiles must fit shared memory
-(``bwd_smem_bytes``; C=256 needs ``stages=1``; with 128-row CTAs ``ws_bwd_smem_bytes``); ``hidden_grads``: C and E multiples of 64,
-its tiles within shared memory (``split_bwd_smem_bytes``: C=384 with 32-wide chunks, not
-C=768).
+(``bwd_smem_bytes``; C=256 needs ``stages=1``; with 128-row CTAs ``ws_bwd_smem_bytes``);
+``hidden_grads``: C and E multiples of 64, its tiles within shared memory
+(``split_bwd_smem_bytes``: C=384 with 32-wide chunks, not C=768).
 
 Measured (H100, 2026-11-26, N=128, bf16; benchmarks/RESULTS.md): the ConvNeXt block's
 forward + backward 2.339 vs XLA's 3.740 ms at 56x56x96 (kernel alone 0.536 ms), 1.321 vs
@@ -180,9 +180,10 @@ def _store_hidden(h, da, out_smem, j, rows, h_gmem, da_gmem, before_store=None,
   """Writes chunk j's h and da (z's dtype) into staging slot j % slots of ``out_smem``
   (slots, 2, rows, hc) and TMA-copies them to columns [j hc, (j + 1) hc) of h_gmem /
   da_gmem.  The stores issued for chunk j - slots must have read the slot first (with two
-  slots those of chunk j - 1 may still be in flight).  ``before_store(da_slot)`` runs after the slots are committed and
-  before the copies are issued (the fused kernel's dzn wgmma).  ``db1_smem`` (E / hc, hc)
-  float32: row j gets the chunk's column sums of da (float32, before rounding)."""
+  slots those of chunk j - 1 may still be in flight).  ``before_store(da_slot)`` runs after
+  the slots are committed and before the copies are issued (the fused kernel's dzn wgmma).
+  ``db1_smem`` (E / hc, hc) float32: row j gets the chunk's column sums of da (float32,
+  before rounding)."""
   hc = h.shape[1]
   slot = lax.rem(j, slots)
   plgpu.wait_smem_to_gmem(2 * (slots - 1), wait_read_only=True)  # 2 stores per chunk

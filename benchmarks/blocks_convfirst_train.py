@@ -170,12 +170,20 @@ def main(argv=None) -> int:
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--sweep", action="store_true")
   p.add_argument("--shapes", default="all", help="comma-separated row indices or 'all'")
+  p.add_argument("--bwd-block-m", type=int, default=None, choices=(64, 128),
+                 help="rows per CTA of the ConvFirst blocks' Mosaic backward kernel "
+                      "(default: pallas_kernels.convfirst_block.train.BWD_BLOCK_M)")
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
+  if args.bwd_block_m is not None:
+    from pallas_kernels.convfirst_block import train as convfirst_train
+    convfirst_train.BWD_BLOCK_M = args.bwd_block_m
   shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
   rows = []
   for name, kind, h, w, c, e in shapes:
-    row = dict(block=name, batch=args.batch, dtype="bfloat16")
+    from pallas_kernels.convfirst_block import train as convfirst_train
+    row = dict(block=name, batch=args.batch, dtype="bfloat16",
+               bwd_block_m=convfirst_train.BWD_BLOCK_M)
     row.update(bench_conv(kind, args.batch, h, w, c, e, args.sweep))
     row.update(bench_block(kind, args.batch, h, w, c, e))
     rows.append(row)

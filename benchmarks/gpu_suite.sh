@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_suite.sh analysis  # waterline --measure for convnext_tiny, convfirst_t
 #   MODEL=convfirst_t bash benchmarks/gpu_suite.sh scaling   # 1 vs all GPUs + a real run
 #   bash benchmarks/gpu_suite.sh convfirst # ConvFirst/MBConv blocks: inference + training
+#   BWD_BLOCK_M=128 bash benchmarks/gpu_suite.sh convfirst  # ... with the 128-row backward
 #   MODELS=convfirst_t,convnext_tiny bash benchmarks/gpu_suite.sh models  # whole-model img/s
 #   bash benchmarks/gpu_suite.sh mosaic    # Mosaic GPU kernel variants vs XLA and Triton
 #   bash benchmarks/gpu_suite.sh dwconv    # Pallas depthwise conv vs XLA, block forwards
@@ -59,7 +60,8 @@ case "${1:-}" in
     ;;
   convfirst)
     log "training blocks (Pallas grouped-conv layer vs XLA)"
-    timeout 280 python3 -m benchmarks.blocks_convfirst_train --json "$OUT/convfirst_train_blocks.json" \
+    timeout 280 python3 -m benchmarks.blocks_convfirst_train ${BWD_BLOCK_M:+--bwd-block-m $BWD_BLOCK_M} \
+      --json "$OUT/convfirst_train_blocks.json" \
       2>&1 | grep -v cuda_timer | tee "$OUT/convfirst_train_blocks.txt" | tail -9
     log "inference blocks (fused, BatchNorm folded)"
     timeout 280 python3 -m benchmarks.blocks_convfirst --check --json "$OUT/convfirst_blocks.json" \

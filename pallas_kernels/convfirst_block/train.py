@@ -212,6 +212,14 @@ def _residual(x, branch, drop_scale):
 # -------------------------------------------------------------------------- pointwise
 
 
+# Rows per CTA of the one-kernel Mosaic backward (C <= 256): 64, or 128 for its
+# two-warpgroup form (``mosaic_mlp_bwd._bwd_kernel_ws``), which made ConvNeXt's GELU backward
+# 8-13% faster on an H100 (2026-11-27) but has not been timed on these SiLU blocks yet
+# (``python -m benchmarks.blocks_convfirst_train --bwd-block-m 128`` does); where it cannot
+# run (shared memory) the 64-row kernel is used.
+BWD_BLOCK_M = 64
+
+
 def _mosaic_mlp_config(m: int, c: int, e: int, dtype):
   """(kwargs for ``mlp_with_grad``, None) or (None, reason) for silu(g W1 + b1) W2."""
   from pallas_kernels import mosaic_mlp_bwd
@@ -223,6 +231,9 @@ def _mosaic_mlp_config(m: int, c: int, e: int, dtype):
     # for dW1 (XLA reads g itself): 1.336 vs 1.413 ms at 28x28x192, while at C=64 / 96 the
     # 64-row defaults measured best (1.422 / 2.495 ms; H100, batch 128, 2026-11-27).
     wide = dict(block_m=128, bwd_zn=False) if c >= 192 else {}
+    if BWD_BLOCK_M != 64 and mosaic_mlp_bwd.unsupported_reason(
+        m, c, e, dtype, "silu", 64, 2, block_m=BWD_BLOCK_M) is None:
+      wide["bwd_block_m"] = BWD_BLOCK_M
     return dict(hidden_chunk=64, stages=2, bwd_stages=2, **wide), None
   from pallas_kernels import mosaic_split
   reason = (mosaic_split.unsupported_reason(m, c, e, dtype)

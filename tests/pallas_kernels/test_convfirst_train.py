@@ -71,11 +71,14 @@ def test_fold_matches_block_as_written(dtype, tol, shape, c, k):
     np.testing.assert_array_equal(np.asarray(got[0][1], np.float32), np.asarray(x[1], np.float32))
 
 
-@pytest.mark.parametrize("shape,c", [((2, 5, 7), 32), ((1, 5, 9), 96), ((1, 3, 5), 192)])
-def test_mosaic_pointwise_in_interpreter(shape, c):
+@pytest.mark.parametrize("shape,c,bwd_block_m", [((2, 5, 7), 32, 64), ((1, 5, 9), 96, 64),
+                                                 ((1, 3, 5), 192, 64), ((2, 5, 7), 32, 128)])
+def test_mosaic_pointwise_in_interpreter(shape, c, bwd_block_m, monkeypatch):
   """implementation="pallas" (the Mosaic forward + backward kernels, in the interpreter) in
-  bfloat16 vs the float32 block as written; 70, 45 and 15 rows (not multiples of the 64- or 128-row
-  tiles; C=192 runs the 128-row forward kernel and the backward without its g copy)."""
+  bfloat16 vs the float32 block as written; 70, 45 and 15 rows (not multiples of the 64- or
+  128-row tiles; C=192 runs the 128-row forward kernel and the backward without its g copy);
+  ``bwd_block_m`` 128: the two-warpgroup backward kernel."""
+  monkeypatch.setattr(train, "BWD_BLOCK_M", bwd_block_m)
   e = 4 * c
   params = _params(c, c, e)
   x = (jax.random.normal(jax.random.key(3), (*shape, c)) + 0.5).astype(jnp.bfloat16)
@@ -159,17 +162,21 @@ def test_compiled_mosaic_pointwise_on_gpu(shape, c):
   _compare(got, want, 3e-2)
 
 
-@pytest.mark.parametrize("shape", [(128, 56, 56, 96), (128, 28, 28, 192)])
-def test_pointwise_kernels_lower_for_cuda(shape):
+@pytest.mark.parametrize("shape,bwd_block_m", [((128, 56, 56, 96), 64),
+                                               ((128, 28, 28, 192), 64),
+                                               ((128, 28, 28, 192), 128)])
+def test_pointwise_kernels_lower_for_cuda(shape, bwd_block_m, monkeypatch):
   """convfirst_t's ConvFirst training shapes: the Mosaic forward (without a residual) and
-  backward kernels, with the settings ``convfirst_block_train`` picks, through Mosaic GPU's
-  own lowering (runs on a CPU)."""
+  backward kernels, with the settings ``convfirst_block_train`` picks (and the 128-row
+  backward), through Mosaic GPU's own lowering (runs on a CPU)."""
   from pallas_kernels import mosaic_mlp_bwd
+  monkeypatch.setattr(train, "BWD_BLOCK_M", bwd_block_m)
   n, h, w, c = shape
   m, e = n * h * w, 4 * c
   cfg, reason = train._mosaic_mlp_config(m, c, e, jnp.bfloat16)
   assert reason is None and cfg["hidden_chunk"] == 64
   assert cfg.get("block_m", 64) == (128 if c >= 192 else 64)
+  assert cfg.get("bwd_block_m", 64) == bwd_block_m
 
   def loss(z, w1, b1, w2):
     p = mosaic_mlp_bwd.mlp_with_grad(z, None, w1, b1, w2, jnp.zeros((c,)), act="silu",

@@ -503,3 +503,62 @@ def test_compiled_convnext_training_path_on_gpu(shape):
   for a, b in zip([y, *jax.tree.leaves(vjp(g))],
                   [want_y, *jax.tree.leaves(vjp_ref(g.astype(jnp.float32)))]):
     assert _rel(a, b) < 2e-2
+
+
+def _two_warpgroup_column_sums(x, rounds: int, interpret: bool):
+  """out[w, r] = x[w].sum(0) for r < rounds: each of two warpgroups sums its own (64, 128)
+  float32 tile over rows (WGMMA layout: the sum crosses the warpgroup's four warps),
+  ``rounds`` times, as the 128-row backward kernel would sum da per hidden chunk."""
+  from jax import lax
+  from jax.experimental import pallas as pl
+  f32 = jnp.float32
+  tile_t = mosaic_mlp._transforms(128, f32)
+
+  def kernel(x_gmem, out_gmem):
+    def body(x_smem, out_smem, bars):
+      wgi = lax.axis_index("wg")
+      plgpu.copy_gmem_to_smem(x_gmem.at[wgi], x_smem.at[wgi], bars.at[wgi])
+      plgpu.barrier_wait(bars.at[wgi])
+      v = plgpu.load(x_smem.at[wgi], layout=plgpu.Layout.WGMMA)
+      mine = out_smem.at[wgi]
+
+      @pl.loop(0, rounds)
+      def _(r):
+        mine[r] = v.sum(axis=0)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(mine, out_gmem.at[wgi])
+      plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(body, plgpu.SMEM((2, 64, 128), f32, transforms=tile_t),
+                  plgpu.SMEM((2, rounds, 128), f32), plgpu.Barrier(num_barriers=2),
+                  collective_axes="wg")
+
+  return plgpu.kernel(kernel, out_type=jax.ShapeDtypeStruct((2, rounds, 128), f32),
+                      grid=(1,), grid_names=("m",), num_threads=2, thread_name="wg",
+                      interpret=mosaic_mlp._interpret_params(interpret))(x)
+
+
+def _check_two_warpgroup_column_sums(interpret: bool):
+  x = jax.random.normal(jax.random.key(0), (2, 64, 128), jnp.float32)
+  got = np.asarray(_two_warpgroup_column_sums(x, 16, interpret))
+  want = np.broadcast_to(np.asarray(x, np.float64).sum(1)[:, None, :], got.shape)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)
+
+
+def test_two_warpgroup_column_sums_in_interpreter():
+  """The canary below, in the interpreter (which runs the warpgroups one after the other, so
+  it cannot race): checks the canary itself computes the right thing."""
+  _check_two_warpgroup_column_sums(interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.xfail(raises=AssertionError, strict=False,
+                   reason="jax 0.11.2's Mosaic GPU gives every warpgroup the same shared-"
+                          "memory scratch for cross-warp reductions (the 128-row backward's "
+                          "db1 column sums were wrong on an H100, 2026-11-27)")
+def test_two_warpgroup_column_sums_on_gpu():
+  """Canary for the Mosaic GPU limitation that keeps ``col_sums`` off the 128-row backward
+  kernel (``mosaic_mlp_bwd.unsupported_reason``): two warpgroups summing over rows at the
+  same time.  An XPASS here on a later jax means the limitation may be gone -- then check
+  ``fused_mlp_bwd(block_m=128, col_sums=True)`` on a GPU before allowing it."""
+  _check_two_warpgroup_column_sums(interpret=False)

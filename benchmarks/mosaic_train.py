@@ -104,6 +104,9 @@ def main(argv=None):
                                                else "in the kernel"), None,
                     rep(mosaic_backward=True, mosaic_dwconv_wgrad="auto",
                         mosaic_bwd_db1=not tuned.mosaic_bwd_db1))]
+    if 256 < c <= 384:  # the split backward with two compute warpgroups
+      variants.append(("mosaic backward, two-warpgroup split", None,
+                       rep(mosaic_backward=True, mosaic_bwd_stages=1, mosaic_bwd_split_ws=True)))
     if c <= 256:  # the one-kernel backward: the other CTA size
       other = 192 - tuned.mosaic_bwd_block_m  # 64 <-> 128
       variants.append((f"mosaic backward, {other}-row CTAs", None,

@@ -37,7 +37,10 @@ bf16, kernel alone): 56x56x96 0.596-0.611 ms vs 0.685 for the 64-row kernel, 28x
 0.346 vs 0.376; block forward + backward 1.775-1.800 vs 1.867-1.876 ms and 1.070-1.085 vs
 1.112-1.130 (benchmarks/RESULTS.md).  It has no db1 column sums (see its docstring).
 ``_hidden_grad_kernel`` is the same without dzn, for C > 256 (``hidden_grads``; XLA then
-computes dzn = da W1^T and the LayerNorm backward).  So a is recomputed rather than saved
+computes dzn = da W1^T and the LayerNorm backward); ``_hidden_grad_kernel_ws``
+(``hidden_grads(two_warpgroups=True)``) runs it as two compute warpgroups taking alternate
+hidden chunks of the same 64 rows (interpreter-tested and lowered for CUDA, 2026-11-27; not
+yet compiled or timed on a GPU: off in the tile tables).  So a is recomputed rather than saved
 by the forward (the forward stays the inference kernel, saving only its inputs), and the
 4C-wide tensors reach DRAM exactly twice (h and da, written once here, read once by the two
 weight-gradient GEMMs); XLA's differentiated block writes and reads several more.
@@ -627,8 +630,11 @@ def split_bwd_smem_bytes(c: int, hc: int, stages: int, itemsize: int = 2,
 
 def split_unsupported_reason(m: int, c: int, e: int, dtype, act: str = "gelu",
                              hidden_chunk: int = 32, stages: int = 2,
-                             col_sums: bool = False) -> str | None:
-  """Why ``hidden_grads`` (the backward for the split form, C > 256) cannot run, or None."""
+                             col_sums: bool = False,
+                             two_warpgroups: bool = False) -> str | None:
+  """Why ``hidden_grads`` (the backward for the split form, C > 256) cannot run (with
+  ``two_warpgroups``: its ``_hidden_grad_kernel_ws`` form, ``stages`` per warpgroup), or
+  None."""
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return (f"the Mosaic GPU kernels take bfloat16/float16 activations (wgmma operands), "
             f"got {jnp.dtype(dtype).name}")
@@ -638,6 +644,16 @@ def split_unsupported_reason(m: int, c: int, e: int, dtype, act: str = "gelu",
     return f"the hidden chunk must be a multiple of 32 dividing E={e}, got {hidden_chunk}"
   if m <= 0:
     return f"no rows (M={m})"
+  if two_warpgroups:
+    if col_sums:
+      return ("db1 column sums (col_sums) are not available with two compute warpgroups "
+              "(their cross-warp reductions would share one scratch buffer)")
+    if (e // hidden_chunk) % 2:
+      return (f"two compute warpgroups split the hidden chunks evenly: E / hidden_chunk = "
+              f"{e // hidden_chunk} is odd")
+    smem = lambda c_, hc_, st_, itemsize: split_ws_smem_bytes(c_, e, hc_, st_, itemsize)
+    return _kernel_reason("two-warpgroup split backward kernel", smem, c, act, hidden_chunk,
+                          stages, dtype)
   smem = functools.partial(split_bwd_smem_bytes, col_sums_e=e if col_sums else 0)
   return _kernel_reason("split backward kernel", smem, c, act, hidden_chunk, stages, dtype)
 
@@ -723,38 +739,187 @@ def _hidden_grad_kernel(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_
   )
 
 
+def split_ws_smem_bytes(c: int, e: int, hc: int, stages: int, itemsize: int = 2) -> int:
+  """Shared memory of ``_hidden_grad_kernel_ws``: the z and g tiles (64 rows, shared by both
+  compute warpgroups), per compute warpgroup ``stages`` slices each of W1^T and W2 and one
+  staging slot each for h and da; z_bias, all of b1, the row scales, 2 KiB for barriers.
+  At C=384, E=1536, hc=32, 1 stage: 222,976 bytes (2 stages: 321,280)."""
+  return (itemsize * (2 * 64 * c + 2 * stages * 2 * hc * c + 2 * 2 * 64 * hc)
+          + 4 * (c + e + 64) + 2048)
+
+
+def _hidden_grad_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem,
+                           h_gmem, da_gmem, *extra_gmem, e: int, hc: int, act: str,
+                           normalize: bool, eps: float, stages: int, with_zn: bool = False):
+  """``_hidden_grad_kernel`` with two compute warpgroups on the same 64 rows, splitting the
+  hidden chunks between them (warpgroup w takes chunks w, w + 2, ...), and a third
+  warpgroup that only issues the weight TMA copies into each compute warpgroup's own
+  ``stages`` slots, refilling a slot as soon as that warpgroup's a / dh wgmmas have read it.
+  Why: the split backward at C=384 has one 64-row warpgroup per SM (its z and g tiles take
+  96 KB), so the tensor cores idle during every chunk's activation, GELU' and stores; here
+  one warpgroup's wgmmas run while the other evaluates.  (Two warpgroups of 64 rows each,
+  as ``_bwd_kernel_ws``, would need both tiles twice: 192 KB.)  No dzn accumulates across
+  chunks in the split form, so the warpgroups need not combine anything.  Warpgroup 0
+  loads and normalises the shared tiles and then releases warpgroup 1 (``tiles_ready``).
+  No db1 column sums (see ``_bwd_kernel_ws``)."""
+  from pallas_kernels.mosaic_split import _normalise_in_place
+  zn_gmem = extra_gmem[0] if with_zn else None
+  dtype = z_gmem.dtype
+  n_cb, _, cb = w1t_gmem.shape
+  per_wg = e // hc // 2
+  cta = lax.axis_index("m")
+  rows = pl.ds(cta * 64, 64)
+  t_cb = _transforms(cb, dtype)
+
+  def body(z_smem, g_smem, rs_smem, zb_smem, b1_smem, w1t_smem, w2_smem, out_smem, tile_bars,
+           param_bars, tiles_ready, w1_bars, w2_bars, w_free):
+    wgi = lax.axis_index("wg")
+
+    @pl.when(wgi < 2)
+    def _compute():
+      plgpu.set_max_registers(232, action="increase")
+
+      @pl.when(wgi == 0)
+      def _load_tiles():
+        if rs_gmem is not None:
+          plgpu.copy_gmem_to_smem(rs_gmem.at[rows], rs_smem, tile_bars.at[2 * n_cb])
+        for b in range(n_cb):
+          cols = pl.ds(b * cb, cb)
+          plgpu.copy_gmem_to_smem(z_gmem.at[rows, cols], z_smem.at[b], tile_bars.at[b])
+          plgpu.copy_gmem_to_smem(g_gmem.at[rows, cols], g_smem.at[b], tile_bars.at[n_cb + b])
+        for b in range(n_cb):
+          plgpu.barrier_wait(tile_bars.at[b])
+        plgpu.barrier_wait(param_bars.at[0])
+        _normalise_in_place(z_smem, zb_smem, normalize=normalize, eps=eps)
+        if zn_gmem is not None:  # read-only from here on; awaited with the h / da stores
+          for b in range(n_cb):
+            plgpu.copy_smem_to_gmem(z_smem.at[b], zn_gmem.at[rows, pl.ds(b * cb, cb)])
+        for b in range(n_cb, 2 * n_cb + (rs_gmem is not None)):
+          plgpu.barrier_wait(tile_bars.at[b])
+        plgpu.barrier_arrive(tiles_ready.at[0])
+
+      @pl.when(wgi == 1)
+      def _wait_tiles():
+        plgpu.barrier_wait(tiles_ready.at[0])
+
+      plgpu.barrier_wait(param_bars.at[1])
+      my_rs = None if rs_gmem is None else rs_smem
+      my_out = out_smem.at[wgi]
+
+      @pl.loop(0, per_wg)
+      def _chunk(t):
+        j = 2 * t + wgi
+        slot = lax.rem(t, stages)
+        w1t, w2 = w1t_smem.at[wgi, slot], w2_smem.at[wgi, slot]
+        plgpu.barrier_wait(w1_bars.at[wgi * stages + slot])
+        plgpu.barrier_wait(w2_bars.at[wgi * stages + slot])
+
+        def matmuls(acc_a, acc_dh):
+          for b in range(n_cb):
+            plgpu.wgmma(acc_a, z_smem.at[b], w1t.at[b].transpose((1, 0)))
+          for b in range(n_cb):
+            plgpu.wgmma(acc_dh, g_smem.at[b], w2.at[b].transpose((1, 0)))
+          plgpu.wgmma_wait(0)
+          return acc_a[...], acc_dh[...]
+
+        a, dh = pl.run_scoped(matmuls, plgpu.ACC((64, hc), jnp.float32),
+                              plgpu.ACC((64, hc), jnp.float32))
+        plgpu.barrier_arrive(w_free.at[wgi * stages + slot])
+        h, da = _hidden_grad(a, dh, b1_smem.at[j], my_rs, act)
+        _store_hidden(h, da, my_out, j, rows, h_gmem, da_gmem, slots=1)
+
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wgi == 2)
+    def _memory():
+      plgpu.set_max_registers(40, action="decrease")
+      plgpu.copy_gmem_to_smem(zb_gmem, zb_smem, param_bars.at[0])
+      plgpu.copy_gmem_to_smem(b1_gmem, b1_smem, param_bars.at[1])
+
+      @pl.loop(0, per_wg)
+      def _load(t):
+        slot = lax.rem(t, stages)
+        for w in range(2):  # chunk 2 t + w into warpgroup w's slot, once it released it
+          bar = w * stages + slot
+
+          @pl.when(t >= stages)
+          def _():
+            plgpu.barrier_wait(w_free.at[bar])
+          chunk = pl.ds((2 * t + w) * hc, hc)
+          plgpu.copy_gmem_to_smem(w1t_gmem.at[:, chunk], w1t_smem.at[w, slot], w1_bars.at[bar])
+          plgpu.copy_gmem_to_smem(w2_gmem.at[:, chunk], w2_smem.at[w, slot], w2_bars.at[bar])
+
+      # Observe the last releases too, so every barrier phase is drained before the
+      # barriers are freed.
+      for t in range(max(per_wg - stages, 0), per_wg):
+        for w in range(2):
+          plgpu.barrier_wait(w_free.at[w * stages + t % stages])
+
+  pl.run_scoped(
+      body,
+      plgpu.SMEM((n_cb, 64, cb), dtype, transforms=t_cb),
+      plgpu.SMEM((n_cb, 64, cb), dtype, transforms=t_cb),
+      plgpu.SMEM((64,), jnp.float32),
+      plgpu.SMEM((n_cb, cb), jnp.float32),
+      plgpu.SMEM((e // hc, hc), jnp.float32),
+      plgpu.SMEM((2, stages, n_cb, hc, cb), dtype, transforms=t_cb),
+      plgpu.SMEM((2, stages, n_cb, hc, cb), dtype, transforms=t_cb),
+      plgpu.SMEM((2, 1, 2, 64, hc), dtype, transforms=_transforms(hc, dtype)),
+      plgpu.Barrier(num_barriers=2 * n_cb + 1),
+      plgpu.Barrier(num_barriers=2),
+      plgpu.Barrier(num_barriers=1),
+      plgpu.Barrier(num_barriers=2 * stages),
+      plgpu.Barrier(num_barriers=2 * stages),
+      plgpu.Barrier(num_barriers=2 * stages),
+      collective_axes="wg",
+  )
+
+
 @functools.partial(jax.jit, static_argnames=("act", "normalize", "eps", "hidden_chunk",
-                                             "stages", "col_sums", "with_zn", "interpret"))
+                                             "stages", "col_sums", "with_zn",
+                                             "two_warpgroups", "interpret"))
 def hidden_grads(z, g, w1, b1, w2, *, z_bias=None, row_scale=None, act: str = "gelu",
                  normalize: bool = True,
                  eps: float = 1e-6, hidden_chunk: int = 32, stages: int = 2,
-                 col_sums: bool = False, with_zn: bool = False, interpret: bool = False):
+                 col_sums: bool = False, with_zn: bool = False, two_warpgroups: bool = False,
+                 interpret: bool = False):
   """(h, da) of ``fused_mlp`` / ``split_mlp`` for the cotangent g and row scale rs, as
   ``fused_mlp_bwd`` returns them (``row_scale`` likewise), for C > 256 (``_hidden_grad_kernel``; dz is then
   ``ln_backward(da W1^T)`` in XLA).  Shapes as ``fused_mlp_bwd``; raises
   NotImplementedError naming the reason for unsupported calls
   (``split_unsupported_reason``).  ``with_zn`` and ``col_sums``: zn and db1 after da, as
-  ``fused_mlp_bwd``'s."""
+  ``fused_mlp_bwd``'s.  ``two_warpgroups``: ``_hidden_grad_kernel_ws`` (two compute
+  warpgroups on alternate hidden chunks of the same rows; ``stages`` weight slots per
+  warpgroup; no ``col_sums``)."""
   from pallas_kernels.mosaic_split import _column_block
   m, c, e = _check_bwd_args(z, g, w1, b1, w2)
-  reason = split_unsupported_reason(m, c, e, z.dtype, act, hidden_chunk, stages, col_sums)
+  reason = split_unsupported_reason(m, c, e, z.dtype, act, hidden_chunk, stages, col_sums,
+                                    two_warpgroups)
   if reason is not None:
     raise NotImplementedError(f"hidden_grads: {reason}")
   dtype = z.dtype
   cb = _column_block(c)
   zb, z, g, rs, m_pad = _bwd_inputs(z, g, z_bias, row_scale)
   blocks = lambda w_ec: w_ec.astype(dtype).reshape(e, c // cb, cb).transpose(1, 0, 2)
+  common = dict(e=e, hc=hidden_chunk, act=act, normalize=normalize, eps=float(eps),
+                stages=stages, with_zn=with_zn)
+  if two_warpgroups:
+    kernel = functools.partial(_hidden_grad_kernel_ws, **common)
+    threads = dict(num_threads=3, thread_name="wg")
+    b1_arg = b1.astype(jnp.float32).reshape(e // hidden_chunk, hidden_chunk)
+  else:
+    kernel = functools.partial(_hidden_grad_kernel, bm=BLOCK_M, **common)
+    threads = {}
+    b1_arg = b1.astype(jnp.float32)
   h, da, *rest = plgpu.kernel(
-      _rs_optional(functools.partial(_hidden_grad_kernel, e=e, hc=hidden_chunk, act=act,
-                                     normalize=normalize, eps=float(eps), stages=stages,
-                                     bm=BLOCK_M, with_zn=with_zn), rs is not None),
+      _rs_optional(kernel, rs is not None),
       out_type=(jax.ShapeDtypeStruct((m_pad, e), dtype), jax.ShapeDtypeStruct((m_pad, e), dtype),
                 *_optional_types(m_pad, c, e, hidden_chunk, dtype, with_zn, col_sums)),
-      grid=(m_pad // BLOCK_M,), grid_names=("m",),
+      grid=(m_pad // BLOCK_M,), grid_names=("m",), **threads,
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params(interpret),
   )(z, g, *([] if rs is None else [rs]), zb.reshape(c // cb, cb), blocks(w1.T),
-    b1.astype(jnp.float32), blocks(w2))
+    b1_arg, blocks(w2))
   return _trim_results(m, m_pad, e, [h, da], rest, with_zn, col_sums)
 
 
@@ -790,6 +955,7 @@ class MlpConfig(NamedTuple):
   unit_rows: bool = False       # row_scale was None (all ones): no scaling in the backward
   has_res: bool = True          # False: res was None (the (0, C) placeholder stands in)
   bwd_block_m: int = 64         # the backward kernel's rows per CTA (128: _bwd_kernel_ws)
+  bwd_split_ws: bool = False    # split: hidden_grads(two_warpgroups=True)
 
 
 def _normalised(z, zb, normalize: bool, eps: float):
@@ -845,7 +1011,7 @@ def _mlp_bwd(cfg, saved, dy):
                                 normalize=cfg.normalize, eps=cfg.eps,
                                 hidden_chunk=cfg.bwd_hidden, stages=cfg.bwd_stages,
                                 col_sums=cfg.bwd_col_sums, with_zn=cfg.bwd_zn,
-                                interpret=cfg.interpret)
+                                two_warpgroups=cfg.bwd_split_ws, interpret=cfg.interpret)
     dzn = jnp.dot(da, w1.astype(dtype).T, preferred_element_type=f32)
     dz = ln_backward(dzn, z, zb, cfg.normalize, cfg.eps).astype(dtype)
   else:
@@ -880,7 +1046,8 @@ def mlp_with_grad(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: s
                   stages: int = 2, block_m: int = 64, bwd_stages: int = 2,
                   split: bool = False, project_stages: int = 3, project_block_m: int = 64,
                   block_n: int | None = None, bwd_hidden: int = 0, bwd_col_sums: bool = False,
-                  bwd_zn: bool = True, bwd_block_m: int = 64, interpret: bool = False):
+                  bwd_zn: bool = True, bwd_block_m: int = 64, bwd_split_ws: bool = False,
+                  interpret: bool = False):
   """``mosaic_mlp.fused_mlp`` (same arguments and result; res may be None: no residual read
   or added, and no zeros passed to the kernel) with a Mosaic GPU backward: the
   forward kernel saves only its inputs, the backward is ``fused_mlp_bwd`` plus XLA's GEMMs
@@ -890,7 +1057,8 @@ def mlp_with_grad(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: s
   ``bwd_col_sums``: db1 from the kernel's per-CTA column sums of da instead of an XLA pass
   over da (``fused_mlp_bwd(col_sums=True)``); ``bwd_zn``: the normalised z for the dW1 GEMM
   from the backward kernel (``with_zn``) instead of XLA's recomputation; ``bwd_block_m``:
-  the backward kernel's rows per CTA (128: two compute warpgroups, ``_bwd_kernel_ws``).
+  the backward kernel's rows per CTA (128: two compute warpgroups, ``_bwd_kernel_ws``);
+  ``bwd_split_ws`` (with ``split``): ``hidden_grads(two_warpgroups=True)``.
 
   ``split=True`` (C > 256): the forward is ``mosaic_split.split_mlp`` (``stages`` is its
   expand kernel's depth; ``project_stages``, ``project_block_m``, ``block_n`` its project
@@ -903,8 +1071,10 @@ def mlp_with_grad(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: s
       raise ValueError(f"bwd_block_m={bwd_block_m}: the split backward (hidden_grads) has "
                        f"64-row CTAs only")
     reason = split_unsupported_reason(m, c, e, z.dtype, act, bwd_hidden, bwd_stages,
-                                      bwd_col_sums)
+                                      bwd_col_sums, bwd_split_ws)
   else:
+    if bwd_split_ws:
+      raise ValueError("bwd_split_ws=True is the split backward's (split=True) option")
     reason = unsupported_reason(m, c, e, z.dtype, act, bwd_hidden, bwd_stages, bwd_col_sums,
                                 bwd_block_m)
   if reason is not None:
@@ -914,7 +1084,7 @@ def mlp_with_grad(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: s
   cfg = MlpConfig(act, bool(normalize), float(eps), hidden_chunk, stages, block_m, bwd_stages,
                   bool(interpret), bool(split), project_stages, project_block_m, block_n or 0,
                   bwd_hidden, bool(bwd_col_sums), bool(bwd_zn), row_scale is None,
-                  res is not None, int(bwd_block_m))
+                  res is not None, int(bwd_block_m), bool(bwd_split_ws))
   if res is None:  # a zero-size stand-in: the custom_vjp takes arrays
     res = jnp.zeros((0, c), z.dtype)
   return _mlp(z, res, w1, b1, w2, b2, zb, rs, cfg)

@@ -105,7 +105,7 @@ def train_unsupported_reason(x_shape, params: ConvNeXtBlockParams, dtype,
                              bwd_hidden: int = 0, bwd_col_sums: bool = False, *,
                              fwd_block_m: int | None = None,
                              fwd_stages: int | None = None,
-                             bwd_block_m: int = 64) -> str | None:
+                             bwd_block_m: int = 64, bwd_split_ws: bool = False) -> str | None:
   """Why ``forward_train`` cannot run this call, or None (``bwd_hidden`` 0: the backward
   kernel's default chunk, ``hidden_chunk`` or 32 with ``split``; ``fwd_block_m`` /
   ``fwd_stages``: the one-kernel forward's, checked against shared memory)."""
@@ -120,7 +120,7 @@ def train_unsupported_reason(x_shape, params: ConvNeXtBlockParams, dtype,
     return (mosaic_split.unsupported_reason(m, c, e, dtype)
             or mosaic_mlp_bwd.split_unsupported_reason(m, c, e, dtype, "gelu",
                                                        bwd_hidden or 32, bwd_stages,
-                                                       bwd_col_sums))
+                                                       bwd_col_sums, bwd_split_ws))
   return mosaic_mlp_bwd.unsupported_reason(m, c, e, dtype, "gelu", bwd_hidden or hidden_chunk,
                                            bwd_stages, bwd_col_sums, bwd_block_m)
 
@@ -131,7 +131,7 @@ def forward_train(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | No
                   split: bool = False, project_stages: int = 3, project_block_m: int = 64,
                   block_n: int | None = None, bwd_hidden: int = 0, dw_wgrad: str = "auto",
                   bwd_col_sums: bool = False, bwd_zn: bool = True, bwd_block_m: int = 64,
-                  interpret: bool = False) -> jax.Array:
+                  bwd_split_ws: bool = False, interpret: bool = False) -> jax.Array:
   """The block forward of ``forward`` for differentiated calls (``split``: the two-kernel
   form and its backward, ``mosaic_mlp_bwd.hidden_grads``, for C > 256):
 
@@ -168,5 +168,6 @@ def forward_train(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | No
       stages=stages, block_m=block_m, bwd_stages=bwd_stages, split=split,
       project_stages=project_stages, project_block_m=project_block_m, block_n=block_n,
       bwd_hidden=bwd_hidden, bwd_col_sums=bwd_col_sums, bwd_zn=bwd_zn,
-      bwd_block_m=64 if split else bwd_block_m, interpret=interpret)
+      bwd_block_m=64 if split else bwd_block_m, bwd_split_ws=split and bwd_split_ws,
+      interpret=interpret)
   return y.reshape(n, h, w, c)

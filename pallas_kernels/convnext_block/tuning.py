@@ -113,6 +113,10 @@ class ConvNeXtTiles:
   # warpgroups sharing each weight slice, fed by a TMA warpgroup: mosaic_mlp_bwd's
   # ``_bwd_kernel_ws``).  The split form (C > 256) has 64 only.
   mosaic_bwd_block_m: int = 64
+  # The split backward (C > 256) with two compute warpgroups on alternate hidden chunks of
+  # the same 64 rows (mosaic_mlp_bwd's ``_hidden_grad_kernel_ws``; mosaic_bwd_stages is then
+  # per warpgroup, 1 at C=384).  Not yet timed on a GPU: off everywhere.
+  mosaic_bwd_split_ws: bool = False
   # What implementation=None runs (from measurements, per channel count and device):
   # "pallas": Pallas forward and backward; "hybrid": Pallas for plain (inference) calls,
   # XLA forward+backward when the call is differentiated (the Pallas forward was faster
@@ -428,9 +432,12 @@ def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]
               else ("auto",))
     # 128-row backward CTAs exist for the one-kernel form only
     bwd_rows = (64, 128) if best.fwd_kernel == "mosaic" else (64,)
+    # the split form's two-warpgroup backward (one weight stage per warpgroup fits C=384)
+    split_ws = ([dict(mosaic_backward=True, mosaic_bwd_stages=1, mosaic_bwd_split_ws=True)]
+                if best.fwd_kernel == "mosaic_split" else [])
     _, best = phase([dict(mosaic_backward=False, mosaic_dwconv_wgrad=w) for w in wgrads]
                     + [dict(mosaic_backward=True, mosaic_bwd_stages=s, mosaic_bwd_block_m=bm)
-                       for s in (1, 2) for bm in bwd_rows],
+                       for s in (1, 2) for bm in bwd_rows] + split_ws,
                     grad_call, (x, params, dps, g), best, include_current=False)
   if not timings:  # nothing ran (e.g. no GPU): nothing to choose from, nothing to cache
     raise RuntimeError(f"retune: no candidate ran on {_device_kind()} "

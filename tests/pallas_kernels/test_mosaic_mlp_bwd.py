@@ -161,6 +161,64 @@ def test_mlp_with_grad_constant_row_scale_and_silu():
   assert _rel(got_none, want_none) < 1e-2
 
 
+@pytest.mark.parametrize("stages", [1, 2])
+def test_two_warpgroup_split_backward(stages):
+  """hidden_grads(two_warpgroups=True) (warpgroups on alternate hidden chunks): h, da and zn
+  against float32 jnp, with the row scale on chip (dropped rows among them) and padded rows
+  (100 = 64 + 36: the second CTA's rows are partly padding); four chunks per warpgroup over
+  ``stages`` slots; and mlp_with_grad(split=True, bwd_split_ws=True)'s gradients against
+  jax.grad of the reference."""
+  m, c, e = 100, 192, 256
+  a, dy = _inputs(18, m, c, e)
+  f32 = jnp.float32
+  rs = a["row_scale"].at[::5].set(0.0)
+  h, da, got_zn = mosaic_mlp_bwd.hidden_grads(
+      a["z"], dy, a["w1"], a["b1"], a["w2"], z_bias=a["z_bias"], row_scale=rs, stages=stages,
+      with_zn=True, two_warpgroups=True, interpret=True)
+  zn = a["z"].astype(f32) + a["z_bias"]
+  zn = (zn - zn.mean(-1, keepdims=True)) * jax.lax.rsqrt(zn.var(-1, keepdims=True) + 1e-6)
+  assert got_zn.shape == (m, c) and _rel(got_zn, zn) < 1e-2
+  pre = zn @ a["w1"] + a["b1"]
+  assert _rel(h, jax.nn.gelu(pre, approximate=False) * rs[:, None]) < 1e-2
+  want_da = (dy.astype(f32) @ a["w2"].T) * rs[:, None] * jax.vmap(jax.vmap(jax.grad(
+      lambda v: jax.nn.gelu(v, approximate=False))))(pre)
+  assert _rel(da, want_da) < 1e-2
+  args = [a[k] for k in ARGS]
+
+  def loss(*args):
+    y = mosaic_mlp_bwd.mlp_with_grad(*args[:6], z_bias=args[6], row_scale=args[7], split=True,
+                                     bwd_split_ws=True, bwd_stages=stages, interpret=True)
+    return jnp.sum(y.astype(f32) * dy.astype(f32))
+  got = jax.grad(loss, argnums=tuple(range(8)))(*args)
+  want = _reference_grads(a, dy, "gelu", True, tuple(range(8)))
+  for name, x, y in zip(ARGS, got, want):
+    assert _rel(x, y) < 1e-2, (name, _rel(x, y))
+
+
+def test_two_warpgroup_split_backward_errors_and_races():
+  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
+  reason = mosaic_mlp_bwd.split_unsupported_reason
+  assert reason(25088, 384, 1536, jnp.bfloat16, "gelu", 32, 1, two_warpgroups=True) is None
+  assert "321280 bytes" in reason(25088, 384, 1536, jnp.bfloat16, "gelu", 32, 2,
+                                  two_warpgroups=True)
+  assert "col_sums" in reason(64, 384, 1536, jnp.bfloat16, "gelu", 32, 1, True, True)
+  assert "is odd" in reason(64, 384, 192, jnp.bfloat16, "gelu", 64, 1, two_warpgroups=True)
+  a, dy = _inputs(19, 64, 64, 128)
+  with pytest.raises(ValueError, match="bwd_split_ws=True is the split backward's"):
+    mosaic_mlp_bwd.mlp_with_grad(a["z"], a["res"], a["w1"], a["b1"], a["w2"], a["b2"],
+                                 bwd_split_ws=True, interpret=True)
+  ipc.reset_gpu_interpret_mode_state()  # the race detector: slots reused 4 times each
+  a, dy = _inputs(20, 128, 64, 512)
+  outs = mosaic_mlp_bwd.hidden_grads(
+      a["z"], dy, a["w1"], a["b1"], a["w2"], z_bias=a["z_bias"], row_scale=a["row_scale"],
+      stages=1, hidden_chunk=32, two_warpgroups=True,
+      interpret=plgpu.InterpretGPUParams(detect_races=True))
+  jax.block_until_ready(outs)
+  assert not ipc.get_races().races_found
+  for v in outs:
+    assert not np.isnan(np.asarray(v, np.float32)).any()
+
+
 def test_split_backward_kernel_and_gradients():
   """C > 256 (the split form): hidden_grads' h and da against float32 jnp, and all eight
   gradients of mlp_with_grad(split=True) against jax.grad of the reference (C=320: five
@@ -340,6 +398,7 @@ def _block_inputs(seed, shape):
     ((1, 5, 3, 384), False, True, 64),  # stage 3 width: the split forms; db1 from the kernel
     ((3, 7, 9, 96), False, False, 128),  # two-warpgroup backward: 189 rows, 2 CTAs
     ((1, 5, 3, 384), False, False, 128),  # the split form ignores it (64-row CTAs only)
+    ((2, 5, 3, 384), True, False, "split_ws"),  # the split form's two-warpgroup backward
 ])
 def test_convnext_block_training_path(shape, perturb_dps, db1, bwd_block_m):
   """convnext_block with tiles.mosaic_backward: the output and the gradients of x and all
@@ -347,9 +406,11 @@ def test_convnext_block_training_path(shape, perturb_dps, db1, bwd_block_m):
   float32 reference on the same bf16 inputs (fc1's bias gradient from the backward
   kernel's column sums where ``db1``; ``bwd_block_m`` the backward kernel's CTA rows)."""
   x, p, g, d = _block_inputs(sum(shape), shape)
+  split_ws = bwd_block_m == "split_ws"
   tiles = dataclasses.replace(tuning.heuristic_tiles(shape[-1], jnp.bfloat16),
                               mosaic_backward=True, mosaic_bwd_stages=1, mosaic_bwd_db1=db1,
-                              mosaic_bwd_block_m=bwd_block_m)
+                              mosaic_bwd_block_m=64 if split_ws else bwd_block_m,
+                              mosaic_bwd_split_ws=split_ws)
   assert api.train_kernel(x.shape, x.dtype, p, tiles, True) == (
       "mosaic" if shape[-1] <= 256 else "mosaic_split")
   f = lambda x, p, d: convnext_block(x, p, d, implementation="pallas", interpret=True,
@@ -400,16 +461,17 @@ def test_train_kernel_choice():
 def test_retune_chooses_the_training_path(monkeypatch, fastest):
   """retune's phases on a C=384 shape with a stand-in timer (no GPU here): the split Mosaic
   forward wins the forward phases, then the training phase times XLA's block (with XLA's and
-  the Pallas conv kernel gradient) against the Mosaic backward with 1 and 2 weight stages,
-  and keeps whichever the timer calls fastest (the column-walk kernel gradient included)."""
+  the Pallas conv kernel gradient) against the Mosaic backward with 1 and 2 weight stages
+  (and the two-warpgroup split backward with 1), and keeps whichever the timer calls fastest
+  (the column-walk kernel gradient included)."""
   monkeypatch.setattr(mosaic_mlp, "device_unsupported_reason", lambda interpret: None)
   seen = []
 
   def fake_time(make_fn, t, args, iters):
     if make_fn.__name__ == "grad_call":  # the training phase
       key = (t.mosaic_backward, t.mosaic_bwd_stages, t.mosaic_dwconv_wgrad)
-      seen.append(key)
-      return 0.3 if key == fastest else 0.4
+      seen.append(key + (t.mosaic_bwd_split_ws,))
+      return 0.3 if key + (False,) == seen[-1] and key == fastest else 0.4
     if t.fwd_kernel == "mosaic_split":
       return 0.5 if (t.mosaic_project_block_m, t.mosaic_block_n) == (128, 192) else 0.6
     return 1.0
@@ -420,14 +482,15 @@ def test_retune_chooses_the_training_path(monkeypatch, fastest):
   if fastest[0]:
     assert best.mosaic_bwd_stages == fastest[1]
   # the heuristic's stage count (2) rides along where the Mosaic backward is off
-  assert sorted(seen) == sorted([(False, 2, "auto"), (False, 2, "pallas"),
-                                 (False, 2, "pallas_columns"), (True, 1, "auto"),
-                                 (True, 2, "auto")])
-  assert [t for t, _ in timings[-5:]] == [
+  assert sorted(seen) == sorted([(False, 2, "auto", False), (False, 2, "pallas", False),
+                                 (False, 2, "pallas_columns", False), (True, 1, "auto", False),
+                                 (True, 2, "auto", False), (True, 1, "auto", True)])
+  assert [t for t, _ in timings[-6:]] == [
       dataclasses.replace(best, mosaic_backward=b, mosaic_bwd_stages=st,
-                          mosaic_dwconv_wgrad=w).to_json()
-      for b, st, w in ((False, 2, "auto"), (False, 2, "pallas"), (False, 2, "pallas_columns"),
-                       (True, 1, "auto"), (True, 2, "auto"))]
+                          mosaic_dwconv_wgrad=w, mosaic_bwd_split_ws=ws).to_json()
+      for b, st, w, ws in ((False, 2, "auto", False), (False, 2, "pallas", False),
+                           (False, 2, "pallas_columns", False), (True, 1, "auto", False),
+                           (True, 2, "auto", False), (True, 1, "auto", True))]
 
 
 def test_retune_times_both_backward_cta_sizes(monkeypatch):
@@ -489,6 +552,27 @@ def test_compiled_split_col_sums_on_gpu():
   assert _rel(db1, da.astype(jnp.float32).sum(0)) < 1e-2
   want_zn = mosaic_mlp_bwd._normalised(a["z"], a["z_bias"], True, 1e-6)
   assert _rel(zn, want_zn) < 1e-2
+
+
+@pytest.mark.gpu
+def test_compiled_two_warpgroup_split_on_gpu():
+  """The split backward with two compute warpgroups (C=384, 1 weight stage each) against
+  the one-warpgroup kernel, and mlp_with_grad's gradients with it against the reference."""
+  a, dy = _inputs(13, 4160, 384, 1536)
+  one = mosaic_mlp_bwd.hidden_grads(a["z"], dy, a["w1"], a["b1"], a["w2"], z_bias=a["z_bias"],
+                                    row_scale=a["row_scale"], with_zn=True)
+  two = mosaic_mlp_bwd.hidden_grads(a["z"], dy, a["w1"], a["b1"], a["w2"], z_bias=a["z_bias"],
+                                    row_scale=a["row_scale"], with_zn=True, stages=1,
+                                    two_warpgroups=True)
+  for x, y in zip(two, one):
+    assert _rel(x, y) < 1e-3
+  got = jax.grad(lambda w1, b1, w2, z, zb: jnp.sum(mosaic_mlp_bwd.mlp_with_grad(
+      z, a["res"], w1, b1, w2, a["b2"], z_bias=zb, row_scale=a["row_scale"], split=True,
+      bwd_stages=1, bwd_split_ws=True).astype(jnp.float32) * dy.astype(jnp.float32)),
+      argnums=(0, 1, 2, 3, 4))(a["w1"], a["b1"], a["w2"], a["z"], a["z_bias"])
+  want = _reference_grads(a, dy, "gelu", True, (2, 3, 4, 0, 6))
+  for x, y in zip(got, want):
+    assert _rel(x, y) < 1e-2
 
 
 @pytest.mark.gpu

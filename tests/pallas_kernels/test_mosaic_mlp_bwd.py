@@ -646,3 +646,23 @@ def test_two_warpgroup_column_sums_on_gpu():
   same time.  An XPASS here on a later jax means the limitation may be gone -- then check
   ``fused_mlp_bwd(block_m=128, col_sums=True)`` on a GPU before allowing it."""
   _check_two_warpgroup_column_sums(interpret=False)
+
+
+@pytest.mark.parametrize("shape,kw", [
+    ((128 * 28 * 28, 192), dict(block_m=128)),  # the H100 table's stage-2 backward
+    ((128 * 56 * 56, 96), dict(block_m=128, with_zn=True)),
+    ((128 * 14 * 14, 384), dict(two_warpgroups=True, stages=1, with_zn=True)),
+])
+def test_two_warpgroup_kernels_lower_for_cuda(shape, kw):
+  """The two-warpgroup backward kernels at ConvNeXt-T's stage shapes (batch 128) through
+  Mosaic GPU's own lowering for CUDA (runs on a CPU): layouts, transforms and barriers
+  that the interpreter does not check."""
+  m, c = shape
+  e = 4 * c
+  f32 = jnp.float32
+  fn = mosaic_mlp_bwd.hidden_grads if kw.get("two_warpgroups") else mosaic_mlp_bwd.fused_mlp_bwd
+  call = lambda z, g, w1, b1, w2, zb, rs: fn(z, g, w1, b1, w2, z_bias=zb, row_scale=rs, **kw)
+  s = jax.ShapeDtypeStruct
+  jax.jit(call).trace(s((m, c), jnp.bfloat16), s((m, c), jnp.bfloat16), s((c, e), f32),
+                      s((e,), f32), s((e, c), f32), s((c,), f32), s((m,), f32)).lower(
+                          lowering_platforms=("cuda",))

@@ -165,6 +165,26 @@ def _ln_backward(dzn, z_smem, zb_smem, *, normalize: bool, eps: float):
   return (dzn - row(m1) - zhat * row(m2)) * row(rstd)
 
 
+def _chunk_matmuls(zn_smem, g_smem, w1t_smem, w2_smem, hc: int):
+  """(a, dh) of one hidden chunk, float32 (rows, hc) registers: a = zn W1_j and dh = g W2_j^T
+  as wgmmas issued back to back and awaited.  The split form's tiles and weight slices come
+  in column blocks ((n_cb, rows, cb) and (n_cb, hc, cb)): one wgmma per block."""
+  blocks = range(zn_smem.shape[0]) if len(zn_smem.shape) == 3 else [None]
+  at = lambda ref, b: ref if b is None else ref.at[b]
+  rows = zn_smem.shape[-2]
+
+  def matmuls(acc_a, acc_dh):
+    for b in blocks:
+      plgpu.wgmma(acc_a, at(zn_smem, b), at(w1t_smem, b).transpose((1, 0)))
+    for b in blocks:
+      plgpu.wgmma(acc_dh, at(g_smem, b), at(w2_smem, b).transpose((1, 0)))
+    plgpu.wgmma_wait(0)
+    return acc_a[...], acc_dh[...]
+
+  return pl.run_scoped(matmuls, plgpu.ACC((rows, hc), jnp.float32),
+                       plgpu.ACC((rows, hc), jnp.float32))
+
+
 def _hidden_grad(a, dh, b1_smem, rs_smem, act: str):
   """(rs h, da) of one hidden chunk, float32 registers: h = act(a + b1) and
   da = rs dh act'(a + b1), with rs the CTA's row scales (``rs_smem``, (rows,) float32; None:
@@ -237,14 +257,7 @@ def _bwd_kernel(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, dz
       def chunk(idx, w1t_smem, b1_smem, w2_smem):
         (j,) = idx
 
-        def matmuls(acc_a, acc_dh):
-          plgpu.wgmma(acc_a, zn_smem, w1t_smem.transpose((1, 0)))
-          plgpu.wgmma(acc_dh, g_smem, w2_smem.transpose((1, 0)))
-          plgpu.wgmma_wait(0)
-          return acc_a[...], acc_dh[...]
-
-        a, dh = pl.run_scoped(matmuls, plgpu.ACC((bm, hc), jnp.float32),
-                              plgpu.ACC((bm, hc), jnp.float32))
+        a, dh = _chunk_matmuls(zn_smem, g_smem, w1t_smem, w2_smem, hc)
         h, da = _hidden_grad(a, dh, b1_smem, rs_smem, act)
 
         # dzn += da W1_j^T: da as wgmma's register operand on a GPU (from shared memory,
@@ -405,14 +418,7 @@ def _bwd_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem,
           plgpu.barrier_wait(w1_bars.at[s1])
           plgpu.barrier_wait(w2_bars.at[s2])
 
-          def matmuls(acc_a, acc_dh):
-            plgpu.wgmma(acc_a, my_zn, w1t.transpose((1, 0)))
-            plgpu.wgmma(acc_dh, my_g, w2_smem.at[s2].transpose((1, 0)))
-            plgpu.wgmma_wait(0)
-            return acc_a[...], acc_dh[...]
-
-          a, dh = pl.run_scoped(matmuls, plgpu.ACC((64, hc), jnp.float32),
-                                plgpu.ACC((64, hc), jnp.float32))
+          a, dh = _chunk_matmuls(my_zn, my_g, w1t, w2_smem.at[s2], hc)
           plgpu.barrier_arrive(w2_free.at[s2])
           h, da = _hidden_grad(a, dh, b1_smem.at[j], my_rs, act)
 
@@ -700,16 +706,7 @@ def _hidden_grad_kernel(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_
     def chunk(idx, w1t_smem, b1_smem, w2_smem):
       (j,) = idx
 
-      def matmuls(acc_a, acc_dh):
-        for b in range(n_cb):
-          plgpu.wgmma(acc_a, z_smem.at[b], w1t_smem.at[b].transpose((1, 0)))
-        for b in range(n_cb):
-          plgpu.wgmma(acc_dh, g_smem.at[b], w2_smem.at[b].transpose((1, 0)))
-        plgpu.wgmma_wait(0)
-        return acc_a[...], acc_dh[...]
-
-      a, dh = pl.run_scoped(matmuls, plgpu.ACC((bm, hc), jnp.float32),
-                            plgpu.ACC((bm, hc), jnp.float32))
+      a, dh = _chunk_matmuls(z_smem, g_smem, w1t_smem, w2_smem, hc)
       h, da = _hidden_grad(a, dh, b1_smem, rs_smem, act)
       _store_hidden(h, da, out_smem, j, rows, h_gmem, da_gmem, db1_smem=db1_smem)
 
@@ -814,16 +811,7 @@ def _hidden_grad_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, 
         plgpu.barrier_wait(w1_bars.at[wgi * stages + slot])
         plgpu.barrier_wait(w2_bars.at[wgi * stages + slot])
 
-        def matmuls(acc_a, acc_dh):
-          for b in range(n_cb):
-            plgpu.wgmma(acc_a, z_smem.at[b], w1t.at[b].transpose((1, 0)))
-          for b in range(n_cb):
-            plgpu.wgmma(acc_dh, g_smem.at[b], w2.at[b].transpose((1, 0)))
-          plgpu.wgmma_wait(0)
-          return acc_a[...], acc_dh[...]
-
-        a, dh = pl.run_scoped(matmuls, plgpu.ACC((64, hc), jnp.float32),
-                              plgpu.ACC((64, hc), jnp.float32))
+        a, dh = _chunk_matmuls(z_smem, g_smem, w1t, w2, hc)
         plgpu.barrier_arrive(w_free.at[wgi * stages + slot])
         h, da = _hidden_grad(a, dh, b1_smem.at[j], my_rs, act)
         _store_hidden(h, da, my_out, j, rows, h_gmem, da_gmem, slots=1)

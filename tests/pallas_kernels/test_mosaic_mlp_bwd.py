@@ -652,15 +652,19 @@ def test_two_warpgroup_column_sums_on_gpu():
     ((128 * 28 * 28, 192), dict(block_m=128)),  # the H100 table's stage-2 backward
     ((128 * 56 * 56, 96), dict(block_m=128, with_zn=True)),
     ((128 * 14 * 14, 384), dict(two_warpgroups=True, stages=1, with_zn=True)),
+    ((128 * 56 * 56, 96), dict(stages=1, col_sums=True)),  # the one-warpgroup kernels
+    ((128 * 14 * 14, 384), dict(split=True, with_zn=True, col_sums=True)),
 ])
-def test_two_warpgroup_kernels_lower_for_cuda(shape, kw):
-  """The two-warpgroup backward kernels at ConvNeXt-T's stage shapes (batch 128) through
-  Mosaic GPU's own lowering for CUDA (runs on a CPU): layouts, transforms and barriers
-  that the interpreter does not check."""
+def test_backward_kernels_lower_for_cuda(shape, kw):
+  """The backward kernels (two-warpgroup and one-warpgroup forms) at ConvNeXt-T's stage
+  shapes (batch 128) through Mosaic GPU's own lowering for CUDA (runs on a CPU): layouts,
+  transforms and barriers that the interpreter does not check."""
+  kw = dict(kw)
   m, c = shape
   e = 4 * c
   f32 = jnp.float32
-  fn = mosaic_mlp_bwd.hidden_grads if kw.get("two_warpgroups") else mosaic_mlp_bwd.fused_mlp_bwd
+  split = kw.pop("split", False) or kw.get("two_warpgroups", False)
+  fn = mosaic_mlp_bwd.hidden_grads if split else mosaic_mlp_bwd.fused_mlp_bwd
   call = lambda z, g, w1, b1, w2, zb, rs: fn(z, g, w1, b1, w2, z_bias=zb, row_scale=rs, **kw)
   s = jax.ShapeDtypeStruct
   jax.jit(call).trace(s((m, c), jnp.bfloat16), s((m, c), jnp.bfloat16), s((c, e), f32),

@@ -33,9 +33,11 @@ the weight TMA copies -- so that one warpgroup's wgmmas overlap the other's GELU
 stores (one 64-row CTA per SM at C=192 leaves the tensor cores idle meanwhile).  To fit
 shared memory it normalises z in place and keeps 1/std in registers for the epilogue, and
 W2 may have fewer slots than W1^T (``ws_bwd_layout``).  Measured (H100, 2026-11-27, N=128,
-bf16, kernel alone): 28x28x192 0.346 vs 0.376 ms for the 64-row kernel (56x56x96 0.596-0.611
-vs 0.685, both with db1 column sums, which the 128-row kernel got wrong: see its docstring); block forward + backward 1.775-1.800 vs 1.867-1.876 ms and 1.070-1.085 vs
-1.112-1.130 (benchmarks/RESULTS.md).  It has no db1 column sums (see its docstring).
+bf16): kernel alone 0.346 vs 0.376 ms for the 64-row kernel at 28x28x192 (56x56x96
+0.596-0.611 vs 0.685, both with db1 column sums, which the 128-row kernel got wrong); block
+forward + backward 1.775-1.800 vs 1.867-1.876 ms at 56x56x96 and 1.070-1.085 vs
+1.112-1.130 at 28x28x192 (benchmarks/RESULTS.md).  It has no db1 column sums (see its
+docstring).
 ``_hidden_grad_kernel`` is the same without dzn, for C > 256 (``hidden_grads``; XLA then
 computes dzn = da W1^T and the LayerNorm backward); ``_hidden_grad_kernel_ws``
 (``hidden_grads(two_warpgroups=True)``) runs it as two compute warpgroups taking alternate

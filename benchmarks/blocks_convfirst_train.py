@@ -175,13 +175,12 @@ def main(argv=None) -> int:
                       "(default: pallas_kernels.convfirst_block.train.BWD_BLOCK_M)")
   p.add_argument("--json", default=None)
   args = p.parse_args(argv)
+  from pallas_kernels.convfirst_block import train as convfirst_train
   if args.bwd_block_m is not None:
-    from pallas_kernels.convfirst_block import train as convfirst_train
     convfirst_train.BWD_BLOCK_M = args.bwd_block_m
   shapes = SHAPES if args.shapes == "all" else [SHAPES[int(i)] for i in args.shapes.split(",")]
   rows = []
   for name, kind, h, w, c, e in shapes:
-    from pallas_kernels.convfirst_block import train as convfirst_train
     row = dict(block=name, batch=args.batch, dtype="bfloat16",
                bwd_block_m=convfirst_train.BWD_BLOCK_M)
     row.update(bench_conv(kind, args.batch, h, w, c, e, args.sweep))

@@ -96,9 +96,8 @@ def train_kernel(x_shape, dtype, params: ConvNeXtBlockParams, tiles: tuning.Conv
       x_shape, params, dtype, tiles.mosaic_bwd_stages, tiles.mosaic_hidden,
       split=kernel == "mosaic_split", bwd_hidden=tiles.mosaic_bwd_hidden,
       bwd_col_sums=tiles.mosaic_bwd_db1, fwd_block_m=tiles.mosaic_block_m,
-      fwd_stages=tiles.mosaic_stages,
-      bwd_block_m=64 if kernel == "mosaic_split" else tiles.mosaic_bwd_block_m,
-      bwd_split_ws=kernel == "mosaic_split" and tiles.mosaic_bwd_split_ws) is None:
+      fwd_stages=tiles.mosaic_stages, bwd_block_m=tiles.mosaic_bwd_block_m,
+      bwd_split_ws=tiles.mosaic_bwd_split_ws) is None:
     return kernel
   return "xla"
 

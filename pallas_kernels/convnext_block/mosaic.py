@@ -108,7 +108,8 @@ def train_unsupported_reason(x_shape, params: ConvNeXtBlockParams, dtype,
                              bwd_block_m: int = 64, bwd_split_ws: bool = False) -> str | None:
   """Why ``forward_train`` cannot run this call, or None (``bwd_hidden`` 0: the backward
   kernel's default chunk, ``hidden_chunk`` or 32 with ``split``; ``fwd_block_m`` /
-  ``fwd_stages``: the one-kernel forward's, checked against shared memory)."""
+  ``fwd_stages``: the one-kernel forward's, checked against shared memory;
+  ``bwd_block_m`` applies to the one-kernel form, ``bwd_split_ws`` to the split form)."""
   n, h, w, c = x_shape
   m, e = n * h * w, params.fc1_kernel.shape[1]
   if not split and fwd_block_m is not None:
@@ -147,7 +148,10 @@ def forward_train(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | No
     kernel forward, the Mosaic backward kernel + XLA weight-gradient GEMMs);
   * the LN affine / layer-scale folding: plain jnp, so autodiff carries the folded
     weights' gradients back to ln_scale, ln_bias, fc1, fc2 and gamma.
-  ``dps`` is differentiated only if it is perturbed (mlp_with_grad's row_scale)."""
+  ``dps`` is differentiated only if it is perturbed (mlp_with_grad's row_scale).
+  ``bwd_block_m`` (64 / 128 rows per backward CTA) applies to the one-kernel form,
+  ``bwd_split_ws`` (the two-warpgroup split backward) to the split form; each is ignored by
+  the other form."""
   n, h, w, c = x.shape
   interp = interpret is not False and interpret is not None
   if dwconv_pallas:  # x's gradient through the residual (and the conv bias's) come from

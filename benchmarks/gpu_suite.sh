@@ -12,6 +12,7 @@
 #   COLUMNS=1 bash benchmarks/gpu_suite.sh dwconv  # the column-walk conv variants only
 #   bash benchmarks/gpu_suite.sh pipelined # pipelined vs serial Mosaic kernels (+ their tests)
 #   bash benchmarks/gpu_suite.sh mosaic_train  # training-path blocks (Mosaic backward) + step
+#   bash benchmarks/gpu_suite.sh ws        # two-warpgroup backward kernels: GPU tests + blocks
 #   SHAPE=128,28,28,192 bash benchmarks/gpu_suite.sh retune  # tuning.retune vs the table
 #   bash benchmarks/gpu_suite.sh profile   # per-kernel GPU time: stage blocks, ConvNeXt-T
 #   bash benchmarks/gpu_suite.sh layernorm # stem / downsampling LayerNorm kernels vs XLA
@@ -89,6 +90,17 @@ case "${1:-}" in
         --batch-size 256 --image-size 224 --steps 30 --json "$OUT/tput_convnext_tiny_$impl.json" \
         2>&1 | grep -v cuda_timer | tail -1
     done
+    ;;
+  ws)
+    # the two-warpgroup Mosaic backward kernels: compiled tests (incl. the shared-scratch
+    # canary), then the training-path blocks at the stage-2 / stage-3 shapes
+    log "GPU tests: two-warpgroup backward kernels"
+    timeout 300 python3 -m pytest -q -m gpu tests/pallas_kernels/test_mosaic_mlp_bwd.py \
+      -k "two_warpgroup or compiled_bwd" 2>&1 | grep -v cuda_timer | tail -6
+    log "training-path blocks at ${WS_SHAPES:-28x192,14x384}"
+    timeout 270 python3 -m benchmarks.mosaic_train --shapes "${WS_SHAPES:-28x192,14x384}" \
+      --json "$OUT/mosaic_train_ws.json" 2>&1 | grep -v cuda_timer \
+      | tee "$OUT/mosaic_train_ws.txt" | sed -n '/^ConvNeXt blocks/,$p'
     ;;
   retune)
     # tuning.retune's phases on one ConvNeXt-T block shape per call (SHAPE=N,H,W,C; default

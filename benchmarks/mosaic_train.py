@@ -3,7 +3,8 @@
 (pallas_kernels/mosaic_mlp_bwd.py), each with XLA's or the Pallas depthwise-conv kernel
 gradient, and that kernel gradient alone.
 
-    PYTHONPATH=. python3 -m benchmarks.mosaic_train [--batch 128] [--json out.json]
+    PYTHONPATH=. python3 -m benchmarks.mosaic_train [--batch 128] [--shapes 28x192,14x384]
+        [--json out.json]
 
 Blocks: ConvNeXt-T's four stages (56x56x96, 28x28x192: one-kernel Mosaic forms; 14x14x384:
 the split forms; 7x7x768 has no Mosaic backward -- the split backward kernel's tiles do not
@@ -59,12 +60,25 @@ def _inputs(key, batch, hw, c):
   return x, p, d, g
 
 
+def parse_shapes(text: str) -> tuple[tuple[int, int], ...]:
+  """"28x192,14x384" -> ((28, 192), (14, 384)): square images of side HW with C channels."""
+  try:
+    shapes = tuple(tuple(int(v) for v in item.split("x")) for item in text.split(","))
+  except ValueError:
+    shapes = ()
+  if not shapes or any(len(sh) != 2 or min(sh) <= 0 for sh in shapes):
+    raise argparse.ArgumentTypeError(f"expected HWxC[,HWxC...], e.g. 28x192,14x384; got {text!r}")
+  return shapes
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--batch", type=int, default=128)
   ap.add_argument("--iters", type=int, default=20)
   ap.add_argument("--reps", type=int, default=10)
+  ap.add_argument("--shapes", type=parse_shapes, default=SHAPES,
+                  help="HWxC list, e.g. 28x192,14x384 (default: the four ConvNeXt-T stages)")
   ap.add_argument("--json", default=None)
   args = ap.parse_args(argv)
   reason = mosaic_mlp.device_unsupported_reason(False)
@@ -80,7 +94,7 @@ def main(argv=None):
     table.append(f"{name:20s} {label:34s} {ms:8.3f} ms{x}{e}")
     print(table[-1], flush=True)
 
-  for hw, c in SHAPES:
+  for hw, c in args.shapes:
     name = f"convnext {hw}x{hw}x{c}"
     sets = [_inputs(jax.random.key(i), args.batch, hw, c) for i in range(2)]
     tuned = tuning.get_tiles(c, jnp.bfloat16)

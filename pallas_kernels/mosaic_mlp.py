@@ -411,6 +411,24 @@ def _kernel(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b2_g
   )
 
 
+def _warp_roles(compute, memory):
+  """The roles of a warp-specialised CTA (``num_threads=3``, thread axis "wg"):
+  ``compute(wgi)`` on warpgroups 0 and 1 with 232 registers per thread, ``memory()`` (the
+  TMA issuer) on warpgroup 2 with 40 (2 x 128 x 232 + 128 x 40 fits the 64K register
+  file)."""
+  wgi = lax.axis_index("wg")
+
+  @pl.when(wgi < 2)
+  def _():
+    plgpu.set_max_registers(232, action="increase")
+    compute(wgi)
+
+  @pl.when(wgi == 2)
+  def _():
+    plgpu.set_max_registers(40, action="decrease")
+    memory()
+
+
 def _kernel_ws(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b2_gmem,
                out_gmem, *, c: int, e: int, hc: int, act: str, normalize: bool, eps: float,
                stages: int, h_in_smem: bool, has_res: bool = True):
@@ -426,11 +444,7 @@ def _kernel_ws(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b
 
   def body(zr_smem, zn_smem, rs_smem, zb_smem, b1_smem, b2_smem, w1t_smem, w2_smem,
            tile_bars, param_bars, w1_bars, w2_bars, consumed, h_smem):
-    wgi = lax.axis_index("wg")
-
-    @pl.when(wgi < 2)
-    def _compute():
-      plgpu.set_max_registers(232, action="increase")
+    def _compute(wgi):
       rows = pl.ds(i * 128 + wgi * 64, 64)
       my_z, my_zn, my_rs = zr_smem.at[wgi], zn_smem.at[wgi], rs_smem.at[wgi]
       my_h = None if h_smem is None else h_smem.at[wgi]
@@ -462,9 +476,7 @@ def _kernel_ws(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b
       plgpu.barrier_wait(param_bars.at[2])
       _residual_out(acc, b2_smem, my_rs, my_z, out_gmem.at[rows], has_res=has_res)
 
-    @pl.when(wgi == 2)
     def _memory():
-      plgpu.set_max_registers(40, action="decrease")
       plgpu.copy_gmem_to_smem(zb_gmem, zb_smem, param_bars.at[0])
       plgpu.copy_gmem_to_smem(b1_gmem, b1_smem, param_bars.at[1])
       plgpu.copy_gmem_to_smem(b2_gmem, b2_smem, param_bars.at[2])
@@ -487,6 +499,8 @@ def _kernel_ws(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b
       # warpgroup waits on is drained before the barriers are freed.
       for j in range(max(n_chunks - stages, 0), n_chunks):
         plgpu.barrier_wait(consumed.at[j % stages])
+
+    _warp_roles(_compute, _memory)
 
   w_t = _transforms(c, dtype)
   pl.run_scoped(

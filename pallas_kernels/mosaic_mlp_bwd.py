@@ -91,6 +91,7 @@ from pallas_kernels.mosaic_mlp import (
     _interpret_params,
     _normalise_into,
     _transforms,
+    _warp_roles,
 )
 
 BLOCK_M = 64
@@ -389,11 +390,7 @@ def _bwd_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem,
 
   def body(zn_smem, g_smem, rs_smem, zb_smem, b1_smem, w1t_smem, w2_smem, out_smem, tile_bars,
            param_bars, w1_bars, w2_bars, w1_free, w2_free):
-    wgi = lax.axis_index("wg")
-
-    @pl.when(wgi < 2)
-    def _compute():
-      plgpu.set_max_registers(232, action="increase")
+    def _compute(wgi):
       rows = pl.ds(cta * 128 + wgi * 64, 64)
       my_zn, my_g, my_out = zn_smem.at[wgi], g_smem.at[wgi], out_smem.at[wgi]
       plgpu.copy_gmem_to_smem(z_gmem.at[rows], my_zn, tile_bars.at[3 * wgi])
@@ -439,9 +436,7 @@ def _bwd_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem,
       plgpu.copy_smem_to_gmem(my_g, dz_gmem.at[rows])
       plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wgi == 2)
     def _memory():
-      plgpu.set_max_registers(40, action="decrease")
       plgpu.copy_gmem_to_smem(zb_gmem, zb_smem, param_bars.at[0])
       plgpu.copy_gmem_to_smem(b1_gmem, b1_smem, param_bars.at[1])
 
@@ -465,6 +460,8 @@ def _bwd_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem,
       for free, n_slots in ((w1_free, stages), (w2_free, w2_stages)):
         for j in range(max(n_chunks - n_slots, 0), n_chunks):
           plgpu.barrier_wait(free.at[j % n_slots])
+
+    _warp_roles(_compute, _memory)
 
   w_t = _transforms(c, dtype)
   pl.run_scoped(
@@ -772,11 +769,7 @@ def _hidden_grad_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, 
 
   def body(z_smem, g_smem, rs_smem, zb_smem, b1_smem, w1t_smem, w2_smem, out_smem, tile_bars,
            param_bars, tiles_ready, w1_bars, w2_bars, w_free):
-    wgi = lax.axis_index("wg")
-
-    @pl.when(wgi < 2)
-    def _compute():
-      plgpu.set_max_registers(232, action="increase")
+    def _compute(wgi):
 
       @pl.when(wgi == 0)
       def _load_tiles():
@@ -820,9 +813,7 @@ def _hidden_grad_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, 
 
       plgpu.wait_smem_to_gmem(0)
 
-    @pl.when(wgi == 2)
     def _memory():
-      plgpu.set_max_registers(40, action="decrease")
       plgpu.copy_gmem_to_smem(zb_gmem, zb_smem, param_bars.at[0])
       plgpu.copy_gmem_to_smem(b1_gmem, b1_smem, param_bars.at[1])
 
@@ -844,6 +835,8 @@ def _hidden_grad_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, 
       for t in range(max(per_wg - stages, 0), per_wg):
         for w in range(2):
           plgpu.barrier_wait(w_free.at[w * stages + t % stages])
+
+    _warp_roles(_compute, _memory)
 
   pl.run_scoped(
       body,

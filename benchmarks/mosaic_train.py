@@ -4,7 +4,7 @@
 gradient, and that kernel gradient alone.
 
     PYTHONPATH=. python3 -m benchmarks.mosaic_train [--batch 128] [--shapes 28x192,14x384]
-        [--json out.json]
+        [--variants "tuned,db1 from"] [--no-wgrad] [--json out.json]
 
 Blocks: ConvNeXt-T's four stages (56x56x96, 28x28x192: one-kernel Mosaic forms; 14x14x384:
 the split forms; 7x7x768 has no Mosaic backward -- the split backward kernel's tiles do not
@@ -14,7 +14,10 @@ respect to x and the parameters), this GPU's tuned tiles otherwise.  Every varia
 and gradients (x and all nine parameters) are compared with XLA's on the same inputs
 (max |a - b| / max |b| over each leaf; the largest is printed); the kernel-gradient
 variants with XLA's.  Times: median of ``--iters`` samples of ``--reps`` back-to-back calls
-alternating two random inputs, synchronised.  The table is printed last.
+alternating two random inputs, synchronised.  ``--variants``: time only the variants whose
+label contains one of these comma-separated words (XLA's block, the base of every ratio,
+always runs); ``--no-wgrad``: skip the kernel-gradient-alone rows.  The table is printed
+last.
 """
 
 from __future__ import annotations
@@ -79,8 +82,15 @@ def main(argv=None):
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--shapes", type=parse_shapes, default=SHAPES,
                   help="HWxC list, e.g. 28x192,14x384 (default: the four ConvNeXt-T stages)")
+  ap.add_argument("--variants", default=None,
+                  help="comma-separated words: only variants whose label contains one "
+                       "(e.g. 'tuned,db1 from'); XLA's block always runs")
+  ap.add_argument("--no-wgrad", action="store_true",
+                  help="skip the depthwise conv's kernel gradient timed alone")
   ap.add_argument("--json", default=None)
   args = ap.parse_args(argv)
+  wanted = None if args.variants is None else [w.strip() for w in args.variants.split(",")
+                                                if w.strip()]
   reason = mosaic_mlp.device_unsupported_reason(False)
   if reason is not None:
     raise SystemExit(f"benchmarks.mosaic_train: {reason}")
@@ -100,6 +110,7 @@ def main(argv=None):
     tuned = tuning.get_tiles(c, jnp.bfloat16)
     rep = lambda **kw: dataclasses.replace(tuned, **kw)
     variants = [("xla", "xla", None),
+                ("tuned (this GPU's table)", None, tuned),
                 ("hybrid", None, rep(mosaic_backward=False, mosaic_dwconv_wgrad="auto")),
                 ("hybrid, Pallas dwconv wgrad", None,
                  rep(mosaic_backward=False, mosaic_dwconv_wgrad="pallas")),
@@ -121,6 +132,9 @@ def main(argv=None):
                         # the column sums exist in the 64-row kernel only
                         mosaic_bwd_block_m=(tuned.mosaic_bwd_block_m if tuned.mosaic_bwd_db1
                                             else 64)))]
+    if c <= 384 and tuned.mosaic_backward:  # db1 as one more row of the dW1 GEMM
+      variants.append(("mosaic backward, db1 from the dW1 GEMM", None,
+                       rep(mosaic_bwd_db1_gemm=True, mosaic_bwd_db1=False)))
     if 256 < c <= 384:  # the split backward with two compute warpgroups
       variants.append(("mosaic backward, two-warpgroup split", None,
                        rep(mosaic_backward=True, mosaic_bwd_stages=1, mosaic_bwd_split_ws=True)))
@@ -130,6 +144,9 @@ def main(argv=None):
                        rep(mosaic_backward=True, mosaic_bwd_block_m=other)))
     ref = None
     base = None
+    if wanted is not None:
+      variants = [v for v in variants
+                  if v[0] == "xla" or any(w in v[0] for w in wanted)]
     for label, impl, tiles in variants:
       if tiles is not None and tiles.mosaic_backward and api.train_kernel(
           sets[0][0].shape, jnp.bfloat16, sets[0][1], tiles, False) == "xla":
@@ -158,6 +175,8 @@ def main(argv=None):
       record(name, label + " (fwd+bwd)", ms, base, err)
 
     # The depthwise conv's kernel gradient alone: XLA's, "auto", the Pallas kernel's tiles.
+    if args.no_wgrad:
+      continue
     x, _, _, g = sets[0]
     x2, _, _, g2 = sets[1]
     kern = jax.random.normal(jax.random.key(5), (7, 7, c)) * 0.1

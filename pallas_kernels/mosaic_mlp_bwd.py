@@ -41,8 +41,8 @@ docstring).
 ``_hidden_grad_kernel`` is the same without dzn, for C > 256 (``hidden_grads``; XLA then
 computes dzn = da W1^T and the LayerNorm backward); ``_hidden_grad_kernel_ws``
 (``hidden_grads(two_warpgroups=True)``) runs it as two compute warpgroups taking alternate
-hidden chunks of the same 64 rows (interpreter-tested and lowered for CUDA, 2026-11-27; not
-yet compiled or timed on a GPU: off in the tile tables).  So a is recomputed rather than saved
+hidden chunks of the same 64 rows (H100 2026-11-27: the 14x14x384 block forward + backward
+0.842 vs 0.864 ms; on in the H100 table at C=384).  So a is recomputed rather than saved
 by the forward (the forward stays the inference kernel, saving only its inputs), and the
 4C-wide tensors reach DRAM exactly twice (h and da, written once here, read once by the two
 weight-gradient GEMMs); XLA's differentiated block writes and reads several more.
@@ -53,10 +53,14 @@ an SM next to the tiles above, and reducing partials across 6,000+ CTAs through 
 move more bytes than h and da do.  db1 is the exception, being only E wide: with
 ``col_sums`` (tile field ``mosaic_bwd_db1``) each CTA writes its float32 column sums of da
 (CTAs x E, 9.6 MB at the 56x56x96 block for N=128, against 308 MB of da that XLA's
-separate sum reads, 0.09 ms of 2.34) and XLA adds them up; on in the H100 table at C=96
-only, where it measured faster (tuning.py).  With ``with_zn`` (tile field
-``mosaic_bwd_zn``, on) the kernels also store the normalised z tile they compute, which the
-dW1 GEMM reads instead of XLA recomputing it.
+separate sum reads, 0.09 ms of 2.34) and XLA adds them up (64-row CTAs only: see
+``_bwd_kernel_ws``).  With ``with_zn`` (tile field ``mosaic_bwd_zn``, on) the kernels also
+store the normalised z tile they compute, which the dW1 GEMM reads instead of XLA
+recomputing it; with ``zn_ones`` as well (``mlp_with_grad(bwd_db1_gemm=True)``, tile field
+``mosaic_bwd_db1_gemm``, on in the H100 table) that tile gets columns of ones after its C,
+so the dW1 GEMM [zn | 1]^T da yields db1 as one more row: no pass over da, no cross-warp
+reduction, every kernel form (H100 2026-11-27, block forward + backward: 56x56x96 1.696 vs
+1.798 ms, 28x28x192 1.027 vs 1.087, 14x14x384 0.822 vs 0.837).
 
 ``mlp_with_grad``: ``fused_mlp`` under a ``jax.custom_vjp`` whose backward is the above.
 The row scale (drop path) is differentiated only when it is perturbed (``symbolic_zeros``),
@@ -110,11 +114,13 @@ def bwd_smem_bytes(c: int, hc: int, stages: int, itemsize: int = 2, bm: int = BL
 
 def unsupported_reason(m: int, c: int, e: int, dtype, act: str = "gelu",
                        hidden_chunk: int = 64, stages: int = 2,
-                       col_sums: bool = False, block_m: int = BLOCK_M) -> str | None:
+                       col_sums: bool = False, block_m: int = BLOCK_M,
+                       zn_ones: bool = False) -> str | None:
   """Why ``fused_mlp_bwd`` cannot run this shape/dtype/activation (with ``block_m``-row
-  CTAs), or None."""
+  CTAs, and ``zn_ones``' tile), or None."""
   if block_m not in (64, 128):
     return f"the backward kernel's block_m must be 64 or 128, got {block_m}"
+  ones = _ones_bytes(zn_ones, c, jnp.dtype(dtype).itemsize)
   if block_m == 128:
     reason = mosaic_mlp.unsupported_reason(m, c, e, dtype, hidden_chunk) or _kernel_reason(
         "backward kernel", lambda *_: 0, c, act, hidden_chunk, stages, dtype)
@@ -123,15 +129,52 @@ def unsupported_reason(m: int, c: int, e: int, dtype, act: str = "gelu",
                 "warpgroups' cross-warp reductions would share one scratch buffer); use "
                 "block_m=64 or col_sums=False")
     if reason is None and ws_bwd_layout(c, e, hidden_chunk, stages,
-                                        jnp.dtype(dtype).itemsize) is None:
-      need = ws_bwd_smem_bytes(c, e, hidden_chunk, stages, 1, 1, jnp.dtype(dtype).itemsize)
+                                        jnp.dtype(dtype).itemsize, ones) is None:
+      need = ws_bwd_smem_bytes(c, e, hidden_chunk, stages, 1, 1,
+                               jnp.dtype(dtype).itemsize) + ones
       reason = (f"C={c} with a hidden chunk of {hidden_chunk} and {stages} weight stages needs "
                 f"{need} bytes of shared memory in the 128-row backward kernel (at most "
                 f"{SMEM_BYTES}); use fewer stages, a smaller chunk or block_m=64")
     return reason
-  smem = functools.partial(bwd_smem_bytes, col_sums_e=e if col_sums else 0)
+  smem = lambda *a: bwd_smem_bytes(*a, col_sums_e=e if col_sums else 0) + ones
   return (mosaic_mlp.unsupported_reason(m, c, e, dtype, hidden_chunk)
           or _kernel_reason("backward kernel", smem, c, act, hidden_chunk, stages, dtype))
+
+
+def zn_ones_cols(c: int, itemsize: int = 2, split: bool = False) -> int:
+  """How many columns of ones ``zn_ones`` appends to zn (M, C): one swizzle tile of the zn
+  tiles (32 at C=96, 64 at C=192 / 384 in bf16).  Why not one column: the TMA copies of
+  swizzled tiles need every row of the DRAM array to be whole tiles (Mosaic GPU tiles the
+  DRAM array as it tiles shared memory).  XLA's dW1 GEMM then has C + that many rows, all
+  but row C of the extra ones redundant copies of db1; the GEMM is DRAM-bound here (it reads
+  the 4C-wide da), so they cost little next to the pass over da they replace."""
+  from pallas_kernels.mosaic_split import _column_block
+  minor = _column_block(c) if split else c
+  return mosaic_mlp._swizzle_bytes(minor, itemsize) // itemsize
+
+
+def _ones_bytes(zn_ones: bool, c: int, itemsize: int, split: bool = False) -> int:
+  """Shared memory of the ones tile ``zn_ones`` stores (0 without it): 64 rows of 32 bytes
+  (the narrowest swizzle), copied out zn_ones_cols / its width times per 64 rows."""
+  del c, split  # the same small tile for every width
+  return 64 * 32 if zn_ones else 0
+
+
+def _ones_tile(dtype):
+  w = 32 // jnp.dtype(dtype).itemsize
+  return plgpu.SMEM((64, w), dtype, transforms=_transforms(w, dtype))
+
+
+def _store_ones(ones_smem, zn_gmem, row_blocks, c: int):
+  """``zn_ones``: fills the 64-row tile ``ones_smem`` with ones and TMA-copies it into
+  zn_gmem's columns C .. end for each 64-row slice in ``row_blocks``; awaited with the
+  kernel's other stores."""
+  w = ones_smem.shape[1]
+  ones_smem[...] = plgpu.layout_cast(jnp.ones((64, w), ones_smem.dtype), plgpu.Layout.WGMMA)
+  plgpu.commit_smem()
+  for rows in row_blocks:
+    for col in range(c, zn_gmem.shape[1], w):
+      plgpu.copy_smem_to_gmem(ones_smem, zn_gmem.at[rows, pl.ds(col, w)])
 
 
 def _kernel_reason(kernel: str, smem_bytes, c: int, act: str, hidden_chunk: int,
@@ -229,17 +272,20 @@ def _store_hidden(h, da, out_smem, j, rows, h_gmem, da_gmem, before_store=None,
 def _bwd_kernel(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, dz_gmem, h_gmem,
                 da_gmem,
                 *extra_gmem, c: int, e: int, hc: int, act: str, normalize: bool, eps: float,
-                stages: int, bm: int, da_in_regs: bool, with_zn: bool = False):
+                stages: int, bm: int, da_in_regs: bool, with_zn: bool = False,
+                zn_ones: bool = False):
   """``extra_gmem``: with ``with_zn``, first zn (M, C), the normalised tile the kernel
-  computes anyway, for XLA's dW1 GEMM; then (optional) db1_gmem, (CTAs, E / hc, hc)
-  float32, each CTA's column sums of da."""
+  computes anyway, for XLA's dW1 GEMM (with ``zn_ones``: (M, C + zn_ones_cols), ones after
+  column C); then (optional) db1_gmem, (CTAs, E / hc, hc) float32, each CTA's column sums
+  of da."""
   zn_gmem, db1_gmem = _optional_refs(extra_gmem, with_zn)
   dtype = z_gmem.dtype
   cta = lax.axis_index("m")
   rows = pl.ds(cta * bm, bm)
   tile_t = _transforms(c, dtype)
 
-  def scoped(z_smem, zn_smem, g_smem, rs_smem, zb_smem, out_smem, bars, *db1_smem):
+  def scoped(z_smem, zn_smem, g_smem, rs_smem, zb_smem, out_smem, bars, *db1_smem,
+             ones_smem=None):
     db1_smem = db1_smem[0] if db1_smem else None
     plgpu.copy_gmem_to_smem(z_gmem.at[rows], z_smem, bars.at[0])
     plgpu.copy_gmem_to_smem(g_gmem.at[rows], g_smem, bars.at[1])
@@ -253,7 +299,9 @@ def _bwd_kernel(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, dz
     plgpu.barrier_wait(bars.at[2])
     _normalise_into(z_smem, zb_smem, zn_smem, normalize=normalize, eps=eps)
     if zn_gmem is not None:  # read-only from here on; awaited with the h / da stores
-      plgpu.copy_smem_to_gmem(zn_smem, zn_gmem.at[rows])
+      plgpu.copy_smem_to_gmem(zn_smem, zn_gmem.at[rows, pl.ds(0, c)])
+      if zn_ones:
+        _store_ones(ones_smem, zn_gmem, [rows], c)
     plgpu.barrier_wait(bars.at[1])
 
     def accumulate(dzn_ref):
@@ -305,6 +353,7 @@ def _bwd_kernel(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, dz
       plgpu.SMEM((2, 2, bm, hc), dtype, transforms=_transforms(hc, dtype)),
       plgpu.Barrier(num_barriers=4),
       *([plgpu.SMEM((e // hc, hc), jnp.float32)] if db1_gmem else []),
+      **({"ones_smem": _ones_tile(dtype)} if zn_ones else {}),
   )
 
 
@@ -319,13 +368,14 @@ def ws_bwd_smem_bytes(c: int, e: int, hc: int, stages: int, w2_stages: int, slot
 
 
 def ws_bwd_layout(c: int, e: int, hc: int, stages: int,
-                  itemsize: int = 2) -> tuple[int, int] | None:
+                  itemsize: int = 2, extra_bytes: int = 0) -> tuple[int, int] | None:
   """(W2 stages, staging slots) of ``_bwd_kernel_ws`` for ``stages`` slices of W1^T: the
   first of (stages, 2), (stages, 1), (1, 2), (1, 1) that fits shared memory, or None.  At
   C=192 (hc=64, bf16) with 2 W1 stages that is (1, 1): 211,200 bytes; (2, 1) would need
-  235,776 of the 232,448."""
+  235,776 of the 232,448.  ``extra_bytes``: more shared memory the kernel needs (the
+  ``zn_ones`` tile)."""
   for w2_stages, slots in ((stages, 2), (stages, 1), (1, 2), (1, 1)):
-    if ws_bwd_smem_bytes(c, e, hc, stages, w2_stages, slots, itemsize) <= SMEM_BYTES:
+    if ws_bwd_smem_bytes(c, e, hc, stages, w2_stages, slots, itemsize) + extra_bytes <= SMEM_BYTES:
       return w2_stages, slots
   return None
 
@@ -366,7 +416,7 @@ def _ln_backward_from_zn(dzn, zn_smem, rstd):
 def _bwd_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, dz_gmem,
                    h_gmem, da_gmem, *extra_gmem, c: int, e: int, hc: int, act: str,
                    normalize: bool, eps: float, stages: int, w2_stages: int, slots: int,
-                   da_in_regs: bool, with_zn: bool = False):
+                   da_in_regs: bool, with_zn: bool = False, zn_ones: bool = False):
   """``_bwd_kernel`` with 128 rows per CTA, warp-specialised (as the forward's
   ``mosaic_mlp._kernel_ws``): warpgroups 0 and 1 each own 64 rows and run the same per-chunk
   wgmma -> GELU / GELU' -> wgmma chain; warpgroup 2 only issues the TMA copies of the weight
@@ -378,7 +428,8 @@ def _bwd_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem,
   read from L2 once per 128 rows.  To fit, each warpgroup normalises its z tile in place and
   keeps only the rows' 1/std (registers) for the LayerNorm backward, which then uses the
   rounded zn (``_ln_backward_from_zn``); ``slots`` (1 or 2) staging slots per warpgroup.
-  ``extra_gmem``: zn_gmem with ``with_zn``.  No db1 column sums: a reduction over rows
+  ``extra_gmem``: zn_gmem with ``with_zn`` (and ``zn_ones``, as ``_bwd_kernel``'s; warpgroup
+  0 writes both warpgroups' ones from one tile).  No db1 column sums: a reduction over rows
   crosses the warps of a warpgroup, and Mosaic GPU (jax 0.11.2) gives every warpgroup the
   same shared-memory scratch for it -- the two compute warpgroups' sums raced (wrong
   results on an H100, 2026-11-27; right in the interpreter, which runs them one after the
@@ -389,7 +440,7 @@ def _bwd_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem,
   cta = lax.axis_index("m")
 
   def body(zn_smem, g_smem, rs_smem, zb_smem, b1_smem, w1t_smem, w2_smem, out_smem, tile_bars,
-           param_bars, w1_bars, w2_bars, w1_free, w2_free):
+           param_bars, w1_bars, w2_bars, w1_free, w2_free, ones_smem=None):
     def _compute(wgi):
       rows = pl.ds(cta * 128 + wgi * 64, 64)
       my_zn, my_g, my_out = zn_smem.at[wgi], g_smem.at[wgi], out_smem.at[wgi]
@@ -405,7 +456,12 @@ def _bwd_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem,
       plgpu.barrier_wait(param_bars.at[0])
       rstd = _normalise_in_place_rstd(my_zn, zb_smem, normalize=normalize, eps=eps)
       if zn_gmem is not None:  # read-only from here on; awaited with the h / da stores
-        plgpu.copy_smem_to_gmem(my_zn, zn_gmem.at[rows])
+        plgpu.copy_smem_to_gmem(my_zn, zn_gmem.at[rows, pl.ds(0, c)])
+        if zn_ones:
+          @pl.when(wgi == 0)
+          def _ones():
+            _store_ones(ones_smem, zn_gmem,
+                        [pl.ds(cta * 128 + w * 64, 64) for w in range(2)], c)
       plgpu.barrier_wait(tile_bars.at[3 * wgi + 1])
       plgpu.barrier_wait(param_bars.at[1])
 
@@ -480,6 +536,7 @@ def _bwd_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem,
       plgpu.Barrier(num_barriers=w2_stages),
       plgpu.Barrier(num_arrivals=2, num_barriers=stages),
       plgpu.Barrier(num_arrivals=2, num_barriers=w2_stages),
+      **({"ones_smem": _ones_tile(dtype)} if zn_ones else {}),
       collective_axes="wg",
   )
 
@@ -522,14 +579,15 @@ def _bwd_inputs(z, g, z_bias, row_scale, block_m: int = BLOCK_M):
 
 
 @functools.partial(jax.jit, static_argnames=("act", "normalize", "eps", "hidden_chunk",
-                                             "stages", "col_sums", "with_zn", "block_m",
-                                             "w2_stages", "staging_slots", "interpret"))
+                                             "stages", "col_sums", "with_zn", "zn_ones",
+                                             "block_m", "w2_stages", "staging_slots",
+                                             "interpret"))
 def fused_mlp_bwd(z, g, w1, b1, w2, *, z_bias=None, row_scale=None, act: str = "gelu",
                   normalize: bool = True,
                   eps: float = 1e-6, hidden_chunk: int = 64, stages: int = 2,
-                  col_sums: bool = False, with_zn: bool = False, block_m: int = BLOCK_M,
-                  w2_stages: int | None = None, staging_slots: int | None = None,
-                  interpret: bool = False):
+                  col_sums: bool = False, with_zn: bool = False, zn_ones: bool = False,
+                  block_m: int = BLOCK_M, w2_stages: int | None = None,
+                  staging_slots: int | None = None, interpret: bool = False):
   """(dz, h, da) of ``fused_mlp`` for the output cotangent g and row scale rs.
 
   z, g: (M, C) bfloat16/float16; w1: (C, E); b1: (E,); w2: (E, C); z_bias: (C,) or None;
@@ -540,7 +598,9 @@ def fused_mlp_bwd(z, g, w1, b1, w2, *, z_bias=None, row_scale=None, act: str = "
   applied on chip; ``mlp_with_grad`` does this, saving a pass that writes rs * dy) or
   g = rs * dy without it (h is then act(a) itself).  ``with_zn=True`` adds
   a result after da: zn = norm(z + zb) (M, C) in z's dtype, the tile the kernel normalises
-  anyway (one TMA store; XLA would otherwise recompute it in two passes over z for dW1).
+  anyway (one TMA store; XLA would otherwise recompute it in two passes over z for dW1);
+  with ``zn_ones=True`` it is (M, C + ``zn_ones_cols(C)``), ones after column C, so the dW1 GEMM
+  [zn | 1]^T da gives db1 as its row C (``mlp_with_grad(bwd_db1_gemm=True)``).
   ``col_sums=True`` adds one more, db1 = da summed over rows (E,) float32, from per-CTA
   column sums the kernel writes (float32 da before rounding) instead of a pass over da.
   ``block_m=128``: two compute warpgroups of 64 rows per CTA fed by a TMA warpgroup
@@ -549,20 +609,24 @@ def fused_mlp_bwd(z, g, w1, b1, w2, *, z_bias=None, row_scale=None, act: str = "
   Raises NotImplementedError naming the reason for unsupported shapes
   (``unsupported_reason``)."""
   m, c, e = _check_bwd_args(z, g, w1, b1, w2)
-  reason = unsupported_reason(m, c, e, z.dtype, act, hidden_chunk, stages, col_sums, block_m)
+  _check_zn_ones("fused_mlp_bwd", zn_ones, with_zn, col_sums)
+  reason = unsupported_reason(m, c, e, z.dtype, act, hidden_chunk, stages, col_sums, block_m,
+                              zn_ones)
   if reason is not None:
     raise NotImplementedError(f"fused_mlp_bwd: {reason}")
   dtype = z.dtype
   zb, z, g, rs, m_pad = _bwd_inputs(z, g, z_bias, row_scale, block_m)
   da_in_regs = interpret is False or interpret is None
+  ones = _ones_bytes(zn_ones, c, jnp.dtype(dtype).itemsize)
   if block_m == 128:
-    auto_w2, auto_slots = ws_bwd_layout(c, e, hidden_chunk, stages, jnp.dtype(dtype).itemsize)
+    auto_w2, auto_slots = ws_bwd_layout(c, e, hidden_chunk, stages, jnp.dtype(dtype).itemsize,
+                                        ones)
     w2_stages, staging_slots = w2_stages or auto_w2, staging_slots or auto_slots
     if staging_slots not in (1, 2) or w2_stages < 1:
       raise ValueError(f"staging_slots must be 1 or 2 and w2_stages >= 1, got "
                        f"{staging_slots} and {w2_stages}")
     need = ws_bwd_smem_bytes(c, e, hidden_chunk, stages, w2_stages, staging_slots,
-                             jnp.dtype(dtype).itemsize)
+                             jnp.dtype(dtype).itemsize) + ones
     if need > SMEM_BYTES:
       raise NotImplementedError(
           f"fused_mlp_bwd: C={c} with {stages} W1 stages, {w2_stages} W2 stages and "
@@ -571,13 +635,13 @@ def fused_mlp_bwd(z, g, w1, b1, w2, *, z_bias=None, row_scale=None, act: str = "
     kernel = functools.partial(
         _bwd_kernel_ws, c=c, e=e, hc=hidden_chunk, act=act, normalize=normalize,
         eps=float(eps), stages=stages, w2_stages=w2_stages, slots=staging_slots,
-        da_in_regs=da_in_regs, with_zn=with_zn)
+        da_in_regs=da_in_regs, with_zn=with_zn, zn_ones=zn_ones)
     threads = dict(num_threads=3, thread_name="wg")
     b1_arg = b1.astype(jnp.float32).reshape(e // hidden_chunk, hidden_chunk)
   else:
     kernel = functools.partial(
         _bwd_kernel, c=c, e=e, hc=hidden_chunk, act=act, normalize=normalize, eps=float(eps),
-        stages=stages, bm=BLOCK_M, da_in_regs=da_in_regs, with_zn=with_zn)
+        stages=stages, bm=BLOCK_M, da_in_regs=da_in_regs, with_zn=with_zn, zn_ones=zn_ones)
     threads = {}
     b1_arg = b1.astype(jnp.float32)
   kernel = _rs_optional(kernel, rs is not None)
@@ -585,7 +649,7 @@ def fused_mlp_bwd(z, g, w1, b1, w2, *, z_bias=None, row_scale=None, act: str = "
       kernel,
       out_type=(jax.ShapeDtypeStruct((m_pad, c), dtype), jax.ShapeDtypeStruct((m_pad, e), dtype),
                 jax.ShapeDtypeStruct((m_pad, e), dtype),
-                *_optional_types(m_pad, c, e, hidden_chunk, dtype, with_zn, col_sums)),
+                *_optional_types(m_pad, c, e, hidden_chunk, dtype, with_zn, col_sums, zn_ones)),
       grid=(m_pad // block_m,),
       grid_names=("m",),
       **threads,
@@ -595,6 +659,13 @@ def fused_mlp_bwd(z, g, w1, b1, w2, *, z_bias=None, row_scale=None, act: str = "
   dz, h, da, *rest = call(z, g, *([] if rs is None else [rs]), zb, w1.T.astype(dtype),
                           b1_arg, w2.astype(dtype))
   return _trim_results(m, m_pad, e, [dz, h, da], rest, with_zn, col_sums)
+
+
+def _check_zn_ones(fn: str, zn_ones: bool, with_zn: bool, col_sums: bool):
+  if zn_ones and not with_zn:
+    raise ValueError(f"{fn}: zn_ones=True extends the zn result: it needs with_zn=True")
+  if zn_ones and col_sums:
+    raise ValueError(f"{fn}: zn_ones and col_sums are two ways to db1; ask for one")
 
 
 def _trim_results(m, m_pad, e, rows_out, rest, with_zn, col_sums):
@@ -608,10 +679,12 @@ def _trim_results(m, m_pad, e, rows_out, rest, with_zn, col_sums):
 
 
 def _optional_types(m_pad: int, c: int, e: int, hc: int, dtype, with_zn: bool,
-                    col_sums: bool) -> list:
-  """The backward kernels' optional outputs, in order: zn (M, C) in z's dtype, then the
-  per-CTA column sums of da, (CTAs, E / hc, hc) float32."""
-  return ([jax.ShapeDtypeStruct((m_pad, c), dtype)] if with_zn else []) + (
+                    col_sums: bool, zn_ones: bool = False, split: bool = False) -> list:
+  """The backward kernels' optional outputs, in order: zn (M, C) in z's dtype ((M, C +
+  zn_ones_cols) with ``zn_ones``), then the per-CTA column sums of da, (CTAs, E / hc, hc)
+  float32."""
+  zn_cols = c + (zn_ones_cols(c, jnp.dtype(dtype).itemsize, split) if zn_ones else 0)
+  return ([jax.ShapeDtypeStruct((m_pad, zn_cols), dtype)] if with_zn else []) + (
       [jax.ShapeDtypeStruct((m_pad // BLOCK_M, e // hc, hc), jnp.float32)] if col_sums else [])
 
 
@@ -636,10 +709,11 @@ def split_bwd_smem_bytes(c: int, hc: int, stages: int, itemsize: int = 2,
 def split_unsupported_reason(m: int, c: int, e: int, dtype, act: str = "gelu",
                              hidden_chunk: int = 32, stages: int = 2,
                              col_sums: bool = False,
-                             two_warpgroups: bool = False) -> str | None:
+                             two_warpgroups: bool = False, zn_ones: bool = False) -> str | None:
   """Why ``hidden_grads`` (the backward for the split form, C > 256) cannot run (with
-  ``two_warpgroups``: its ``_hidden_grad_kernel_ws`` form, ``stages`` per warpgroup), or
-  None."""
+  ``two_warpgroups``: its ``_hidden_grad_kernel_ws`` form, ``stages`` per warpgroup; with
+  ``zn_ones``' tile), or None."""
+  ones = _ones_bytes(zn_ones, c, jnp.dtype(dtype).itemsize, split=True)
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return (f"the Mosaic GPU kernels take bfloat16/float16 activations (wgmma operands), "
             f"got {jnp.dtype(dtype).name}")
@@ -656,23 +730,23 @@ def split_unsupported_reason(m: int, c: int, e: int, dtype, act: str = "gelu",
     if (e // hidden_chunk) % 2:
       return (f"two compute warpgroups split the hidden chunks evenly: E / hidden_chunk = "
               f"{e // hidden_chunk} is odd")
-    smem = lambda c_, hc_, st_, itemsize: split_ws_smem_bytes(c_, e, hc_, st_, itemsize)
+    smem = lambda c_, hc_, st_, itemsize: split_ws_smem_bytes(c_, e, hc_, st_, itemsize) + ones
     return _kernel_reason("two-warpgroup split backward kernel", smem, c, act, hidden_chunk,
                           stages, dtype)
-  smem = functools.partial(split_bwd_smem_bytes, col_sums_e=e if col_sums else 0)
+  smem = lambda *a: split_bwd_smem_bytes(*a, col_sums_e=e if col_sums else 0) + ones
   return _kernel_reason("split backward kernel", smem, c, act, hidden_chunk, stages, dtype)
 
 
 def _hidden_grad_kernel(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, h_gmem, da_gmem,
                         *extra_gmem, e: int, hc: int, act: str, normalize: bool, eps: float,
-                        stages: int, bm: int, with_zn: bool = False):
+                        stages: int, bm: int, with_zn: bool = False, zn_ones: bool = False):
   """The split form's backward kernel (C > 256): ``_bwd_kernel`` without the dzn
   accumulator (64 x C float32 would not fit in registers) -- per hidden chunk a_j and dh_j
   (wgmmas over the column blocks of the z / g tiles), h_j and da_j to DRAM; dzn = da W1^T
   and the LayerNorm backward are left to XLA.  z_gmem's tile is normalised in place
   (mosaic_split's column-block LayerNorm) and, ``with_zn``, stored to the first of
-  ``extra_gmem`` (the optional db1 column sums follow, as ``_bwd_kernel``'s); w1t_gmem,
-  w2_gmem: (n_cb, E, cb)."""
+  ``extra_gmem`` (with ``zn_ones`` ones after its column C; the optional db1 column sums
+  follow, as ``_bwd_kernel``'s); w1t_gmem, w2_gmem: (n_cb, E, cb)."""
   from pallas_kernels.mosaic_split import _normalise_in_place
   zn_gmem, db1_gmem = _optional_refs(extra_gmem, with_zn)
   dtype = z_gmem.dtype
@@ -681,7 +755,7 @@ def _hidden_grad_kernel(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_
   rows = pl.ds(cta * bm, bm)
   t_cb = _transforms(cb, dtype)
 
-  def scoped(z_smem, g_smem, rs_smem, zb_smem, out_smem, bars, *db1_smem):
+  def scoped(z_smem, g_smem, rs_smem, zb_smem, out_smem, bars, *db1_smem, ones_smem=None):
     db1_smem = db1_smem[0] if db1_smem else None
     if rs_gmem is None:
       rs_smem = None
@@ -699,6 +773,8 @@ def _hidden_grad_kernel(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_
     if zn_gmem is not None:  # read-only from here on; awaited with the h / da stores
       for b in range(n_cb):
         plgpu.copy_smem_to_gmem(z_smem.at[b], zn_gmem.at[rows, pl.ds(b * cb, cb)])
+      if zn_ones:
+        _store_ones(ones_smem, zn_gmem, [rows], n_cb * cb)
     for b in range(n_cb, 2 * n_cb):
       plgpu.barrier_wait(bars.at[b])
 
@@ -732,6 +808,7 @@ def _hidden_grad_kernel(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_
       plgpu.SMEM((2, 2, bm, hc), dtype, transforms=_transforms(hc, dtype)),
       plgpu.Barrier(num_barriers=2 * n_cb + 2),
       *([plgpu.SMEM((e // hc, hc), jnp.float32)] if db1_gmem else []),
+      **({"ones_smem": _ones_tile(dtype)} if zn_ones else {}),
   )
 
 
@@ -739,14 +816,17 @@ def split_ws_smem_bytes(c: int, e: int, hc: int, stages: int, itemsize: int = 2)
   """Shared memory of ``_hidden_grad_kernel_ws``: the z and g tiles (64 rows, shared by both
   compute warpgroups), per compute warpgroup ``stages`` slices each of W1^T and W2 and one
   staging slot each for h and da; z_bias, all of b1, the row scales, 2 KiB for barriers.
-  At C=384, E=1536, hc=32, 1 stage: 222,976 bytes (2 stages: 321,280)."""
+  At C=384, E=1536, hc=32, 1 stage: 224,512 bytes (2 stages: 322,816); Mosaic GPU counted
+  224,368 for the former (CUDA lowering, jax 0.11.2), 1.4 KB over an earlier formula with
+  2 KiB for barriers, hence 3.5 KiB here."""
   return (itemsize * (2 * 64 * c + 2 * stages * 2 * hc * c + 2 * 2 * 64 * hc)
-          + 4 * (c + e + 64) + 2048)
+          + 4 * (c + e + 64) + 3584)
 
 
 def _hidden_grad_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem,
                            h_gmem, da_gmem, *extra_gmem, e: int, hc: int, act: str,
-                           normalize: bool, eps: float, stages: int, with_zn: bool = False):
+                           normalize: bool, eps: float, stages: int, with_zn: bool = False,
+                           zn_ones: bool = False):
   """``_hidden_grad_kernel`` with two compute warpgroups on the same 64 rows, splitting the
   hidden chunks between them (warpgroup w takes chunks w, w + 2, ...), and a third
   warpgroup that only issues the weight TMA copies into each compute warpgroup's own
@@ -768,7 +848,7 @@ def _hidden_grad_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, 
   t_cb = _transforms(cb, dtype)
 
   def body(z_smem, g_smem, rs_smem, zb_smem, b1_smem, w1t_smem, w2_smem, out_smem, tile_bars,
-           param_bars, tiles_ready, w1_bars, w2_bars, w_free):
+           param_bars, tiles_ready, w1_bars, w2_bars, w_free, ones_smem=None):
     def _compute(wgi):
 
       @pl.when(wgi == 0)
@@ -786,6 +866,8 @@ def _hidden_grad_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, 
         if zn_gmem is not None:  # read-only from here on; awaited with the h / da stores
           for b in range(n_cb):
             plgpu.copy_smem_to_gmem(z_smem.at[b], zn_gmem.at[rows, pl.ds(b * cb, cb)])
+          if zn_ones:
+            _store_ones(ones_smem, zn_gmem, [rows], n_cb * cb)
         for b in range(n_cb, 2 * n_cb + (rs_gmem is not None)):
           plgpu.barrier_wait(tile_bars.at[b])
         plgpu.barrier_arrive(tiles_ready.at[0])
@@ -854,30 +936,32 @@ def _hidden_grad_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, 
       plgpu.Barrier(num_barriers=2 * stages),
       plgpu.Barrier(num_barriers=2 * stages),
       plgpu.Barrier(num_barriers=2 * stages),
+      **({"ones_smem": _ones_tile(dtype)} if zn_ones else {}),
       collective_axes="wg",
   )
 
 
 @functools.partial(jax.jit, static_argnames=("act", "normalize", "eps", "hidden_chunk",
-                                             "stages", "col_sums", "with_zn",
+                                             "stages", "col_sums", "with_zn", "zn_ones",
                                              "two_warpgroups", "interpret"))
 def hidden_grads(z, g, w1, b1, w2, *, z_bias=None, row_scale=None, act: str = "gelu",
                  normalize: bool = True,
                  eps: float = 1e-6, hidden_chunk: int = 32, stages: int = 2,
-                 col_sums: bool = False, with_zn: bool = False, two_warpgroups: bool = False,
-                 interpret: bool = False):
+                 col_sums: bool = False, with_zn: bool = False, zn_ones: bool = False,
+                 two_warpgroups: bool = False, interpret: bool = False):
   """(h, da) of ``fused_mlp`` / ``split_mlp`` for the cotangent g and row scale rs, as
   ``fused_mlp_bwd`` returns them (``row_scale`` likewise), for C > 256 (``_hidden_grad_kernel``; dz is then
   ``ln_backward(da W1^T)`` in XLA).  Shapes as ``fused_mlp_bwd``; raises
   NotImplementedError naming the reason for unsupported calls
-  (``split_unsupported_reason``).  ``with_zn`` and ``col_sums``: zn and db1 after da, as
-  ``fused_mlp_bwd``'s.  ``two_warpgroups``: ``_hidden_grad_kernel_ws`` (two compute
+  (``split_unsupported_reason``).  ``with_zn``, ``zn_ones`` and ``col_sums``: zn and db1
+  after da, as ``fused_mlp_bwd``'s.  ``two_warpgroups``: ``_hidden_grad_kernel_ws`` (two compute
   warpgroups on alternate hidden chunks of the same rows; ``stages`` weight slots per
   warpgroup; no ``col_sums``)."""
   from pallas_kernels.mosaic_split import _column_block
   m, c, e = _check_bwd_args(z, g, w1, b1, w2)
+  _check_zn_ones("hidden_grads", zn_ones, with_zn, col_sums)
   reason = split_unsupported_reason(m, c, e, z.dtype, act, hidden_chunk, stages, col_sums,
-                                    two_warpgroups)
+                                    two_warpgroups, zn_ones)
   if reason is not None:
     raise NotImplementedError(f"hidden_grads: {reason}")
   dtype = z.dtype
@@ -885,7 +969,7 @@ def hidden_grads(z, g, w1, b1, w2, *, z_bias=None, row_scale=None, act: str = "g
   zb, z, g, rs, m_pad = _bwd_inputs(z, g, z_bias, row_scale)
   blocks = lambda w_ec: w_ec.astype(dtype).reshape(e, c // cb, cb).transpose(1, 0, 2)
   common = dict(e=e, hc=hidden_chunk, act=act, normalize=normalize, eps=float(eps),
-                stages=stages, with_zn=with_zn)
+                stages=stages, with_zn=with_zn, zn_ones=zn_ones)
   if two_warpgroups:
     kernel = functools.partial(_hidden_grad_kernel_ws, **common)
     threads = dict(num_threads=3, thread_name="wg")
@@ -897,7 +981,8 @@ def hidden_grads(z, g, w1, b1, w2, *, z_bias=None, row_scale=None, act: str = "g
   h, da, *rest = plgpu.kernel(
       _rs_optional(kernel, rs is not None),
       out_type=(jax.ShapeDtypeStruct((m_pad, e), dtype), jax.ShapeDtypeStruct((m_pad, e), dtype),
-                *_optional_types(m_pad, c, e, hidden_chunk, dtype, with_zn, col_sums)),
+                *_optional_types(m_pad, c, e, hidden_chunk, dtype, with_zn, col_sums, zn_ones,
+                                 split=True)),
       grid=(m_pad // BLOCK_M,), grid_names=("m",), **threads,
       compiler_params=plgpu.CompilerParams(approx_math=True),
       interpret=_interpret_params(interpret),
@@ -939,6 +1024,7 @@ class MlpConfig(NamedTuple):
   has_res: bool = True          # False: res was None (the (0, C) placeholder stands in)
   bwd_block_m: int = 64         # the backward kernel's rows per CTA (128: _bwd_kernel_ws)
   bwd_split_ws: bool = False    # split: hidden_grads(two_warpgroups=True)
+  bwd_db1_gemm: bool = False    # db1 as the dW1 GEMM's extra row (the kernels' zn_ones)
 
 
 def _normalised(z, zb, normalize: bool, eps: float):
@@ -994,7 +1080,8 @@ def _mlp_bwd(cfg, saved, dy):
                                 normalize=cfg.normalize, eps=cfg.eps,
                                 hidden_chunk=cfg.bwd_hidden, stages=cfg.bwd_stages,
                                 col_sums=cfg.bwd_col_sums, with_zn=cfg.bwd_zn,
-                                two_warpgroups=cfg.bwd_split_ws, interpret=cfg.interpret)
+                                zn_ones=cfg.bwd_db1_gemm, two_warpgroups=cfg.bwd_split_ws,
+                                interpret=cfg.interpret)
     dzn = jnp.dot(da, w1.astype(dtype).T, preferred_element_type=f32)
     dz = ln_backward(dzn, z, zb, cfg.normalize, cfg.eps).astype(dtype)
   else:
@@ -1003,11 +1090,16 @@ def _mlp_bwd(cfg, saved, dy):
                                      normalize=cfg.normalize, eps=cfg.eps,
                                      hidden_chunk=cfg.bwd_hidden, stages=cfg.bwd_stages,
                                      col_sums=cfg.bwd_col_sums, with_zn=cfg.bwd_zn,
-                                     block_m=cfg.bwd_block_m, interpret=cfg.interpret)
+                                     zn_ones=cfg.bwd_db1_gemm, block_m=cfg.bwd_block_m,
+                                     interpret=cfg.interpret)
   zn = rest.pop(0) if cfg.bwd_zn else _normalised(z, zb, cfg.normalize, cfg.eps).astype(dtype)
   dw1 = jnp.dot(zn.T, da, preferred_element_type=f32)
   dw2 = jnp.dot(h.T, g, preferred_element_type=f32)  # h is rs act(a) when g is dy
-  db1 = rest[0] if rest else da.astype(f32).sum(0)  # the kernel's column sums, if asked for
+  if cfg.bwd_db1_gemm:  # zn's first ones column made row C of [zn | 1]^T da = sum(da)
+    c = z.shape[1]
+    dw1, db1 = dw1[:c], dw1[c]
+  else:  # the kernel's column sums, if asked for, else a pass over da
+    db1 = rest[0] if rest else da.astype(f32).sum(0)
   db2 = (g.astype(f32) if kernel_rs is None
          else dy.astype(f32) * rs.astype(f32)[:, None]).sum(0)  # read-only pass over dy
   dzb = dz.astype(f32).sum(0)
@@ -1030,7 +1122,7 @@ def mlp_with_grad(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: s
                   split: bool = False, project_stages: int = 3, project_block_m: int = 64,
                   block_n: int | None = None, bwd_hidden: int = 0, bwd_col_sums: bool = False,
                   bwd_zn: bool = True, bwd_block_m: int = 64, bwd_split_ws: bool = False,
-                  interpret: bool = False):
+                  bwd_db1_gemm: bool = False, interpret: bool = False):
   """``mosaic_mlp.fused_mlp`` (same arguments and result; res may be None: no residual read
   or added, and no zeros passed to the kernel) with a Mosaic GPU backward: the
   forward kernel saves only its inputs, the backward is ``fused_mlp_bwd`` plus XLA's GEMMs
@@ -1041,7 +1133,10 @@ def mlp_with_grad(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: s
   over da (``fused_mlp_bwd(col_sums=True)``); ``bwd_zn``: the normalised z for the dW1 GEMM
   from the backward kernel (``with_zn``) instead of XLA's recomputation; ``bwd_block_m``:
   the backward kernel's rows per CTA (128: two compute warpgroups, ``_bwd_kernel_ws``);
-  ``bwd_split_ws`` (with ``split``): ``hidden_grads(two_warpgroups=True)``.
+  ``bwd_split_ws`` (with ``split``): ``hidden_grads(two_warpgroups=True)``;
+  ``bwd_db1_gemm`` (needs ``bwd_zn``, not ``bwd_col_sums``): the kernel's zn gets ones
+  columns (``zn_ones``), so db1 comes out of the dW1 GEMM as one more row instead of from
+  a pass over the 4C-wide da.
 
   ``split=True`` (C > 256): the forward is ``mosaic_split.split_mlp`` (``stages`` is its
   expand kernel's depth; ``project_stages``, ``project_block_m``, ``block_n`` its project
@@ -1049,17 +1144,20 @@ def mlp_with_grad(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: s
   LayerNorm backward in XLA; ``hidden_chunk`` and ``block_m`` do not apply."""
   m, c, e = mosaic_mlp.check_mlp_args(z, res, w1, b1, w2, b2)
   bwd_hidden = bwd_hidden or (32 if split else hidden_chunk)
+  if bwd_db1_gemm and (not bwd_zn or bwd_col_sums):
+    raise ValueError("mlp_with_grad: bwd_db1_gemm=True needs bwd_zn=True (the ones columns "
+                     "ride on the kernel's zn) and bwd_col_sums=False (another way to db1)")
   if split:
     if bwd_block_m != 64:
       raise ValueError(f"bwd_block_m={bwd_block_m}: the split backward (hidden_grads) has "
                        f"64-row CTAs only")
     reason = split_unsupported_reason(m, c, e, z.dtype, act, bwd_hidden, bwd_stages,
-                                      bwd_col_sums, bwd_split_ws)
+                                      bwd_col_sums, bwd_split_ws, bwd_db1_gemm)
   else:
     if bwd_split_ws:
       raise ValueError("bwd_split_ws=True is the split backward's (split=True) option")
     reason = unsupported_reason(m, c, e, z.dtype, act, bwd_hidden, bwd_stages, bwd_col_sums,
-                                bwd_block_m)
+                                bwd_block_m, bwd_db1_gemm)
   if reason is not None:
     raise NotImplementedError(f"mlp_with_grad: {reason}")
   zb = jnp.zeros((c,), jnp.float32) if z_bias is None else z_bias
@@ -1067,7 +1165,7 @@ def mlp_with_grad(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: s
   cfg = MlpConfig(act, bool(normalize), float(eps), hidden_chunk, stages, block_m, bwd_stages,
                   bool(interpret), bool(split), project_stages, project_block_m, block_n or 0,
                   bwd_hidden, bool(bwd_col_sums), bool(bwd_zn), row_scale is None,
-                  res is not None, int(bwd_block_m), bool(bwd_split_ws))
+                  res is not None, int(bwd_block_m), bool(bwd_split_ws), bool(bwd_db1_gemm))
   if res is None:  # a zero-size stand-in: the custom_vjp takes arrays
     res = jnp.zeros((0, c), z.dtype)
   return _mlp(z, res, w1, b1, w2, b2, zb, rs, cfg)

@@ -212,12 +212,19 @@ def _residual(x, branch, drop_scale):
 # -------------------------------------------------------------------------- pointwise
 
 
-# Rows per CTA of the one-kernel Mosaic backward (C <= 256): 64, or 128 for its
-# two-warpgroup form (``mosaic_mlp_bwd._bwd_kernel_ws``), which made ConvNeXt's GELU backward
-# 8-13% faster on an H100 (2026-11-27) but has not been timed on these SiLU blocks yet
-# (``python -m benchmarks.blocks_convfirst_train --bwd-block-m 128`` does); where it cannot
-# run (shared memory) the 64-row kernel is used.
-BWD_BLOCK_M = 64
+# Rows per CTA of the one-kernel Mosaic backward (C <= 256): 128, its two-warpgroup form
+# (``mosaic_mlp_bwd._bwd_kernel_ws``), or 64 (one warpgroup); where 128 cannot run (shared
+# memory) the 64-row kernel is used.  H100, bf16, batch 128, 2026-11-27 (seventh session,
+# ``python -m benchmarks.blocks_convfirst_train --bwd-block-m``, XLA 2.203 / 3.354 / 1.738
+# ms): ConvFirst training blocks 56x56x64 1.302 vs 1.306 ms, 56x56x96 2.137 vs 2.311,
+# 28x28x192 1.161 vs 1.189; convfirst_t's training step (batch 256) 5,073 / 5,031 img/s vs
+# 4,903 with 64.
+BWD_BLOCK_M = 128
+# db1 as one more row of the dW1 GEMM (mlp_with_grad's bwd_db1_gemm) where the backward
+# kernel stores g for that GEMM (C < 192).  H100, bf16, batch 128, 2026-11-27 (seventh
+# session): training blocks 56x56x64 1.256 vs 1.304 ms, 56x56x96 2.062 vs 2.147 (XLA 2.246 /
+# 3.335); convfirst_t's training step (batch 256) 5,126 vs 5,092 img/s.
+DB1_GEMM = True
 
 
 def _mosaic_mlp_config(m: int, c: int, e: int, dtype):
@@ -230,7 +237,9 @@ def _mosaic_mlp_config(m: int, c: int, e: int, dtype):
     # From C=192 up: 128-row forward CTAs, and the backward kernel not storing a copy of g
     # for dW1 (XLA reads g itself): 1.336 vs 1.413 ms at 28x28x192, while at C=64 / 96 the
     # 64-row defaults measured best (1.422 / 2.495 ms; H100, batch 128, 2026-11-27).
-    wide = dict(block_m=128, bwd_zn=False) if c >= 192 else {}
+    # Below C=192 the backward kernel stores its copy of g (bwd_zn), and with ones columns
+    # after it db1 comes out of the dW1 GEMM (bwd_db1_gemm) instead of a pass over da.
+    wide = dict(block_m=128, bwd_zn=False) if c >= 192 else dict(bwd_db1_gemm=DB1_GEMM)
     if BWD_BLOCK_M != 64 and mosaic_mlp_bwd.unsupported_reason(
         m, c, e, dtype, "silu", 64, 2, block_m=BWD_BLOCK_M) is None:
       wide["bwd_block_m"] = BWD_BLOCK_M

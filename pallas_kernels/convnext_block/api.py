@@ -97,7 +97,8 @@ def train_kernel(x_shape, dtype, params: ConvNeXtBlockParams, tiles: tuning.Conv
       split=kernel == "mosaic_split", bwd_hidden=tiles.mosaic_bwd_hidden,
       bwd_col_sums=tiles.mosaic_bwd_db1, fwd_block_m=tiles.mosaic_block_m,
       fwd_stages=tiles.mosaic_stages, bwd_block_m=tiles.mosaic_bwd_block_m,
-      bwd_split_ws=tiles.mosaic_bwd_split_ws) is None:
+      bwd_split_ws=tiles.mosaic_bwd_split_ws,
+      bwd_db1_gemm=tiles.mosaic_bwd_db1_gemm and tiles.mosaic_bwd_zn) is None:
     return kernel
   return "xla"
 
@@ -133,7 +134,8 @@ def _fused_fwd(x, params, dps, eps, tiles, interpret, xla_grad):
           block_n=tiles.mosaic_block_n or None, bwd_hidden=tiles.mosaic_bwd_hidden,
           dw_wgrad=tiles.mosaic_dwconv_wgrad, bwd_col_sums=tiles.mosaic_bwd_db1,
           bwd_zn=tiles.mosaic_bwd_zn, bwd_block_m=tiles.mosaic_bwd_block_m,
-          bwd_split_ws=tiles.mosaic_bwd_split_ws, interpret=interpret)
+          bwd_split_ws=tiles.mosaic_bwd_split_ws, bwd_db1_gemm=tiles.mosaic_bwd_db1_gemm,
+          interpret=interpret)
     else:
       fn = lambda x, p, d: convnext_block_reference(
           x, p, d, eps=eps, dw_conv="pallas" if dw_pallas else "xla",

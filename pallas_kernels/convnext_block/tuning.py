@@ -115,8 +115,16 @@ class ConvNeXtTiles:
   mosaic_bwd_block_m: int = 64
   # The split backward (C > 256) with two compute warpgroups on alternate hidden chunks of
   # the same 64 rows (mosaic_mlp_bwd's ``_hidden_grad_kernel_ws``; mosaic_bwd_stages is then
-  # per warpgroup, 1 at C=384).  Not yet timed on a GPU: off everywhere.
+  # per warpgroup, 1 at C=384).  On in the H100 table at C=384 (see TUNED); off in the
+  # heuristic (timed on an H100 only).
   mosaic_bwd_split_ws: bool = False
+  # db1 (fc1's bias gradient) as one more row of XLA's dW1 GEMM: the Mosaic backward kernels
+  # write ones after zn's C columns (mosaic_mlp_bwd's ``zn_ones``), so [zn | 1]^T da holds
+  # sum(da) and no pass reads the 4C-wide da again (0.058 ms of the 28x28x192 block's 1.04 ms
+  # of kernels, H100 2026-11-27 profile).  Needs mosaic_bwd_zn; ignored with mosaic_bwd_db1.
+  # On in the H100 table (C=96 / 192 / 384: 2.6-5.7% faster blocks, see TUNED); off in the
+  # heuristic (not timed on other GPUs; retune tries it).
+  mosaic_bwd_db1_gemm: bool = False
   # What implementation=None runs (from measurements, per channel count and device):
   # "pallas": Pallas forward and backward; "hybrid": Pallas for plain (inference) calls,
   # XLA forward+backward when the call is differentiated (the Pallas forward was faster
@@ -226,24 +234,32 @@ def _heuristic_tiles(c: int) -> ConvNeXtTiles:
 # stage: 1.983) vs 1.876 / 1.867 for the 64-row kernel with 1 stage and db1 column sums
 # (which the 128-row kernel cannot have; without them 1.869); 28x28x192 1.070 / 1.085 vs
 # 1.112 / 1.130.  ConvNeXt-T training step (batch 256, two processes each): 6,732 / 6,723
-# img/s vs 6,611 / 6,620 with the 64-row kernels; XLA 4,196.
+# img/s vs 6,611 / 6,620 with the 64-row kernels; XLA 4,196.  The split backward with two
+# compute warpgroups on alternate hidden chunks (mosaic_bwd_split_ws, 1 weight stage each;
+# H100 2026-11-27, seventh session): 14x14x384 block forward + backward 0.842 ms vs 0.864
+# with the one-warpgroup split kernel (2 stages), XLA 1.096 in the same process; ConvNeXt-T
+# training step 6,784 vs 6,745 img/s (one process each), XLA 4,189.  db1 from the dW1 GEMM
+# (mosaic_bwd_db1_gemm; same process, XLA / table before / with it): 56x56x96 3.749 / 1.798
+# / 1.696 ms, 28x28x192 2.052 / 1.087 / 1.027, 14x14x384 1.099 / 0.837 / 0.822.
 _H100 = "NVIDIA H100 80GB HBM3"
 TUNED: dict[tuple[int, str, str], ConvNeXtTiles] = {
     (96, "bfloat16", _H100): ConvNeXtTiles(
         fwd_pixels=128, fwd_hidden=64, fwd_warps=4, bwd_pixels=64, bwd_hidden=64,
         wgrad_rows=128, wgrad_hidden=64, dw_pixels=128, dw_channels=32, auto="hybrid",
-        mosaic_stages=2, mosaic_backward=True, mosaic_bwd_stages=2, mosaic_bwd_block_m=128),
+        mosaic_stages=2, mosaic_backward=True, mosaic_bwd_stages=2, mosaic_bwd_block_m=128,
+        mosaic_bwd_db1_gemm=True),
     (192, "bfloat16", _H100): ConvNeXtTiles(
         fwd_pixels=64, fwd_hidden=64, fwd_warps=4, bwd_pixels=64, bwd_hidden=32,
         wgrad_rows=64, wgrad_hidden=32, dw_pixels=128, dw_channels=32, auto="hybrid",
         mosaic_block_m=128, mosaic_stages=2, mosaic_backward=True, mosaic_bwd_stages=2,
-        mosaic_bwd_block_m=128, mosaic_dwconv_wgrad="pallas_columns"),
+        mosaic_bwd_block_m=128, mosaic_dwconv_wgrad="pallas_columns", mosaic_bwd_db1_gemm=True),
     (384, "bfloat16", _H100): ConvNeXtTiles(
         fwd_pixels=32, fwd_hidden=64, fwd_warps=4, bwd_pixels=32, bwd_hidden=32,
         wgrad_rows=64, wgrad_hidden=32, dw_pixels=128, dw_channels=32, auto="hybrid",
         fwd_kernel="mosaic_split", mosaic_stages=2, mosaic_project_block_m=128,
-        mosaic_block_n=192, mosaic_backward=True, mosaic_bwd_stages=2,
-        mosaic_dwconv_wgrad="pallas_columns"),
+        mosaic_block_n=192, mosaic_backward=True, mosaic_bwd_stages=1,
+        mosaic_bwd_split_ws=True, mosaic_dwconv_wgrad="pallas_columns",
+        mosaic_bwd_db1_gemm=True),
     (768, "bfloat16", _H100): ConvNeXtTiles(
         fwd_pixels=32, fwd_hidden=32, fwd_warps=8, fwd_stages=2, bwd_pixels=32,
         bwd_hidden=32, bwd_warps=8, wgrad_rows=64, wgrad_hidden=16, wgrad_warps=8,
@@ -439,6 +455,9 @@ def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]
                     + [dict(mosaic_backward=True, mosaic_bwd_stages=s, mosaic_bwd_block_m=bm)
                        for s in (1, 2) for bm in bwd_rows] + split_ws,
                     grad_call, (x, params, dps, g), best, include_current=False)
+    if best.mosaic_backward and not best.mosaic_bwd_db1:  # db1 from the dW1 GEMM or not
+      _, best = phase([dict(mosaic_bwd_db1_gemm=not best.mosaic_bwd_db1_gemm)], grad_call,
+                      (x, params, dps, g), best)
   if not timings:  # nothing ran (e.g. no GPU): nothing to choose from, nothing to cache
     raise RuntimeError(f"retune: no candidate ran on {_device_kind()} "
                        f"(jax backend {jax.default_backend()!r}); first error: {errors[0]}")

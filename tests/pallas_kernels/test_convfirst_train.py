@@ -163,6 +163,7 @@ def test_compiled_mosaic_pointwise_on_gpu(shape, c):
 
 
 @pytest.mark.parametrize("shape,bwd_block_m", [((128, 56, 56, 96), 64),
+                                               ((128, 56, 56, 96), 128),
                                                ((128, 28, 28, 192), 64),
                                                ((128, 28, 28, 192), 128)])
 def test_pointwise_kernels_lower_for_cuda(shape, bwd_block_m, monkeypatch):

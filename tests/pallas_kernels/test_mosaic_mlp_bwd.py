@@ -199,7 +199,7 @@ def test_two_warpgroup_split_backward_errors_and_races():
   from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
   reason = mosaic_mlp_bwd.split_unsupported_reason
   assert reason(25088, 384, 1536, jnp.bfloat16, "gelu", 32, 1, two_warpgroups=True) is None
-  assert "321280 bytes" in reason(25088, 384, 1536, jnp.bfloat16, "gelu", 32, 2,
+  assert "322816 bytes" in reason(25088, 384, 1536, jnp.bfloat16, "gelu", 32, 2,
                                   two_warpgroups=True)
   assert "col_sums" in reason(64, 384, 1536, jnp.bfloat16, "gelu", 32, 1, True, True)
   assert "is odd" in reason(64, 384, 192, jnp.bfloat16, "gelu", 64, 1, two_warpgroups=True)
@@ -263,6 +263,81 @@ def test_split_backward_kernel_and_gradients():
     mosaic_mlp_bwd.hidden_grads(jnp.zeros((64, 768), jnp.bfloat16),
                                 jnp.zeros((64, 768), jnp.bfloat16), jnp.zeros((768, 3072)),
                                 jnp.zeros((3072,)), jnp.zeros((3072, 768)), interpret=True)
+
+
+_ZN_ONES_CASES = [
+    (100, 64, 256, dict(block_m=64)),                     # padded rows
+    (200, 96, 384, dict(block_m=128)),                    # a CTA whose 2nd warpgroup is padding
+    (100, 320, 128, dict(split=True)),                    # five column blocks
+    (100, 192, 256, dict(two_warpgroups=True, stages=1)),  # the split form's two warpgroups
+]
+
+
+@pytest.mark.parametrize("m,c,e,kw", _ZN_ONES_CASES)
+def test_zn_ones_columns(m, c, e, kw):
+  """zn_ones=True: every backward kernel's zn result gains zn_ones_cols(C) columns of exact ones
+  after its C (padded rows included, then trimmed), and its other results are the same
+  bits as without them."""
+  kw = dict(kw)
+  split = kw.pop("split", False) or kw.get("two_warpgroups", False)
+  fn = mosaic_mlp_bwd.hidden_grads if split else mosaic_mlp_bwd.fused_mlp_bwd
+  a, dy = _inputs(m + c + 1, m, c, e)
+  call = lambda **extra: fn(a["z"], dy, a["w1"], a["b1"], a["w2"], z_bias=a["z_bias"],
+                            row_scale=a["row_scale"], with_zn=True, interpret=True, **kw,
+                            **extra)
+  plain, ones = call(), call(zn_ones=True)
+  assert len(plain) == len(ones)
+  zn = ones[-1]
+  assert zn.shape == (m, c + mosaic_mlp_bwd.zn_ones_cols(c, 2, split)) and zn.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(zn[:, c:], np.float32), 1.0)
+  for x, y in zip((*ones[:-1], zn[:, :c]), plain):
+    np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
+
+
+@pytest.mark.parametrize("kw", [dict(bwd_block_m=64), dict(bwd_block_m=128),
+                                dict(split=True), dict(split=True, bwd_split_ws=True,
+                                                       bwd_stages=1)])
+def test_db1_from_the_dw1_gemm(kw):
+  """mlp_with_grad(bwd_db1_gemm=True): db1 as row C of [zn | 1]^T da; all eight gradients
+  against jax.grad of the float32 reference, the row scale constant (the kernel scales on
+  chip) and perturbed; the bad combinations raise naming the conflict."""
+  m, c, e = (100, 64, 256) if not kw.get("split") else (100, 192, 256)
+  a, dy = _inputs(21, m, c, e)
+  f32 = jnp.float32
+  args = [a[k] for k in ARGS]
+
+  def loss(*args):
+    y = mosaic_mlp_bwd.mlp_with_grad(*args[:6], z_bias=args[6], row_scale=args[7],
+                                     bwd_db1_gemm=True, interpret=True, **kw)
+    return jnp.sum(y.astype(f32) * dy.astype(f32))
+  got = jax.grad(loss, argnums=tuple(range(8)))(*args)
+  want = _reference_grads(a, dy, "gelu", True, tuple(range(8)))
+  for name, x, y in zip(ARGS, got, want):
+    assert x.shape == y.shape, name
+    assert _rel(x, y) < 1e-2, (name, _rel(x, y))
+  rs = a["row_scale"].at[::4].set(0.0)  # constant: h and da scaled on chip
+  got = jax.grad(lambda *v: loss(*v[:7], rs), argnums=(2, 3))(*args[:7])
+  want = _reference_grads(dict(a, row_scale=rs), dy, "gelu", True, (2, 3))
+  for x, y in zip(got, want):
+    assert _rel(x, y) < 1e-2
+
+
+def test_zn_ones_errors():
+  a, dy = _inputs(22, 64, 64, 256)
+  kernel_args = (a["z"], dy, a["w1"], a["b1"], a["w2"])
+  with pytest.raises(ValueError, match="needs with_zn=True"):
+    mosaic_mlp_bwd.fused_mlp_bwd(*kernel_args, zn_ones=True, interpret=True)
+  with pytest.raises(ValueError, match="two ways to db1"):
+    mosaic_mlp_bwd.hidden_grads(*kernel_args, zn_ones=True, with_zn=True, col_sums=True,
+                                interpret=True)
+  with pytest.raises(ValueError, match="bwd_db1_gemm=True needs bwd_zn=True"):
+    mosaic_mlp_bwd.mlp_with_grad(a["z"], a["res"], a["w1"], a["b1"], a["w2"], a["b2"],
+                                 bwd_db1_gemm=True, bwd_zn=False, interpret=True)
+  # the ones tile counts against shared memory
+  base = mosaic_mlp_bwd.split_ws_smem_bytes(384, 1536, 32, 1)
+  assert base <= mosaic_mlp_bwd.SMEM_BYTES
+  assert mosaic_mlp_bwd.split_unsupported_reason(
+      64, 384, 1536, jnp.bfloat16, "gelu", 32, 1, two_warpgroups=True, zn_ones=True) is None
 
 
 @pytest.mark.parametrize("kw", [dict(block_m=64), dict(block_m=128), dict(split=True)])
@@ -463,13 +538,17 @@ def test_retune_chooses_the_training_path(monkeypatch, fastest):
   forward wins the forward phases, then the training phase times XLA's block (with XLA's and
   the Pallas conv kernel gradient) against the Mosaic backward with 1 and 2 weight stages
   (and the two-warpgroup split backward with 1), and keeps whichever the timer calls fastest
-  (the column-walk kernel gradient included)."""
+  (the column-walk kernel gradient included); where that is the Mosaic backward, a last
+  phase times db1 from the dW1 GEMM against the current choice and keeps it (faster here)."""
   monkeypatch.setattr(mosaic_mlp, "device_unsupported_reason", lambda interpret: None)
-  seen = []
+  seen, gemm = [], []
 
   def fake_time(make_fn, t, args, iters):
     if make_fn.__name__ == "grad_call":  # the training phase
       key = (t.mosaic_backward, t.mosaic_bwd_stages, t.mosaic_dwconv_wgrad)
+      if len(seen) == 6:  # the db1 phase
+        gemm.append((key, t.mosaic_bwd_db1_gemm))
+        return 0.25 if t.mosaic_bwd_db1_gemm else 0.3
       seen.append(key + (t.mosaic_bwd_split_ws,))
       return 0.3 if key + (False,) == seen[-1] and key == fastest else 0.4
     if t.fwd_kernel == "mosaic_split":
@@ -485,9 +564,12 @@ def test_retune_chooses_the_training_path(monkeypatch, fastest):
   assert sorted(seen) == sorted([(False, 2, "auto", False), (False, 2, "pallas", False),
                                  (False, 2, "pallas_columns", False), (True, 1, "auto", False),
                                  (True, 2, "auto", False), (True, 1, "auto", True)])
-  assert [t for t, _ in timings[-6:]] == [
+  assert best.mosaic_bwd_db1_gemm == fastest[0]
+  assert gemm == ([(fastest, False), (fastest, True)] if fastest[0] else [])
+  assert [t for t, _ in timings[-6 - len(gemm):len(timings) - len(gemm)]] == [
       dataclasses.replace(best, mosaic_backward=b, mosaic_bwd_stages=st,
-                          mosaic_dwconv_wgrad=w, mosaic_bwd_split_ws=ws).to_json()
+                          mosaic_dwconv_wgrad=w, mosaic_bwd_split_ws=ws,
+                          mosaic_bwd_db1_gemm=False).to_json()
       for b, st, w, ws in ((False, 2, "auto", False), (False, 2, "pallas", False),
                            (False, 2, "pallas_columns", False), (True, 1, "auto", False),
                            (True, 2, "auto", False), (True, 1, "auto", True))]
@@ -576,6 +658,25 @@ def test_compiled_two_warpgroup_split_on_gpu():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("m,c,kw", [(4160, 192, dict(bwd_block_m=128)),
+                                    (8192 + 64, 96, dict(bwd_block_m=64, bwd_stages=1)),
+                                    (4160, 384, dict(split=True)),
+                                    (4160, 384, dict(split=True, bwd_split_ws=True,
+                                                     bwd_stages=1))])
+def test_compiled_db1_gemm_on_gpu(m, c, kw):
+  """bwd_db1_gemm=True compiled (the kernels' ones columns, db1 from the dW1 GEMM): the
+  gradients against the reference."""
+  a, dy = _inputs(14, m, c, 4 * c)
+  got = jax.grad(lambda w1, b1, w2, z, zb: jnp.sum(mosaic_mlp_bwd.mlp_with_grad(
+      z, a["res"], w1, b1, w2, a["b2"], z_bias=zb, row_scale=a["row_scale"],
+      bwd_db1_gemm=True, **kw).astype(jnp.float32) * dy.astype(jnp.float32)),
+      argnums=(0, 1, 2, 3, 4))(a["w1"], a["b1"], a["w2"], a["z"], a["z_bias"])
+  want = _reference_grads(a, dy, "gelu", True, (2, 3, 4, 0, 6))
+  for x, y in zip(got, want):
+    assert _rel(x, y) < 1e-2
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(4, 56, 56, 96), (4, 28, 28, 192), (8, 14, 14, 384)])
 def test_compiled_convnext_training_path_on_gpu(shape):
   x, p, g, d = _block_inputs(3, shape)
@@ -654,6 +755,12 @@ def test_two_warpgroup_column_sums_on_gpu():
     ((128 * 14 * 14, 384), dict(two_warpgroups=True, stages=1, with_zn=True)),
     ((128 * 56 * 56, 96), dict(stages=1, col_sums=True)),  # the one-warpgroup kernels
     ((128 * 14 * 14, 384), dict(split=True, with_zn=True, col_sums=True)),
+    # zn_ones (db1 from the dW1 GEMM) in each kernel
+    ((128 * 28 * 28, 192), dict(block_m=128, with_zn=True, zn_ones=True)),
+    ((128 * 56 * 56, 96), dict(block_m=128, with_zn=True, zn_ones=True)),
+    ((128 * 56 * 56, 96), dict(stages=1, with_zn=True, zn_ones=True)),
+    ((128 * 14 * 14, 384), dict(two_warpgroups=True, stages=1, with_zn=True, zn_ones=True)),
+    ((128 * 14 * 14, 384), dict(split=True, with_zn=True, zn_ones=True)),
 ])
 def test_backward_kernels_lower_for_cuda(shape, kw):
   """The backward kernels (two-warpgroup and one-warpgroup forms) at ConvNeXt-T's stage

@@ -5,7 +5,7 @@
 #   bash benchmarks/gpu_suite.sh analysis  # waterline --measure for convnext_tiny, convfirst_t
 #   MODEL=convfirst_t bash benchmarks/gpu_suite.sh scaling   # 1 vs all GPUs + a real run
 #   bash benchmarks/gpu_suite.sh convfirst # ConvFirst/MBConv blocks: inference + training
-#   BWD_BLOCK_M=128 bash benchmarks/gpu_suite.sh convfirst  # ... with the 128-row backward
+#   BWD_BLOCK_M=64 bash benchmarks/gpu_suite.sh convfirst   # ... with the 64-row backward (default 128)
 #   MODELS=convfirst_t,convnext_tiny bash benchmarks/gpu_suite.sh models  # whole-model img/s
 #   bash benchmarks/gpu_suite.sh mosaic    # Mosaic GPU kernel variants vs XLA and Triton
 #   bash benchmarks/gpu_suite.sh dwconv    # Pallas depthwise conv vs XLA, block forwards
@@ -96,7 +96,7 @@ case "${1:-}" in
     # canary), then the training-path blocks at the stage-2 / stage-3 shapes
     log "GPU tests: two-warpgroup backward kernels"
     timeout 300 python3 -m pytest -q -m gpu tests/pallas_kernels/test_mosaic_mlp_bwd.py \
-      -k "two_warpgroup or compiled_bwd" 2>&1 | grep -v cuda_timer | tail -6
+      -k "two_warpgroup or compiled_bwd or db1_gemm" 2>&1 | grep -v cuda_timer | tail -6
     log "training-path blocks at ${WS_SHAPES:-28x192,14x384}"
     timeout 270 python3 -m benchmarks.mosaic_train --shapes "${WS_SHAPES:-28x192,14x384}" \
       --json "$OUT/mosaic_train_ws.json" 2>&1 | grep -v cuda_timer \

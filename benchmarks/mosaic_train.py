@@ -135,6 +135,9 @@ def main(argv=None):
     if c <= 384 and tuned.mosaic_backward:  # db1 as one more row of the dW1 GEMM
       variants.append(("mosaic backward, db1 from the dW1 GEMM", None,
                        rep(mosaic_bwd_db1_gemm=True, mosaic_bwd_db1=False)))
+      variants.append(("mosaic backward, db1 + db2 from the GEMMs", None,
+                       rep(mosaic_bwd_db1_gemm=True, mosaic_bwd_db1=False,
+                           mosaic_bwd_db2_gemm=True)))
     if 256 < c <= 384:  # the split backward with two compute warpgroups
       variants.append(("mosaic backward, two-warpgroup split", None,
                        rep(mosaic_backward=True, mosaic_bwd_stages=1, mosaic_bwd_split_ws=True)))

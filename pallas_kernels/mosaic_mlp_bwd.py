@@ -115,12 +115,12 @@ def bwd_smem_bytes(c: int, hc: int, stages: int, itemsize: int = 2, bm: int = BL
 def unsupported_reason(m: int, c: int, e: int, dtype, act: str = "gelu",
                        hidden_chunk: int = 64, stages: int = 2,
                        col_sums: bool = False, block_m: int = BLOCK_M,
-                       zn_ones: bool = False) -> str | None:
+                       zn_ones: bool = False, h_scales: bool = False) -> str | None:
   """Why ``fused_mlp_bwd`` cannot run this shape/dtype/activation (with ``block_m``-row
-  CTAs, and ``zn_ones``' tile), or None."""
+  CTAs, and the ``zn_ones`` / ``h_scales`` tiles), or None."""
   if block_m not in (64, 128):
     return f"the backward kernel's block_m must be 64 or 128, got {block_m}"
-  ones = _ones_bytes(zn_ones, c, jnp.dtype(dtype).itemsize)
+  ones = _ones_bytes(zn_ones) + _ones_bytes(h_scales) * (block_m // 64)
   if block_m == 128:
     reason = mosaic_mlp.unsupported_reason(m, c, e, dtype, hidden_chunk) or _kernel_reason(
         "backward kernel", lambda *_: 0, c, act, hidden_chunk, stages, dtype)
@@ -153,16 +153,22 @@ def zn_ones_cols(c: int, itemsize: int = 2, split: bool = False) -> int:
   return mosaic_mlp._swizzle_bytes(minor, itemsize) // itemsize
 
 
-def _ones_bytes(zn_ones: bool, c: int, itemsize: int, split: bool = False) -> int:
+def _ones_bytes(zn_ones: bool) -> int:
   """Shared memory of the ones tile ``zn_ones`` stores (0 without it): 64 rows of 32 bytes
-  (the narrowest swizzle), copied out zn_ones_cols / its width times per 64 rows."""
-  del c, split  # the same small tile for every width
+  (the narrowest swizzle) for every width, copied out zn_ones_cols / its width times per
+  64 rows."""
   return 64 * 32 if zn_ones else 0
 
 
 def _ones_tile(dtype):
+  return _ones_tiles(dtype)
+
+
+def _ones_tiles(dtype, n: int | None = None):
+  """A 64-row tile of 32-byte rows (``n`` of them), for ``zn_ones`` / ``h_scales``."""
   w = 32 // jnp.dtype(dtype).itemsize
-  return plgpu.SMEM((64, w), dtype, transforms=_transforms(w, dtype))
+  return plgpu.SMEM((64, w) if n is None else (n, 64, w), dtype,
+                    transforms=_transforms(w, dtype))
 
 
 def _store_ones(ones_smem, zn_gmem, row_blocks, c: int):
@@ -175,6 +181,29 @@ def _store_ones(ones_smem, zn_gmem, row_blocks, c: int):
   for rows in row_blocks:
     for col in range(c, zn_gmem.shape[1], w):
       plgpu.copy_smem_to_gmem(ones_smem, zn_gmem.at[rows, pl.ds(col, w)])
+
+
+def h_scales_cols(hc: int, itemsize: int = 2) -> int:
+  """How many columns ``h_scales`` appends to h (M, E): one swizzle tile of the h staging
+  tiles (64 for 64-wide hidden chunks in bf16, 32 for 32-wide), for the reason
+  ``zn_ones_cols`` gives."""
+  return mosaic_mlp._swizzle_bytes(hc, itemsize) // itemsize
+
+
+def _store_scales(scales_smem, rs_smem, h_gmem, rows, e: int):
+  """``h_scales``: fills the 64-row tile ``scales_smem`` with the rows' scales (ones where
+  ``rs_smem`` is None) and TMA-copies it into h_gmem's columns E .. end of ``rows``, so
+  that XLA's dW2 GEMM [h | rs]^T g yields db2 = sum_r rs_r g_r as its row E; awaited with
+  the kernel's other stores."""
+  w = scales_smem.shape[1]
+  if rs_smem is None:
+    vals = plgpu.layout_cast(jnp.ones((64, w), jnp.float32), plgpu.Layout.WGMMA)
+  else:
+    vals = lax.broadcast_in_dim(plgpu.load(rs_smem, layout=_WG.reduce(1)), (64, w), [0])
+  scales_smem[...] = vals.astype(scales_smem.dtype)
+  plgpu.commit_smem()
+  for col in range(e, h_gmem.shape[1], w):
+    plgpu.copy_smem_to_gmem(scales_smem, h_gmem.at[rows, pl.ds(col, w)])
 
 
 def _kernel_reason(kernel: str, smem_bytes, c: int, act: str, hidden_chunk: int,
@@ -273,11 +302,11 @@ def _bwd_kernel(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, dz
                 da_gmem,
                 *extra_gmem, c: int, e: int, hc: int, act: str, normalize: bool, eps: float,
                 stages: int, bm: int, da_in_regs: bool, with_zn: bool = False,
-                zn_ones: bool = False):
+                zn_ones: bool = False, h_scales: bool = False):
   """``extra_gmem``: with ``with_zn``, first zn (M, C), the normalised tile the kernel
   computes anyway, for XLA's dW1 GEMM (with ``zn_ones``: (M, C + zn_ones_cols), ones after
   column C); then (optional) db1_gmem, (CTAs, E / hc, hc) float32, each CTA's column sums
-  of da."""
+  of da.  ``h_scales``: h_gmem is (M, E + h_scales_cols), the row scales after column E."""
   zn_gmem, db1_gmem = _optional_refs(extra_gmem, with_zn)
   dtype = z_gmem.dtype
   cta = lax.axis_index("m")
@@ -285,7 +314,7 @@ def _bwd_kernel(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, dz
   tile_t = _transforms(c, dtype)
 
   def scoped(z_smem, zn_smem, g_smem, rs_smem, zb_smem, out_smem, bars, *db1_smem,
-             ones_smem=None):
+             ones_smem=None, scales_smem=None):
     db1_smem = db1_smem[0] if db1_smem else None
     plgpu.copy_gmem_to_smem(z_gmem.at[rows], z_smem, bars.at[0])
     plgpu.copy_gmem_to_smem(g_gmem.at[rows], g_smem, bars.at[1])
@@ -302,6 +331,8 @@ def _bwd_kernel(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, dz
       plgpu.copy_smem_to_gmem(zn_smem, zn_gmem.at[rows, pl.ds(0, c)])
       if zn_ones:
         _store_ones(ones_smem, zn_gmem, [rows], c)
+    if h_scales:
+      _store_scales(scales_smem, rs_smem, h_gmem, rows, e)
     plgpu.barrier_wait(bars.at[1])
 
     def accumulate(dzn_ref):
@@ -354,6 +385,7 @@ def _bwd_kernel(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, dz
       plgpu.Barrier(num_barriers=4),
       *([plgpu.SMEM((e // hc, hc), jnp.float32)] if db1_gmem else []),
       **({"ones_smem": _ones_tile(dtype)} if zn_ones else {}),
+      **({"scales_smem": _ones_tile(dtype)} if h_scales else {}),
   )
 
 
@@ -416,7 +448,8 @@ def _ln_backward_from_zn(dzn, zn_smem, rstd):
 def _bwd_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, dz_gmem,
                    h_gmem, da_gmem, *extra_gmem, c: int, e: int, hc: int, act: str,
                    normalize: bool, eps: float, stages: int, w2_stages: int, slots: int,
-                   da_in_regs: bool, with_zn: bool = False, zn_ones: bool = False):
+                   da_in_regs: bool, with_zn: bool = False, zn_ones: bool = False,
+                   h_scales: bool = False):
   """``_bwd_kernel`` with 128 rows per CTA, warp-specialised (as the forward's
   ``mosaic_mlp._kernel_ws``): warpgroups 0 and 1 each own 64 rows and run the same per-chunk
   wgmma -> GELU / GELU' -> wgmma chain; warpgroup 2 only issues the TMA copies of the weight
@@ -429,7 +462,7 @@ def _bwd_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem,
   keeps only the rows' 1/std (registers) for the LayerNorm backward, which then uses the
   rounded zn (``_ln_backward_from_zn``); ``slots`` (1 or 2) staging slots per warpgroup.
   ``extra_gmem``: zn_gmem with ``with_zn`` (and ``zn_ones``, as ``_bwd_kernel``'s; warpgroup
-  0 writes both warpgroups' ones from one tile).  No db1 column sums: a reduction over rows
+  0 writes both warpgroups' ones from one tile; ``h_scales``: each its rows' scales).  No db1 column sums: a reduction over rows
   crosses the warps of a warpgroup, and Mosaic GPU (jax 0.11.2) gives every warpgroup the
   same shared-memory scratch for it -- the two compute warpgroups' sums raced (wrong
   results on an H100, 2026-11-27; right in the interpreter, which runs them one after the
@@ -440,7 +473,7 @@ def _bwd_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem,
   cta = lax.axis_index("m")
 
   def body(zn_smem, g_smem, rs_smem, zb_smem, b1_smem, w1t_smem, w2_smem, out_smem, tile_bars,
-           param_bars, w1_bars, w2_bars, w1_free, w2_free, ones_smem=None):
+           param_bars, w1_bars, w2_bars, w1_free, w2_free, ones_smem=None, scales_smem=None):
     def _compute(wgi):
       rows = pl.ds(cta * 128 + wgi * 64, 64)
       my_zn, my_g, my_out = zn_smem.at[wgi], g_smem.at[wgi], out_smem.at[wgi]
@@ -462,6 +495,8 @@ def _bwd_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem,
           def _ones():
             _store_ones(ones_smem, zn_gmem,
                         [pl.ds(cta * 128 + w * 64, 64) for w in range(2)], c)
+      if h_scales:
+        _store_scales(scales_smem.at[wgi], my_rs, h_gmem, rows, e)
       plgpu.barrier_wait(tile_bars.at[3 * wgi + 1])
       plgpu.barrier_wait(param_bars.at[1])
 
@@ -537,6 +572,7 @@ def _bwd_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem,
       plgpu.Barrier(num_arrivals=2, num_barriers=stages),
       plgpu.Barrier(num_arrivals=2, num_barriers=w2_stages),
       **({"ones_smem": _ones_tile(dtype)} if zn_ones else {}),
+      **({"scales_smem": _ones_tiles(dtype, 2)} if h_scales else {}),
       collective_axes="wg",
   )
 
@@ -580,13 +616,13 @@ def _bwd_inputs(z, g, z_bias, row_scale, block_m: int = BLOCK_M):
 
 @functools.partial(jax.jit, static_argnames=("act", "normalize", "eps", "hidden_chunk",
                                              "stages", "col_sums", "with_zn", "zn_ones",
-                                             "block_m", "w2_stages", "staging_slots",
-                                             "interpret"))
+                                             "h_scales", "block_m", "w2_stages",
+                                             "staging_slots", "interpret"))
 def fused_mlp_bwd(z, g, w1, b1, w2, *, z_bias=None, row_scale=None, act: str = "gelu",
                   normalize: bool = True,
                   eps: float = 1e-6, hidden_chunk: int = 64, stages: int = 2,
                   col_sums: bool = False, with_zn: bool = False, zn_ones: bool = False,
-                  block_m: int = BLOCK_M, w2_stages: int | None = None,
+                  h_scales: bool = False, block_m: int = BLOCK_M, w2_stages: int | None = None,
                   staging_slots: int | None = None, interpret: bool = False):
   """(dz, h, da) of ``fused_mlp`` for the output cotangent g and row scale rs.
 
@@ -601,6 +637,9 @@ def fused_mlp_bwd(z, g, w1, b1, w2, *, z_bias=None, row_scale=None, act: str = "
   anyway (one TMA store; XLA would otherwise recompute it in two passes over z for dW1);
   with ``zn_ones=True`` it is (M, C + ``zn_ones_cols(C)``), ones after column C, so the dW1 GEMM
   [zn | 1]^T da gives db1 as its row C (``mlp_with_grad(bwd_db1_gemm=True)``).
+  ``h_scales=True``: h is (M, E + ``h_scales_cols(hidden_chunk)``), each row's scale (1
+  without ``row_scale``) after column E, so the dW2 GEMM [h | rs]^T g gives db2 as its row
+  E (``mlp_with_grad(bwd_db2_gemm=True)``).
   ``col_sums=True`` adds one more, db1 = da summed over rows (E,) float32, from per-CTA
   column sums the kernel writes (float32 da before rounding) instead of a pass over da.
   ``block_m=128``: two compute warpgroups of 64 rows per CTA fed by a TMA warpgroup
@@ -611,13 +650,13 @@ def fused_mlp_bwd(z, g, w1, b1, w2, *, z_bias=None, row_scale=None, act: str = "
   m, c, e = _check_bwd_args(z, g, w1, b1, w2)
   _check_zn_ones("fused_mlp_bwd", zn_ones, with_zn, col_sums)
   reason = unsupported_reason(m, c, e, z.dtype, act, hidden_chunk, stages, col_sums, block_m,
-                              zn_ones)
+                              zn_ones, h_scales)
   if reason is not None:
     raise NotImplementedError(f"fused_mlp_bwd: {reason}")
   dtype = z.dtype
   zb, z, g, rs, m_pad = _bwd_inputs(z, g, z_bias, row_scale, block_m)
   da_in_regs = interpret is False or interpret is None
-  ones = _ones_bytes(zn_ones, c, jnp.dtype(dtype).itemsize)
+  ones = _ones_bytes(zn_ones) + 2 * _ones_bytes(h_scales)
   if block_m == 128:
     auto_w2, auto_slots = ws_bwd_layout(c, e, hidden_chunk, stages, jnp.dtype(dtype).itemsize,
                                         ones)
@@ -635,19 +674,21 @@ def fused_mlp_bwd(z, g, w1, b1, w2, *, z_bias=None, row_scale=None, act: str = "
     kernel = functools.partial(
         _bwd_kernel_ws, c=c, e=e, hc=hidden_chunk, act=act, normalize=normalize,
         eps=float(eps), stages=stages, w2_stages=w2_stages, slots=staging_slots,
-        da_in_regs=da_in_regs, with_zn=with_zn, zn_ones=zn_ones)
+        da_in_regs=da_in_regs, with_zn=with_zn, zn_ones=zn_ones, h_scales=h_scales)
     threads = dict(num_threads=3, thread_name="wg")
     b1_arg = b1.astype(jnp.float32).reshape(e // hidden_chunk, hidden_chunk)
   else:
     kernel = functools.partial(
         _bwd_kernel, c=c, e=e, hc=hidden_chunk, act=act, normalize=normalize, eps=float(eps),
-        stages=stages, bm=BLOCK_M, da_in_regs=da_in_regs, with_zn=with_zn, zn_ones=zn_ones)
+        stages=stages, bm=BLOCK_M, da_in_regs=da_in_regs, with_zn=with_zn, zn_ones=zn_ones,
+        h_scales=h_scales)
     threads = {}
     b1_arg = b1.astype(jnp.float32)
   kernel = _rs_optional(kernel, rs is not None)
   call = plgpu.kernel(
       kernel,
-      out_type=(jax.ShapeDtypeStruct((m_pad, c), dtype), jax.ShapeDtypeStruct((m_pad, e), dtype),
+      out_type=(jax.ShapeDtypeStruct((m_pad, c), dtype),
+                jax.ShapeDtypeStruct((m_pad, _h_width(e, hidden_chunk, dtype, h_scales)), dtype),
                 jax.ShapeDtypeStruct((m_pad, e), dtype),
                 *_optional_types(m_pad, c, e, hidden_chunk, dtype, with_zn, col_sums, zn_ones)),
       grid=(m_pad // block_m,),
@@ -659,6 +700,10 @@ def fused_mlp_bwd(z, g, w1, b1, w2, *, z_bias=None, row_scale=None, act: str = "
   dz, h, da, *rest = call(z, g, *([] if rs is None else [rs]), zb, w1.T.astype(dtype),
                           b1_arg, w2.astype(dtype))
   return _trim_results(m, m_pad, e, [dz, h, da], rest, with_zn, col_sums)
+
+
+def _h_width(e: int, hc: int, dtype, h_scales: bool) -> int:
+  return e + (h_scales_cols(hc, jnp.dtype(dtype).itemsize) if h_scales else 0)
 
 
 def _check_zn_ones(fn: str, zn_ones: bool, with_zn: bool, col_sums: bool):
@@ -709,11 +754,12 @@ def split_bwd_smem_bytes(c: int, hc: int, stages: int, itemsize: int = 2,
 def split_unsupported_reason(m: int, c: int, e: int, dtype, act: str = "gelu",
                              hidden_chunk: int = 32, stages: int = 2,
                              col_sums: bool = False,
-                             two_warpgroups: bool = False, zn_ones: bool = False) -> str | None:
+                             two_warpgroups: bool = False, zn_ones: bool = False,
+                             h_scales: bool = False) -> str | None:
   """Why ``hidden_grads`` (the backward for the split form, C > 256) cannot run (with
   ``two_warpgroups``: its ``_hidden_grad_kernel_ws`` form, ``stages`` per warpgroup; with
-  ``zn_ones``' tile), or None."""
-  ones = _ones_bytes(zn_ones, c, jnp.dtype(dtype).itemsize, split=True)
+  the ``zn_ones`` / ``h_scales`` tiles), or None."""
+  ones = _ones_bytes(zn_ones) + _ones_bytes(h_scales)
   if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
     return (f"the Mosaic GPU kernels take bfloat16/float16 activations (wgmma operands), "
             f"got {jnp.dtype(dtype).name}")
@@ -739,14 +785,16 @@ def split_unsupported_reason(m: int, c: int, e: int, dtype, act: str = "gelu",
 
 def _hidden_grad_kernel(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, h_gmem, da_gmem,
                         *extra_gmem, e: int, hc: int, act: str, normalize: bool, eps: float,
-                        stages: int, bm: int, with_zn: bool = False, zn_ones: bool = False):
+                        stages: int, bm: int, with_zn: bool = False, zn_ones: bool = False,
+                        h_scales: bool = False):
   """The split form's backward kernel (C > 256): ``_bwd_kernel`` without the dzn
   accumulator (64 x C float32 would not fit in registers) -- per hidden chunk a_j and dh_j
   (wgmmas over the column blocks of the z / g tiles), h_j and da_j to DRAM; dzn = da W1^T
   and the LayerNorm backward are left to XLA.  z_gmem's tile is normalised in place
   (mosaic_split's column-block LayerNorm) and, ``with_zn``, stored to the first of
   ``extra_gmem`` (with ``zn_ones`` ones after its column C; the optional db1 column sums
-  follow, as ``_bwd_kernel``'s); w1t_gmem, w2_gmem: (n_cb, E, cb)."""
+  follow, as ``_bwd_kernel``'s; ``h_scales`` as ``_bwd_kernel``'s); w1t_gmem, w2_gmem:
+  (n_cb, E, cb)."""
   from pallas_kernels.mosaic_split import _normalise_in_place
   zn_gmem, db1_gmem = _optional_refs(extra_gmem, with_zn)
   dtype = z_gmem.dtype
@@ -755,7 +803,8 @@ def _hidden_grad_kernel(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_
   rows = pl.ds(cta * bm, bm)
   t_cb = _transforms(cb, dtype)
 
-  def scoped(z_smem, g_smem, rs_smem, zb_smem, out_smem, bars, *db1_smem, ones_smem=None):
+  def scoped(z_smem, g_smem, rs_smem, zb_smem, out_smem, bars, *db1_smem, ones_smem=None,
+             scales_smem=None):
     db1_smem = db1_smem[0] if db1_smem else None
     if rs_gmem is None:
       rs_smem = None
@@ -775,6 +824,8 @@ def _hidden_grad_kernel(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_
         plgpu.copy_smem_to_gmem(z_smem.at[b], zn_gmem.at[rows, pl.ds(b * cb, cb)])
       if zn_ones:
         _store_ones(ones_smem, zn_gmem, [rows], n_cb * cb)
+    if h_scales:
+      _store_scales(scales_smem, rs_smem, h_gmem, rows, e)
     for b in range(n_cb, 2 * n_cb):
       plgpu.barrier_wait(bars.at[b])
 
@@ -809,6 +860,7 @@ def _hidden_grad_kernel(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_
       plgpu.Barrier(num_barriers=2 * n_cb + 2),
       *([plgpu.SMEM((e // hc, hc), jnp.float32)] if db1_gmem else []),
       **({"ones_smem": _ones_tile(dtype)} if zn_ones else {}),
+      **({"scales_smem": _ones_tile(dtype)} if h_scales else {}),
   )
 
 
@@ -826,7 +878,7 @@ def split_ws_smem_bytes(c: int, e: int, hc: int, stages: int, itemsize: int = 2)
 def _hidden_grad_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem,
                            h_gmem, da_gmem, *extra_gmem, e: int, hc: int, act: str,
                            normalize: bool, eps: float, stages: int, with_zn: bool = False,
-                           zn_ones: bool = False):
+                           zn_ones: bool = False, h_scales: bool = False):
   """``_hidden_grad_kernel`` with two compute warpgroups on the same 64 rows, splitting the
   hidden chunks between them (warpgroup w takes chunks w, w + 2, ...), and a third
   warpgroup that only issues the weight TMA copies into each compute warpgroup's own
@@ -848,7 +900,8 @@ def _hidden_grad_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, 
   t_cb = _transforms(cb, dtype)
 
   def body(z_smem, g_smem, rs_smem, zb_smem, b1_smem, w1t_smem, w2_smem, out_smem, tile_bars,
-           param_bars, tiles_ready, w1_bars, w2_bars, w_free, ones_smem=None):
+           param_bars, tiles_ready, w1_bars, w2_bars, w_free, ones_smem=None,
+           scales_smem=None):
     def _compute(wgi):
 
       @pl.when(wgi == 0)
@@ -870,6 +923,8 @@ def _hidden_grad_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, 
             _store_ones(ones_smem, zn_gmem, [rows], n_cb * cb)
         for b in range(n_cb, 2 * n_cb + (rs_gmem is not None)):
           plgpu.barrier_wait(tile_bars.at[b])
+        if h_scales:
+          _store_scales(scales_smem, None if rs_gmem is None else rs_smem, h_gmem, rows, e)
         plgpu.barrier_arrive(tiles_ready.at[0])
 
       @pl.when(wgi == 1)
@@ -937,31 +992,33 @@ def _hidden_grad_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, 
       plgpu.Barrier(num_barriers=2 * stages),
       plgpu.Barrier(num_barriers=2 * stages),
       **({"ones_smem": _ones_tile(dtype)} if zn_ones else {}),
+      **({"scales_smem": _ones_tile(dtype)} if h_scales else {}),
       collective_axes="wg",
   )
 
 
 @functools.partial(jax.jit, static_argnames=("act", "normalize", "eps", "hidden_chunk",
                                              "stages", "col_sums", "with_zn", "zn_ones",
-                                             "two_warpgroups", "interpret"))
+                                             "h_scales", "two_warpgroups", "interpret"))
 def hidden_grads(z, g, w1, b1, w2, *, z_bias=None, row_scale=None, act: str = "gelu",
                  normalize: bool = True,
                  eps: float = 1e-6, hidden_chunk: int = 32, stages: int = 2,
                  col_sums: bool = False, with_zn: bool = False, zn_ones: bool = False,
-                 two_warpgroups: bool = False, interpret: bool = False):
+                 h_scales: bool = False, two_warpgroups: bool = False,
+                 interpret: bool = False):
   """(h, da) of ``fused_mlp`` / ``split_mlp`` for the cotangent g and row scale rs, as
   ``fused_mlp_bwd`` returns them (``row_scale`` likewise), for C > 256 (``_hidden_grad_kernel``; dz is then
   ``ln_backward(da W1^T)`` in XLA).  Shapes as ``fused_mlp_bwd``; raises
   NotImplementedError naming the reason for unsupported calls
-  (``split_unsupported_reason``).  ``with_zn``, ``zn_ones`` and ``col_sums``: zn and db1
-  after da, as ``fused_mlp_bwd``'s.  ``two_warpgroups``: ``_hidden_grad_kernel_ws`` (two compute
+  (``split_unsupported_reason``).  ``with_zn``, ``zn_ones``, ``h_scales`` and ``col_sums``:
+  as ``fused_mlp_bwd``'s.  ``two_warpgroups``: ``_hidden_grad_kernel_ws`` (two compute
   warpgroups on alternate hidden chunks of the same rows; ``stages`` weight slots per
   warpgroup; no ``col_sums``)."""
   from pallas_kernels.mosaic_split import _column_block
   m, c, e = _check_bwd_args(z, g, w1, b1, w2)
   _check_zn_ones("hidden_grads", zn_ones, with_zn, col_sums)
   reason = split_unsupported_reason(m, c, e, z.dtype, act, hidden_chunk, stages, col_sums,
-                                    two_warpgroups, zn_ones)
+                                    two_warpgroups, zn_ones, h_scales)
   if reason is not None:
     raise NotImplementedError(f"hidden_grads: {reason}")
   dtype = z.dtype
@@ -969,7 +1026,7 @@ def hidden_grads(z, g, w1, b1, w2, *, z_bias=None, row_scale=None, act: str = "g
   zb, z, g, rs, m_pad = _bwd_inputs(z, g, z_bias, row_scale)
   blocks = lambda w_ec: w_ec.astype(dtype).reshape(e, c // cb, cb).transpose(1, 0, 2)
   common = dict(e=e, hc=hidden_chunk, act=act, normalize=normalize, eps=float(eps),
-                stages=stages, with_zn=with_zn, zn_ones=zn_ones)
+                stages=stages, with_zn=with_zn, zn_ones=zn_ones, h_scales=h_scales)
   if two_warpgroups:
     kernel = functools.partial(_hidden_grad_kernel_ws, **common)
     threads = dict(num_threads=3, thread_name="wg")
@@ -980,7 +1037,8 @@ def hidden_grads(z, g, w1, b1, w2, *, z_bias=None, row_scale=None, act: str = "g
     b1_arg = b1.astype(jnp.float32)
   h, da, *rest = plgpu.kernel(
       _rs_optional(kernel, rs is not None),
-      out_type=(jax.ShapeDtypeStruct((m_pad, e), dtype), jax.ShapeDtypeStruct((m_pad, e), dtype),
+      out_type=(jax.ShapeDtypeStruct((m_pad, _h_width(e, hidden_chunk, dtype, h_scales)), dtype),
+                jax.ShapeDtypeStruct((m_pad, e), dtype),
                 *_optional_types(m_pad, c, e, hidden_chunk, dtype, with_zn, col_sums, zn_ones,
                                  split=True)),
       grid=(m_pad // BLOCK_M,), grid_names=("m",), **threads,
@@ -1025,6 +1083,7 @@ class MlpConfig(NamedTuple):
   bwd_block_m: int = 64         # the backward kernel's rows per CTA (128: _bwd_kernel_ws)
   bwd_split_ws: bool = False    # split: hidden_grads(two_warpgroups=True)
   bwd_db1_gemm: bool = False    # db1 as the dW1 GEMM's extra row (the kernels' zn_ones)
+  bwd_db2_gemm: bool = False    # db2 as the dW2 GEMM's extra row (the kernels' h_scales)
 
 
 def _normalised(z, zb, normalize: bool, eps: float):
@@ -1075,12 +1134,17 @@ def _mlp_bwd(cfg, saved, dy):
     g, kernel_rs = (dy.astype(f32) * rs.astype(f32)[:, None]).astype(dtype), None
   else:  # with rs all ones (no row_scale given) there is nothing to scale
     g, kernel_rs = dy, None if cfg.unit_rows else rs
+  # db2 from the dW2 GEMM: the kernel writes each row's scale (rs on chip, else 1) after h,
+  # and [h | s]^T g has sum_r s_r g_r = db2 as its row E (not with a perturbed rs, whose
+  # gradient reads h itself).
+  h_scales = cfg.bwd_db2_gemm and not rs_perturbed
   if cfg.split:  # dzn = da W1^T and the LayerNorm backward in XLA
     h, da, *rest = hidden_grads(z, g, w1, b1, w2, z_bias=zb, row_scale=kernel_rs, act=cfg.act,
                                 normalize=cfg.normalize, eps=cfg.eps,
                                 hidden_chunk=cfg.bwd_hidden, stages=cfg.bwd_stages,
                                 col_sums=cfg.bwd_col_sums, with_zn=cfg.bwd_zn,
-                                zn_ones=cfg.bwd_db1_gemm, two_warpgroups=cfg.bwd_split_ws,
+                                zn_ones=cfg.bwd_db1_gemm, h_scales=h_scales,
+                                two_warpgroups=cfg.bwd_split_ws,
                                 interpret=cfg.interpret)
     dzn = jnp.dot(da, w1.astype(dtype).T, preferred_element_type=f32)
     dz = ln_backward(dzn, z, zb, cfg.normalize, cfg.eps).astype(dtype)
@@ -1090,7 +1154,8 @@ def _mlp_bwd(cfg, saved, dy):
                                      normalize=cfg.normalize, eps=cfg.eps,
                                      hidden_chunk=cfg.bwd_hidden, stages=cfg.bwd_stages,
                                      col_sums=cfg.bwd_col_sums, with_zn=cfg.bwd_zn,
-                                     zn_ones=cfg.bwd_db1_gemm, block_m=cfg.bwd_block_m,
+                                     zn_ones=cfg.bwd_db1_gemm, h_scales=h_scales,
+                                     block_m=cfg.bwd_block_m,
                                      interpret=cfg.interpret)
   zn = rest.pop(0) if cfg.bwd_zn else _normalised(z, zb, cfg.normalize, cfg.eps).astype(dtype)
   dw1 = jnp.dot(zn.T, da, preferred_element_type=f32)
@@ -1100,8 +1165,12 @@ def _mlp_bwd(cfg, saved, dy):
     dw1, db1 = dw1[:c], dw1[c]
   else:  # the kernel's column sums, if asked for, else a pass over da
     db1 = rest[0] if rest else da.astype(f32).sum(0)
-  db2 = (g.astype(f32) if kernel_rs is None
-         else dy.astype(f32) * rs.astype(f32)[:, None]).sum(0)  # read-only pass over dy
+  if h_scales:
+    e = w1.shape[1]
+    dw2, db2 = dw2[:e], dw2[e]
+  else:
+    db2 = (g.astype(f32) if kernel_rs is None
+           else dy.astype(f32) * rs.astype(f32)[:, None]).sum(0)  # read-only pass over dy
   dzb = dz.astype(f32).sum(0)
   if rs_perturbed:  # d rs[r] = sum_c dy[r, c] (h W2 + b2)[r, c]: one more GEMM
     u = jnp.dot(h, w2.astype(dtype), preferred_element_type=f32) + b2.astype(f32)
@@ -1122,7 +1191,8 @@ def mlp_with_grad(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: s
                   split: bool = False, project_stages: int = 3, project_block_m: int = 64,
                   block_n: int | None = None, bwd_hidden: int = 0, bwd_col_sums: bool = False,
                   bwd_zn: bool = True, bwd_block_m: int = 64, bwd_split_ws: bool = False,
-                  bwd_db1_gemm: bool = False, interpret: bool = False):
+                  bwd_db1_gemm: bool = False, bwd_db2_gemm: bool = False,
+                  interpret: bool = False):
   """``mosaic_mlp.fused_mlp`` (same arguments and result; res may be None: no residual read
   or added, and no zeros passed to the kernel) with a Mosaic GPU backward: the
   forward kernel saves only its inputs, the backward is ``fused_mlp_bwd`` plus XLA's GEMMs
@@ -1136,7 +1206,8 @@ def mlp_with_grad(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: s
   ``bwd_split_ws`` (with ``split``): ``hidden_grads(two_warpgroups=True)``;
   ``bwd_db1_gemm`` (needs ``bwd_zn``, not ``bwd_col_sums``): the kernel's zn gets ones
   columns (``zn_ones``), so db1 comes out of the dW1 GEMM as one more row instead of from
-  a pass over the 4C-wide da.
+  a pass over the 4C-wide da; ``bwd_db2_gemm``: the kernel's h gets the row scales after
+  its E columns (``h_scales``), so db2 comes out of the dW2 GEMM instead of a pass over dy.
 
   ``split=True`` (C > 256): the forward is ``mosaic_split.split_mlp`` (``stages`` is its
   expand kernel's depth; ``project_stages``, ``project_block_m``, ``block_n`` its project
@@ -1152,12 +1223,12 @@ def mlp_with_grad(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: s
       raise ValueError(f"bwd_block_m={bwd_block_m}: the split backward (hidden_grads) has "
                        f"64-row CTAs only")
     reason = split_unsupported_reason(m, c, e, z.dtype, act, bwd_hidden, bwd_stages,
-                                      bwd_col_sums, bwd_split_ws, bwd_db1_gemm)
+                                      bwd_col_sums, bwd_split_ws, bwd_db1_gemm, bwd_db2_gemm)
   else:
     if bwd_split_ws:
       raise ValueError("bwd_split_ws=True is the split backward's (split=True) option")
     reason = unsupported_reason(m, c, e, z.dtype, act, bwd_hidden, bwd_stages, bwd_col_sums,
-                                bwd_block_m, bwd_db1_gemm)
+                                bwd_block_m, bwd_db1_gemm, bwd_db2_gemm)
   if reason is not None:
     raise NotImplementedError(f"mlp_with_grad: {reason}")
   zb = jnp.zeros((c,), jnp.float32) if z_bias is None else z_bias
@@ -1165,7 +1236,8 @@ def mlp_with_grad(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: s
   cfg = MlpConfig(act, bool(normalize), float(eps), hidden_chunk, stages, block_m, bwd_stages,
                   bool(interpret), bool(split), project_stages, project_block_m, block_n or 0,
                   bwd_hidden, bool(bwd_col_sums), bool(bwd_zn), row_scale is None,
-                  res is not None, int(bwd_block_m), bool(bwd_split_ws), bool(bwd_db1_gemm))
+                  res is not None, int(bwd_block_m), bool(bwd_split_ws), bool(bwd_db1_gemm),
+                  bool(bwd_db2_gemm))
   if res is None:  # a zero-size stand-in: the custom_vjp takes arrays
     res = jnp.zeros((0, c), z.dtype)
   return _mlp(z, res, w1, b1, w2, b2, zb, rs, cfg)

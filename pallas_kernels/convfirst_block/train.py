@@ -225,6 +225,11 @@ BWD_BLOCK_M = 128
 # session): training blocks 56x56x64 1.256 vs 1.304 ms, 56x56x96 2.062 vs 2.147 (XLA 2.246 /
 # 3.335); convfirst_t's training step (batch 256) 5,126 vs 5,092 img/s.
 DB1_GEMM = True
+# db2 as one more row of the dW2 GEMM (mlp_with_grad's bwd_db2_gemm: ones after h's E
+# columns, these blocks having no row scale in the kernel).  Off: slower here (H100, batch
+# 128, 2026-11-27, seventh session: 56x56x64 1.293 vs 1.261 ms, 56x56x96 2.089 vs 2.039,
+# 28x28x192 1.178 vs 1.172), unlike ConvNeXt's blocks with their drop-path row scale.
+DB2_GEMM = False
 
 
 def _mosaic_mlp_config(m: int, c: int, e: int, dtype):
@@ -243,7 +248,7 @@ def _mosaic_mlp_config(m: int, c: int, e: int, dtype):
     if BWD_BLOCK_M != 64 and mosaic_mlp_bwd.unsupported_reason(
         m, c, e, dtype, "silu", 64, 2, block_m=BWD_BLOCK_M) is None:
       wide["bwd_block_m"] = BWD_BLOCK_M
-    return dict(hidden_chunk=64, stages=2, bwd_stages=2, **wide), None
+    return dict(hidden_chunk=64, stages=2, bwd_stages=2, bwd_db2_gemm=DB2_GEMM, **wide), None
   from pallas_kernels import mosaic_split
   reason = (mosaic_split.unsupported_reason(m, c, e, dtype)
             or mosaic_mlp_bwd.split_unsupported_reason(m, c, e, dtype, "silu", 32, 2))

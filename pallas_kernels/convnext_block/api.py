@@ -98,7 +98,8 @@ def train_kernel(x_shape, dtype, params: ConvNeXtBlockParams, tiles: tuning.Conv
       bwd_col_sums=tiles.mosaic_bwd_db1, fwd_block_m=tiles.mosaic_block_m,
       fwd_stages=tiles.mosaic_stages, bwd_block_m=tiles.mosaic_bwd_block_m,
       bwd_split_ws=tiles.mosaic_bwd_split_ws,
-      bwd_db1_gemm=tiles.mosaic_bwd_db1_gemm and tiles.mosaic_bwd_zn) is None:
+      bwd_db1_gemm=tiles.mosaic_bwd_db1_gemm, bwd_zn=tiles.mosaic_bwd_zn,
+      bwd_db2_gemm=tiles.mosaic_bwd_db2_gemm) is None:
     return kernel
   return "xla"
 
@@ -135,7 +136,7 @@ def _fused_fwd(x, params, dps, eps, tiles, interpret, xla_grad):
           dw_wgrad=tiles.mosaic_dwconv_wgrad, bwd_col_sums=tiles.mosaic_bwd_db1,
           bwd_zn=tiles.mosaic_bwd_zn, bwd_block_m=tiles.mosaic_bwd_block_m,
           bwd_split_ws=tiles.mosaic_bwd_split_ws, bwd_db1_gemm=tiles.mosaic_bwd_db1_gemm,
-          interpret=interpret)
+          bwd_db2_gemm=tiles.mosaic_bwd_db2_gemm, interpret=interpret)
     else:
       fn = lambda x, p, d: convnext_block_reference(
           x, p, d, eps=eps, dw_conv="pallas" if dw_pallas else "xla",

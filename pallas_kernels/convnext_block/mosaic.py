@@ -100,19 +100,27 @@ def forward(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | None = N
 CONV_BIAS_MIN_C = 384
 
 
+def _zn_ones(bwd_db1_gemm: bool, bwd_zn: bool, bwd_col_sums: bool) -> bool:
+  """Whether db1 comes from the dW1 GEMM: asked for, with the kernel's zn stored and without
+  the other way to db1 (the per-CTA column sums)."""
+  return bwd_db1_gemm and bwd_zn and not bwd_col_sums
+
+
 def train_unsupported_reason(x_shape, params: ConvNeXtBlockParams, dtype,
                              bwd_stages: int = 2, hidden_chunk: int = 64, split: bool = False,
                              bwd_hidden: int = 0, bwd_col_sums: bool = False, *,
                              fwd_block_m: int | None = None,
                              fwd_stages: int | None = None,
                              bwd_block_m: int = 64, bwd_split_ws: bool = False,
-                             bwd_db1_gemm: bool = False) -> str | None:
+                             bwd_db1_gemm: bool = False, bwd_zn: bool = True,
+                             bwd_db2_gemm: bool = False) -> str | None:
   """Why ``forward_train`` cannot run this call, or None (``bwd_hidden`` 0: the backward
   kernel's default chunk, ``hidden_chunk`` or 32 with ``split``; ``fwd_block_m`` /
   ``fwd_stages``: the one-kernel forward's, checked against shared memory;
   ``bwd_block_m`` applies to the one-kernel form, ``bwd_split_ws`` to the split form;
-  ``bwd_db1_gemm`` (without ``bwd_col_sums``) adds the kernels' ones tile)."""
-  zn_ones = bwd_db1_gemm and not bwd_col_sums
+  ``bwd_db1_gemm`` / ``bwd_db2_gemm`` add the kernels' small tiles where ``forward_train``
+  would use them)."""
+  zn_ones = _zn_ones(bwd_db1_gemm, bwd_zn, bwd_col_sums)
   n, h, w, c = x_shape
   m, e = n * h * w, params.fc1_kernel.shape[1]
   if not split and fwd_block_m is not None:
@@ -124,9 +132,11 @@ def train_unsupported_reason(x_shape, params: ConvNeXtBlockParams, dtype,
     return (mosaic_split.unsupported_reason(m, c, e, dtype)
             or mosaic_mlp_bwd.split_unsupported_reason(m, c, e, dtype, "gelu",
                                                        bwd_hidden or 32, bwd_stages,
-                                                       bwd_col_sums, bwd_split_ws, zn_ones))
+                                                       bwd_col_sums, bwd_split_ws, zn_ones,
+                                                       bwd_db2_gemm))
   return mosaic_mlp_bwd.unsupported_reason(m, c, e, dtype, "gelu", bwd_hidden or hidden_chunk,
-                                           bwd_stages, bwd_col_sums, bwd_block_m, zn_ones)
+                                           bwd_stages, bwd_col_sums, bwd_block_m, zn_ones,
+                                           bwd_db2_gemm)
 
 
 def forward_train(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | None = None, *,
@@ -136,7 +146,7 @@ def forward_train(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | No
                   block_n: int | None = None, bwd_hidden: int = 0, dw_wgrad: str = "auto",
                   bwd_col_sums: bool = False, bwd_zn: bool = True, bwd_block_m: int = 64,
                   bwd_split_ws: bool = False, bwd_db1_gemm: bool = False,
-                  interpret: bool = False) -> jax.Array:
+                  bwd_db2_gemm: bool = False, interpret: bool = False) -> jax.Array:
   """The block forward of ``forward`` for differentiated calls (``split``: the two-kernel
   form and its backward, ``mosaic_mlp_bwd.hidden_grads``, for C > 256):
 
@@ -157,7 +167,7 @@ def forward_train(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | No
   ``bwd_split_ws`` (the two-warpgroup split backward) to the split form; each is ignored by
   the other form.  ``bwd_db1_gemm``: db1 as a row of the dW1 GEMM (mlp_with_grad's), where
   ``bwd_zn`` is on and ``bwd_col_sums`` off (it is ignored otherwise: the same gradients
-  either way)."""
+  either way); ``bwd_db2_gemm``: db2 as a row of the dW2 GEMM (mlp_with_grad's)."""
   n, h, w, c = x.shape
   interp = interpret is not False and interpret is not None
   if dwconv_pallas:  # x's gradient through the residual (and the conv bias's) come from
@@ -179,5 +189,6 @@ def forward_train(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | No
       project_stages=project_stages, project_block_m=project_block_m, block_n=block_n,
       bwd_hidden=bwd_hidden, bwd_col_sums=bwd_col_sums, bwd_zn=bwd_zn,
       bwd_block_m=64 if split else bwd_block_m, bwd_split_ws=split and bwd_split_ws,
-      bwd_db1_gemm=bwd_db1_gemm and bwd_zn and not bwd_col_sums, interpret=interpret)
+      bwd_db1_gemm=_zn_ones(bwd_db1_gemm, bwd_zn, bwd_col_sums), bwd_db2_gemm=bwd_db2_gemm,
+      interpret=interpret)
   return y.reshape(n, h, w, c)

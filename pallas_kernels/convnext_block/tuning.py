@@ -125,6 +125,11 @@ class ConvNeXtTiles:
   # On in the H100 table (C=96 / 192 / 384: 2.6-5.7% faster blocks, see TUNED); off in the
   # heuristic (not timed on other GPUs; retune tries it).
   mosaic_bwd_db1_gemm: bool = False
+  # db2 (fc2's bias gradient) likewise from the dW2 GEMM: the kernels write each row's scale
+  # (drop path; 1 without) after h's E columns (mosaic_mlp_bwd's ``h_scales``), so
+  # [h | s]^T g holds sum_r s_r g_r and no pass reads dy for it.  On in the H100 table at
+  # C=192 / 384 (see TUNED; at C=96 it measured 1% slower); off in the heuristic.
+  mosaic_bwd_db2_gemm: bool = False
   # What implementation=None runs (from measurements, per channel count and device):
   # "pallas": Pallas forward and backward; "hybrid": Pallas for plain (inference) calls,
   # XLA forward+backward when the call is differentiated (the Pallas forward was faster
@@ -240,7 +245,11 @@ def _heuristic_tiles(c: int) -> ConvNeXtTiles:
 # with the one-warpgroup split kernel (2 stages), XLA 1.096 in the same process; ConvNeXt-T
 # training step 6,784 vs 6,745 img/s (one process each), XLA 4,189.  db1 from the dW1 GEMM
 # (mosaic_bwd_db1_gemm; same process, XLA / table before / with it): 56x56x96 3.749 / 1.798
-# / 1.696 ms, 28x28x192 2.052 / 1.087 / 1.027, 14x14x384 1.099 / 0.837 / 0.822.
+# / 1.696 ms, 28x28x192 2.052 / 1.087 / 1.027, 14x14x384 1.099 / 0.837 / 0.822.  db2 from
+# the dW2 GEMM as well (mosaic_bwd_db2_gemm; another process, XLA / db1 only / both):
+# 56x56x96 3.751 / 1.703 / 1.721 (off at C=96), 28x28x192 2.052 / 1.042 / 1.022, 14x14x384
+# 1.107 / 0.838 / 0.817; ConvNeXt-T training step 7,061 vs 7,013 img/s without it at
+# C=192 / 384.
 _H100 = "NVIDIA H100 80GB HBM3"
 TUNED: dict[tuple[int, str, str], ConvNeXtTiles] = {
     (96, "bfloat16", _H100): ConvNeXtTiles(
@@ -252,14 +261,15 @@ TUNED: dict[tuple[int, str, str], ConvNeXtTiles] = {
         fwd_pixels=64, fwd_hidden=64, fwd_warps=4, bwd_pixels=64, bwd_hidden=32,
         wgrad_rows=64, wgrad_hidden=32, dw_pixels=128, dw_channels=32, auto="hybrid",
         mosaic_block_m=128, mosaic_stages=2, mosaic_backward=True, mosaic_bwd_stages=2,
-        mosaic_bwd_block_m=128, mosaic_dwconv_wgrad="pallas_columns", mosaic_bwd_db1_gemm=True),
+        mosaic_bwd_block_m=128, mosaic_dwconv_wgrad="pallas_columns", mosaic_bwd_db1_gemm=True,
+        mosaic_bwd_db2_gemm=True),
     (384, "bfloat16", _H100): ConvNeXtTiles(
         fwd_pixels=32, fwd_hidden=64, fwd_warps=4, bwd_pixels=32, bwd_hidden=32,
         wgrad_rows=64, wgrad_hidden=32, dw_pixels=128, dw_channels=32, auto="hybrid",
         fwd_kernel="mosaic_split", mosaic_stages=2, mosaic_project_block_m=128,
         mosaic_block_n=192, mosaic_backward=True, mosaic_bwd_stages=1,
         mosaic_bwd_split_ws=True, mosaic_dwconv_wgrad="pallas_columns",
-        mosaic_bwd_db1_gemm=True),
+        mosaic_bwd_db1_gemm=True, mosaic_bwd_db2_gemm=True),
     (768, "bfloat16", _H100): ConvNeXtTiles(
         fwd_pixels=32, fwd_hidden=32, fwd_warps=8, fwd_stages=2, bwd_pixels=32,
         bwd_hidden=32, bwd_warps=8, wgrad_rows=64, wgrad_hidden=16, wgrad_warps=8,
@@ -457,6 +467,9 @@ def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]
                     grad_call, (x, params, dps, g), best, include_current=False)
     if best.mosaic_backward and not best.mosaic_bwd_db1:  # db1 from the dW1 GEMM or not
       _, best = phase([dict(mosaic_bwd_db1_gemm=not best.mosaic_bwd_db1_gemm)], grad_call,
+                      (x, params, dps, g), best)
+    if best.mosaic_backward:  # db2 from the dW2 GEMM or not
+      _, best = phase([dict(mosaic_bwd_db2_gemm=not best.mosaic_bwd_db2_gemm)], grad_call,
                       (x, params, dps, g), best)
   if not timings:  # nothing ran (e.g. no GPU): nothing to choose from, nothing to cache
     raise RuntimeError(f"retune: no candidate ran on {_device_kind()} "

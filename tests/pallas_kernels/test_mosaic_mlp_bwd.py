@@ -273,24 +273,34 @@ _ZN_ONES_CASES = [
 ]
 
 
+@pytest.mark.parametrize("with_rs", [True, False])
 @pytest.mark.parametrize("m,c,e,kw", _ZN_ONES_CASES)
-def test_zn_ones_columns(m, c, e, kw):
-  """zn_ones=True: every backward kernel's zn result gains zn_ones_cols(C) columns of exact ones
-  after its C (padded rows included, then trimmed), and its other results are the same
-  bits as without them."""
+def test_zn_ones_and_h_scales_columns(m, c, e, kw, with_rs):
+  """zn_ones=True: every backward kernel's zn result gains zn_ones_cols(C) columns of exact
+  ones after its C; h_scales=True: h gains h_scales_cols(hc) columns holding each row's
+  scale (bf16-rounded; ones without row_scale) after its E (padded rows included, then
+  trimmed); the other results are the same bits as without them."""
   kw = dict(kw)
   split = kw.pop("split", False) or kw.get("two_warpgroups", False)
   fn = mosaic_mlp_bwd.hidden_grads if split else mosaic_mlp_bwd.fused_mlp_bwd
+  hc = 32 if split else 64
   a, dy = _inputs(m + c + 1, m, c, e)
+  rs = a["row_scale"].at[::3].set(0.0) if with_rs else None
   call = lambda **extra: fn(a["z"], dy, a["w1"], a["b1"], a["w2"], z_bias=a["z_bias"],
-                            row_scale=a["row_scale"], with_zn=True, interpret=True, **kw,
-                            **extra)
-  plain, ones = call(), call(zn_ones=True)
-  assert len(plain) == len(ones)
-  zn = ones[-1]
+                            row_scale=rs, with_zn=True, interpret=True, **kw, **extra)
+  plain, ext = call(), call(zn_ones=True, h_scales=True)
+  assert len(plain) == len(ext)
+  h_i = 0 if split else 1
+  zn, h = ext[-1], ext[h_i]
   assert zn.shape == (m, c + mosaic_mlp_bwd.zn_ones_cols(c, 2, split)) and zn.dtype == jnp.bfloat16
   np.testing.assert_array_equal(np.asarray(zn[:, c:], np.float32), 1.0)
-  for x, y in zip((*ones[:-1], zn[:, :c]), plain):
+  assert h.shape == (m, e + mosaic_mlp_bwd.h_scales_cols(hc)) and h.dtype == jnp.bfloat16
+  want = np.ones((m, 1)) if rs is None else np.asarray(rs.astype(jnp.bfloat16), np.float32)[:, None]
+  np.testing.assert_array_equal(np.asarray(h[:, e:], np.float32),
+                                np.broadcast_to(want, (m, h.shape[1] - e)))
+  trimmed = [v for v in ext[:-1]]
+  trimmed[h_i] = h[:, :e]
+  for x, y in zip((*trimmed, zn[:, :c]), plain):
     np.testing.assert_array_equal(np.asarray(x, np.float32), np.asarray(y, np.float32))
 
 
@@ -298,9 +308,10 @@ def test_zn_ones_columns(m, c, e, kw):
                                 dict(split=True), dict(split=True, bwd_split_ws=True,
                                                        bwd_stages=1)])
 def test_db1_from_the_dw1_gemm(kw):
-  """mlp_with_grad(bwd_db1_gemm=True): db1 as row C of [zn | 1]^T da; all eight gradients
-  against jax.grad of the float32 reference, the row scale constant (the kernel scales on
-  chip) and perturbed; the bad combinations raise naming the conflict."""
+  """mlp_with_grad(bwd_db1_gemm=True, bwd_db2_gemm=True): db1 as row C of [zn | 1]^T da and
+  db2 as row E of [h | rs]^T dy; all eight gradients against jax.grad of the float32
+  reference, the row scale perturbed (db2 then from XLA's pass) and constant (the kernel
+  scales on chip and writes the scales), and without a row scale (ones)."""
   m, c, e = (100, 64, 256) if not kw.get("split") else (100, 192, 256)
   a, dy = _inputs(21, m, c, e)
   f32 = jnp.float32
@@ -308,7 +319,8 @@ def test_db1_from_the_dw1_gemm(kw):
 
   def loss(*args):
     y = mosaic_mlp_bwd.mlp_with_grad(*args[:6], z_bias=args[6], row_scale=args[7],
-                                     bwd_db1_gemm=True, interpret=True, **kw)
+                                     bwd_db1_gemm=True, bwd_db2_gemm=True, interpret=True,
+                                     **kw)
     return jnp.sum(y.astype(f32) * dy.astype(f32))
   got = jax.grad(loss, argnums=tuple(range(8)))(*args)
   want = _reference_grads(a, dy, "gelu", True, tuple(range(8)))
@@ -316,8 +328,15 @@ def test_db1_from_the_dw1_gemm(kw):
     assert x.shape == y.shape, name
     assert _rel(x, y) < 1e-2, (name, _rel(x, y))
   rs = a["row_scale"].at[::4].set(0.0)  # constant: h and da scaled on chip
-  got = jax.grad(lambda *v: loss(*v[:7], rs), argnums=(2, 3))(*args[:7])
-  want = _reference_grads(dict(a, row_scale=rs), dy, "gelu", True, (2, 3))
+  got = jax.grad(lambda *v: loss(*v[:7], rs), argnums=(2, 3, 4, 5))(*args[:7])
+  want = _reference_grads(dict(a, row_scale=rs), dy, "gelu", True, (2, 3, 4, 5))
+  for x, y in zip(got, want):
+    assert _rel(x, y) < 1e-2
+  ones = jnp.ones_like(rs)  # no row scale: ones written after h
+  got = jax.grad(lambda *v: jnp.sum(mosaic_mlp_bwd.mlp_with_grad(
+      *v[:6], z_bias=v[6], bwd_db1_gemm=True, bwd_db2_gemm=True, interpret=True,
+      **kw).astype(f32) * dy.astype(f32)), argnums=(4, 5))(*args[:7])
+  want = _reference_grads(dict(a, row_scale=ones), dy, "gelu", True, (4, 5))
   for x, y in zip(got, want):
     assert _rel(x, y) < 1e-2
 
@@ -538,17 +557,18 @@ def test_retune_chooses_the_training_path(monkeypatch, fastest):
   forward wins the forward phases, then the training phase times XLA's block (with XLA's and
   the Pallas conv kernel gradient) against the Mosaic backward with 1 and 2 weight stages
   (and the two-warpgroup split backward with 1), and keeps whichever the timer calls fastest
-  (the column-walk kernel gradient included); where that is the Mosaic backward, a last
-  phase times db1 from the dW1 GEMM against the current choice and keeps it (faster here)."""
+  (the column-walk kernel gradient included); where that is the Mosaic backward, two last
+  phases time db1 and then db2 from the weight GEMMs against the current choice and keep
+  them (faster here)."""
   monkeypatch.setattr(mosaic_mlp, "device_unsupported_reason", lambda interpret: None)
   seen, gemm = [], []
 
   def fake_time(make_fn, t, args, iters):
     if make_fn.__name__ == "grad_call":  # the training phase
       key = (t.mosaic_backward, t.mosaic_bwd_stages, t.mosaic_dwconv_wgrad)
-      if len(seen) == 6:  # the db1 phase
-        gemm.append((key, t.mosaic_bwd_db1_gemm))
-        return 0.25 if t.mosaic_bwd_db1_gemm else 0.3
+      if len(seen) == 6:  # the db1 and db2 phases
+        gemm.append((key, t.mosaic_bwd_db1_gemm, t.mosaic_bwd_db2_gemm))
+        return 0.3 - 0.05 * t.mosaic_bwd_db1_gemm - 0.02 * t.mosaic_bwd_db2_gemm
       seen.append(key + (t.mosaic_bwd_split_ws,))
       return 0.3 if key + (False,) == seen[-1] and key == fastest else 0.4
     if t.fwd_kernel == "mosaic_split":
@@ -564,12 +584,13 @@ def test_retune_chooses_the_training_path(monkeypatch, fastest):
   assert sorted(seen) == sorted([(False, 2, "auto", False), (False, 2, "pallas", False),
                                  (False, 2, "pallas_columns", False), (True, 1, "auto", False),
                                  (True, 2, "auto", False), (True, 1, "auto", True)])
-  assert best.mosaic_bwd_db1_gemm == fastest[0]
-  assert gemm == ([(fastest, False), (fastest, True)] if fastest[0] else [])
+  assert best.mosaic_bwd_db1_gemm == best.mosaic_bwd_db2_gemm == fastest[0]
+  assert gemm == ([(fastest, False, False), (fastest, True, False), (fastest, True, False),
+                   (fastest, True, True)] if fastest[0] else [])
   assert [t for t, _ in timings[-6 - len(gemm):len(timings) - len(gemm)]] == [
       dataclasses.replace(best, mosaic_backward=b, mosaic_bwd_stages=st,
                           mosaic_dwconv_wgrad=w, mosaic_bwd_split_ws=ws,
-                          mosaic_bwd_db1_gemm=False).to_json()
+                          mosaic_bwd_db1_gemm=False, mosaic_bwd_db2_gemm=False).to_json()
       for b, st, w, ws in ((False, 2, "auto", False), (False, 2, "pallas", False),
                            (False, 2, "pallas_columns", False), (True, 1, "auto", False),
                            (True, 2, "auto", False), (True, 1, "auto", True))]
@@ -663,15 +684,17 @@ def test_compiled_two_warpgroup_split_on_gpu():
                                     (4160, 384, dict(split=True)),
                                     (4160, 384, dict(split=True, bwd_split_ws=True,
                                                      bwd_stages=1))])
-def test_compiled_db1_gemm_on_gpu(m, c, kw):
-  """bwd_db1_gemm=True compiled (the kernels' ones columns, db1 from the dW1 GEMM): the
-  gradients against the reference."""
+@pytest.mark.parametrize("db2", [False, True])
+def test_compiled_db1_gemm_on_gpu(m, c, kw, db2):
+  """bwd_db1_gemm=True compiled (the kernels' ones columns, db1 from the dW1 GEMM), and with
+  bwd_db2_gemm (the row scales after h, db2 from the dW2 GEMM): the gradients against the
+  reference."""
   a, dy = _inputs(14, m, c, 4 * c)
-  got = jax.grad(lambda w1, b1, w2, z, zb: jnp.sum(mosaic_mlp_bwd.mlp_with_grad(
-      z, a["res"], w1, b1, w2, a["b2"], z_bias=zb, row_scale=a["row_scale"],
-      bwd_db1_gemm=True, **kw).astype(jnp.float32) * dy.astype(jnp.float32)),
-      argnums=(0, 1, 2, 3, 4))(a["w1"], a["b1"], a["w2"], a["z"], a["z_bias"])
-  want = _reference_grads(a, dy, "gelu", True, (2, 3, 4, 0, 6))
+  got = jax.grad(lambda w1, b1, w2, b2, z, zb: jnp.sum(mosaic_mlp_bwd.mlp_with_grad(
+      z, a["res"], w1, b1, w2, b2, z_bias=zb, row_scale=a["row_scale"],
+      bwd_db1_gemm=True, bwd_db2_gemm=db2, **kw).astype(jnp.float32) * dy.astype(jnp.float32)),
+      argnums=(0, 1, 2, 3, 4, 5))(a["w1"], a["b1"], a["w2"], a["b2"], a["z"], a["z_bias"])
+  want = _reference_grads(a, dy, "gelu", True, (2, 3, 4, 5, 0, 6))
   for x, y in zip(got, want):
     assert _rel(x, y) < 1e-2
 
@@ -761,6 +784,13 @@ def test_two_warpgroup_column_sums_on_gpu():
     ((128 * 56 * 56, 96), dict(stages=1, with_zn=True, zn_ones=True)),
     ((128 * 14 * 14, 384), dict(two_warpgroups=True, stages=1, with_zn=True, zn_ones=True)),
     ((128 * 14 * 14, 384), dict(split=True, with_zn=True, zn_ones=True)),
+    # h_scales (db2 from the dW2 GEMM) with zn_ones, in each kernel
+    ((128 * 28 * 28, 192), dict(block_m=128, with_zn=True, zn_ones=True, h_scales=True)),
+    ((128 * 56 * 56, 96), dict(block_m=128, with_zn=True, zn_ones=True, h_scales=True)),
+    ((128 * 56 * 56, 96), dict(stages=1, with_zn=True, zn_ones=True, h_scales=True)),
+    ((128 * 14 * 14, 384), dict(two_warpgroups=True, stages=1, with_zn=True, zn_ones=True,
+                                h_scales=True)),
+    ((128 * 14 * 14, 384), dict(split=True, with_zn=True, zn_ones=True, h_scales=True)),
 ])
 def test_backward_kernels_lower_for_cuda(shape, kw):
   """The backward kernels (two-warpgroup and one-warpgroup forms) at ConvNeXt-T's stage

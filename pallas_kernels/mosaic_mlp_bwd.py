@@ -60,7 +60,9 @@ recomputing it; with ``zn_ones`` as well (``mlp_with_grad(bwd_db1_gemm=True)``, 
 ``mosaic_bwd_db1_gemm``, on in the H100 table) that tile gets columns of ones after its C,
 so the dW1 GEMM [zn | 1]^T da yields db1 as one more row: no pass over da, no cross-warp
 reduction, every kernel form (H100 2026-11-27, block forward + backward: 56x56x96 1.696 vs
-1.798 ms, 28x28x192 1.027 vs 1.087, 14x14x384 0.822 vs 0.837).
+1.798 ms, 28x28x192 1.027 vs 1.087, 14x14x384 0.822 vs 0.837).  ``h_scales``
+(``mlp_with_grad(bwd_db2_gemm=True)``, tile field ``mosaic_bwd_db2_gemm``) does the same for
+db2: each row's scale after h's E columns, so the dW2 GEMM [h | s]^T g yields it.
 
 ``mlp_with_grad``: ``fused_mlp`` under a ``jax.custom_vjp`` whose backward is the above.
 The row scale (drop path) is differentiated only when it is perturbed (``symbolic_zeros``),

@@ -185,6 +185,16 @@ def _store_ones(ones_smem, zn_gmem, row_blocks, c: int):
       plgpu.copy_smem_to_gmem(ones_smem, zn_gmem.at[rows, pl.ds(col, w)])
 
 
+def _store_zn_blocks(z_smem, zn_gmem, rows, ones_smem=None):
+  """The split kernels' normalised tile (``z_smem``: (n_cb, rows, cb) column blocks) to
+  zn_gmem's first C columns, and with ``ones_smem`` (``zn_ones``) the ones after them."""
+  n_cb, _, cb = z_smem.shape
+  for b in range(n_cb):
+    plgpu.copy_smem_to_gmem(z_smem.at[b], zn_gmem.at[rows, pl.ds(b * cb, cb)])
+  if ones_smem is not None:
+    _store_ones(ones_smem, zn_gmem, [rows], n_cb * cb)
+
+
 def h_scales_cols(hc: int, itemsize: int = 2) -> int:
   """How many columns ``h_scales`` appends to h (M, E): one swizzle tile of the h staging
   tiles (64 for 64-wide hidden chunks in bf16, 32 for 32-wide), for the reason
@@ -822,10 +832,7 @@ def _hidden_grad_kernel(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_
       plgpu.barrier_wait(bars.at[b])
     _normalise_in_place(z_smem, zb_smem, normalize=normalize, eps=eps)
     if zn_gmem is not None:  # read-only from here on; awaited with the h / da stores
-      for b in range(n_cb):
-        plgpu.copy_smem_to_gmem(z_smem.at[b], zn_gmem.at[rows, pl.ds(b * cb, cb)])
-      if zn_ones:
-        _store_ones(ones_smem, zn_gmem, [rows], n_cb * cb)
+      _store_zn_blocks(z_smem, zn_gmem, rows, ones_smem if zn_ones else None)
     if h_scales:
       _store_scales(scales_smem, rs_smem, h_gmem, rows, e)
     for b in range(n_cb, 2 * n_cb):
@@ -919,10 +926,7 @@ def _hidden_grad_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, 
         plgpu.barrier_wait(param_bars.at[0])
         _normalise_in_place(z_smem, zb_smem, normalize=normalize, eps=eps)
         if zn_gmem is not None:  # read-only from here on; awaited with the h / da stores
-          for b in range(n_cb):
-            plgpu.copy_smem_to_gmem(z_smem.at[b], zn_gmem.at[rows, pl.ds(b * cb, cb)])
-          if zn_ones:
-            _store_ones(ones_smem, zn_gmem, [rows], n_cb * cb)
+          _store_zn_blocks(z_smem, zn_gmem, rows, ones_smem if zn_ones else None)
         for b in range(n_cb, 2 * n_cb + (rs_gmem is not None)):
           plgpu.barrier_wait(tile_bars.at[b])
         if h_scales:

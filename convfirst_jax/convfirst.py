@@ -272,6 +272,7 @@ class ConvFirstStage(nnx.Module):
                           implementation=implementation, rngs=rngs, **kw))
     self.blocks = nnx.List(blocks)
     self.folded_mbconv = folded and block_type == "mbconv"
+    self.folded_convfirst = folded and block_type == "convfirst"
     self.implementation = check_implementation(implementation)
     self.dtype = dtype
 
@@ -284,6 +285,12 @@ class ConvFirstStage(nnx.Module):
       return pallas_kernels.mbconv_stage(
           x.astype(self.dtype),
           [b._params(pallas_kernels.MBConvBlockParams) for b in self.blocks],
+          implementation=self.implementation)
+    if self.folded_convfirst and len(self.blocks):
+      # Likewise for the ConvFirst blocks' Mosaic form (pallas_kernels.convfirst_stage).
+      return pallas_kernels.convfirst_stage(
+          x.astype(self.dtype),
+          [b._params(pallas_kernels.ConvFirstBlockParams) for b in self.blocks],
           implementation=self.implementation)
     for block in self.blocks:
       x = block(x)

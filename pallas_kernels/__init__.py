@@ -15,6 +15,7 @@ from pallas_kernels.convfirst_block import (
     convfirst_block,
     convfirst_block_reference,
     convfirst_block_train,
+    convfirst_stage,
     grouped_conv,
     grouped_conv_reference,
     mbconv_block,
@@ -30,7 +31,7 @@ from pallas_kernels.convnext_block import (
 
 __all__ = [
     "BatchStats", "ConvFirstBlockParams", "MBConvTrainParams", "ConvFirstTrainParams", "ConvNeXtBlockParams", "GroupedConvConfig", "MBConvBlockParams",
-    "convfirst_block", "convfirst_block_reference", "convfirst_block_train", "convnext_block",
+    "convfirst_block", "convfirst_block_reference", "convfirst_block_train", "convfirst_stage", "convnext_block",
     "convnext_block_reference", "grouped_conv", "grouped_conv_reference",
     "mbconv_block", "mbconv_block_reference", "mbconv_block_train", "mbconv_stage",
     "batch_norm_act", "batch_sharding",

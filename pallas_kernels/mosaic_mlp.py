@@ -348,7 +348,7 @@ def _pipelined_chunks(acc2_ref, zn_smem, w1t_gmem, b1_gmem, w2_gmem, h_smem, *, 
 def _kernel(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b2_gmem,
             out_gmem, *, c: int, e: int, hc: int, act: str, normalize: bool, eps: float,
             stages: int, h_in_smem: bool, bm: int, pipelined: bool = False,
-            has_res: bool = True):
+            has_res: bool = True, select_zero_rows: bool = False):
   dtype = z_gmem.dtype
   i = lax.axis_index("m")
   rows = pl.ds(i * bm, bm)
@@ -395,7 +395,8 @@ def _kernel(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b2_g
       plgpu.barrier_wait(bars.at[1])
     plgpu.barrier_wait(bars.at[2])
     plgpu.barrier_wait(bars.at[4])
-    _residual_out(acc, b2_smem, rs_smem, res_smem, out_gmem.at[rows], has_res=has_res)
+    _residual_out(acc, b2_smem, rs_smem, res_smem, out_gmem.at[rows], select_zero_rows,
+                  has_res=has_res)
 
   pl.run_scoped(
       scoped,
@@ -431,7 +432,8 @@ def _warp_roles(compute, memory):
 
 def _kernel_ws(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b2_gmem,
                out_gmem, *, c: int, e: int, hc: int, act: str, normalize: bool, eps: float,
-               stages: int, h_in_smem: bool, has_res: bool = True):
+               stages: int, h_in_smem: bool, has_res: bool = True,
+               select_zero_rows: bool = False):
   """128 rows per CTA, warp-specialised: warpgroups 0 and 1 each own 64 rows and run the
   same LN -> (wgmma, activation, wgmma) per hidden chunk as ``_kernel``; warpgroup 2 only
   issues the TMA copies of the weight chunks into ``stages`` slots, refilling a slot once
@@ -474,7 +476,8 @@ def _kernel_ws(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b
       if has_res:
         plgpu.barrier_wait(tile_bars.at[3 * wgi + 2])
       plgpu.barrier_wait(param_bars.at[2])
-      _residual_out(acc, b2_smem, my_rs, my_z, out_gmem.at[rows], has_res=has_res)
+      _residual_out(acc, b2_smem, my_rs, my_z, out_gmem.at[rows], select_zero_rows,
+                    has_res=has_res)
 
     def _memory():
       plgpu.copy_gmem_to_smem(zb_gmem, zb_smem, param_bars.at[0])
@@ -553,11 +556,13 @@ def row_inputs(z, res, z_bias, row_scale, block_m: int):
 
 @functools.partial(jax.jit, static_argnames=("act", "normalize", "eps", "hidden_chunk",
                                              "stages", "h_in_smem", "block_m", "pipelined",
+                                             "select_zero_rows",
                                              "interpret"))
 def fused_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str = "gelu",
               normalize: bool = True, eps: float = 1e-6, hidden_chunk: int = 64,
               stages: int = 2, h_in_smem: bool | None = None, block_m: int = BLOCK_M,
-              pipelined: bool = False, interpret: bool = False):
+              pipelined: bool = False, select_zero_rows: bool = False,
+              interpret: bool = False):
   """y = res + row_scale * (act(norm(z + z_bias) @ w1 + b1) @ w2 + b2) over rows.
 
   z, res: (M, C) bfloat16/float16 (y has their dtype); res may be None (no residual: the
@@ -576,7 +581,9 @@ def fused_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
   and correct on an H100 but slower than the serial loop (batch 128, 2026-11-26,
   benchmarks.mosaic_pipelined): ConvNeXt 56x56x96 0.387-0.402 vs 0.277 ms, 28x28x192 (64-row
   CTAs) 0.229 vs 0.177 (128-row serial), ConvFirst E4 / E6 0.141 / 0.244 vs 0.113 / 0.182 --
-  the second accumulator's registers cost more than the overlap gains; off by default."""
+  the second accumulator's registers cost more than the overlap gains; off by default.
+  select_zero_rows: rows whose row_scale is 0 get exactly res, even where the branch is not
+  finite there (the padded-row layout's border rows, ``convfirst_block.mosaic_gconv``)."""
   m, c, e = check_mlp_args(z, res, w1, b1, w2, b2)
   reason = unsupported_reason(m, c, e, z.dtype, hidden_chunk)
   if reason is not None:
@@ -611,7 +618,8 @@ def fused_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
     raise ValueError("h_in_smem=False (wgmma with a register operand) is not modelled by "
                      "the Mosaic GPU interpreter; use h_in_smem=True or None")
   common = dict(c=c, e=e, hc=hidden_chunk, act=act, normalize=normalize, eps=float(eps),
-                stages=stages, h_in_smem=bool(h_in_smem), has_res=res is not None)
+                stages=stages, h_in_smem=bool(h_in_smem), has_res=res is not None,
+                select_zero_rows=select_zero_rows)
   if res is None:  # the kernel's res operand is never read: any (M, C) array will do
     res = z
   if block_m == 128:  # two compute warpgroups + one TMA warpgroup

@@ -3,7 +3,12 @@ training block (batch-statistics BatchNorm folded into the Mosaic pointwise kern
 the Pallas group-width-8 convolution layer (ConvFirstNet's MBConv blocks in training with
 ``block_impl="pallas"``)."""
 
-from pallas_kernels.convfirst_block.api import convfirst_block, mbconv_block, mbconv_stage
+from pallas_kernels.convfirst_block.api import (
+    convfirst_block,
+    convfirst_stage,
+    mbconv_block,
+    mbconv_stage,
+)
 from pallas_kernels.convfirst_block.grouped_conv_triton import GroupedConvConfig, grouped_conv
 from pallas_kernels.convfirst_block.reference import (
     GROUP_WIDTH,
@@ -23,5 +28,5 @@ from pallas_kernels.convfirst_block.train_mbconv import MBConvTrainParams, mbcon
 __all__ = ["GROUP_WIDTH", "BatchStats", "ConvFirstBlockParams", "ConvFirstTrainParams",
            "convfirst_block_train", "GroupedConvConfig", "MBConvBlockParams",
            "MBConvTrainParams", "mbconv_block_train",
-           "convfirst_block", "convfirst_block_reference", "grouped_conv",
+           "convfirst_block", "convfirst_block_reference", "convfirst_stage", "grouped_conv",
            "grouped_conv_reference", "mbconv_block", "mbconv_block_reference", "mbconv_stage"]

@@ -12,7 +12,9 @@ alone is at best ~1.1x XLA's (the Mosaic form, paying its layout passes; the sin
 Pallas-Triton kernel was slower than XLA), so it is opt-in with ``implementation="pallas"``.
 MBConv stages go through ``mbconv_stage``, which on a Hopper GPU runs the three-kernel Mosaic
 form (``mosaic_gconv``: 1.23x XLA's 9-block 14x14x384 stage, H100 2026-11-27) where its
-padded row layout is cheap enough (``mbconv_stage_kernel``).
+padded row layout is cheap enough (``mbconv_stage_kernel``); ConvFirst stages go through
+``convfirst_stage``, which runs each block as the tensor-core grouped conv + the fused MLP
+kernel in the same layout (``convfirst_stage_kernel``).
 """
 
 from __future__ import annotations
@@ -212,4 +214,61 @@ def mbconv_stage(x: jax.Array, params: Sequence[MBConvBlockParams], *,
         (x,), (params,), batch=x.shape[0])
   for p in params:
     x = mbconv_block(x, p, implementation=implementation, interpret=interpret)
+  return x
+
+
+# implementation=None runs a ConvFirst stage in the Mosaic padded-row form when its kernels
+# process at most this many rows per real pixel (``mosaic_gconv.row_overhead``).
+MOSAIC_CONVFIRST_STAGE_MAX_ROW_OVERHEAD = 1.25
+
+
+def convfirst_stage_kernel(x, params: Sequence[ConvFirstBlockParams], *,
+                           implementation: str | None = None, interpret: bool = False) -> str:
+  """How ``convfirst_stage`` runs these blocks: "mosaic" (the chain in the padded-row layout,
+  ``mosaic_gconv.convfirst_stage_forward``) or "blocks" (one ``convfirst_block`` call each,
+  with this ``implementation``).
+
+  "xla": "blocks".  "pallas" and None: "mosaic" where the Mosaic form supports the call
+  (Hopper GPU or interpret=True, bfloat16/float16, k = 3, C a multiple of 32) -- for None
+  also only where ``mosaic_gconv.row_overhead`` is at most
+  ``MOSAIC_CONVFIRST_STAGE_MAX_ROW_OVERHEAD`` and the stage has at least
+  ``MIN_ROWS_FOR_PALLAS`` pixels per device -- else "blocks"."""
+  if implementation not in (None, *IMPLEMENTATIONS):
+    raise ValueError(
+        f"implementation must be one of None, {IMPLEMENTATIONS}, got {implementation!r}")
+  if implementation == "xla" or not params:
+    return "blocks"
+  reason = mosaic_mlp.device_unsupported_reason(interpret) or next(
+      (r for p in params
+       if (r := mosaic_gconv.convfirst_unsupported_reason(x.shape, p, x.dtype)) is not None),
+      None)
+  if reason is not None:
+    return "blocks"
+  if implementation is None:
+    n = _sharding.local_batch(x.shape[0])
+    if (n * x.shape[1] * x.shape[2] < MIN_ROWS_FOR_PALLAS
+        or mosaic_gconv.row_overhead(n, *x.shape[1:3]) > MOSAIC_CONVFIRST_STAGE_MAX_ROW_OVERHEAD):
+      return "blocks"
+  return "mosaic"
+
+
+def convfirst_stage(x: jax.Array, params: Sequence[ConvFirstBlockParams], *,
+                    implementation: str | None = None, interpret: bool = False) -> jax.Array:
+  """A stage of ConvFirst blocks, ``convfirst_block`` applied with each ``params`` in turn.
+
+  Where ``convfirst_stage_kernel`` says "mosaic", x enters the padded-row layout once, each
+  block is two Mosaic GPU kernels on it (the tensor-core grouped conv + bias, then the
+  fused expand / SiLU / project / residual kernel with the row mask;
+  ``mosaic_gconv.convfirst_rows``) and the pixels come out once; otherwise each block is
+  one ``convfirst_block(x, p, implementation=...)``."""
+  params = tuple(params)
+  for p in params:
+    _check(x, p, x.shape[-1], "convfirst_stage")
+  if convfirst_stage_kernel(x, params, implementation=implementation,
+                            interpret=interpret) == "mosaic":
+    return _sharding.map_batch(
+        lambda x, ps: mosaic_gconv.convfirst_stage_forward(x, ps, interpret=interpret),
+        (x,), (params,), batch=x.shape[0])
+  for p in params:
+    x = convfirst_block(x, p, implementation=implementation, interpret=interpret)
   return x

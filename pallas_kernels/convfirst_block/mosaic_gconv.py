@@ -51,9 +51,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import mosaic_mlp, mosaic_split
+from pallas_kernels.convfirst_block.mosaic import default_mlp_block_m
 from pallas_kernels.convfirst_block.pallas_triton import block_diagonal_conv_weight
 from pallas_kernels.convfirst_block.reference import (
     GROUP_WIDTH,
+    ConvFirstBlockParams,
     MBConvBlockParams,
     _check,
     grouped_conv,
@@ -398,4 +400,72 @@ def mbconv_stage_forward(x: jax.Array, params: tuple[MBConvBlockParams, ...], *,
     y = mbconv_rows(y, p, layout, mask, chunk=chunk, gconv_block_m=gconv_block_m,
                     gconv_per_cta=gconv_per_cta, gconv_stages=gconv_stages,
                     expand_block_m=expand_block_m, interpret=interpret)
+  return from_padded_rows(y, layout)
+
+
+# ------------------------------------------------------------- the ConvFirst block on it
+
+
+def convfirst_unsupported_reason(x_shape, params: ConvFirstBlockParams, dtype,
+                                 chunk: int = 32, mlp_block_m: int = 64) -> str | None:
+  """Why ``convfirst_rows`` / ``convfirst_stage_forward`` cannot run this call (None: it
+  can): the grouped conv kernel's (bfloat16/float16, k = 3, C a multiple of ``chunk``) and
+  the fused MLP kernel's (``mosaic_mlp.unsupported_reason``, with its shared memory at
+  ``mlp_block_m`` rows)."""
+  n, h, w, c = x_shape
+  e = params.fc1_kernel.shape[-1]
+  return (unsupported_reason(x_shape, params.conv_kernel.shape, dtype, chunk)
+          or mosaic_mlp.unsupported_reason(padded_rows(n, h, w).total, c, e, dtype,
+                                           block_m=mlp_block_m, stages=2))
+
+
+def convfirst_rows(xr: jax.Array, params: ConvFirstBlockParams, layout: PaddedRows,
+                   mask: jax.Array, *, chunk: int = 32, gconv_block_m: int = 256,
+                   mlp_block_m: int | None = None, interpret=False) -> jax.Array:
+  """The ConvFirst block x + fc2(silu(fc1(gconv(x) + b0) + b1)) + b2 on padded rows:
+  (layout.total, C) -> (layout.total, C), zero at every row that is not a real pixel, so a
+  stage of blocks can chain in the layout (``xr`` must be zero there).
+
+  Two kernels over all ``layout.total`` rows: the tensor-core grouped conv above (bias
+  added, no activation; its zero padding is the layout's zero rows) and the fused MLP
+  kernel (``mosaic_mlp.fused_mlp``, no normalisation) with the row mask as its row scale
+  and ``select_zero_rows``, so rows off the pixels come out as their residual, 0, whatever
+  the conv left there.  z (C wide) makes one DRAM round trip; the E-wide hidden tensor
+  none.  In place of the NHWC form's XLA grouped conv (``convfirst_block.mosaic``)."""
+  c = xr.shape[1]
+  if mlp_block_m is None:
+    mlp_block_m = default_mlp_block_m(c, params.fc1_kernel.shape[-1],
+                                      jnp.dtype(xr.dtype).itemsize)
+  z = grouped_conv_rows(xr, params.conv_kernel, params.conv_bias, layout, act="identity",
+                        chunk=chunk, block_m=gconv_block_m, interpret=interpret)
+  return mosaic_mlp.fused_mlp(z, xr, params.fc1_kernel, params.fc1_bias, params.fc2_kernel,
+                              params.fc2_bias, row_scale=mask, act="silu", normalize=False,
+                              block_m=mlp_block_m, select_zero_rows=True,
+                              interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("chunk", "gconv_block_m", "mlp_block_m",
+                                             "interpret"))
+def convfirst_stage_forward(x: jax.Array, params: tuple[ConvFirstBlockParams, ...], *,
+                            chunk: int = 32, gconv_block_m: int = 256,
+                            mlp_block_m: int | None = None, interpret=False) -> jax.Array:
+  """A chain of ConvFirst blocks (k = 3) through ``convfirst_rows``: x enters the padded-row
+  layout once, every block runs in it, and the real pixels come out once.  Raises
+  NotImplementedError naming what it does not support."""
+  if not params:
+    return x
+  for p in params:
+    _check(x, p, x.shape[-1], "mosaic_gconv.convfirst_stage_forward")
+    reason = (mosaic_mlp.device_unsupported_reason(bool(interpret))
+              or convfirst_unsupported_reason(x.shape, p, x.dtype, chunk,
+                                              mlp_block_m or 64))
+    if reason is not None:
+      raise NotImplementedError(f"mosaic_gconv.convfirst_stage_forward: {reason}")
+  n, h, w, _ = x.shape
+  layout = padded_rows(n, h, w)
+  mask = row_mask(layout)
+  y = to_padded_rows(x, layout)
+  for p in params:
+    y = convfirst_rows(y, p, layout, mask, chunk=chunk, gconv_block_m=gconv_block_m,
+                       mlp_block_m=mlp_block_m, interpret=interpret)
   return from_padded_rows(y, layout)

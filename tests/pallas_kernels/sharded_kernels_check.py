@@ -69,6 +69,14 @@ def _cases(gpu: bool):
   cases["convfirst_block"] = (lambda x, p: pallas_kernels.convfirst_block(
       x, p, implementation="pallas", interpret=interp), x, p, False, True)
 
+  blocks = [pallas_kernels.ConvFirstBlockParams(
+      _normal(next(ks), (3, 3, 8, c), 1 / 72 ** 0.5), _normal(next(ks), (c,), 0.1),
+      _normal(next(ks), (c, e), c ** -0.5), _normal(next(ks), (e,), 0.1),
+      _normal(next(ks), (e, c), e ** -0.5), _normal(next(ks), (c,), 0.1)) for _ in range(2)]
+  x = _normal(next(ks), (2, 5, 7, c)).astype(BF16)
+  cases["convfirst_stage"] = (lambda x, ps: pallas_kernels.convfirst_stage(
+      x, ps, implementation="pallas", interpret=interp), x, blocks, False, False)
+
   c, e = 64, 256
   blocks = [pallas_kernels.MBConvBlockParams(
       _normal(next(ks), (c, e), c ** -0.5), _normal(next(ks), (e,), 0.1),

@@ -26,8 +26,8 @@ def _report(args, env):
 
 def _check(report, tol_f32, tol_bf16, every_case_runs):
   assert set(report) == {"layer_norm", "convnext_block", "grouped_conv", "convfirst_block",
-                         "mbconv_stage", "convfirst_block_train", "batch_norm_act",
-                         "mbconv_block_train", "predictor"}
+                         "mbconv_stage", "convfirst_stage", "convfirst_block_train",
+                         "batch_norm_act", "mbconv_block_train", "predictor"}
   pred = report.pop("predictor")  # convfirst_jax.predictor(model, mesh) vs one device
   assert pred["out_sharding"] == "P('data',)"
   assert pred["max_rel"] < (tol_f32 if tol_bf16 is None else tol_bf16)

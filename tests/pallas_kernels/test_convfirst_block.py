@@ -19,7 +19,7 @@ from pallas_kernels.convfirst_block import (
     mbconv_block_reference,
     mbconv_stage,
 )
-from pallas_kernels.convfirst_block import pallas_triton
+from pallas_kernels.convfirst_block import convfirst_stage, pallas_triton
 
 # Norm-relative error ||out - ref|| / ||ref||: float32 kernels do exact float32 dots; with
 # bfloat16 operands and intermediates the error is a few 1e-3.
@@ -161,6 +161,8 @@ def test_folded_model_pallas_matches_xla(monkeypatch, randomise_batchnorm):
                       functools.partial(mbconv_block, interpret=True))
   monkeypatch.setattr(pallas_kernels, "mbconv_stage",
                       functools.partial(mbconv_stage, interpret=True))
+  monkeypatch.setattr(pallas_kernels, "convfirst_stage",
+                      functools.partial(convfirst_stage, interpret=True))
   x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
   ref = np.asarray(xla(x))
   out = np.asarray(pallas(x))
@@ -168,33 +170,36 @@ def test_folded_model_pallas_matches_xla(monkeypatch, randomise_batchnorm):
   assert _rel_err(out, ref) < F32_TOL
 
 
-def test_folded_bf16_model_runs_mbconv_stages_in_the_mosaic_form(monkeypatch,
-                                                                  randomise_batchnorm):
-  """In bfloat16 the folded model's MBConv stages (C = 128 and 256, E = 4) run as Mosaic
-  chains (interpreter) and match the XLA model."""
+def test_folded_bf16_model_runs_its_stages_in_the_mosaic_form(monkeypatch,
+                                                              randomise_batchnorm):
+  """In bfloat16 the folded model's stages run as Mosaic chains in the padded-row layout
+  (interpreter) -- the ConvFirst stages (C = 32 and 64) and the MBConv stages (C = 128 and
+  256, E = 4) -- and match the XLA model."""
   from pallas_kernels.convfirst_block import api
   model = cj.create_model("convfirst_atto", num_classes=10, depths=(1, 1, 2, 1), rngs=0)
   randomise_batchnorm(model)
   model.eval()
   xla = cj.fold_batchnorm(model, block_impl="xla", dtype=jnp.bfloat16)
   pallas = cj.fold_batchnorm(model, block_impl="pallas", dtype=jnp.bfloat16)
-  monkeypatch.setattr(pallas_kernels, "convfirst_block",
-                      functools.partial(convfirst_block, interpret=True))
   kinds = []
-  real_kernel = api.mbconv_stage_kernel
 
-  def spy(*a, **k):
-    kinds.append(real_kernel(*a, **k))
-    return kinds[-1]
+  def spy(real):
+    def kernel(*a, **k):
+      kinds.append(real(*a, **k))
+      return kinds[-1]
+    return kernel
 
-  monkeypatch.setattr(api, "mbconv_stage_kernel", spy)
+  monkeypatch.setattr(api, "mbconv_stage_kernel", spy(api.mbconv_stage_kernel))
+  monkeypatch.setattr(api, "convfirst_stage_kernel", spy(api.convfirst_stage_kernel))
   monkeypatch.setattr(pallas_kernels, "mbconv_stage",
                       functools.partial(mbconv_stage, interpret=True))
+  monkeypatch.setattr(pallas_kernels, "convfirst_stage",
+                      functools.partial(convfirst_stage, interpret=True))
   x = jax.random.normal(jax.random.key(2), (1, 32, 32, 3))
   ref = np.asarray(cj.fold_batchnorm(model, block_impl="xla")(x))   # float32
   kinds.clear()
   out = np.asarray(pallas(x).astype(jnp.float32))
-  assert kinds == ["mosaic", "mosaic"]
+  assert kinds == ["mosaic"] * 4
   assert np.abs(ref).max() > 1e-2
   # as close to the float32 model as XLA's own bfloat16 model is
   xla_err = _rel_err(np.asarray(xla(x).astype(jnp.float32)), ref)

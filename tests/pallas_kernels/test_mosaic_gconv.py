@@ -12,9 +12,12 @@ import pytest
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import mosaic_mlp
-from pallas_kernels.convfirst_block import MBConvBlockParams
+from pallas_kernels.convfirst_block import ConvFirstBlockParams, MBConvBlockParams
 from pallas_kernels.convfirst_block import mosaic_gconv as mg
-from pallas_kernels.convfirst_block.reference import mbconv_block_reference
+from pallas_kernels.convfirst_block.reference import (
+    convfirst_block_reference,
+    mbconv_block_reference,
+)
 
 from tests.pallas_kernels.test_mosaic_mlp import BF16_TOL, _rel
 
@@ -321,3 +324,130 @@ def test_compiled_mbconv_on_gpu(shape):
   p = _mbconv(shape[-1], 4 * shape[-1], seed=shape[0])
   got = mg.mbconv_forward(x, p)
   assert _rel(got, mbconv_block_reference(x.astype(jnp.float32), p)) < BF16_TOL
+
+
+# ------------------------------------------------------------- ConvFirst blocks in the layout
+
+
+def _convfirst(c, e, seed=0):
+  ks = jax.random.split(jax.random.key(seed), 6)
+  return ConvFirstBlockParams(
+      conv_kernel=jax.random.normal(ks[0], (3, 3, 8, c)) * 72 ** -0.5,
+      conv_bias=0.5 * jax.random.normal(ks[1], (c,)),
+      fc1_kernel=jax.random.normal(ks[2], (c, e)) * c ** -0.5,
+      fc1_bias=0.5 * jax.random.normal(ks[3], (e,)),
+      fc2_kernel=jax.random.normal(ks[4], (e, c)) * e ** -0.5,
+      fc2_bias=0.1 * jax.random.normal(ks[5], (c,)))
+
+
+def _chain(ref, x, ps):
+  for p in ps:
+    x = ref(x, p)
+  return x
+
+
+@pytest.mark.parametrize("shape,e,n_blocks", [((2, 5, 7, 64), 256, 2),   # odd H, W; one group
+                                              ((9, 3, 4, 96), 384, 1),   # two groups, partial
+                                              ((1, 1, 1, 32), 128, 1)])  # one pixel
+def test_convfirst_stage_matches_reference(shape, e, n_blocks):
+  """The ConvFirst stage in the padded-row layout (grouped conv kernel + fused MLP kernel
+  with the row mask) vs float32 reference blocks; the nonzero conv and fc biases would make
+  the border rows nonzero, and reach the next block's conv, unless the mask works."""
+  x = jax.random.normal(jax.random.key(shape[0]), shape).astype(jnp.bfloat16)
+  ps = tuple(_convfirst(shape[-1], e, seed=sum(shape) + i) for i in range(n_blocks))
+  got = mg.convfirst_stage_forward(x, ps, interpret=True)
+  assert got.shape == x.shape and got.dtype == x.dtype
+  assert _rel(got, _chain(convfirst_block_reference, x.astype(jnp.float32), ps)) < BF16_TOL
+
+
+def test_convfirst_rows_keep_the_border_zero_with_two_warpgroups():
+  """convfirst_rows returns exact zeros off the real pixels with the 128-row (two compute
+  warpgroups) MLP kernel too -- the default at 128 < C <= 256."""
+  x = jax.random.normal(jax.random.key(8), (3, 4, 3, 160)).astype(jnp.bfloat16)
+  p = _convfirst(160, 128, seed=3)
+  assert mg.default_mlp_block_m(160, 640) == 128 and mg.default_mlp_block_m(96, 384) == 64
+  lay = mg.padded_rows(3, 4, 3)
+  mask = mg.row_mask(lay)
+  y = mg.convfirst_rows(mg.to_padded_rows(x, lay), p, lay, mask, mlp_block_m=128,
+                        interpret=True)
+  assert y.shape == (lay.total, 160)
+  assert not np.asarray(y.astype(jnp.float32)[np.asarray(mask) == 0]).any()
+  want = convfirst_block_reference(x.astype(jnp.float32), p)
+  assert _rel(mg.from_padded_rows(y, lay), want) < BF16_TOL
+
+
+def test_a_nan_image_stays_in_its_image_convfirst():
+  """A NaN pixel in image 0 of a three-block ConvFirst stage: image 0 goes NaN, no other
+  image does (the MLP kernel selects exact zeros at the border rows whatever the conv left
+  there; multiplying by the row mask instead lets the NaN reach image 8 at the third
+  block, through the border row the two images' groups share)."""
+  x = jax.random.normal(jax.random.key(13), (9, 3, 3, 32)).astype(jnp.bfloat16)
+  x = x.at[0, 1, 1, 5].set(jnp.nan)
+  ps = tuple(_convfirst(32, 128, seed=s) for s in (1, 2, 3))
+  got = np.asarray(mg.convfirst_stage_forward(x, ps, interpret=True).astype(jnp.float32))
+  assert np.isnan(got[0]).any()
+  assert np.isfinite(got[1:]).all()
+  want = _chain(convfirst_block_reference, x.astype(jnp.float32), ps)
+  assert _rel(got[1:], want[1:]) < BF16_TOL
+
+
+def test_convfirst_stage_api_and_kernel_choice():
+  """convfirst_stage: "pallas" runs the layout form and matches the reference chain, "xla"
+  is the reference chain; None takes the layout form at large inputs with few rows per
+  pixel; unsupported calls go block by block; bad arguments name the problem."""
+  from pallas_kernels.convfirst_block import api
+  x = jax.random.normal(jax.random.key(21), (2, 3, 5, 32)).astype(jnp.bfloat16)
+  ps = [_convfirst(32, 128, seed=s) for s in (4, 5)]
+  got = api.convfirst_stage(x, ps, implementation="pallas", interpret=True)
+  assert _rel(got, _chain(convfirst_block_reference, x.astype(jnp.float32), ps)) < BF16_TOL
+  np.testing.assert_array_equal(api.convfirst_stage(x, ps, implementation="xla"),
+                                _chain(convfirst_block_reference, x, ps))
+  assert api.convfirst_stage(x, [], implementation="pallas", interpret=True) is x
+
+  s = lambda *shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt)
+  p96, p192 = _convfirst(96, 384), _convfirst(192, 768)
+  kind = lambda x, p, **kw: api.convfirst_stage_kernel(x, [p], interpret=True, **kw)
+  assert kind(s(128, 56, 56, 96), p96) == "mosaic"
+  assert kind(s(256, 28, 28, 192), p192) == "mosaic"
+  assert kind(s(1, 28, 28, 192), p192) == "blocks"      # 8 image slots for one image
+  assert kind(s(1, 28, 28, 192), p192, implementation="pallas") == "mosaic"
+  assert kind(s(128, 56, 56, 96), p96, implementation="xla") == "blocks"
+  assert kind(s(128, 56, 56, 96, dt=jnp.float32), p96, implementation="pallas") == "blocks"
+  p5 = p96._replace(conv_kernel=jnp.zeros((5, 5, 8, 96)))
+  assert kind(s(128, 56, 56, 96), p5, implementation="pallas") == "blocks"
+  assert kind(s(128, 56, 56, 40), _convfirst(40, 160)) == "blocks"   # C % 32 != 0
+  assert api.convfirst_stage_kernel(s(128, 56, 56, 96), [p96]) == "blocks"  # CPU, compiled
+  with pytest.raises(ValueError, match="implementation must be one of"):
+    kind(s(128, 56, 56, 96), p96, implementation="mosaic")
+  with pytest.raises(ValueError, match="fc2_kernel"):
+    api.convfirst_stage(jnp.zeros((1, 4, 4, 32), jnp.bfloat16),
+                        [_convfirst(32, 128)._replace(fc2_kernel=jnp.zeros((128, 64)))])
+  with pytest.raises(NotImplementedError, match="3x3"):
+    mg.convfirst_stage_forward(x, (ps[0]._replace(conv_kernel=jnp.zeros((5, 5, 8, 32))),),
+                               interpret=True)
+
+
+@pytest.mark.parametrize("shape", [(128, 56, 56, 96), (128, 28, 28, 192)])
+def test_convfirst_kernels_lower_for_cuda(shape):
+  """convfirst_t's ConvFirst stages (E=4): both kernels through Mosaic GPU's lowering
+  (shared memory, TMA tiling) with the default tiles."""
+  n, h, w, c = shape
+  lay = mg.padded_rows(n, h, w)
+  xr = jax.ShapeDtypeStruct((lay.total, c), jnp.bfloat16)
+  p = jax.tree.map(jnp.zeros_like, _convfirst(c, 4 * c))
+  jax.jit(lambda xr: mg.convfirst_rows(xr, p, lay, mg.row_mask(lay))).trace(xr).lower(
+      lowering_platforms=("cuda",))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(16, 56, 56, 96), (16, 28, 28, 192), (3, 9, 11, 64)])
+def test_compiled_convfirst_stage_on_gpu(shape):
+  """The compiled chain (three blocks, E=4) at convfirst_t's ConvFirst widths and an odd
+  small case."""
+  if mosaic_mlp.device_unsupported_reason(False) is not None:
+    pytest.skip(mosaic_mlp.device_unsupported_reason(False))
+  from pallas_kernels.convfirst_block import api
+  x = jax.random.normal(jax.random.key(2), shape).astype(jnp.bfloat16)
+  ps = [_convfirst(shape[-1], 4 * shape[-1], seed=s) for s in range(3)]
+  got = api.convfirst_stage(x, ps, implementation="pallas")
+  assert _rel(got, _chain(convfirst_block_reference, x.astype(jnp.float32), ps)) < BF16_TOL

@@ -9,10 +9,11 @@ number is the median of ``--iters`` timed calls after warm-up, synchronised with
 ``block_until_ready`` (and, second, of ``--iters`` samples of 10 calls back to back); an
 implementation that is not supported for a model prints n/a.  ``--impls`` takes xla,
 pallas (every block that has a Pallas kernel uses it) and auto (``block_impl=None``: each
-block picks what was measured faster; e.g. ConvFirstNet's folded MBConv stages run the
-Mosaic ``mbconv_stage`` on a Hopper GPU in bfloat16 where its padded-row layout is cheap
-enough -- convfirst_t's 14x14 stage from batch 64 -- and XLA otherwise, its 7x7 stage
-included).
+block picks what was measured faster; e.g. ConvFirstNet's folded ConvFirst and MBConv
+stages run the Mosaic ``convfirst_stage`` / ``mbconv_stage`` on a Hopper GPU in bfloat16
+where their padded-row layout is cheap enough -- convfirst_t's 56x56 and 28x28 stages at
+batches filling 8-image groups, its 14x14 stage from batch 64 -- and XLA otherwise, its
+7x7 stage included).
 """
 
 from __future__ import annotations

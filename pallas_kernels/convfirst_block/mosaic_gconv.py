@@ -1,5 +1,5 @@
 """Group-width-8 3x3 convolution + bias + activation on tensor cores (one Mosaic GPU
-kernel), and the MBConv block / stage built on it (inference form).
+kernel), and the MBConv and ConvFirst blocks / stages built on it (inference form).
 
 Why: in ConvFirstNet's MBConv blocks XLA's group-width-8 conv on the 4C-wide hidden tensor
 is about half of the block (14x14x384 E4, batch 128, H200 2026-11-26: 0.18 of 0.38 ms),
@@ -30,7 +30,10 @@ Measured (H100, batch 128, bf16, 2026-11-27, benchmarks/RESULTS.md): the conv 0.
 ms vs XLA's 0.215-0.221 at 14x14x1536; an MBConv block in the layout 0.331-0.340 vs XLA's
 0.380-0.398 ms at 14x14x384, but 0.41-0.44 vs 0.25 at 7x7x768 (then 1.55 rows per pixel);
 the 9-block 14x14x384 stage 2.73 vs 3.36 ms with this layout (1.17 rows per pixel).
-``pallas_kernels.mbconv_stage`` picks it by rows per pixel (``row_overhead``).
+``pallas_kernels.mbconv_stage`` picks it by rows per pixel (``row_overhead``).  ConvFirst
+stages (``convfirst_stage_forward``: this conv with its bias, then the fused MLP kernel
+with the row mask), H100 2026-11-27, three blocks, batch 128: 56x56x96 1.111 ms vs 1.290
+with XLA's conv per block and XLA's 2.342; 28x28x192 0.732 vs 0.882 / 1.157.
 
 Cost: with 32-channel chunks the block-diagonal tiles do 4x the real multiply-adds
 (14x14x1536, batch 128: ~22 GFLOP executed); each input row is read from L2 about

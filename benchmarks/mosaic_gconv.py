@@ -1,6 +1,8 @@
-"""The Mosaic GPU grouped conv and MBConv stage (``convfirst_block.mosaic_gconv``) vs XLA.
+"""The Mosaic GPU grouped conv and the MBConv / ConvFirst stages on it
+(``convfirst_block.mosaic_gconv``) vs XLA.
 
-    PYTHONPATH=. python3 -m benchmarks.mosaic_gconv [--batch 128] [--json out.json]
+    PYTHONPATH=. python3 -m benchmarks.mosaic_gconv [--batch 128] [--parts conv,mbconv,convfirst]
+        [--json out.json]
 
 act(group-width-8 3x3 conv(x) + bias) at the shapes ConvFirstNet runs it: the MBConv
 blocks' hidden tensors (convfirst_t: 14x14x1536 and 7x7x3072, SiLU), which the kernel is
@@ -13,9 +15,14 @@ of each against the float32 reference.  Then the MBConv block (inference form, k
 at convfirst_t's 14x14x384 and 7x7x768): XLA's block vs ``mosaic_gconv.mbconv_forward``
 (layout passes + three Mosaic kernels) and ``mbconv_rows`` alone (input already laid out)
 for each grouped-conv setting in ``GCONV``; and convfirst_t's two MBConv stages (9 blocks
-at 14x14x384, 3 at 7x7x768) as XLA's chain vs ``mbconv_stage_forward``.  Times: median of
-``--iters`` samples of ``--reps`` back-to-back calls alternating two random inputs
-(pallas_kernels.timing).  Needs a Hopper GPU; about 4-5 minutes on an H100.
+at 14x14x384, 3 at 7x7x768) as XLA's chain vs ``mbconv_stage_forward``.  Then ("convfirst")
+convfirst_t's two ConvFirst stages (3 blocks each at 56x56x96 and 28x28x192, k=3, E=4, folded)
+as XLA's chain, block by block with ``convfirst_block(implementation="pallas")`` (XLA's
+grouped conv + the Mosaic MLP kernel) and ``convfirst_stage_forward`` (the padded-row
+layout: this conv + the MLP kernel, with 64- and 128-row MLP CTAs where C allows).
+``--parts`` picks the sections.  Times: median of ``--iters`` samples of ``--reps``
+back-to-back calls alternating two random inputs (pallas_kernels.timing).  Needs a Hopper
+GPU; about 4-5 minutes on an H100 for the first two parts, ~2 for "convfirst".
 """
 
 from __future__ import annotations
@@ -44,6 +51,18 @@ GCONV = (dict(), dict(per_cta=6, block_m=128))
 # (H, C, blocks): convfirst_t's MBConv stages (stage 3: 9 blocks at 14x14x384, stage 4: 3
 # at 7x7x768), E=4.
 STAGES = ((14, 384, 9), (7, 768, 3))
+# (H, C, blocks): convfirst_t's ConvFirst stages, E=4.
+CONVFIRST_STAGES = ((56, 96, 3), (28, 192, 3))
+PARTS = ("conv", "mbconv", "convfirst")
+
+
+def parse_parts(text: str) -> tuple[str, ...]:
+  parts = tuple(p.strip() for p in text.split(",") if p.strip())
+  bad = [p for p in parts if p not in PARTS]
+  if not parts or bad:
+    raise argparse.ArgumentTypeError(f"--parts takes a comma-separated subset of {PARTS}, "
+                                     f"got {text!r}")
+  return parts
 
 
 def _gconv_sweep(call, inputs, args):
@@ -70,12 +89,17 @@ def main(argv=None) -> int:
   ap.add_argument("--batch", type=int, default=128)
   ap.add_argument("--iters", type=int, default=20)
   ap.add_argument("--reps", type=int, default=10)
+  ap.add_argument("--parts", type=parse_parts, default=PARTS,
+                  help="comma-separated sections: conv (the kernel alone), mbconv (blocks and "
+                       "stages), convfirst (stages); default all")
   ap.add_argument("--json", default=None)
   args = ap.parse_args(argv)
   from pallas_kernels import mosaic_mlp
   from pallas_kernels.convfirst_block import mosaic_gconv as mg
+  from pallas_kernels.convfirst_block import api
   from pallas_kernels.convfirst_block.reference import (
-      MBConvBlockParams, grouped_conv, mbconv_block_reference)
+      ConvFirstBlockParams, MBConvBlockParams, convfirst_block_reference, grouped_conv,
+      mbconv_block_reference)
   reason = mosaic_mlp.device_unsupported_reason(False)
   if reason is not None:
     raise SystemExit(f"benchmarks.mosaic_gconv: {reason}")
@@ -85,7 +109,7 @@ def main(argv=None) -> int:
              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"),
              batch=args.batch, dtype="bfloat16", rows=[])
   lines = []
-  for hw, c, act in SHAPES:
+  for hw, c, act in SHAPES if "conv" in args.parts else ():
     shape = (args.batch, hw, hw, c)
     xs = [jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for _ in range(2)]
     kern = jnp.asarray(rng.standard_normal((3, 3, 8, c)) * 72 ** -0.5, jnp.float32)
@@ -137,7 +161,7 @@ def main(argv=None) -> int:
         conv_kernel=f(3, 3, 8, 4 * c, scale=72 ** -0.5), conv_bias=f(4 * c, scale=0.1),
         fc2_kernel=f(4 * c, c, scale=(4 * c) ** -0.5), fc2_bias=f(c, scale=0.1))
 
-  for hw, c in ((14, 384), (7, 768)):
+  for hw, c in ((14, 384), (7, 768)) if "mbconv" in args.parts else ():
     shape = (args.batch, hw, hw, c)
     xs = [jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for _ in range(2)]
     p = mbconv_params(c)
@@ -163,7 +187,7 @@ def main(argv=None) -> int:
     blocks.append(row)
     print(json.dumps(row), flush=True)
   stages = []
-  for hw, c, depth in STAGES:
+  for hw, c, depth in STAGES if "mbconv" in args.parts else ():
     shape = (args.batch, hw, hw, c)
     xs = [jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for _ in range(2)]
     ps = tuple(mbconv_params(c) for _ in range(depth))
@@ -190,6 +214,44 @@ def main(argv=None) -> int:
     stages.append(row)
     out["stages"] = stages
     print(json.dumps(row), flush=True)
+  cf_stages = []
+
+  def convfirst_params(c):
+    return ConvFirstBlockParams(
+        conv_kernel=f(3, 3, 8, c, scale=72 ** -0.5), conv_bias=f(c, scale=0.1),
+        fc1_kernel=f(c, 4 * c, scale=c ** -0.5), fc1_bias=f(4 * c, scale=0.1),
+        fc2_kernel=f(4 * c, c, scale=0.3 * (4 * c) ** -0.5), fc2_bias=f(c, scale=0.1))
+
+  for hw, c, depth in CONVFIRST_STAGES if "convfirst" in args.parts else ():
+    shape = (args.batch, hw, hw, c)
+    xs = [(jnp.asarray(rng.standard_normal(shape), jnp.bfloat16),) for _ in range(2)]
+    ps = tuple(convfirst_params(c) for _ in range(depth))
+
+    def chain(x, block, ps=ps):
+      for p in ps:
+        x = block(x, p)
+      return x
+
+    ref = chain(xs[0][0].astype(jnp.float32), convfirst_block_reference)
+    row = dict(shape=list(shape), blocks=depth, expansion=4,
+               row_overhead=mg.row_overhead(*shape[:3]), variants={}, errors={})
+    variants = {"xla": lambda x: chain(x, convfirst_block_reference),
+                "blocks": lambda x: chain(x, lambda x, p: api.convfirst_block(
+                    x, p, implementation="pallas")),
+                "stage": lambda x: mg.convfirst_stage_forward(x, ps)}
+    if 128 < c:  # the MLP kernel's other row count, for comparison with the default
+      variants["stage, 64-row MLP CTAs"] = lambda x: mg.convfirst_stage_forward(
+          x, ps, mlp_block_m=64)
+    for name, fn in variants.items():
+      fn = jax.jit(fn)
+      try:
+        row["errors"][name] = _rel(fn(*xs[0]), ref)
+        row["variants"][name] = median_ms(fn, xs, args.iters, args.reps)
+      except Exception as e:  # reported, not fatal
+        row["errors"][name] = f"{type(e).__name__}: {str(e)[:300]}"
+    cf_stages.append(row)
+    out["convfirst_stages"] = cf_stages
+    print(json.dumps(row), flush=True)
   if args.json:
     with open(args.json, "w") as f:
       json.dump(out, f, indent=1)
@@ -211,6 +273,20 @@ def main(argv=None) -> int:
         f"{r['row_overhead']:.2f}", f"{r['xla_ms']:.3f}", f"{r['mosaic_ms']:.3f}",
         f"{r['xla_ms'] / r['mosaic_ms']:.2f}", f"{r['mosaic_err']:.1e}", f"{r['xla_err']:.1e}",
         r["mosaic_best"]])
+  if cf_stages:
+    print("| ConvFirst stage, E=4 | blocks | rows/pixel | XLA | block by block (XLA conv + "
+          "Mosaic MLP) | padded-row stage | x XLA | stage err | XLA err |")
+    for r in cf_stages:
+      v, e = r["variants"], r["errors"]
+      cell = lambda k: f"{v[k]:.3f}" if k in v else "failed"
+      ratio = f"{v['xla'] / v['stage']:.2f}" if "xla" in v and "stage" in v else "-"
+      err = lambda k: f"{e[k]:.1e}" if isinstance(e.get(k), float) else "-"
+      print(f"| {'x'.join(map(str, r['shape'][1:]))} | {r['blocks']} | "
+            f"{r['row_overhead']:.2f} | {cell('xla')} | {cell('blocks')} | {cell('stage')} | "
+            f"{ratio} | {err('stage')} | {err('xla')} |")
+    failed = {k: m for r in cf_stages for k, m in r["errors"].items() if isinstance(m, str)}
+    for k, m in failed.items():
+      print(f"  {k}: {m}")
   return 0
 
 

@@ -218,8 +218,15 @@ def mbconv_stage(x: jax.Array, params: Sequence[MBConvBlockParams], *,
 
 
 # implementation=None runs a ConvFirst stage in the Mosaic padded-row form when its kernels
-# process at most this many rows per real pixel (``mosaic_gconv.row_overhead``).
+# process at most this many rows per real pixel (``mosaic_gconv.row_overhead``) and it has
+# at most MOSAIC_CONVFIRST_STAGE_MAX_C channels.  H100, 2026-11-27, three blocks (E=4,
+# batch 128, ms; XLA / block by block with the Mosaic MLP kernel / padded-row stage):
+# 56x56x96 2.349 / 1.299 / 1.127, but 28x28x192 1.154 / 0.685 / 0.730 -- at C=192 the
+# per-block form (128-row MLP CTAs) wins: XLA's conv is relatively cheaper there
+# (0.119 vs 0.062 ms for the Mosaic conv) and the layout passes relatively dearer (0.063 ms
+# in, as much as at 56x56x96's twice larger tensor).
 MOSAIC_CONVFIRST_STAGE_MAX_ROW_OVERHEAD = 1.25
+MOSAIC_CONVFIRST_STAGE_MAX_C = 128
 
 
 def convfirst_stage_kernel(x, params: Sequence[ConvFirstBlockParams], *,
@@ -231,8 +238,9 @@ def convfirst_stage_kernel(x, params: Sequence[ConvFirstBlockParams], *,
   "xla": "blocks".  "pallas" and None: "mosaic" where the Mosaic form supports the call
   (Hopper GPU or interpret=True, bfloat16/float16, k = 3, C a multiple of 32) -- for None
   also only where ``mosaic_gconv.row_overhead`` is at most
-  ``MOSAIC_CONVFIRST_STAGE_MAX_ROW_OVERHEAD`` and the stage has at least
-  ``MIN_ROWS_FOR_PALLAS`` pixels per device -- else "blocks"."""
+  ``MOSAIC_CONVFIRST_STAGE_MAX_ROW_OVERHEAD``, C is at most
+  ``MOSAIC_CONVFIRST_STAGE_MAX_C`` and the stage has at least ``MIN_ROWS_FOR_PALLAS``
+  pixels per device -- else "blocks"."""
   if implementation not in (None, *IMPLEMENTATIONS):
     raise ValueError(
         f"implementation must be one of None, {IMPLEMENTATIONS}, got {implementation!r}")
@@ -247,6 +255,7 @@ def convfirst_stage_kernel(x, params: Sequence[ConvFirstBlockParams], *,
   if implementation is None:
     n = _sharding.local_batch(x.shape[0])
     if (n * x.shape[1] * x.shape[2] < MIN_ROWS_FOR_PALLAS
+        or x.shape[3] > MOSAIC_CONVFIRST_STAGE_MAX_C
         or mosaic_gconv.row_overhead(n, *x.shape[1:3]) > MOSAIC_CONVFIRST_STAGE_MAX_ROW_OVERHEAD):
       return "blocks"
   return "mosaic"

@@ -32,8 +32,9 @@ ms vs XLA's 0.215-0.221 at 14x14x1536; an MBConv block in the layout 0.331-0.340
 the 9-block 14x14x384 stage 2.73 vs 3.36 ms with this layout (1.17 rows per pixel).
 ``pallas_kernels.mbconv_stage`` picks it by rows per pixel (``row_overhead``).  ConvFirst
 stages (``convfirst_stage_forward``: this conv with its bias, then the fused MLP kernel
-with the row mask), H100 2026-11-27, three blocks, batch 128: 56x56x96 1.111 ms vs 1.290
-with XLA's conv per block and XLA's 2.342; 28x28x192 0.732 vs 0.882 / 1.157.
+with the row mask), H100 2026-11-27, three blocks, batch 128: 56x56x96 1.127 ms vs 1.299
+with XLA's conv per block and XLA's 2.349; 28x28x192 0.730 vs 0.685 / 1.154 (so
+``pallas_kernels.convfirst_stage`` under None takes the layout at C <= 128 only).
 
 Cost: with 32-channel chunks the block-diagonal tiles do 4x the real multiply-adds
 (14x14x1536, batch 128: ~22 GFLOP executed); each input row is read from L2 about

@@ -394,7 +394,8 @@ def test_a_nan_image_stays_in_its_image_convfirst():
 def test_convfirst_stage_api_and_kernel_choice():
   """convfirst_stage: "pallas" runs the layout form and matches the reference chain, "xla"
   is the reference chain; None takes the layout form at large inputs with few rows per
-  pixel; unsupported calls go block by block; bad arguments name the problem."""
+  pixel and C <= 128; unsupported calls go block by block; bad arguments name the
+  problem."""
   from pallas_kernels.convfirst_block import api
   x = jax.random.normal(jax.random.key(21), (2, 3, 5, 32)).astype(jnp.bfloat16)
   ps = [_convfirst(32, 128, seed=s) for s in (4, 5)]
@@ -408,9 +409,11 @@ def test_convfirst_stage_api_and_kernel_choice():
   p96, p192 = _convfirst(96, 384), _convfirst(192, 768)
   kind = lambda x, p, **kw: api.convfirst_stage_kernel(x, [p], interpret=True, **kw)
   assert kind(s(128, 56, 56, 96), p96) == "mosaic"
-  assert kind(s(256, 28, 28, 192), p192) == "mosaic"
-  assert kind(s(1, 28, 28, 192), p192) == "blocks"      # 8 image slots for one image
-  assert kind(s(1, 28, 28, 192), p192, implementation="pallas") == "mosaic"
+  assert kind(s(256, 56, 56, 96), p96) == "mosaic"
+  assert kind(s(256, 28, 28, 192), p192) == "blocks"    # C > 128: measured slower
+  assert kind(s(256, 28, 28, 192), p192, implementation="pallas") == "mosaic"
+  assert kind(s(1, 56, 56, 96), p96) == "blocks"        # 8 image slots for one image
+  assert kind(s(1, 56, 56, 96), p96, implementation="pallas") == "mosaic"
   assert kind(s(128, 56, 56, 96), p96, implementation="xla") == "blocks"
   assert kind(s(128, 56, 56, 96, dt=jnp.float32), p96, implementation="pallas") == "blocks"
   p5 = p96._replace(conv_kernel=jnp.zeros((5, 5, 8, 96)))

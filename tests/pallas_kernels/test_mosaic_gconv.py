@@ -346,13 +346,14 @@ def _chain(ref, x, ps):
   return x
 
 
-@pytest.mark.parametrize("shape,e,n_blocks", [((2, 5, 7, 64), 256, 2),   # odd H, W; one group
+@pytest.mark.parametrize("shape,e,n_blocks", [((2, 5, 7, 64), 256, 1),   # odd H, W; one group
                                               ((9, 3, 4, 96), 384, 1),   # two groups, partial
                                               ((1, 1, 1, 32), 128, 1)])  # one pixel
 def test_convfirst_stage_matches_reference(shape, e, n_blocks):
   """The ConvFirst stage in the padded-row layout (grouped conv kernel + fused MLP kernel
   with the row mask) vs float32 reference blocks; the nonzero conv and fc biases would make
-  the border rows nonzero, and reach the next block's conv, unless the mask works."""
+  the border rows nonzero, and reach the next block's conv, unless the mask works (chains
+  of two and three blocks: test_convfirst_stage_api_and_kernel_choice and the NaN test)."""
   x = jax.random.normal(jax.random.key(shape[0]), shape).astype(jnp.bfloat16)
   ps = tuple(_convfirst(shape[-1], e, seed=sum(shape) + i) for i in range(n_blocks))
   got = mg.convfirst_stage_forward(x, ps, interpret=True)

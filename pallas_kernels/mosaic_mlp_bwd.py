@@ -162,10 +162,6 @@ def _ones_bytes(zn_ones: bool) -> int:
   return 64 * 32 if zn_ones else 0
 
 
-def _ones_tile(dtype):
-  return _ones_tiles(dtype)
-
-
 def _ones_tiles(dtype, n: int | None = None):
   """A 64-row tile of 32-byte rows (``n`` of them), for ``zn_ones`` / ``h_scales``."""
   w = 32 // jnp.dtype(dtype).itemsize
@@ -396,8 +392,8 @@ def _bwd_kernel(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, dz
       plgpu.SMEM((2, 2, bm, hc), dtype, transforms=_transforms(hc, dtype)),
       plgpu.Barrier(num_barriers=4),
       *([plgpu.SMEM((e // hc, hc), jnp.float32)] if db1_gmem else []),
-      **({"ones_smem": _ones_tile(dtype)} if zn_ones else {}),
-      **({"scales_smem": _ones_tile(dtype)} if h_scales else {}),
+      **({"ones_smem": _ones_tiles(dtype)} if zn_ones else {}),
+      **({"scales_smem": _ones_tiles(dtype)} if h_scales else {}),
   )
 
 
@@ -583,7 +579,7 @@ def _bwd_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem,
       plgpu.Barrier(num_barriers=w2_stages),
       plgpu.Barrier(num_arrivals=2, num_barriers=stages),
       plgpu.Barrier(num_arrivals=2, num_barriers=w2_stages),
-      **({"ones_smem": _ones_tile(dtype)} if zn_ones else {}),
+      **({"ones_smem": _ones_tiles(dtype)} if zn_ones else {}),
       **({"scales_smem": _ones_tiles(dtype, 2)} if h_scales else {}),
       collective_axes="wg",
   )
@@ -868,8 +864,8 @@ def _hidden_grad_kernel(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_
       plgpu.SMEM((2, 2, bm, hc), dtype, transforms=_transforms(hc, dtype)),
       plgpu.Barrier(num_barriers=2 * n_cb + 2),
       *([plgpu.SMEM((e // hc, hc), jnp.float32)] if db1_gmem else []),
-      **({"ones_smem": _ones_tile(dtype)} if zn_ones else {}),
-      **({"scales_smem": _ones_tile(dtype)} if h_scales else {}),
+      **({"ones_smem": _ones_tiles(dtype)} if zn_ones else {}),
+      **({"scales_smem": _ones_tiles(dtype)} if h_scales else {}),
   )
 
 
@@ -997,8 +993,8 @@ def _hidden_grad_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, 
       plgpu.Barrier(num_barriers=2 * stages),
       plgpu.Barrier(num_barriers=2 * stages),
       plgpu.Barrier(num_barriers=2 * stages),
-      **({"ones_smem": _ones_tile(dtype)} if zn_ones else {}),
-      **({"scales_smem": _ones_tile(dtype)} if h_scales else {}),
+      **({"ones_smem": _ones_tiles(dtype)} if zn_ones else {}),
+      **({"scales_smem": _ones_tiles(dtype)} if h_scales else {}),
       collective_axes="wg",
   )
 

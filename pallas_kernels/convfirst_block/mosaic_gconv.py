@@ -247,6 +247,14 @@ def grouped_conv_rows(xr: jax.Array, kernel: jax.Array, bias: jax.Array, layout:
     raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r}")
   if block_m not in (64, 128, 256):
     raise ValueError(f"block_m must be 64, 128 or 256, got {block_m}")
+  # CTAs within 8 (wp + 1) rows of either end clamp their windows into the array, which
+  # shifts their taps: harmless only while they hold guard rows alone, i.e. while the guard
+  # (>= 8 (wp + 1) rows) is a multiple of block_m -- always here (a multiple of 256).
+  # 512-row CTAs broke it at 28x28 and 14x14 (guard 256) on an H100, 2026-11-27: the last
+  # CTA held real pixels.
+  if layout.guard % block_m:
+    raise ValueError(f"block_m={block_m} must divide the layout's guard of {layout.guard} "
+                     f"rows")
   total, c = xr.shape
   if total != layout.total:
     raise ValueError(f"expected {layout.total} padded rows for {layout}, got {total}")

@@ -271,27 +271,21 @@ class ConvFirstStage(nnx.Module):
                           drop_path=drop_path_rates[i], zero_init_last=zero_init_last,
                           implementation=implementation, rngs=rngs, **kw))
     self.blocks = nnx.List(blocks)
-    self.folded_mbconv = folded and block_type == "mbconv"
-    self.folded_convfirst = folded and block_type == "convfirst"
+    self.folded_block_type = block_type if folded else None
     self.implementation = check_implementation(implementation)
     self.dtype = dtype
 
   def __call__(self, x):
     if self.downsample is not None:
       x = self.downsample(x)
-    if self.folded_mbconv and len(self.blocks):
+    if self.folded_block_type is not None and len(self.blocks):
       # The whole stage in one call, so the Mosaic form (where it is picked) enters and
-      # leaves its padded-row layout once (pallas_kernels.mbconv_stage).
-      return pallas_kernels.mbconv_stage(
-          x.astype(self.dtype),
-          [b._params(pallas_kernels.MBConvBlockParams) for b in self.blocks],
-          implementation=self.implementation)
-    if self.folded_convfirst and len(self.blocks):
-      # Likewise for the ConvFirst blocks' Mosaic form (pallas_kernels.convfirst_stage).
-      return pallas_kernels.convfirst_stage(
-          x.astype(self.dtype),
-          [b._params(pallas_kernels.ConvFirstBlockParams) for b in self.blocks],
-          implementation=self.implementation)
+      # leaves its padded-row layout once (pallas_kernels.convfirst_stage / mbconv_stage).
+      stage, params = ((pallas_kernels.mbconv_stage, pallas_kernels.MBConvBlockParams)
+                       if self.folded_block_type == "mbconv" else
+                       (pallas_kernels.convfirst_stage, pallas_kernels.ConvFirstBlockParams))
+      return stage(x.astype(self.dtype), [b._params(params) for b in self.blocks],
+                   implementation=self.implementation)
     for block in self.blocks:
       x = block(x)
     return x

@@ -168,6 +168,41 @@ def mbconv_block(x: jax.Array, params: MBConvBlockParams, *,
 MOSAIC_STAGE_MAX_ROW_OVERHEAD = 1.25
 
 
+def _stage_kernel(x, params, implementation, interpret, unsupported_reason,
+                  layout_under_none) -> str:
+  """"mosaic" or "blocks" for a stage (``mbconv_stage_kernel``, ``convfirst_stage_kernel``):
+  ``unsupported_reason(x_shape, p, dtype)`` says why the layout form cannot run a block,
+  ``layout_under_none(n, h, w, c)`` (n per device) whether None takes it."""
+  if implementation not in (None, *IMPLEMENTATIONS):
+    raise ValueError(
+        f"implementation must be one of None, {IMPLEMENTATIONS}, got {implementation!r}")
+  if implementation == "xla" or not params:
+    return "blocks"
+  reason = mosaic_mlp.device_unsupported_reason(interpret) or next(
+      (r for p in params if (r := unsupported_reason(x.shape, p, x.dtype)) is not None), None)
+  if reason is not None:
+    return "blocks"
+  if implementation is None and not layout_under_none(_sharding.local_batch(x.shape[0]),
+                                                      *x.shape[1:]):
+    return "blocks"
+  return "mosaic"
+
+
+def _stage(x, params, implementation, interpret, name, conv_channels, stage_kernel,
+           stage_forward, block):
+  """A stage of blocks: ``stage_forward`` (the padded-row chain, per device) where
+  ``stage_kernel`` says "mosaic", else ``block`` applied with each params in turn."""
+  params = tuple(params)
+  for p in params:
+    _check(x, p, conv_channels(p), name)
+  if stage_kernel(x, params, implementation=implementation, interpret=interpret) == "mosaic":
+    return _sharding.map_batch(lambda x, ps: stage_forward(x, ps, interpret=interpret),
+                               (x,), (params,), batch=x.shape[0])
+  for p in params:
+    x = block(x, p, implementation=implementation, interpret=interpret)
+  return x
+
+
 def mbconv_stage_kernel(x, params: Sequence[MBConvBlockParams], *,
                         implementation: str | None = None, interpret: bool = False) -> str:
   """How ``mbconv_stage`` runs these blocks: "mosaic" (the chain in the padded-row layout)
@@ -178,22 +213,9 @@ def mbconv_stage_kernel(x, params: Sequence[MBConvBlockParams], *,
   Pallas-Triton kernel, which raises NotImplementedError for what it does not cover).
   None: "mosaic" where supported and ``mosaic_gconv.row_overhead`` is at most
   ``MOSAIC_STAGE_MAX_ROW_OVERHEAD``, else "blocks" (XLA on a GPU)."""
-  if implementation not in (None, *IMPLEMENTATIONS):
-    raise ValueError(
-        f"implementation must be one of None, {IMPLEMENTATIONS}, got {implementation!r}")
-  if implementation == "xla" or not params:
-    return "blocks"
-  reason = mosaic_mlp.device_unsupported_reason(interpret) or next(
-      (r for p in params
-       if (r := mosaic_gconv.mbconv_unsupported_reason(x.shape, p, x.dtype)) is not None),
-      None)
-  if reason is not None:
-    return "blocks"
-  if implementation is None and mosaic_gconv.row_overhead(
-      _sharding.local_batch(x.shape[0]), *x.shape[1:3]) > (
-      MOSAIC_STAGE_MAX_ROW_OVERHEAD):
-    return "blocks"
-  return "mosaic"
+  return _stage_kernel(
+      x, params, implementation, interpret, mosaic_gconv.mbconv_unsupported_reason,
+      lambda n, h, w, c: mosaic_gconv.row_overhead(n, h, w) <= MOSAIC_STAGE_MAX_ROW_OVERHEAD)
 
 
 def mbconv_stage(x: jax.Array, params: Sequence[MBConvBlockParams], *,
@@ -204,17 +226,9 @@ def mbconv_stage(x: jax.Array, params: Sequence[MBConvBlockParams], *,
   once, each block is three Mosaic GPU kernels on it (expand + SiLU, the tensor-core
   grouped conv + SiLU, project + residual; ``mosaic_gconv.mbconv_rows``) and the pixels
   come out once; otherwise each block is one ``mbconv_block(x, p, implementation=...)``."""
-  params = tuple(params)
-  for p in params:
-    _check(x, p, p.fc1_kernel.shape[-1], "mbconv_stage")
-  if mbconv_stage_kernel(x, params, implementation=implementation,
-                         interpret=interpret) == "mosaic":
-    return _sharding.map_batch(
-        lambda x, ps: mosaic_gconv.mbconv_stage_forward(x, ps, interpret=interpret),
-        (x,), (params,), batch=x.shape[0])
-  for p in params:
-    x = mbconv_block(x, p, implementation=implementation, interpret=interpret)
-  return x
+  return _stage(x, params, implementation, interpret, "mbconv_stage",
+                lambda p: p.fc1_kernel.shape[-1], mbconv_stage_kernel,
+                mosaic_gconv.mbconv_stage_forward, mbconv_block)
 
 
 # implementation=None runs a ConvFirst stage in the Mosaic padded-row form when its kernels
@@ -241,24 +255,11 @@ def convfirst_stage_kernel(x, params: Sequence[ConvFirstBlockParams], *,
   ``MOSAIC_CONVFIRST_STAGE_MAX_ROW_OVERHEAD``, C is at most
   ``MOSAIC_CONVFIRST_STAGE_MAX_C`` and the stage has at least ``MIN_ROWS_FOR_PALLAS``
   pixels per device -- else "blocks"."""
-  if implementation not in (None, *IMPLEMENTATIONS):
-    raise ValueError(
-        f"implementation must be one of None, {IMPLEMENTATIONS}, got {implementation!r}")
-  if implementation == "xla" or not params:
-    return "blocks"
-  reason = mosaic_mlp.device_unsupported_reason(interpret) or next(
-      (r for p in params
-       if (r := mosaic_gconv.convfirst_unsupported_reason(x.shape, p, x.dtype)) is not None),
-      None)
-  if reason is not None:
-    return "blocks"
-  if implementation is None:
-    n = _sharding.local_batch(x.shape[0])
-    if (n * x.shape[1] * x.shape[2] < MIN_ROWS_FOR_PALLAS
-        or x.shape[3] > MOSAIC_CONVFIRST_STAGE_MAX_C
-        or mosaic_gconv.row_overhead(n, *x.shape[1:3]) > MOSAIC_CONVFIRST_STAGE_MAX_ROW_OVERHEAD):
-      return "blocks"
-  return "mosaic"
+  return _stage_kernel(
+      x, params, implementation, interpret, mosaic_gconv.convfirst_unsupported_reason,
+      lambda n, h, w, c: (n * h * w >= MIN_ROWS_FOR_PALLAS and c <= MOSAIC_CONVFIRST_STAGE_MAX_C
+                          and mosaic_gconv.row_overhead(n, h, w)
+                          <= MOSAIC_CONVFIRST_STAGE_MAX_ROW_OVERHEAD))
 
 
 def convfirst_stage(x: jax.Array, params: Sequence[ConvFirstBlockParams], *,
@@ -270,14 +271,6 @@ def convfirst_stage(x: jax.Array, params: Sequence[ConvFirstBlockParams], *,
   fused expand / SiLU / project / residual kernel with the row mask;
   ``mosaic_gconv.convfirst_rows``) and the pixels come out once; otherwise each block is
   one ``convfirst_block(x, p, implementation=...)``."""
-  params = tuple(params)
-  for p in params:
-    _check(x, p, x.shape[-1], "convfirst_stage")
-  if convfirst_stage_kernel(x, params, implementation=implementation,
-                            interpret=interpret) == "mosaic":
-    return _sharding.map_batch(
-        lambda x, ps: mosaic_gconv.convfirst_stage_forward(x, ps, interpret=interpret),
-        (x,), (params,), batch=x.shape[0])
-  for p in params:
-    x = convfirst_block(x, p, implementation=implementation, interpret=interpret)
-  return x
+  return _stage(x, params, implementation, interpret, "convfirst_stage",
+                lambda p: x.shape[-1], convfirst_stage_kernel,
+                mosaic_gconv.convfirst_stage_forward, convfirst_block)

@@ -469,8 +469,9 @@ def convfirst_stage_forward(x: jax.Array, params: tuple[ConvFirstBlockParams, ..
   for p in params:
     _check(x, p, x.shape[-1], "mosaic_gconv.convfirst_stage_forward")
     reason = (mosaic_mlp.device_unsupported_reason(bool(interpret))
-              or convfirst_unsupported_reason(x.shape, p, x.dtype, chunk,
-                                              mlp_block_m or 64))
+              or convfirst_unsupported_reason(x.shape, p, x.dtype, chunk, mlp_block_m or (
+                  default_mlp_block_m(x.shape[-1], p.fc1_kernel.shape[-1],
+                                      jnp.dtype(x.dtype).itemsize))))
     if reason is not None:
       raise NotImplementedError(f"mosaic_gconv.convfirst_stage_forward: {reason}")
   n, h, w, _ = x.shape

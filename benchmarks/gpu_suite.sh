@@ -17,6 +17,7 @@
 #   bash benchmarks/gpu_suite.sh profile   # per-kernel GPU time: stage blocks, ConvNeXt-T
 #   bash benchmarks/gpu_suite.sh layernorm # stem / downsampling LayerNorm kernels vs XLA
 #   bash benchmarks/gpu_suite.sh gconv     # Mosaic grouped conv / MBConv stage: GPU tests, vs XLA
+#   bash benchmarks/gpu_suite.sh cfstage   # ConvFirst stages in the padded-row layout + convfirst_t
 #   MODEL=convnext_tiny bash benchmarks/gpu_suite.sh compare  # xla vs auto step, 2 processes each
 #   SHAPES=56x96 bash benchmarks/gpu_suite.sh wgrad  # depthwise kernel-gradient kernels vs XLA
 # Results go to $OUT (or ./out) as JSON / PNG / logs; a short summary is printed last.
@@ -134,10 +135,19 @@ PY
     ;;
   gconv)
     log "Mosaic grouped conv and MBConv stage: GPU tests, then Mosaic vs XLA at MBConv shapes"
-    timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/pallas_kernels/test_mosaic_gconv.py \
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/pallas_kernels/test_mosaic_gconv.py \
       2>&1 | tail -3
-    timeout 400 python3 -m benchmarks.mosaic_gconv --json "$OUT/mosaic_gconv.json" 2>&1 \
-      | grep -v cuda_timer | tail -12
+    timeout 380 python3 -m benchmarks.mosaic_gconv --parts conv,mbconv --json "$OUT/mosaic_gconv.json" \
+      2>&1 | grep -v cuda_timer | tail -12
+    ;;
+  cfstage)
+    log "ConvFirst stages in the padded-row layout: GPU tests, stages vs XLA, convfirst_t img/s"
+    timeout 160 python3 -m pytest -q -p no:cacheprovider -m gpu tests/pallas_kernels/test_mosaic_gconv.py \
+      -k convfirst 2>&1 | tail -3
+    timeout 180 python3 -m benchmarks.mosaic_gconv --parts convfirst --json "$OUT/mosaic_gconv_convfirst.json" \
+      2>&1 | grep -v cuda_timer | tail -5
+    timeout 240 python3 -m benchmarks.models --models convfirst_t,convnext_tiny --batches 256 \
+      --impls xla,auto --json "$OUT/models_cfstage.json" 2>&1 | grep -v cuda_timer | tail -8
     ;;
   layernorm)
     log "LayerNorm kernels: GPU tests, then Pallas vs XLA at the stem / downsampling shapes"
@@ -178,6 +188,6 @@ PY
     timeout 560 python3 -m benchmarks.dwconv_wgrad --shapes "${SHAPES:-56x96,28x192,14x384,7x768}" \
       --jsonl "$OUT/dwconv_wgrad.jsonl" 2>&1 | grep -v cuda_timer | tail -8
     ;;
-  *) echo "usage: $0 train|analysis|scaling|convfirst|models|mosaic|dwconv|pipelined|mosaic_train|retune|profile|layernorm|gconv|compare|wgrad" >&2
+  *) echo "usage: $0 train|analysis|scaling|convfirst|models|mosaic|dwconv|pipelined|mosaic_train|retune|profile|layernorm|gconv|cfstage|compare|wgrad" >&2
      exit 2 ;;
 esac

@@ -404,14 +404,20 @@ def mbconv_stage_forward(x: jax.Array, params: tuple[MBConvBlockParams, ...], *,
               or mbconv_unsupported_reason(x.shape, p, x.dtype, chunk))
     if reason is not None:
       raise NotImplementedError(f"mosaic_gconv.mbconv_stage_forward: {reason}")
+  return _chain_in_layout(x, params, functools.partial(
+      mbconv_rows, chunk=chunk, gconv_block_m=gconv_block_m, gconv_per_cta=gconv_per_cta,
+      gconv_stages=gconv_stages, expand_block_m=expand_block_m, interpret=interpret))
+
+
+def _chain_in_layout(x, params, block_rows):
+  """x into the padded-row layout, ``block_rows(y, p, layout, mask)`` for each block's
+  params in turn, the real pixels out."""
   n, h, w, _ = x.shape
   layout = padded_rows(n, h, w)
   mask = row_mask(layout)
   y = to_padded_rows(x, layout)
   for p in params:
-    y = mbconv_rows(y, p, layout, mask, chunk=chunk, gconv_block_m=gconv_block_m,
-                    gconv_per_cta=gconv_per_cta, gconv_stages=gconv_stages,
-                    expand_block_m=expand_block_m, interpret=interpret)
+    y = block_rows(y, p, layout, mask)
   return from_padded_rows(y, layout)
 
 
@@ -474,11 +480,6 @@ def convfirst_stage_forward(x: jax.Array, params: tuple[ConvFirstBlockParams, ..
                                       jnp.dtype(x.dtype).itemsize))))
     if reason is not None:
       raise NotImplementedError(f"mosaic_gconv.convfirst_stage_forward: {reason}")
-  n, h, w, _ = x.shape
-  layout = padded_rows(n, h, w)
-  mask = row_mask(layout)
-  y = to_padded_rows(x, layout)
-  for p in params:
-    y = convfirst_rows(y, p, layout, mask, chunk=chunk, gconv_block_m=gconv_block_m,
-                       mlp_block_m=mlp_block_m, interpret=interpret)
-  return from_padded_rows(y, layout)
+  return _chain_in_layout(x, params, functools.partial(
+      convfirst_rows, chunk=chunk, gconv_block_m=gconv_block_m, mlp_block_m=mlp_block_m,
+      interpret=interpret))

@@ -100,12 +100,16 @@ def _normalise_in_place(z_smem, zb_smem, *, normalize: bool, eps: float):
   """z_smem <- LN(z + zb) (or z + zb) for z_smem (n_cb, rows, cb) holding the row tile's
   channels in n_cb column blocks, block by block: one pass for the row sums, one for the
   variance, one to write (each thread rewrites exactly the elements it read, so in place is
-  safe), so a row never needs C float32 registers."""
-  n_cb, rows, cb = z_smem.shape
+  safe), so a row never needs C float32 registers.  ``z_smem`` may also be a sequence of
+  n_cb (rows, cb) refs."""
+  blocks = ([z_smem.at[b] for b in range(z_smem.shape[0])] if hasattr(z_smem, "shape")
+            else list(z_smem))
+  n_cb = len(blocks)
+  rows, cb = blocks[0].shape
   c = n_cb * cb
 
   def load(b):
-    z = plgpu.load(z_smem.at[b], layout=_WG).astype(jnp.float32)
+    z = plgpu.load(blocks[b], layout=_WG).astype(jnp.float32)
     zb = plgpu.load(zb_smem.at[b], layout=_WG.reduce(0))
     return z + lax.broadcast_in_dim(zb, (rows, cb), [1])
 
@@ -118,7 +122,7 @@ def _normalise_in_place(z_smem, zb_smem, *, normalize: bool, eps: float):
     z = load(b)
     if normalize:
       z = (z - bmean()) * rstd
-    z_smem.at[b][...] = z.astype(z_smem.dtype)
+    blocks[b][...] = z.astype(blocks[b].dtype)
   plgpu.commit_smem()
 
 
@@ -217,6 +221,165 @@ def _expand_kernel(z_gmem, *refs, e: int, hc: int, act: str, normalize: bool, ep
   )
 
 
+WS_BLOCK_M = 128  # rows per CTA of the warp-specialised expand kernel
+
+
+def expand_ws_smem_bytes(c: int, hc: int, slots: int, itemsize: int = 2, *,
+                         has_zb: bool = False, row_mask: bool = False) -> int:
+  """Shared memory of ``_expand_kernel_ws``: the 128-row z tile, ``slots`` (hc x C) W1^T
+  slices and hc biases per compute warpgroup, one 128 x hc output staging tile per compute
+  warpgroup, the zb vector and row mask where used; + 1 KiB for barriers and alignment."""
+  # With zb, + 2.5 KiB more: the compiler counted 234,608 bytes at C=384, hc=64, 1 slot,
+  # where this sum without it is 232,448 (the LayerNorm's row reductions; CUDA lowering on
+  # a CPU, 2026-11-27).
+  bm = WS_BLOCK_M
+  return (itemsize * (bm * c + 2 * slots * hc * c + 2 * bm * hc) + 4 * 2 * slots * hc
+          + (4 * c + 2560 if has_zb else 0) + (4 * bm if row_mask else 0) + 1024)
+
+
+def choose_ws_hidden_chunk(c: int, e: int, slots: int, *, has_zb: bool = False,
+                           row_mask: bool = False) -> int | None:
+  """The widest hidden slice (64 or 32) of ``_expand_kernel_ws`` that fits shared memory and
+  gives each compute warpgroup whole slices (E a multiple of 2 hc); None if neither does."""
+  for hc in (64, 32):
+    if e % (2 * hc) == 0 and expand_ws_smem_bytes(
+        c, hc, slots, has_zb=has_zb, row_mask=row_mask) <= SMEM_BYTES:
+      return hc
+  return None
+
+
+def _expand_kernel_ws(z_gmem, *refs, e: int, hc: int, act: str, normalize: bool, eps: float,
+                      slots: int, row_mask: bool = False, has_zb: bool = True):
+  """``_expand_kernel`` for 128-row CTAs, warp-specialised (``num_threads=3``, axis "wg"):
+  the two compute warpgroups take alternate hidden slices (slice j on warpgroup j % 2), each
+  over all 128 rows, so that one warpgroup's wgmmas run while the other evaluates its bias +
+  activation and stores its slice (the single-warpgroup kernel leaves the tensor cores idle
+  during every epilogue).  Warpgroup 2 issues every TMA load: the z tile (two 64-row halves
+  per column block), then each slice's W1^T block and biases into the ``slots`` slots of the
+  warpgroup that consumes it, refilling a slot once that warpgroup has arrived on its
+  "consumed" barrier.  With zb, each compute warpgroup adds it to (and LayerNorms) its own
+  64-row half in place, and both meet at a barrier before the first wgmma.  Each warpgroup
+  stores its (128 x hc) result through its own staging tile, waiting for its previous store
+  to have read it.
+
+  refs as ``_expand_kernel``'s, except b1_gmem: (E // hc, hc) f32."""
+  refs = list(refs)
+  zb_gmem = refs.pop(0) if has_zb else None
+  w1t_gmem, b1_gmem = refs.pop(0), refs.pop(0)
+  mask_gmem = refs.pop(0) if row_mask else None
+  (h_gmem,) = refs
+  if normalize and not has_zb:
+    raise ValueError("the normalising expand kernel needs zb")
+  dtype = z_gmem.dtype
+  n_cb, _, cb = w1t_gmem.shape
+  n_chunks = e // hc
+  per_wg = n_chunks // 2
+  n_slots = 2 * slots
+  r0 = lax.axis_index("m") * WS_BLOCK_M
+  n_tile_bars = 2 * n_cb + has_zb + 2 * row_mask
+
+  def slot_of(j):  # the W1^T slot of hidden slice j: its warpgroup's (j // 2) % slots-th
+    return lax.rem(j, 2) * slots + lax.rem(lax.div(j, 2), slots)
+
+  def body(z_smem, w_smem, b1_smem, h_smem, tile_bars, w_bars, b1_bars, consumed, *extra):
+    extra = list(extra)
+    ready = extra.pop(0) if has_zb else None
+    zb_smem = extra.pop(0) if has_zb else None
+    mask_smem = extra.pop(0) if row_mask else None
+
+    def _compute(wgi):
+      for i in range(n_tile_bars):
+        plgpu.barrier_wait(tile_bars.at[i])
+      if has_zb:  # this warpgroup's half of the tile, then wait for the other's
+        _normalise_in_place([z_smem.at[b, wgi] for b in range(n_cb)], zb_smem,
+                            normalize=normalize, eps=eps)
+        plgpu.barrier_arrive(ready.at[0])
+        plgpu.barrier_wait(ready.at[0])
+
+      @pl.loop(0, per_wg)
+      def _slice(k):
+        j = 2 * k + wgi
+        slot = wgi * slots + lax.rem(k, slots)
+        for b in range(n_cb):
+          plgpu.barrier_wait(w_bars.at[slot * n_cb + b])
+        plgpu.barrier_wait(b1_bars.at[slot])
+
+        def mm(acc0, acc1):
+          for r, acc in enumerate((acc0, acc1)):
+            for b in range(n_cb):
+              plgpu.wgmma(acc, z_smem.at[b, r], w_smem.at[slot, b].transpose((1, 0)))
+          plgpu.wgmma_wait(0)
+          return acc0[...], acc1[...]
+
+        accs = pl.run_scoped(mm, plgpu.ACC((64, hc), jnp.float32),
+                             plgpu.ACC((64, hc), jnp.float32))
+        hs = [_activate(a, b1_smem.at[slot], act, dtype,
+                        mask_smem.at[r] if row_mask else None) for r, a in enumerate(accs)]
+        plgpu.barrier_arrive(consumed.at[slot])  # the slot's W1^T and biases are read
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # our last store read the tile
+        for r in range(2):
+          h_smem.at[wgi, r][...] = hs[r]
+        plgpu.commit_smem()
+        for r in range(2):
+          plgpu.copy_smem_to_gmem(h_smem.at[wgi, r],
+                                  h_gmem.at[pl.ds(r0 + 64 * r, 64), pl.ds(j * hc, hc)])
+
+      plgpu.wait_smem_to_gmem(0)
+
+    def _memory():
+      for b in range(n_cb):
+        for r in range(2):
+          plgpu.copy_gmem_to_smem(z_gmem.at[pl.ds(r0 + 64 * r, 64), pl.ds(b * cb, cb)],
+                                  z_smem.at[b, r], tile_bars.at[2 * b + r])
+      nbar = 2 * n_cb
+      if has_zb:
+        plgpu.copy_gmem_to_smem(zb_gmem, zb_smem, tile_bars.at[nbar])
+        nbar += 1
+      if row_mask:
+        for r in range(2):
+          plgpu.copy_gmem_to_smem(mask_gmem.at[pl.ds(r0 + 64 * r, 64)], mask_smem.at[r],
+                                  tile_bars.at[nbar + r])
+
+      def issue(j):
+        slot = slot_of(j)
+        for b in range(n_cb):
+          plgpu.copy_gmem_to_smem(w1t_gmem.at[b, pl.ds(j * hc, hc)], w_smem.at[slot, b],
+                                  w_bars.at[slot * n_cb + b])
+        plgpu.copy_gmem_to_smem(b1_gmem.at[j], b1_smem.at[slot], b1_bars.at[slot])
+
+      first = min(n_slots, n_chunks)
+      for j in range(first):
+        issue(j)
+      if n_chunks > first:
+        @pl.loop(first, n_chunks)
+        def _refill(j):
+          plgpu.barrier_wait(consumed.at[slot_of(j)])  # slice j - n_slots is done
+          issue(j)
+      # Observe the last slices' "consumed" phases too, so that every barrier phase this
+      # warpgroup waits on is drained before the barriers are freed.
+      for j in range(max(n_chunks - n_slots, 0), n_chunks):
+        plgpu.barrier_wait(consumed.at[slot_of(j)])
+
+    mosaic_mlp._warp_roles(_compute, _memory)
+
+  t = _transforms(cb, dtype)
+  pl.run_scoped(
+      body,
+      plgpu.SMEM((n_cb, 2, 64, cb), dtype, transforms=t),
+      plgpu.SMEM((n_slots, n_cb, hc, cb), dtype, transforms=t),
+      plgpu.SMEM((n_slots, hc), jnp.float32),
+      plgpu.SMEM((2, 2, 64, hc), dtype, transforms=_transforms(hc, dtype)),
+      plgpu.Barrier(num_barriers=n_tile_bars),
+      plgpu.Barrier(num_barriers=n_slots * n_cb),
+      plgpu.Barrier(num_barriers=n_slots),
+      plgpu.Barrier(num_arrivals=1, num_barriers=n_slots),
+      *([plgpu.Barrier(num_arrivals=2, num_barriers=1)] if has_zb else []),
+      *([plgpu.SMEM((n_cb, cb), jnp.float32)] if has_zb else []),
+      *([plgpu.SMEM((2, 64), jnp.float32)] if row_mask else []),
+      collective_axes="wg",
+  )
+
+
 def _project_kernel(h_gmem, res_gmem, rs_gmem, w2_gmem, b2_gmem, out_gmem, *, e: int,
                     kc: int, bn: int, stages: int, bm: int, select_zero_rows: bool = False):
   dtype = h_gmem.dtype
@@ -265,10 +428,14 @@ def _project_kernel(h_gmem, res_gmem, rs_gmem, w2_gmem, b2_gmem, out_gmem, *, e:
 
 
 def expand_call(z, zb, w1, b1, *, hc, cb, act, normalize, eps, stages, bm=BLOCK_M, staging=2,
-                pipelined=False, bias_row_mask=None, **params):
+                pipelined=False, bias_row_mask=None, ws_slots=0, **params):
   """h = act(norm(z + zb) @ w1 + b1) for z with a multiple of ``bm`` rows (``_expand_kernel``);
   with ``bias_row_mask`` (M,) act(norm(z + zb) @ w1 + mask * b1).  ``zb`` None (only with
-  normalize=False): h = act(z @ w1 + b1), no pass over the z tile."""
+  normalize=False): h = act(z @ w1 + b1), no pass over the z tile.
+
+  ``ws_slots`` > 0: the warp-specialised kernel (``_expand_kernel_ws``: bm must be 128, E a
+  multiple of 2 hc) with that many W1^T slots per compute warpgroup; ``stages``, ``staging``
+  and ``pipelined`` do not apply to it."""
   m, c = z.shape
   e = w1.shape[1]
   dtype = z.dtype
@@ -276,15 +443,26 @@ def expand_call(z, zb, w1, b1, *, hc, cb, act, normalize, eps, stages, bm=BLOCK_
     raise ValueError("expand_call: normalize=True needs zb")
   mask = [] if bias_row_mask is None else [bias_row_mask.astype(jnp.float32)]
   zbs = [] if zb is None else [zb.reshape(c // cb, cb)]
+  w1t = w1.T.astype(dtype).reshape(e, c // cb, cb).transpose(1, 0, 2)
+  if ws_slots:
+    if bm != WS_BLOCK_M or e % (2 * hc) or m % bm:
+      raise ValueError(f"the warp-specialised expand kernel needs bm={WS_BLOCK_M}, rows a "
+                       f"multiple of it and E a multiple of 2 hc, got bm={bm}, M={m}, "
+                       f"E={e}, hc={hc}")
+    return plgpu.kernel(
+        functools.partial(_expand_kernel_ws, e=e, hc=hc, act=act, normalize=normalize,
+                          eps=float(eps), slots=ws_slots, row_mask=bool(mask),
+                          has_zb=zb is not None),
+        out_type=jax.ShapeDtypeStruct((m, e), dtype),
+        grid=(m // bm,), grid_names=("m",), num_threads=3, thread_name="wg", **params,
+    )(z, *zbs, w1t, b1.astype(jnp.float32).reshape(e // hc, hc), *mask)
   return plgpu.kernel(
       functools.partial(_expand_kernel, e=e, hc=hc, act=act, normalize=normalize,
                         eps=float(eps), stages=stages, bm=bm, staging=staging,
                         pipelined=pipelined, row_mask=bool(mask), has_zb=zb is not None),
       out_type=jax.ShapeDtypeStruct((m, e), dtype),
       grid=(m // bm,), grid_names=("m",), **params,
-  )(z, *zbs,
-    w1.T.astype(dtype).reshape(e, c // cb, cb).transpose(1, 0, 2), b1.astype(jnp.float32),
-    *mask)
+  )(z, *zbs, w1t, b1.astype(jnp.float32), *mask)
 
 
 def project_call(h, res, rs, w2, b2, *, bn, kc, stages, bm=BLOCK_M, select_zero_rows=False,
@@ -305,13 +483,13 @@ def project_call(h, res, rs, w2, b2, *, bn, kc, stages, bm=BLOCK_M, select_zero_
                                              "block_n", "stages", "project_stages",
                                              "col_block", "expand_block_m",
                                              "project_block_m", "expand_pipelined",
-                                             "interpret"))
+                                             "expand_ws_slots", "interpret"))
 def split_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str = "gelu",
               normalize: bool = True, eps: float = 1e-6, hidden_chunk: int | None = None,
               block_n: int | None = None, stages: int = 2, project_stages: int = 3,
               col_block: int | None = None, expand_block_m: int = BLOCK_M,
               project_block_m: int = BLOCK_M, expand_pipelined: bool = False,
-              interpret=False):
+              expand_ws_slots: int = 0, interpret=False):
   """y = res + row_scale * (act(norm(z + z_bias) @ w1 + b1) @ w2 + b2) over rows, as
   ``mosaic_mlp.fused_mlp`` (same arguments and result), in two kernels.
 
@@ -326,7 +504,11 @@ def split_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
   slice's wgmmas run while the other's activation does (``_expand_kernel``; default slice:
   half the unpipelined one, so the weight stages take the same shared memory).  Compiled
   and correct on an H100 but slower: 14x14x384 0.214 vs 0.205 ms, 7x7x768 0.309 vs 0.217
-  (batch 128, 2026-11-26, benchmarks.mosaic_pipelined); off by default."""
+  (batch 128, 2026-11-26, benchmarks.mosaic_pipelined); off by default.
+  expand_ws_slots: > 0 runs the warp-specialised expand kernel (``_expand_kernel_ws``: 128
+  rows per CTA, two compute warpgroups on alternate hidden slices of ``hidden_chunk``, this
+  many W1^T slots each; ``expand_block_m``, ``stages`` and ``expand_pipelined`` do not apply
+  to it; hidden_chunk None: 64, or 32 where 64 does not fit shared memory)."""
   m, c, e = mosaic_mlp.check_mlp_args(z, res, w1, b1, w2, b2)
   reason = unsupported_reason(m, c, e, z.dtype, stages)
   if reason is not None:
@@ -336,7 +518,21 @@ def split_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
   for name, v in (("expand_block_m", expand_block_m), ("project_block_m", project_block_m)):
     if v not in (64, 128):
       raise ValueError(f"{name} must be 64 or 128, got {v}")
-  hc = hidden_chunk or choose_hidden_chunk(c, stages, expand_block_m)
+  if expand_ws_slots:
+    if expand_pipelined:
+      raise ValueError("expand_ws_slots and expand_pipelined are two different expand "
+                       "kernels: pick one")
+    expand_block_m = WS_BLOCK_M
+    hc = hidden_chunk or choose_ws_hidden_chunk(c, e, expand_ws_slots, has_zb=True)
+    if hc is None or expand_ws_smem_bytes(c, hc, expand_ws_slots, has_zb=True) > SMEM_BYTES:
+      raise ValueError(f"C={c} with expand_ws_slots={expand_ws_slots} and hidden_chunk="
+                       f"{hidden_chunk} does not fit the warp-specialised expand kernel's "
+                       f"shared memory")
+    if e % (2 * hc):
+      raise ValueError(f"expand_ws_slots needs E={e} to be a multiple of 2 x hidden_chunk="
+                       f"{2 * hc}")
+  else:
+    hc = hidden_chunk or choose_hidden_chunk(c, stages, expand_block_m)
   if hc is None:
     raise ValueError(f"C={c} with expand_block_m={expand_block_m} and {stages} stages does "
                      f"not fit the expand kernel's shared memory")
@@ -359,7 +555,8 @@ def split_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
     raise ValueError(f"project_stages must be >= 2 (one wgmma stays in flight), got "
                      f"{project_stages}")
   # (with ``step`` the staging tiles are counted 2 hc wide when pipelined: an overestimate)
-  if expand_smem_bytes(c, step, stages, bm=expand_block_m, staging=1) > SMEM_BYTES:
+  if not expand_ws_slots and expand_smem_bytes(c, step, stages, bm=expand_block_m,
+                                               staging=1) > SMEM_BYTES:
     raise ValueError(f"hidden_chunk={hc} with {stages} stages and expand_block_m="
                      f"{expand_block_m}{' (two per stage)' if expand_pipelined else ''} does "
                      f"not fit shared memory")
@@ -374,7 +571,7 @@ def split_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
   h = expand_call(z, zb, w1, b1, hc=hc, cb=cb, act=act, normalize=normalize, eps=eps,
                   stages=stages, bm=expand_block_m,
                   staging=choose_staging(c, step, stages, expand_block_m),
-                  pipelined=expand_pipelined, **params)
+                  pipelined=expand_pipelined, ws_slots=expand_ws_slots, **params)
   y = project_call(h, res, rs, w2, b2, bn=bn, kc=kc, stages=project_stages,
                    bm=project_block_m, **params)
   return y[:m] if m_pad != m else y

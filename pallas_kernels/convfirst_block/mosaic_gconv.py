@@ -330,23 +330,34 @@ def _project_tile(c: int) -> tuple[int, int]:
   return (128, 192) if c % 192 == 0 else (64, mosaic_split._column_block(c))
 
 
-def mbconv_rows(xr: jax.Array, params: MBConvBlockParams, layout: PaddedRows, mask: jax.Array,
-                *, chunk: int = 32, gconv_block_m: int = 256, gconv_per_cta: int = 0,
-                gconv_stages: int = 2, expand_block_m: int | None = None,
-                interpret=False) -> jax.Array:
-  """The MBConv block x + fc2(silu(gconv(silu(fc1(x) + b1)) + b0)) + b2 on padded rows:
-  (layout.total, C) -> (layout.total, C), zero at every row that is not a real pixel, so a
-  stage of blocks can chain in the layout.  ``mask`` = ``row_mask(layout)``.
+# W1^T slots per compute warpgroup of the warp-specialised expand kernel
+# (``mosaic_split._expand_kernel_ws``) in MBConv blocks, where it fits shared memory (C=384:
+# yes, one 64-wide slice per warpgroup; C=768: no); 0 = the single-warpgroup kernel.  H100,
+# 2026-11-27, 14x14x384 E4 in the layout: expand 0.117 vs 0.133 ms (batch 128), 0.204 vs
+# 0.247 (256); the 9-block stage 2.576 vs 2.720 ms, 4.691 vs 5.023 (2 slots of 32-wide
+# slices: 2.840 / 5.250, slower).
+EXPAND_WS_SLOTS = 1
 
-  Three kernels over all ``layout.total`` rows: the split expand kernel
-  (``mosaic_split``) with its bias scaled by the row mask, so rows off the pixels (x = 0)
-  give silu(0) = 0 -- the conv's zero padding; the grouped conv kernel above; the split
-  project kernel with the row mask as its row scale, so rows off the
-  pixels come out as their residual, 0.  The 4C-wide h and g each make one bf16 DRAM round
-  trip."""
-  c = xr.shape[1]
-  kw = dict(compiler_params=plgpu.CompilerParams(approx_math=True),
-            interpret=_interpret_params(interpret))
+
+def _mbconv_expand(xr, params: MBConvBlockParams, mask, expand_block_m: int | None,
+                   ws_slots: int | None, kw: dict) -> jax.Array:
+  """h = silu(x @ W1 + mask * b1) on the padded rows: the warp-specialised expand kernel
+  with ``ws_slots`` W1^T slots per compute warpgroup (None: ``EXPAND_WS_SLOTS`` where that
+  fits shared memory, else 0), or (0) the single-warpgroup one with ``expand_block_m`` rows
+  per CTA (None: 128 where they fit shared memory)."""
+  c, e = params.fc1_kernel.shape
+  common = dict(cb=mosaic_split._column_block(c), act="silu", normalize=False, eps=1e-6,
+                stages=2, bias_row_mask=mask, **kw)
+  if ws_slots is None:
+    ws_slots = EXPAND_WS_SLOTS if expand_block_m is None and EXPAND_WS_SLOTS and (
+        mosaic_split.choose_ws_hidden_chunk(c, e, EXPAND_WS_SLOTS, row_mask=True)) else 0
+  if ws_slots:
+    hc = mosaic_split.choose_ws_hidden_chunk(c, e, ws_slots, row_mask=True)
+    if hc is None:
+      raise ValueError(f"C={c}, E={e} with expand_ws_slots={ws_slots} does not fit the "
+                       f"warp-specialised expand kernel's shared memory")
+    return mosaic_split.expand_call(xr, None, params.fc1_kernel, params.fc1_bias, hc=hc,
+                                    bm=mosaic_split.WS_BLOCK_M, ws_slots=ws_slots, **common)
   if expand_block_m is None:  # 128 rows where they fit shared memory (C=384: expand 0.140
     # vs 0.149 ms at 14x14, batch 128; the 9-block stage 2.775 vs 2.837 ms, H100 2026-11-27)
     expand_block_m = 128 if mosaic_split.choose_hidden_chunk(c, 2, 128) else 64
@@ -354,12 +365,31 @@ def mbconv_rows(xr: jax.Array, params: MBConvBlockParams, layout: PaddedRows, ma
   if hc is None:
     raise ValueError(f"C={c} with expand_block_m={expand_block_m} does not fit the expand "
                      f"kernel's shared memory")
-  cb = mosaic_split._column_block(c)
-  hr = mosaic_split.expand_call(
-      xr, None, params.fc1_kernel, params.fc1_bias, hc=hc, cb=cb,
-      act="silu", normalize=False, eps=1e-6, stages=2, bm=expand_block_m,
-      staging=mosaic_split.choose_staging(c, hc, 2, expand_block_m), bias_row_mask=mask,
-      **kw)
+  return mosaic_split.expand_call(
+      xr, None, params.fc1_kernel, params.fc1_bias, hc=hc, bm=expand_block_m,
+      staging=mosaic_split.choose_staging(c, hc, 2, expand_block_m), **common)
+
+
+def mbconv_rows(xr: jax.Array, params: MBConvBlockParams, layout: PaddedRows, mask: jax.Array,
+                *, chunk: int = 32, gconv_block_m: int = 256, gconv_per_cta: int = 0,
+                gconv_stages: int = 2, expand_block_m: int | None = None,
+                expand_ws_slots: int | None = None, interpret=False) -> jax.Array:
+  """The MBConv block x + fc2(silu(gconv(silu(fc1(x) + b1)) + b0)) + b2 on padded rows:
+  (layout.total, C) -> (layout.total, C), zero at every row that is not a real pixel, so a
+  stage of blocks can chain in the layout.  ``mask`` = ``row_mask(layout)``.
+
+  Three kernels over all ``layout.total`` rows: the split expand kernel
+  (``mosaic_split``; its warp-specialised form where it fits, ``EXPAND_WS_SLOTS``, unless
+  ``expand_block_m`` asks for the single-warpgroup one or ``expand_ws_slots`` says
+  otherwise) with its bias scaled by the row mask, so rows off the pixels (x = 0)
+  give silu(0) = 0 -- the conv's zero padding; the grouped conv kernel above; the split
+  project kernel with the row mask as its row scale, so rows off the
+  pixels come out as their residual, 0.  The 4C-wide h and g each make one bf16 DRAM round
+  trip."""
+  c = xr.shape[1]
+  kw = dict(compiler_params=plgpu.CompilerParams(approx_math=True),
+            interpret=_interpret_params(interpret))
+  hr = _mbconv_expand(xr, params, mask, expand_block_m, expand_ws_slots, kw)
   g = grouped_conv_rows(hr, params.conv_kernel, params.conv_bias, layout, act="silu",
                         chunk=chunk, block_m=gconv_block_m, per_cta=gconv_per_cta,
                         stages=gconv_stages, interpret=interpret)
@@ -388,11 +418,12 @@ def row_overhead(n: int, h: int, w: int) -> float:
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "gconv_block_m", "gconv_per_cta",
-                                             "gconv_stages", "expand_block_m", "interpret"))
+                                             "gconv_stages", "expand_block_m",
+                                             "expand_ws_slots", "interpret"))
 def mbconv_stage_forward(x: jax.Array, params: tuple[MBConvBlockParams, ...], *,
                          chunk: int = 32, gconv_block_m: int = 256, gconv_per_cta: int = 0,
                          gconv_stages: int = 2, expand_block_m: int | None = None,
-                         interpret=False) -> jax.Array:
+                         expand_ws_slots: int | None = None, interpret=False) -> jax.Array:
   """A chain of MBConv blocks (k = 3) through ``mbconv_rows``: x enters the padded-row layout
   once, every block runs in it (each block's output is the next one's input, zero off the
   pixels), and the real pixels come out once."""
@@ -406,7 +437,8 @@ def mbconv_stage_forward(x: jax.Array, params: tuple[MBConvBlockParams, ...], *,
       raise NotImplementedError(f"mosaic_gconv.mbconv_stage_forward: {reason}")
   return _chain_in_layout(x, params, functools.partial(
       mbconv_rows, chunk=chunk, gconv_block_m=gconv_block_m, gconv_per_cta=gconv_per_cta,
-      gconv_stages=gconv_stages, expand_block_m=expand_block_m, interpret=interpret))
+      gconv_stages=gconv_stages, expand_block_m=expand_block_m,
+      expand_ws_slots=expand_ws_slots, interpret=interpret))
 
 
 def _chain_in_layout(x, params, block_rows):

@@ -74,6 +74,7 @@ def _forward(x, params, dps, eps, tiles, interpret):
                           project_block_m=tiles.mosaic_project_block_m,
                           block_n=tiles.mosaic_block_n or None,
                           pipelined=tiles.mosaic_pipelined,
+                          expand_ws=tiles.mosaic_expand_ws,
                           dwconv_tiles=dw_tiles, interpret=interpret)
   return pallas_triton.forward(x, params, dps, eps=eps, tiles=tiles, interpret=interpret)
 
@@ -136,7 +137,8 @@ def _fused_fwd(x, params, dps, eps, tiles, interpret, xla_grad):
           dw_wgrad=tiles.mosaic_dwconv_wgrad, bwd_col_sums=tiles.mosaic_bwd_db1,
           bwd_zn=tiles.mosaic_bwd_zn, bwd_block_m=tiles.mosaic_bwd_block_m,
           bwd_split_ws=tiles.mosaic_bwd_split_ws, bwd_db1_gemm=tiles.mosaic_bwd_db1_gemm,
-          bwd_db2_gemm=tiles.mosaic_bwd_db2_gemm, interpret=interpret)
+          bwd_db2_gemm=tiles.mosaic_bwd_db2_gemm, expand_ws=tiles.mosaic_expand_ws,
+          interpret=interpret)
     else:
       fn = lambda x, p, d: convnext_block_reference(
           x, p, d, eps=eps, dw_conv="pallas" if dw_pallas else "xla",

@@ -56,7 +56,7 @@ def forward(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | None = N
             h_in_smem: bool | None = None, block_m: int = 64,
             dwconv_tiles: dwconv_triton.DwconvTiles | None = None, split: bool = False,
             project_stages: int = 3, project_block_m: int = 64, block_n: int | None = None,
-            pipelined: bool = False, interpret: bool = False) -> jax.Array:
+            pipelined: bool = False, expand_ws: int = 0, interpret: bool = False) -> jax.Array:
   """``dwconv_tiles``: None runs XLA's depthwise conv, else the Pallas-Triton one
   (dwconv_triton.py) with these tiles.  ``split``: the pointwise half as the two kernels of
   mosaic_split.py (any C multiple of 64; ``block_m`` and ``h_in_smem`` do not apply)
@@ -64,7 +64,8 @@ def forward(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | None = N
   pipeline depth, ``project_stages`` its project kernel's, ``project_block_m`` and
   ``block_n`` that kernel's rows and output channels per CTA.  ``pipelined``: the fused
   kernel's ``pipelined`` / the split form's ``expand_pipelined`` (a wgmma in flight while
-  each activation runs)."""
+  each activation runs).  ``expand_ws``: the split form's ``expand_ws_slots`` (its
+  warp-specialised expand kernel; 0: off)."""
   n, h, w, c = x.shape
   if dwconv_tiles is None:
     z = dwconv.depthwise_conv(x, params.dw_kernel, wgrad="xla")
@@ -79,7 +80,7 @@ def forward(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | None = N
         z.reshape(rows, c), x.reshape(rows, c), w1, b1, w2, b2, z_bias=params.dw_bias,
         row_scale=row_scale, act="gelu", normalize=True, eps=eps, stages=stages,
         project_stages=project_stages, project_block_m=project_block_m, block_n=block_n,
-        expand_pipelined=pipelined, interpret=interpret)
+        expand_pipelined=pipelined, expand_ws_slots=expand_ws, interpret=interpret)
     return y.reshape(n, h, w, c)
   y = mosaic_mlp.fused_mlp(
       z.reshape(rows, c), x.reshape(rows, c), w1, b1, w2, b2, z_bias=params.dw_bias,
@@ -146,7 +147,8 @@ def forward_train(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | No
                   block_n: int | None = None, bwd_hidden: int = 0, dw_wgrad: str = "auto",
                   bwd_col_sums: bool = False, bwd_zn: bool = True, bwd_block_m: int = 64,
                   bwd_split_ws: bool = False, bwd_db1_gemm: bool = False,
-                  bwd_db2_gemm: bool = False, interpret: bool = False) -> jax.Array:
+                  bwd_db2_gemm: bool = False, expand_ws: int = 0,
+                  interpret: bool = False) -> jax.Array:
   """The block forward of ``forward`` for differentiated calls (``split``: the two-kernel
   form and its backward, ``mosaic_mlp_bwd.hidden_grads``, for C > 256):
 
@@ -190,5 +192,5 @@ def forward_train(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | No
       bwd_hidden=bwd_hidden, bwd_col_sums=bwd_col_sums, bwd_zn=bwd_zn,
       bwd_block_m=64 if split else bwd_block_m, bwd_split_ws=split and bwd_split_ws,
       bwd_db1_gemm=_zn_ones(bwd_db1_gemm, bwd_zn, bwd_col_sums), bwd_db2_gemm=bwd_db2_gemm,
-      interpret=interpret)
+      expand_ws=expand_ws, interpret=interpret)
   return y.reshape(n, h, w, c)

@@ -75,6 +75,11 @@ class ConvNeXtTiles:
   # every table entry: slower than the serial kernels at every ConvNeXt-T / ConvFirst shape
   # on an H100 (0.69-0.96x, 2026-11-26, `bash benchmarks/gpu_suite.sh pipelined`).
   mosaic_pipelined: bool = False
+  # "mosaic_split": W1^T slots per compute warpgroup of the warp-specialised expand kernel
+  # (mosaic_split's ``_expand_kernel_ws``: 128-row CTAs, two compute warpgroups on alternate
+  # hidden slices, so one's wgmmas run while the other's activation and store do); 0 = the
+  # single-warpgroup expand kernel (``mosaic_stages`` deep).  Ignored by "mosaic".
+  mosaic_expand_ws: int = 0
   # The depthwise conv before the Mosaic kernels, and in "hybrid" differentiated calls its
   # forward and input gradient (dwconv.depthwise_conv(conv=...)): "pallas" = dwconv_triton.py
   # (default tiles; 1.4-2.0x XLA's conv on an H100, 2026-11-26), "xla" = XLA's conv.
@@ -430,7 +435,7 @@ def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]
               block_m=t.mosaic_block_m, split=t.fwd_kernel == "mosaic_split",
               project_stages=t.mosaic_project_stages,
               project_block_m=t.mosaic_project_block_m, block_n=t.mosaic_block_n or None,
-              pipelined=t.mosaic_pipelined,
+              pipelined=t.mosaic_pipelined, expand_ws=t.mosaic_expand_ws,
               dwconv_tiles=(None if t.mosaic_dwconv == "xla"
                             else dwconv_triton.default_tiles(x.shape[2]))),
           (x, params, dps), best, include_current=False)

@@ -166,6 +166,38 @@ def test_mbconv_rows_keep_the_border_zero():
   assert _rel(got, want) < BF16_TOL
 
 
+def test_mbconv_expand_kernel_choice(monkeypatch):
+  """The expand kernel MBConv blocks run: the warp-specialised one by default where it fits
+  shared memory (convfirst_t's C=384, and the small widths the interpreter tests above run),
+  the single-warpgroup one at C=768 or when ``expand_block_m`` / ``expand_ws_slots=0`` ask
+  for it; both give the reference's block."""
+  from pallas_kernels import mosaic_split
+  seen = []
+  real = mosaic_split.expand_call
+  monkeypatch.setattr(mosaic_split, "expand_call",
+                      lambda *a, **k: seen.append(k.get("ws_slots", 0)) or real(*a, **k))
+  for c, slots in ((384, mg.EXPAND_WS_SLOTS), (768, 0), (64, mg.EXPAND_WS_SLOTS)):
+    lay = mg.padded_rows(16, 7, 7)
+    xr = jax.ShapeDtypeStruct((lay.total, c), jnp.bfloat16)
+    p = jax.tree.map(jnp.zeros_like, _mbconv(c, 4 * c))
+    jax.eval_shape(lambda xr: mg.mbconv_rows(xr, p, lay, mg.row_mask(lay)), xr)
+    assert seen.pop() == slots
+  assert mg.EXPAND_WS_SLOTS == 1
+  x = jax.random.normal(jax.random.key(5), (3, 3, 5, 64)).astype(jnp.bfloat16)
+  p = _mbconv(64, 256, seed=9)
+  want = mbconv_block_reference(x.astype(jnp.float32), p)
+  for kw, slots in ((dict(expand_ws_slots=0), 0), (dict(expand_block_m=128), 0),
+                    (dict(expand_ws_slots=2), 2)):
+    got = mg.mbconv_stage_forward(x, (p,), interpret=True, **kw)
+    assert seen.pop() == slots
+    assert _rel(got, want) < BF16_TOL
+  with pytest.raises(ValueError, match="expand_ws_slots=1 does not fit"):
+    lay = mg.padded_rows(8, 7, 7)
+    jax.eval_shape(lambda xr: mg.mbconv_rows(
+        xr, jax.tree.map(jnp.zeros_like, _mbconv(768, 3072)), lay, mg.row_mask(lay),
+        expand_ws_slots=1), jax.ShapeDtypeStruct((lay.total, 768), jnp.bfloat16))
+
+
 def test_mbconv_forward_errors():
   x = jnp.zeros((1, 4, 4, 64), jnp.bfloat16)
   with pytest.raises(NotImplementedError, match="multiple of 64"):

@@ -15,6 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import pytest
+from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import convnext_block, convnext_block_reference
 from pallas_kernels import mosaic_mlp, mosaic_split
@@ -47,6 +48,66 @@ from tests.pallas_kernels.test_mosaic_mlp import _mlp_inputs as _inputs
 def test_split_mlp_matches_reference(m, c, e, act, normalize, kw):
   check_against_reference(mosaic_split.split_mlp, _inputs(m + c, m, c, e), act, normalize,
                           **kw)
+
+
+@pytest.mark.parametrize("m,c,e,act,normalize,kw", [
+    # C=384 (two column blocks) with LayerNorm: 32-wide slices, 2 slots per warpgroup
+    (70, 384, 256, "gelu", True, dict(expand_ws_slots=2)),
+    # one 64-wide slot per warpgroup, 6 slices (3 per warpgroup: slots refilled), padded rows
+    (130, 128, 384, "silu", False, dict(expand_ws_slots=1, hidden_chunk=64)),
+    # fewer slices than slots: nothing refilled
+    (64, 64, 128, "gelu", True, dict(expand_ws_slots=2, hidden_chunk=32)),
+])
+def test_split_mlp_warp_specialised_expand(m, c, e, act, normalize, kw):
+  """The warp-specialised expand kernel (two compute warpgroups on alternate hidden slices,
+  a TMA warpgroup) inside split_mlp, against the reference."""
+  check_against_reference(mosaic_split.split_mlp, _inputs(m + c + 7, m, c, e), act,
+                          normalize, **kw)
+
+
+def test_warp_specialised_expand_matches_the_single_warpgroup_kernel():
+  """Same slices, same bias row mask (MBConv's use): both expand kernels give the same h."""
+  m, c, e = 256, 128, 512
+  ks = jax.random.split(jax.random.key(11), 4)
+  z = jax.random.normal(ks[0], (m, c)).astype(jnp.bfloat16)
+  w1 = jax.random.normal(ks[1], (c, e)) / c ** 0.5
+  b1 = jax.random.normal(ks[2], (e,))
+  mask = (jax.random.uniform(ks[3], (m,)) > 0.4).astype(jnp.float32)
+  kw = dict(hc=64, cb=128, act="silu", normalize=False, eps=1e-6, stages=2, bm=128,
+            bias_row_mask=mask, interpret=mosaic_mlp._interpret_params(True))
+  ws = mosaic_split.expand_call(z, None, w1, b1, ws_slots=1, **kw)
+  one = mosaic_split.expand_call(z, None, w1, b1, staging=1, **kw)
+  want = jax.nn.silu(z.astype(jnp.float32) @ w1.astype(jnp.bfloat16).astype(jnp.float32)
+                     + mask[:, None] * b1)
+  assert _rel(ws, want) < BF16_TOL
+  assert _rel(ws, one) < 1e-2  # the same sums, rounded to bf16 once
+  assert not bool(jnp.isnan(ws).any())
+
+
+def test_warp_specialised_expand_has_no_races():
+  """Race detector: slots refilled by the TMA warpgroup after each compute warpgroup's
+  "consumed" arrival, per-warpgroup staging tiles reused after their TMA stores read them,
+  the LayerNorm halves joined by a barrier before the first wgmma."""
+  check_race_free(functools.partial(mosaic_split.split_mlp, expand_ws_slots=1,
+                                    hidden_chunk=32), _inputs(8, 128, 64, 256))
+
+
+def test_warp_specialised_expand_shared_memory_against_the_compiler():
+  """``expand_ws_smem_bytes`` against Mosaic GPU's own check (CUDA lowering on a CPU):
+  MBConv's C=384 use (row mask, one 64-wide slot per warpgroup) fits; with zb (LayerNorm) it
+  would not (the compiler counted 234,608 bytes), and split_mlp then takes 32-wide slices."""
+  assert mosaic_split.expand_ws_smem_bytes(384, 64, 1, row_mask=True) <= mosaic_split.SMEM_BYTES
+  assert mosaic_split.expand_ws_smem_bytes(384, 64, 1, has_zb=True) > mosaic_split.SMEM_BYTES
+  assert mosaic_split.choose_ws_hidden_chunk(384, 1536, 1, row_mask=True) == 64
+  assert mosaic_split.choose_ws_hidden_chunk(384, 1536, 1, has_zb=True) == 32
+  assert mosaic_split.choose_ws_hidden_chunk(768, 3072, 1, row_mask=True) is None
+  z = jax.ShapeDtypeStruct((31232, 384), jnp.bfloat16)
+  w1, b1, mask = jnp.zeros((384, 1536)), jnp.zeros((1536,)), jnp.zeros((31232,))
+  jax.jit(lambda z: mosaic_split.expand_call(
+      z, None, w1, b1, hc=64, cb=192, act="silu", normalize=False, eps=1e-6, stages=2,
+      bm=128, bias_row_mask=mask, ws_slots=1,
+      compiler_params=plgpu.CompilerParams(approx_math=True))).trace(z).lower(
+          lowering_platforms=("cuda",))
 
 
 def test_split_mlp_float16_no_row_scale_no_bias():
@@ -89,6 +150,13 @@ def test_split_mlp_errors_name_the_problem():
   with pytest.raises(ValueError, match="even number of hidden slices"):
     mosaic_split.split_mlp(**_inputs(5, 64, 64, 192), hidden_chunk=64, expand_pipelined=True,
                            interpret=True)
+  with pytest.raises(ValueError, match="two different expand kernels"):
+    mosaic_split.split_mlp(**a, expand_ws_slots=1, expand_pipelined=True, interpret=True)
+  with pytest.raises(ValueError, match="expand_ws_slots=1 .* does not fit"):
+    mosaic_split.split_mlp(**_inputs(5, 64, 768, 256), expand_ws_slots=1, interpret=True)
+  with pytest.raises(ValueError, match="multiple of 2 x hidden_chunk"):
+    mosaic_split.split_mlp(**_inputs(5, 64, 64, 192), expand_ws_slots=1, hidden_chunk=64,
+                           interpret=True)
   with pytest.raises(ValueError, match="expand_block_m=128 .* does not fit"):
     mosaic_split.split_mlp(**_inputs(5, 64, 768, 256), expand_block_m=128, interpret=True)
   # C=1536 (ConvNeXt-XL's last stage) with 4 stages does not fit shared memory
@@ -98,19 +166,20 @@ def test_split_mlp_errors_name_the_problem():
   assert mosaic_split.choose_hidden_chunk(768, 2) == 32
 
 
-@pytest.mark.parametrize("shape,pipelined", [((1, 3, 5, 384), False), ((2, 2, 3, 256), False),
-                                             ((1, 3, 5, 384), True)])
-def test_convnext_block_forward_through_split(shape, pipelined):
+@pytest.mark.parametrize("shape,pipelined,expand_ws", [
+    ((1, 3, 5, 384), False, 0), ((2, 2, 3, 256), False, 0), ((1, 3, 5, 384), True, 0),
+    ((1, 3, 5, 384), False, 2)])
+def test_convnext_block_forward_through_split(shape, pipelined, expand_ws):
   """The public entry point with the split Mosaic forward (the default tiles at C=384;
-  odd H and W, batch 1 and 2, drop-path scale per sample; ``mosaic_pipelined`` reaches the
-  expand kernel)."""
+  odd H and W, batch 1 and 2, drop-path scale per sample; ``mosaic_pipelined`` and
+  ``mosaic_expand_ws`` reach the expand kernel)."""
   c = shape[-1]
   kx, kp, kd = jax.random.split(jax.random.key(c), 3)
   x = jax.random.normal(kx, shape).astype(jnp.bfloat16)
   params = tuning.reference_params(kp, c)
   dps = jax.random.uniform(kd, (shape[0],)) + 0.5
   tiles = dataclasses.replace(tuning.get_tiles(c, x.dtype), fwd_kernel="mosaic_split",
-                              mosaic_pipelined=pipelined)
+                              mosaic_pipelined=pipelined, mosaic_expand_ws=expand_ws)
   assert api.forward_kernel(x.shape, x.dtype, params, tiles, True) == "mosaic_split"
   got = convnext_block(x, params, dps, implementation="pallas", interpret=True, tiles=tiles)
   want = convnext_block_reference(x.astype(jnp.float32), params, dps)
@@ -174,6 +243,20 @@ def test_compiled_pipelined_expand_on_gpu(m, c, e):
   a = _inputs(c, m, c, e)
   kw = dict(hidden_chunk=32, stages=1) if c == 768 else {}
   got = mosaic_split.split_mlp(**a, expand_pipelined=True, **kw)
+  want = mosaic_mlp.fused_mlp_reference(**{k: v.astype(jnp.float32) for k, v in a.items()})
+  assert _rel(got, want) < BF16_TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,c,e,kw", [(2 * 14 * 14 + 5, 384, 1536, dict(expand_ws_slots=2)),
+                                      (3 * 7 * 7, 128, 512, dict(expand_ws_slots=1))])
+def test_compiled_warp_specialised_expand_on_gpu(m, c, e, kw):
+  """The warp-specialised expand kernel compiled: C=384 with LayerNorm (32-wide slices, 2
+  slots), C=128 with one 64-wide slot, padded row counts."""
+  if mosaic_mlp.device_unsupported_reason(False) is not None:
+    pytest.skip(mosaic_mlp.device_unsupported_reason(False))
+  a = _inputs(c + 1, m, c, e)
+  got = mosaic_split.split_mlp(**a, **kw)
   want = mosaic_mlp.fused_mlp_reference(**{k: v.astype(jnp.float32) for k, v in a.items()})
   assert _rel(got, want) < BF16_TOL
 

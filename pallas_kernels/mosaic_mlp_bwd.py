@@ -1086,7 +1086,6 @@ class MlpConfig(NamedTuple):
   bwd_split_ws: bool = False    # split: hidden_grads(two_warpgroups=True)
   bwd_db1_gemm: bool = False    # db1 as the dW1 GEMM's extra row (the kernels' zn_ones)
   bwd_db2_gemm: bool = False    # db2 as the dW2 GEMM's extra row (the kernels' h_scales)
-  expand_ws: int = 0            # split: split_mlp's expand_ws_slots
 
 
 def _normalised(z, zb, normalize: bool, eps: float):
@@ -1108,7 +1107,7 @@ def _mlp(z, res, w1, b1, w2, b2, zb, rs, cfg: MlpConfig):
         z, res, w1, b1, w2, b2, z_bias=zb, row_scale=rs, act=cfg.act, normalize=cfg.normalize,
         eps=cfg.eps, stages=cfg.stages, project_stages=cfg.project_stages,
         project_block_m=cfg.project_block_m, block_n=cfg.block_n or None,
-        expand_ws_slots=cfg.expand_ws, interpret=cfg.interpret)
+        interpret=cfg.interpret)
   return mosaic_mlp.fused_mlp(z, res, w1, b1, w2, b2, z_bias=zb, row_scale=rs, act=cfg.act,
                               normalize=cfg.normalize, eps=cfg.eps,
                               hidden_chunk=cfg.hidden_chunk, stages=cfg.stages,
@@ -1195,7 +1194,7 @@ def mlp_with_grad(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: s
                   block_n: int | None = None, bwd_hidden: int = 0, bwd_col_sums: bool = False,
                   bwd_zn: bool = True, bwd_block_m: int = 64, bwd_split_ws: bool = False,
                   bwd_db1_gemm: bool = False, bwd_db2_gemm: bool = False,
-                  expand_ws: int = 0, interpret: bool = False):
+                  interpret: bool = False):
   """``mosaic_mlp.fused_mlp`` (same arguments and result; res may be None: no residual read
   or added, and no zeros passed to the kernel) with a Mosaic GPU backward: the
   forward kernel saves only its inputs, the backward is ``fused_mlp_bwd`` plus XLA's GEMMs
@@ -1214,8 +1213,8 @@ def mlp_with_grad(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: s
 
   ``split=True`` (C > 256): the forward is ``mosaic_split.split_mlp`` (``stages`` is its
   expand kernel's depth; ``project_stages``, ``project_block_m``, ``block_n`` its project
-  kernel's; ``expand_ws``: its ``expand_ws_slots``) and the backward ``hidden_grads`` with
-  dzn and the LayerNorm backward in XLA; ``hidden_chunk`` and ``block_m`` do not apply."""
+  kernel's) and the backward ``hidden_grads`` with dzn and the
+  LayerNorm backward in XLA; ``hidden_chunk`` and ``block_m`` do not apply."""
   m, c, e = mosaic_mlp.check_mlp_args(z, res, w1, b1, w2, b2)
   bwd_hidden = bwd_hidden or (32 if split else hidden_chunk)
   if bwd_db1_gemm and (not bwd_zn or bwd_col_sums):
@@ -1240,7 +1239,7 @@ def mlp_with_grad(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: s
                   bool(interpret), bool(split), project_stages, project_block_m, block_n or 0,
                   bwd_hidden, bool(bwd_col_sums), bool(bwd_zn), row_scale is None,
                   res is not None, int(bwd_block_m), bool(bwd_split_ws), bool(bwd_db1_gemm),
-                  bool(bwd_db2_gemm), int(expand_ws) if split else 0)
+                  bool(bwd_db2_gemm))
   if res is None:  # a zero-size stand-in: the custom_vjp takes arrays
     res = jnp.zeros((0, c), z.dtype)
   return _mlp(z, res, w1, b1, w2, b2, zb, rs, cfg)

@@ -19,6 +19,13 @@ a pipelined GEMM with the block's element-wise work fused into its prologue or e
   and (kc x block_n) tiles of W2, accumulates in registers, and writes
   res + row_scale * (acc + b2) once.
 
+* expand, warp-specialised (``_expand_kernel_ws``, ``split_mlp(expand_ws_slots=n)``): 128
+  rows per CTA; two compute warpgroups take alternate hidden slices over all of them (one's
+  wgmmas run while the other's bias + activation + store do), a third streams the W1^T
+  slices into each one's ``n`` slots.  MBConv blocks use it at C=384 (expand 0.117 vs
+  0.133 ms at 14x14x384 E4, batch 128, H100 2026-11-27), ConvNeXt's C=384 inference forward
+  from 32,768 rows.
+
 The E-wide activation makes exactly one round trip through DRAM, in z's dtype: compared
 with the fused kernel, 2 * M * E * 2 bytes of extra traffic and no repeated matmul work.
 Measured (ConvNeXt-T stage 3, 14x14x384, batch 128, bf16, 2026-11-26): expand 0.13 ms,
@@ -225,31 +232,39 @@ WS_BLOCK_M = 128  # rows per CTA of the warp-specialised expand kernel
 
 
 def expand_ws_smem_bytes(c: int, hc: int, slots: int, itemsize: int = 2, *,
-                         has_zb: bool = False, row_mask: bool = False) -> int:
+                         has_zb: bool = False, row_mask: bool = False,
+                         staging_halves: int = 2) -> int:
   """Shared memory of ``_expand_kernel_ws``: the 128-row z tile, ``slots`` (hc x C) W1^T
-  slices and hc biases per compute warpgroup, one 128 x hc output staging tile per compute
-  warpgroup, the zb vector and row mask where used; + 1 KiB for barriers and alignment."""
+  slices and hc biases per compute warpgroup, ``staging_halves`` 64 x hc output staging
+  tiles per compute warpgroup, the zb vector and row mask where used; + 1 KiB for barriers
+  and alignment."""
   # With zb, + 2.5 KiB more: the compiler counted 234,608 bytes at C=384, hc=64, 1 slot,
-  # where this sum without it is 232,448 (the LayerNorm's row reductions; CUDA lowering on
-  # a CPU, 2026-11-27).
+  # two staging halves, where this sum without it is 232,448 (the LayerNorm's row
+  # reductions; CUDA lowering on a CPU, 2026-11-27).
   bm = WS_BLOCK_M
-  return (itemsize * (bm * c + 2 * slots * hc * c + 2 * bm * hc) + 4 * 2 * slots * hc
-          + (4 * c + 2560 if has_zb else 0) + (4 * bm if row_mask else 0) + 1024)
+  return (itemsize * (bm * c + 2 * slots * hc * c + 2 * staging_halves * 64 * hc)
+          + 4 * 2 * slots * hc + (4 * c + 2560 if has_zb else 0) + (4 * bm if row_mask else 0)
+          + 1024)
 
 
-def choose_ws_hidden_chunk(c: int, e: int, slots: int, *, has_zb: bool = False,
-                           row_mask: bool = False) -> int | None:
-  """The widest hidden slice (64 or 32) of ``_expand_kernel_ws`` that fits shared memory and
-  gives each compute warpgroup whole slices (E a multiple of 2 hc); None if neither does."""
-  for hc in (64, 32):
-    if e % (2 * hc) == 0 and expand_ws_smem_bytes(
-        c, hc, slots, has_zb=has_zb, row_mask=row_mask) <= SMEM_BYTES:
-      return hc
+def choose_ws_tiles(c: int, e: int, slots: int, *, has_zb: bool = False,
+                    row_mask: bool = False, widths=(64, 32)) -> tuple[int, int] | None:
+  """(hidden slice width, staging halves) of ``_expand_kernel_ws``: the widest slice (64,
+  then 32) that gives each compute warpgroup whole slices (E a multiple of 2 hc) and fits
+  shared memory, with a whole 128-row staging tile per warpgroup where that fits, else one
+  64-row half (stored in turn: C=384 with LayerNorm); None if nothing fits."""
+  for hc in widths:
+    for halves in (2, 1):
+      if e % (2 * hc) == 0 and expand_ws_smem_bytes(
+          c, hc, slots, has_zb=has_zb, row_mask=row_mask,
+          staging_halves=halves) <= SMEM_BYTES:
+        return hc, halves
   return None
 
 
 def _expand_kernel_ws(z_gmem, *refs, e: int, hc: int, act: str, normalize: bool, eps: float,
-                      slots: int, row_mask: bool = False, has_zb: bool = True):
+                      slots: int, row_mask: bool = False, has_zb: bool = True,
+                      staging_halves: int = 2):
   """``_expand_kernel`` for 128-row CTAs, warp-specialised (``num_threads=3``, axis "wg"):
   the two compute warpgroups take alternate hidden slices (slice j on warpgroup j % 2), each
   over all 128 rows, so that one warpgroup's wgmmas run while the other evaluates its bias +
@@ -260,7 +275,8 @@ def _expand_kernel_ws(z_gmem, *refs, e: int, hc: int, act: str, normalize: bool,
   "consumed" barrier.  With zb, each compute warpgroup adds it to (and LayerNorms) its own
   64-row half in place, and both meet at a barrier before the first wgmma.  Each warpgroup
   stores its (128 x hc) result through its own staging tile, waiting for its previous store
-  to have read it.
+  to have read it; with ``staging_halves=1`` the tile holds 64 rows and the two halves go
+  out in turn (16 KiB less shared memory at hc=64, which C=384 with LayerNorm needs).
 
   refs as ``_expand_kernel``'s, except b1_gmem: (E // hc, hc) f32."""
   refs = list(refs)
@@ -316,13 +332,16 @@ def _expand_kernel_ws(z_gmem, *refs, e: int, hc: int, act: str, normalize: bool,
         hs = [_activate(a, b1_smem.at[slot], act, dtype,
                         mask_smem.at[r] if row_mask else None) for r, a in enumerate(accs)]
         plgpu.barrier_arrive(consumed.at[slot])  # the slot's W1^T and biases are read
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # our last store read the tile
         for r in range(2):
-          h_smem.at[wgi, r][...] = hs[r]
-        plgpu.commit_smem()
-        for r in range(2):
-          plgpu.copy_smem_to_gmem(h_smem.at[wgi, r],
-                                  h_gmem.at[pl.ds(r0 + 64 * r, 64), pl.ds(j * hc, hc)])
+          tile = h_smem.at[wgi, r % staging_halves]
+          if r % staging_halves == 0:  # our last store from these tiles has read them
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          tile[...] = hs[r]
+          if r % staging_halves == staging_halves - 1:
+            plgpu.commit_smem()
+            for q in range(r + 1 - staging_halves, r + 1):
+              plgpu.copy_smem_to_gmem(h_smem.at[wgi, q % staging_halves], h_gmem.at[
+                  pl.ds(r0 + 64 * q, 64), pl.ds(j * hc, hc)])
 
       plgpu.wait_smem_to_gmem(0)
 
@@ -368,7 +387,7 @@ def _expand_kernel_ws(z_gmem, *refs, e: int, hc: int, act: str, normalize: bool,
       plgpu.SMEM((n_cb, 2, 64, cb), dtype, transforms=t),
       plgpu.SMEM((n_slots, n_cb, hc, cb), dtype, transforms=t),
       plgpu.SMEM((n_slots, hc), jnp.float32),
-      plgpu.SMEM((2, 2, 64, hc), dtype, transforms=_transforms(hc, dtype)),
+      plgpu.SMEM((2, staging_halves, 64, hc), dtype, transforms=_transforms(hc, dtype)),
       plgpu.Barrier(num_barriers=n_tile_bars),
       plgpu.Barrier(num_barriers=n_slots * n_cb),
       plgpu.Barrier(num_barriers=n_slots),
@@ -428,14 +447,16 @@ def _project_kernel(h_gmem, res_gmem, rs_gmem, w2_gmem, b2_gmem, out_gmem, *, e:
 
 
 def expand_call(z, zb, w1, b1, *, hc, cb, act, normalize, eps, stages, bm=BLOCK_M, staging=2,
-                pipelined=False, bias_row_mask=None, ws_slots=0, **params):
+                pipelined=False, bias_row_mask=None, ws_slots=0, ws_staging_halves=2,
+                **params):
   """h = act(norm(z + zb) @ w1 + b1) for z with a multiple of ``bm`` rows (``_expand_kernel``);
   with ``bias_row_mask`` (M,) act(norm(z + zb) @ w1 + mask * b1).  ``zb`` None (only with
   normalize=False): h = act(z @ w1 + b1), no pass over the z tile.
 
   ``ws_slots`` > 0: the warp-specialised kernel (``_expand_kernel_ws``: bm must be 128, E a
-  multiple of 2 hc) with that many W1^T slots per compute warpgroup; ``stages``, ``staging``
-  and ``pipelined`` do not apply to it."""
+  multiple of 2 hc) with that many W1^T slots per compute warpgroup and
+  ``ws_staging_halves`` 64-row output staging tiles each; ``stages``, ``staging`` and
+  ``pipelined`` do not apply to it."""
   m, c = z.shape
   e = w1.shape[1]
   dtype = z.dtype
@@ -452,7 +473,7 @@ def expand_call(z, zb, w1, b1, *, hc, cb, act, normalize, eps, stages, bm=BLOCK_
     return plgpu.kernel(
         functools.partial(_expand_kernel_ws, e=e, hc=hc, act=act, normalize=normalize,
                           eps=float(eps), slots=ws_slots, row_mask=bool(mask),
-                          has_zb=zb is not None),
+                          has_zb=zb is not None, staging_halves=ws_staging_halves),
         out_type=jax.ShapeDtypeStruct((m, e), dtype),
         grid=(m // bm,), grid_names=("m",), num_threads=3, thread_name="wg", **params,
     )(z, *zbs, w1t, b1.astype(jnp.float32).reshape(e // hc, hc), *mask)
@@ -523,14 +544,16 @@ def split_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
       raise ValueError("expand_ws_slots and expand_pipelined are two different expand "
                        "kernels: pick one")
     expand_block_m = WS_BLOCK_M
-    hc = hidden_chunk or choose_ws_hidden_chunk(c, e, expand_ws_slots, has_zb=True)
-    if hc is None or expand_ws_smem_bytes(c, hc, expand_ws_slots, has_zb=True) > SMEM_BYTES:
-      raise ValueError(f"C={c} with expand_ws_slots={expand_ws_slots} and hidden_chunk="
-                       f"{hidden_chunk} does not fit the warp-specialised expand kernel's "
-                       f"shared memory")
-    if e % (2 * hc):
+    if hidden_chunk is not None and e % (2 * hidden_chunk):
       raise ValueError(f"expand_ws_slots needs E={e} to be a multiple of 2 x hidden_chunk="
-                       f"{2 * hc}")
+                       f"{2 * hidden_chunk}")
+    tiles = choose_ws_tiles(c, e, expand_ws_slots, has_zb=True,
+                            widths=(64, 32) if hidden_chunk is None else (hidden_chunk,))
+    if tiles is None:
+      raise ValueError(f"C={c}, E={e} with expand_ws_slots={expand_ws_slots} and "
+                       f"hidden_chunk={hidden_chunk} does not fit the warp-specialised "
+                       f"expand kernel's shared memory")
+    hc, ws_halves = tiles
   else:
     hc = hidden_chunk or choose_hidden_chunk(c, stages, expand_block_m)
   if hc is None:
@@ -571,7 +594,8 @@ def split_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
   h = expand_call(z, zb, w1, b1, hc=hc, cb=cb, act=act, normalize=normalize, eps=eps,
                   stages=stages, bm=expand_block_m,
                   staging=choose_staging(c, step, stages, expand_block_m),
-                  pipelined=expand_pipelined, ws_slots=expand_ws_slots, **params)
+                  pipelined=expand_pipelined, ws_slots=expand_ws_slots,
+                  ws_staging_halves=ws_halves if expand_ws_slots else 2, **params)
   y = project_call(h, res, rs, w2, b2, bn=bn, kc=kc, stages=project_stages,
                    bm=project_block_m, **params)
   return y[:m] if m_pad != m else y

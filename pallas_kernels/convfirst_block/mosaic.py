@@ -23,7 +23,8 @@ def default_mlp_block_m(c: int, e: int, itemsize: int = 2) -> int:
   """Rows per CTA of the ConvFirst block's MLP kernel: 128 (two compute warpgroups sharing
   each weight chunk) for 128 < C <= 256 where it fits shared memory, else 64.  H100,
   2026-11-27, three 28x28x192 blocks (E=4, batch 128, in the padded-row form): 0.729 ms with
-  128 rows vs 0.867 with 64; 56x56x96: 64 rows (128 is not used at C <= 128)."""
+  128 rows vs 0.867 with 64; 56x56x96: 64 rows (128 measured slower there, ninth session:
+  1.193-1.229 vs 1.155-1.163 ms at batch 128, 2.320-2.333 vs 2.155-2.234 at 256)."""
   if 128 < c <= 256 and mosaic_mlp.fused_smem_bytes(c, e, 64, 2, 128, itemsize) + (
       mosaic_mlp._SMEM_SLACK) <= mosaic_mlp.SMEM_BYTES:
     return 128

@@ -350,14 +350,15 @@ def _mbconv_expand(xr, params: MBConvBlockParams, mask, expand_block_m: int | No
                 stages=2, bias_row_mask=mask, **kw)
   if ws_slots is None:
     ws_slots = EXPAND_WS_SLOTS if expand_block_m is None and EXPAND_WS_SLOTS and (
-        mosaic_split.choose_ws_hidden_chunk(c, e, EXPAND_WS_SLOTS, row_mask=True)) else 0
+        mosaic_split.choose_ws_tiles(c, e, EXPAND_WS_SLOTS, row_mask=True)) else 0
   if ws_slots:
-    hc = mosaic_split.choose_ws_hidden_chunk(c, e, ws_slots, row_mask=True)
-    if hc is None:
+    tiles = mosaic_split.choose_ws_tiles(c, e, ws_slots, row_mask=True)
+    if tiles is None:
       raise ValueError(f"C={c}, E={e} with expand_ws_slots={ws_slots} does not fit the "
                        f"warp-specialised expand kernel's shared memory")
-    return mosaic_split.expand_call(xr, None, params.fc1_kernel, params.fc1_bias, hc=hc,
-                                    bm=mosaic_split.WS_BLOCK_M, ws_slots=ws_slots, **common)
+    return mosaic_split.expand_call(xr, None, params.fc1_kernel, params.fc1_bias,
+                                    hc=tiles[0], bm=mosaic_split.WS_BLOCK_M,
+                                    ws_slots=ws_slots, ws_staging_halves=tiles[1], **common)
   if expand_block_m is None:  # 128 rows where they fit shared memory (C=384: expand 0.140
     # vs 0.149 ms at 14x14, batch 128; the 9-block stage 2.775 vs 2.837 ms, H100 2026-11-27)
     expand_block_m = 128 if mosaic_split.choose_hidden_chunk(c, 2, 128) else 64

@@ -137,8 +137,7 @@ def _fused_fwd(x, params, dps, eps, tiles, interpret, xla_grad):
           dw_wgrad=tiles.mosaic_dwconv_wgrad, bwd_col_sums=tiles.mosaic_bwd_db1,
           bwd_zn=tiles.mosaic_bwd_zn, bwd_block_m=tiles.mosaic_bwd_block_m,
           bwd_split_ws=tiles.mosaic_bwd_split_ws, bwd_db1_gemm=tiles.mosaic_bwd_db1_gemm,
-          bwd_db2_gemm=tiles.mosaic_bwd_db2_gemm, expand_ws=tiles.mosaic_expand_ws,
-          interpret=interpret)
+          bwd_db2_gemm=tiles.mosaic_bwd_db2_gemm, interpret=interpret)
     else:
       fn = lambda x, p, d: convnext_block_reference(
           x, p, d, eps=eps, dw_conv="pallas" if dw_pallas else "xla",

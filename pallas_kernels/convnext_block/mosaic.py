@@ -51,6 +51,14 @@ def fold_params(params: ConvNeXtBlockParams):
   return w1, b1, w2, b2
 
 
+# The split form's warp-specialised expand kernel (tile field ``mosaic_expand_ws``) runs from
+# this many rows per call: it has half as many CTAs as the 64-row kernel, and only the
+# batch-256 measurement favoured it (H100, 2026-11-27, C=384: ConvNeXt-T inference 25,251 /
+# 25,409 vs 24,351 img/s; the batch-128 block tied, 0.242 / 0.250 vs 0.254 / 0.244 ms; its
+# LayerNorm expand alone at batch 128 0.135 vs 0.123 ms).  14x14 images: batch >= 168.
+EXPAND_WS_MIN_ROWS = 32768
+
+
 def forward(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | None = None, *,
             eps: float = 1e-6, hidden_chunk: int = 64, stages: int = 2,
             h_in_smem: bool | None = None, block_m: int = 64,
@@ -65,7 +73,8 @@ def forward(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | None = N
   ``block_n`` that kernel's rows and output channels per CTA.  ``pipelined``: the fused
   kernel's ``pipelined`` / the split form's ``expand_pipelined`` (a wgmma in flight while
   each activation runs).  ``expand_ws``: the split form's ``expand_ws_slots`` (its
-  warp-specialised expand kernel; 0: off)."""
+  warp-specialised expand kernel; 0: off), applied from ``EXPAND_WS_MIN_ROWS`` rows
+  (N H W) per call."""
   n, h, w, c = x.shape
   if dwconv_tiles is None:
     z = dwconv.depthwise_conv(x, params.dw_kernel, wgrad="xla")
@@ -80,7 +89,8 @@ def forward(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | None = N
         z.reshape(rows, c), x.reshape(rows, c), w1, b1, w2, b2, z_bias=params.dw_bias,
         row_scale=row_scale, act="gelu", normalize=True, eps=eps, stages=stages,
         project_stages=project_stages, project_block_m=project_block_m, block_n=block_n,
-        expand_pipelined=pipelined, expand_ws_slots=expand_ws, interpret=interpret)
+        expand_pipelined=pipelined,
+        expand_ws_slots=expand_ws if rows >= EXPAND_WS_MIN_ROWS else 0, interpret=interpret)
     return y.reshape(n, h, w, c)
   y = mosaic_mlp.fused_mlp(
       z.reshape(rows, c), x.reshape(rows, c), w1, b1, w2, b2, z_bias=params.dw_bias,
@@ -147,8 +157,7 @@ def forward_train(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | No
                   block_n: int | None = None, bwd_hidden: int = 0, dw_wgrad: str = "auto",
                   bwd_col_sums: bool = False, bwd_zn: bool = True, bwd_block_m: int = 64,
                   bwd_split_ws: bool = False, bwd_db1_gemm: bool = False,
-                  bwd_db2_gemm: bool = False, expand_ws: int = 0,
-                  interpret: bool = False) -> jax.Array:
+                  bwd_db2_gemm: bool = False, interpret: bool = False) -> jax.Array:
   """The block forward of ``forward`` for differentiated calls (``split``: the two-kernel
   form and its backward, ``mosaic_mlp_bwd.hidden_grads``, for C > 256):
 
@@ -192,5 +201,5 @@ def forward_train(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | No
       bwd_hidden=bwd_hidden, bwd_col_sums=bwd_col_sums, bwd_zn=bwd_zn,
       bwd_block_m=64 if split else bwd_block_m, bwd_split_ws=split and bwd_split_ws,
       bwd_db1_gemm=_zn_ones(bwd_db1_gemm, bwd_zn, bwd_col_sums), bwd_db2_gemm=bwd_db2_gemm,
-      expand_ws=expand_ws, interpret=interpret)
+      interpret=interpret)
   return y.reshape(n, h, w, c)

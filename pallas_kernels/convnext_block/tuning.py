@@ -75,10 +75,14 @@ class ConvNeXtTiles:
   # every table entry: slower than the serial kernels at every ConvNeXt-T / ConvFirst shape
   # on an H100 (0.69-0.96x, 2026-11-26, `bash benchmarks/gpu_suite.sh pipelined`).
   mosaic_pipelined: bool = False
-  # "mosaic_split": W1^T slots per compute warpgroup of the warp-specialised expand kernel
-  # (mosaic_split's ``_expand_kernel_ws``: 128-row CTAs, two compute warpgroups on alternate
-  # hidden slices, so one's wgmmas run while the other's activation and store do); 0 = the
-  # single-warpgroup expand kernel (``mosaic_stages`` deep).  Ignored by "mosaic".
+  # "mosaic_split", inference forward: W1^T slots per compute warpgroup of the
+  # warp-specialised expand kernel (mosaic_split's ``_expand_kernel_ws``: 128-row CTAs, two
+  # compute warpgroups on alternate hidden slices, so one's wgmmas run while the other's
+  # activation and store do), from ``mosaic.EXPAND_WS_MIN_ROWS`` rows; 0 = the
+  # single-warpgroup expand kernel (``mosaic_stages`` deep).  Ignored by "mosaic" and by
+  # differentiated calls.  On in the H100 table at C=384 (1 slot: ConvNeXt-T inference at
+  # batch 256 4% faster, 2026-11-27; the training step tied, 7,049 vs 7,098 img/s, so the
+  # training forward keeps the other kernel); off in the heuristic (timed on an H100 only).
   mosaic_expand_ws: int = 0
   # The depthwise conv before the Mosaic kernels, and in "hybrid" differentiated calls its
   # forward and input gradient (dwconv.depthwise_conv(conv=...)): "pallas" = dwconv_triton.py
@@ -274,7 +278,7 @@ TUNED: dict[tuple[int, str, str], ConvNeXtTiles] = {
         fwd_kernel="mosaic_split", mosaic_stages=2, mosaic_project_block_m=128,
         mosaic_block_n=192, mosaic_backward=True, mosaic_bwd_stages=1,
         mosaic_bwd_split_ws=True, mosaic_dwconv_wgrad="pallas_columns",
-        mosaic_bwd_db1_gemm=True, mosaic_bwd_db2_gemm=True),
+        mosaic_bwd_db1_gemm=True, mosaic_bwd_db2_gemm=True, mosaic_expand_ws=1),
     (768, "bfloat16", _H100): ConvNeXtTiles(
         fwd_pixels=32, fwd_hidden=32, fwd_warps=8, fwd_stages=2, bwd_pixels=32,
         bwd_hidden=32, bwd_warps=8, wgrad_rows=64, wgrad_hidden=16, wgrad_warps=8,
@@ -366,7 +370,10 @@ MOSAIC_SPLIT_CANDIDATES = [dict(fwd_kernel="mosaic_split", mosaic_stages=st,
                                (2, 3, 128, 0, "pallas"), (2, 3, 128, 128, "pallas"),
                                (2, 3, 128, 192, "pallas"), (2, 2, 128, 0, "pallas"),
                                (2, 4, 128, 128, "pallas"), (3, 3, 64, 0, "pallas"),
-                               (2, 3, 128, 0, "xla"))]
+                               (2, 3, 128, 0, "xla"))] + [
+    dict(fwd_kernel="mosaic_split", mosaic_stages=2, mosaic_project_stages=3,
+         mosaic_project_block_m=128, mosaic_block_n=192, mosaic_dwconv="pallas",
+         mosaic_expand_ws=1)]
 
 
 def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]] | None = None,

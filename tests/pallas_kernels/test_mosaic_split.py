@@ -53,6 +53,8 @@ def test_split_mlp_matches_reference(m, c, e, act, normalize, kw):
 @pytest.mark.parametrize("m,c,e,act,normalize,kw", [
     # C=384 (two column blocks) with LayerNorm: 32-wide slices, 2 slots per warpgroup
     (70, 384, 256, "gelu", True, dict(expand_ws_slots=2)),
+    # ... one 64-wide slot per warpgroup: a 64-row staging tile each, halves in turn
+    (150, 384, 384, "gelu", True, dict(expand_ws_slots=1)),
     # one 64-wide slot per warpgroup, 6 slices (3 per warpgroup: slots refilled), padded rows
     (130, 128, 384, "silu", False, dict(expand_ws_slots=1, hidden_chunk=64)),
     # fewer slices than slots: nothing refilled
@@ -84,12 +86,16 @@ def test_warp_specialised_expand_matches_the_single_warpgroup_kernel():
   assert not bool(jnp.isnan(ws).any())
 
 
-def test_warp_specialised_expand_has_no_races():
+@pytest.mark.parametrize("c,e,kw", [(64, 256, dict(hidden_chunk=32)), (384, 256, {})])
+def test_warp_specialised_expand_has_no_races(c, e, kw):
   """Race detector: slots refilled by the TMA warpgroup after each compute warpgroup's
-  "consumed" arrival, per-warpgroup staging tiles reused after their TMA stores read them,
-  the LayerNorm halves joined by a barrier before the first wgmma."""
-  check_race_free(functools.partial(mosaic_split.split_mlp, expand_ws_slots=1,
-                                    hidden_chunk=32), _inputs(8, 128, 64, 256))
+  "consumed" arrival, per-warpgroup staging tiles reused after their TMA stores read them
+  (C=384: one 64-row tile per warpgroup, written twice per slice), the LayerNorm halves
+  joined by a barrier before the first wgmma."""
+  if c == 384:
+    assert mosaic_split.choose_ws_tiles(c, e, 1, has_zb=True) == (64, 1)
+  check_race_free(functools.partial(mosaic_split.split_mlp, expand_ws_slots=1, **kw),
+                  _inputs(8, 128, c, e))
 
 
 def test_warp_specialised_expand_shared_memory_against_the_compiler():
@@ -98,9 +104,10 @@ def test_warp_specialised_expand_shared_memory_against_the_compiler():
   would not (the compiler counted 234,608 bytes), and split_mlp then takes 32-wide slices."""
   assert mosaic_split.expand_ws_smem_bytes(384, 64, 1, row_mask=True) <= mosaic_split.SMEM_BYTES
   assert mosaic_split.expand_ws_smem_bytes(384, 64, 1, has_zb=True) > mosaic_split.SMEM_BYTES
-  assert mosaic_split.choose_ws_hidden_chunk(384, 1536, 1, row_mask=True) == 64
-  assert mosaic_split.choose_ws_hidden_chunk(384, 1536, 1, has_zb=True) == 32
-  assert mosaic_split.choose_ws_hidden_chunk(768, 3072, 1, row_mask=True) is None
+  assert mosaic_split.choose_ws_tiles(384, 1536, 1, row_mask=True) == (64, 2)
+  assert mosaic_split.choose_ws_tiles(384, 1536, 1, has_zb=True) == (64, 1)
+  assert mosaic_split.choose_ws_tiles(384, 1536, 2, has_zb=True) == (32, 2)
+  assert mosaic_split.choose_ws_tiles(768, 3072, 1, row_mask=True) is None
   z = jax.ShapeDtypeStruct((31232, 384), jnp.bfloat16)
   w1, b1, mask = jnp.zeros((384, 1536)), jnp.zeros((1536,)), jnp.zeros((31232,))
   jax.jit(lambda z: mosaic_split.expand_call(
@@ -169,10 +176,25 @@ def test_split_mlp_errors_name_the_problem():
 @pytest.mark.parametrize("shape,pipelined,expand_ws", [
     ((1, 3, 5, 384), False, 0), ((2, 2, 3, 256), False, 0), ((1, 3, 5, 384), True, 0),
     ((1, 3, 5, 384), False, 2)])
-def test_convnext_block_forward_through_split(shape, pipelined, expand_ws):
+def test_convnext_block_forward_through_split(shape, pipelined, expand_ws, monkeypatch):
   """The public entry point with the split Mosaic forward (the default tiles at C=384;
   odd H and W, batch 1 and 2, drop-path scale per sample; ``mosaic_pipelined`` and
-  ``mosaic_expand_ws`` reach the expand kernel)."""
+  ``mosaic_expand_ws`` reach the expand kernel, the latter from EXPAND_WS_MIN_ROWS rows)."""
+  seen = []
+  real = mosaic_split.expand_call
+  monkeypatch.setattr(mosaic_split, "expand_call",
+                      lambda *a, **k: seen.append(k["ws_slots"]) or real(*a, **k))
+  if expand_ws:
+    rows = shape[0] * shape[1] * shape[2]
+    monkeypatch.setattr(convnext_mosaic, "EXPAND_WS_MIN_ROWS", rows + 1)
+    x0 = jnp.zeros(shape, jnp.bfloat16)
+    p0 = tuning.reference_params(jax.random.key(0), shape[-1])
+    t0 = dataclasses.replace(tuning.get_tiles(shape[-1], x0.dtype), fwd_kernel="mosaic_split",
+                             mosaic_expand_ws=expand_ws)
+    jax.eval_shape(lambda x: convnext_block(x, p0, implementation="pallas", interpret=True,
+                                            tiles=t0), x0)
+    assert seen.pop() == 0  # below the threshold: the single-warpgroup kernel
+    monkeypatch.setattr(convnext_mosaic, "EXPAND_WS_MIN_ROWS", rows)
   c = shape[-1]
   kx, kp, kd = jax.random.split(jax.random.key(c), 3)
   x = jax.random.normal(kx, shape).astype(jnp.bfloat16)
@@ -182,6 +204,7 @@ def test_convnext_block_forward_through_split(shape, pipelined, expand_ws):
                               mosaic_pipelined=pipelined, mosaic_expand_ws=expand_ws)
   assert api.forward_kernel(x.shape, x.dtype, params, tiles, True) == "mosaic_split"
   got = convnext_block(x, params, dps, implementation="pallas", interpret=True, tiles=tiles)
+  assert seen.pop() == expand_ws
   want = convnext_block_reference(x.astype(jnp.float32), params, dps)
   assert _rel(got, want) < BF16_TOL
   xla = convnext_block_reference(x, params, dps)

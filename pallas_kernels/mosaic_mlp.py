@@ -527,6 +527,129 @@ def _kernel_ws(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b
   )
 
 
+# fused_mlp(resident=None) runs the resident-weight kernel wherever the weights fit.
+RESIDENT = True
+
+
+def resident_smem_bytes(c: int, e: int, n_wg: int, itemsize: int = 2, hc: int = 64,
+                        h_in_smem: bool = False) -> int:
+  """Shared memory of ``_kernel_resident``: all of W1^T and W2, b1, and per compute
+  warpgroup a 64-row z tile, residual tile and row scale (and hidden chunk where
+  ``h_in_smem``), zb and b2."""
+  per_wg = 2 * 64 * c * itemsize + 64 * 4 + (64 * hc * itemsize if h_in_smem else 0)
+  return 2 * e * c * itemsize + e * 4 + n_wg * per_wg + 2 * c * 4
+
+
+def resident_warpgroups(c: int, e: int, itemsize: int = 2, hc: int = 64,
+                        h_in_smem: bool = False, max_wg: int = 3) -> int:
+  """Compute warpgroups (3 or 2, at most ``max_wg``) of ``_kernel_resident`` that fit shared
+  memory beside the resident weights; 0 where not even 2 do (C=96, E=384: 3; C=128, E=512:
+  0)."""
+  for n_wg in range(max_wg, 1, -1):
+    if resident_smem_bytes(c, e, n_wg, itemsize, hc, h_in_smem) + _SMEM_SLACK <= SMEM_BYTES:
+      return n_wg
+  return 0
+
+
+def _kernel_resident(z_gmem, res_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, w2_gmem, b2_gmem,
+                     out_gmem, *, c: int, e: int, hc: int, act: str, normalize: bool,
+                     eps: float, n_wg: int, n_ctas: int, n_tiles: int, h_in_smem: bool,
+                     has_res: bool = True, select_zero_rows: bool = False):
+  """Weights resident in shared memory, persistent CTAs: warpgroup 0 loads all of W1^T, W2
+  and the bias vectors once per CTA; then each of the ``n_wg`` compute warpgroups walks its
+  own 64-row tiles (tile g, g + stride, ... for g = cta n_wg + wg, stride = n_ctas n_wg),
+  each as ``_kernel``'s 64-row CTA does: load z / residual / row scale, (LayerNorm in
+  place,) every hidden chunk's wgmma -> activation -> wgmma against the resident weights,
+  then the residual epilogue and its TMA store.  Why: with 64-row CTAs each CTA streams all
+  of W1 and W2 from L2 (147 KB at C=96, E=384) for 24 KB of rows; here they are read once
+  per SM, and the warpgroups' tiles interleave on the tensor cores.  For small C only (C=96,
+  E=384: 144 KB of weights, 3 compute warpgroups)."""
+  dtype = z_gmem.dtype
+  n_chunks = e // hc
+  cta = lax.axis_index("m")
+  stride = n_ctas * n_wg
+  per_wg = -(-n_tiles // stride)
+
+  def body(z_smem, res_smem, rs_smem, w1t_smem, w2_smem, b1_smem, zb_smem, b2_smem,
+           w_bars, p_bars, tile_bars, h_smem):
+    wgi = lax.axis_index("wg")
+
+    @pl.when(wgi == 0)
+    def _():
+      for j in range(n_chunks):
+        plgpu.copy_gmem_to_smem(w1t_gmem.at[pl.ds(j * hc, hc)], w1t_smem.at[j],
+                                w_bars.at[2 * j])
+        plgpu.copy_gmem_to_smem(w2_gmem.at[pl.ds(j * hc, hc)], w2_smem.at[j],
+                                w_bars.at[2 * j + 1])
+      plgpu.copy_gmem_to_smem(b1_gmem, b1_smem, p_bars.at[0])
+      plgpu.copy_gmem_to_smem(zb_gmem, zb_smem, p_bars.at[1])
+      plgpu.copy_gmem_to_smem(b2_gmem, b2_smem, p_bars.at[2])
+
+    for i in range(2 * n_chunks):
+      plgpu.barrier_wait(w_bars.at[i])
+    for i in range(3):
+      plgpu.barrier_wait(p_bars.at[i])
+    my_z, my_res, my_rs = z_smem.at[wgi], res_smem.at[wgi], rs_smem.at[wgi]
+    my_h = None if h_smem is None else h_smem.at[wgi]
+    first = cta * n_wg + wgi
+
+    @pl.loop(0, per_wg)
+    def _tile(k):
+      t = first + k * stride
+
+      @pl.when(t < n_tiles)
+      def _():
+        rows = pl.ds(t * 64, 64)
+        plgpu.copy_gmem_to_smem(z_gmem.at[rows], my_z, tile_bars.at[3 * wgi])
+        if has_res:
+          plgpu.copy_gmem_to_smem(res_gmem.at[rows], my_res, tile_bars.at[3 * wgi + 1])
+        plgpu.copy_gmem_to_smem(rs_gmem.at[rows], my_rs, tile_bars.at[3 * wgi + 2])
+        plgpu.barrier_wait(tile_bars.at[3 * wgi])
+        _normalise_into(my_z, zb_smem, my_z, normalize=normalize, eps=eps)
+
+        def accumulate(acc2_ref):
+          for j in range(n_chunks):
+            _hidden_chunk(acc2_ref, my_z, w1t_smem.at[j], b1_smem.at[j], w2_smem.at[j],
+                          my_h, act=act)
+          return acc2_ref[...]
+
+        acc = pl.run_scoped(accumulate, plgpu.ACC((64, c), jnp.float32))
+        if has_res:
+          plgpu.barrier_wait(tile_bars.at[3 * wgi + 1])
+        plgpu.barrier_wait(tile_bars.at[3 * wgi + 2])
+        # (the epilogue waits for its TMA store, so the next tile's loads find the tiles free)
+        _residual_out(acc, b2_smem, my_rs, my_res, out_gmem.at[rows], select_zero_rows,
+                      has_res=has_res)
+
+  t = _transforms(c, dtype)
+  pl.run_scoped(
+      body,
+      plgpu.SMEM((n_wg, 64, c), dtype, transforms=t),
+      plgpu.SMEM((n_wg, 64, c), dtype, transforms=t),
+      plgpu.SMEM((n_wg, 64), jnp.float32),
+      plgpu.SMEM((n_chunks, hc, c), dtype, transforms=t),
+      plgpu.SMEM((n_chunks, hc, c), dtype, transforms=t),
+      plgpu.SMEM((n_chunks, hc), jnp.float32),
+      plgpu.SMEM((c,), jnp.float32),
+      plgpu.SMEM((c,), jnp.float32),
+      plgpu.Barrier(num_barriers=2 * n_chunks),
+      plgpu.Barrier(num_barriers=3),
+      plgpu.Barrier(num_barriers=3 * n_wg),
+      plgpu.SMEM((n_wg, 64, hc), dtype, transforms=_transforms(hc, dtype))
+      if h_in_smem else None,
+      collective_axes="wg",
+  )
+
+
+def _sm_count() -> int:
+  """Streaming multiprocessors of the first device (132 on an H100 SXM; 132 without a GPU,
+  e.g. in the interpreter)."""
+  try:
+    return int(getattr(jax.devices()[0], "core_count", 0)) or 132
+  except Exception:  # pragma: no cover
+    return 132
+
+
 def check_mlp_args(z, res, w1, b1, w2, b2) -> tuple[int, int, int]:
   """(M, C, E) of a ``fused_mlp``-style call, after checking the shapes fit together."""
   m, c = z.shape
@@ -556,13 +679,13 @@ def row_inputs(z, res, z_bias, row_scale, block_m: int):
 
 @functools.partial(jax.jit, static_argnames=("act", "normalize", "eps", "hidden_chunk",
                                              "stages", "h_in_smem", "block_m", "pipelined",
-                                             "select_zero_rows",
+                                             "select_zero_rows", "resident",
                                              "interpret"))
 def fused_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str = "gelu",
               normalize: bool = True, eps: float = 1e-6, hidden_chunk: int = 64,
               stages: int = 2, h_in_smem: bool | None = None, block_m: int = BLOCK_M,
               pipelined: bool = False, select_zero_rows: bool = False,
-              interpret: bool = False):
+              resident: bool | None = None, interpret: bool = False):
   """y = res + row_scale * (act(norm(z + z_bias) @ w1 + b1) @ w2 + b2) over rows.
 
   z, res: (M, C) bfloat16/float16 (y has their dtype); res may be None (no residual: the
@@ -583,7 +706,14 @@ def fused_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
   CTAs) 0.229 vs 0.177 (128-row serial), ConvFirst E4 / E6 0.141 / 0.244 vs 0.113 / 0.182 --
   the second accumulator's registers cost more than the overlap gains; off by default.
   select_zero_rows: rows whose row_scale is 0 get exactly res, even where the branch is not
-  finite there (the padded-row layout's border rows, ``convfirst_block.mosaic_gconv``)."""
+  finite there (the padded-row layout's border rows, ``convfirst_block.mosaic_gconv``).
+  resident: the weights stay in shared memory and persistent CTAs of 2-3 compute
+  warpgroups walk 64-row tiles (``_kernel_resident``; small C only, see
+  ``resident_warpgroups``; block_m, stages and pipelined do not apply).  None: wherever
+  the weights fit (``RESIDENT``), unless block_m=128 or pipelined ask for another kernel.
+  H100, 2026-11-27, C=96, E=384, batch 128 (401,408 rows): LayerNorm + GELU 0.255-0.259 vs
+  0.279-0.283 ms, SiLU 0.206-0.208 vs 0.252-0.253 (batch 256: 0.462-0.467 vs 0.523-0.528,
+  0.389-0.390 vs 0.457-0.462)."""
   m, c, e = check_mlp_args(z, res, w1, b1, w2, b2)
   reason = unsupported_reason(m, c, e, z.dtype, hidden_chunk)
   if reason is not None:
@@ -605,7 +735,13 @@ def fused_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
   if h_in_smem is None:
     h_in_smem = interpreting
   # (Compiled only: the interpreter models no shared-memory limit.)
-  if not pipelined and not interpreting and (need := fused_smem_bytes(
+  if resident and pipelined:
+    raise ValueError("resident=True and pipelined=True are two different kernels: pick one")
+  if resident is None:
+    resident = (RESIDENT and block_m == 64 and not pipelined and resident_warpgroups(
+        c, e, jnp.dtype(dtype).itemsize, hidden_chunk,
+        interpreting if h_in_smem is None else bool(h_in_smem)) > 0)
+  if not pipelined and not resident and not interpreting and (need := fused_smem_bytes(
       c, e, hidden_chunk, stages, block_m, jnp.dtype(dtype).itemsize,
       bool(h_in_smem))) + _SMEM_SLACK > SMEM_BYTES:
     raise NotImplementedError(
@@ -622,7 +758,27 @@ def fused_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
                 select_zero_rows=select_zero_rows)
   if res is None:  # the kernel's res operand is never read: any (M, C) array will do
     res = z
-  if block_m == 128:  # two compute warpgroups + one TMA warpgroup
+  grid = (m_pad // block_m,)
+  if resident:
+    # The interpreter runs each warpgroup's code as an XLA:CPU computation; two warpgroups
+    # blocked on the weights' barrier held both of a 2-core machine's XLA threads while the
+    # third, which issues those loads, waited for one (a hang in 1 of 3 runs, 2026-11-27),
+    # so it interprets the kernel with 2 compute warpgroups.
+    n_wg = resident_warpgroups(c, e, jnp.dtype(dtype).itemsize, hidden_chunk,
+                               bool(h_in_smem), max_wg=2 if interpreting else 3)
+    if not n_wg:
+      raise NotImplementedError(
+          f"fused_mlp(resident=True): C={c}, E={e} weights "
+          f"({2 * c * e * jnp.dtype(dtype).itemsize:,} bytes) leave no room for two 64-row "
+          f"tiles in the {SMEM_BYTES:,} bytes of shared memory a CTA can have")
+    n_tiles = m_pad // 64
+    n_ctas = max(1, min(_sm_count(), -(-n_tiles // n_wg)))
+    kernel = functools.partial(_kernel_resident, n_wg=n_wg, n_ctas=n_ctas, n_tiles=n_tiles,
+                               **{k: v for k, v in common.items() if k != "stages"})
+    threads = dict(num_threads=n_wg, thread_name="wg")
+    b1 = b1.reshape(e // hidden_chunk, hidden_chunk)
+    grid = (n_ctas,)
+  elif block_m == 128:  # two compute warpgroups + one TMA warpgroup
     kernel = functools.partial(_kernel_ws, **common)
     threads = dict(num_threads=3, thread_name="wg")
     b1 = b1.reshape(e // hidden_chunk, hidden_chunk)
@@ -632,7 +788,7 @@ def fused_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
   call = plgpu.kernel(
       kernel,
       out_type=jax.ShapeDtypeStruct((m_pad, c), dtype),
-      grid=(m_pad // block_m,),
+      grid=grid,
       grid_names=("m",),
       **threads,
       compiler_params=plgpu.CompilerParams(approx_math=True),

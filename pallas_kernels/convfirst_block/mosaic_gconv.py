@@ -472,7 +472,8 @@ def convfirst_unsupported_reason(x_shape, params: ConvFirstBlockParams, dtype,
 
 def convfirst_rows(xr: jax.Array, params: ConvFirstBlockParams, layout: PaddedRows,
                    mask: jax.Array, *, chunk: int = 32, gconv_block_m: int = 256,
-                   mlp_block_m: int | None = None, interpret=False) -> jax.Array:
+                   mlp_block_m: int | None = None, mlp_resident: bool | None = None,
+                   interpret=False) -> jax.Array:
   """The ConvFirst block x + fc2(silu(fc1(gconv(x) + b0) + b1)) + b2 on padded rows:
   (layout.total, C) -> (layout.total, C), zero at every row that is not a real pixel, so a
   stage of blocks can chain in the layout (``xr`` must be zero there).
@@ -492,14 +493,15 @@ def convfirst_rows(xr: jax.Array, params: ConvFirstBlockParams, layout: PaddedRo
   return mosaic_mlp.fused_mlp(z, xr, params.fc1_kernel, params.fc1_bias, params.fc2_kernel,
                               params.fc2_bias, row_scale=mask, act="silu", normalize=False,
                               block_m=mlp_block_m, select_zero_rows=True,
-                              interpret=interpret)
+                              resident=mlp_resident, interpret=interpret)
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "gconv_block_m", "mlp_block_m",
-                                             "interpret"))
+                                             "mlp_resident", "interpret"))
 def convfirst_stage_forward(x: jax.Array, params: tuple[ConvFirstBlockParams, ...], *,
                             chunk: int = 32, gconv_block_m: int = 256,
-                            mlp_block_m: int | None = None, interpret=False) -> jax.Array:
+                            mlp_block_m: int | None = None,
+                            mlp_resident: bool | None = None, interpret=False) -> jax.Array:
   """A chain of ConvFirst blocks (k = 3) through ``convfirst_rows``: x enters the padded-row
   layout once, every block runs in it, and the real pixels come out once.  Raises
   NotImplementedError naming what it does not support."""
@@ -515,4 +517,4 @@ def convfirst_stage_forward(x: jax.Array, params: tuple[ConvFirstBlockParams, ..
       raise NotImplementedError(f"mosaic_gconv.convfirst_stage_forward: {reason}")
   return _chain_in_layout(x, params, functools.partial(
       convfirst_rows, chunk=chunk, gconv_block_m=gconv_block_m, mlp_block_m=mlp_block_m,
-      interpret=interpret))
+      mlp_resident=mlp_resident, interpret=interpret))

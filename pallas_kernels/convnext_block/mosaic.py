@@ -64,7 +64,8 @@ def forward(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | None = N
             h_in_smem: bool | None = None, block_m: int = 64,
             dwconv_tiles: dwconv_triton.DwconvTiles | None = None, split: bool = False,
             project_stages: int = 3, project_block_m: int = 64, block_n: int | None = None,
-            pipelined: bool = False, expand_ws: int = 0, interpret: bool = False) -> jax.Array:
+            pipelined: bool = False, expand_ws: int = 0, resident: bool | None = None,
+            interpret: bool = False) -> jax.Array:
   """``dwconv_tiles``: None runs XLA's depthwise conv, else the Pallas-Triton one
   (dwconv_triton.py) with these tiles.  ``split``: the pointwise half as the two kernels of
   mosaic_split.py (any C multiple of 64; ``block_m`` and ``h_in_smem`` do not apply)
@@ -74,7 +75,8 @@ def forward(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | None = N
   kernel's ``pipelined`` / the split form's ``expand_pipelined`` (a wgmma in flight while
   each activation runs).  ``expand_ws``: the split form's ``expand_ws_slots`` (its
   warp-specialised expand kernel; 0: off), applied from ``EXPAND_WS_MIN_ROWS`` rows
-  (N H W) per call."""
+  (N H W) per call.  ``resident``: the one-kernel form's ``fused_mlp(resident=)`` (None:
+  its default, the resident-weight kernel wherever the weights fit)."""
   n, h, w, c = x.shape
   if dwconv_tiles is None:
     z = dwconv.depthwise_conv(x, params.dw_kernel, wgrad="xla")
@@ -96,7 +98,7 @@ def forward(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | None = N
       z.reshape(rows, c), x.reshape(rows, c), w1, b1, w2, b2, z_bias=params.dw_bias,
       row_scale=row_scale, act="gelu", normalize=True, eps=eps, hidden_chunk=hidden_chunk,
       stages=stages, h_in_smem=h_in_smem, block_m=block_m, pipelined=pipelined,
-      interpret=interpret)
+      resident=resident, interpret=interpret)
   return y.reshape(n, h, w, c)
 
 

@@ -12,6 +12,7 @@ On the GPU the same kernels are checked by ``python -m benchmarks.mosaic_blocks`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 
 import jax
@@ -278,6 +279,79 @@ def test_compiled_kernel_on_gpu(shape, block_m):
     got = convnext_mosaic.forward(x, params, dps, block_m=block_m, stages=2)
     want = convnext_block_reference(x.astype(jnp.float32), params, dps)
   assert _rel(got, want) < BF16_TOL
+
+
+@pytest.mark.parametrize("m,c,e,kw", [
+    (300, 96, 384, {}),                                   # LayerNorm + GELU, 5 tiles
+    (130, 64, 256, dict(act="silu", normalize=False, select_zero_rows=True)),
+])
+def test_resident_kernel_matches_reference(m, c, e, kw, monkeypatch):
+  """The resident-weight kernel (one persistent CTA here, so each warpgroup walks several
+  64-row tiles and one finds none left) against the reference and, exactly, against the
+  streaming 64-row kernel."""
+  monkeypatch.setattr(mosaic_mlp, "_sm_count", lambda: 1)
+  a = _mlp_inputs(c + 5, m, c, e)
+  if kw.get("select_zero_rows"):
+    a["row_scale"] = (jnp.arange(m) % 3 != 0).astype(jnp.float32)
+  got = mosaic_mlp.fused_mlp(**a, resident=True, interpret=True, **kw)
+  ref_kw = {k: v for k, v in kw.items() if k != "select_zero_rows"}
+  want = mosaic_mlp.fused_mlp_reference(**{k: v.astype(jnp.float32) for k, v in a.items()},
+                                        **ref_kw)
+  assert _rel(got, want) < BF16_TOL
+  np.testing.assert_array_equal(
+      got, mosaic_mlp.fused_mlp(**a, resident=False, interpret=True, **kw))
+
+
+def test_resident_kernel_has_no_races(monkeypatch):
+  """Race detector: the weights loaded once by warpgroup 0 and read by every warpgroup,
+  each warpgroup's tiles reloaded only after its epilogue's TMA store has read them."""
+  monkeypatch.setattr(mosaic_mlp, "_sm_count", lambda: 1)
+  check_race_free(functools.partial(mosaic_mlp.fused_mlp, resident=True),
+                  _mlp_inputs(6, 256, 64, 256))
+
+
+def test_resident_kernel_choice_and_limits():
+  """Where the resident-weight kernel runs by default (the weights and 2-3 warpgroups'
+  tiles fit shared memory), its shared-memory count against Mosaic GPU's (CUDA lowering
+  on a CPU with 3 compute warpgroups at C=96), and its errors."""
+  assert mosaic_mlp.RESIDENT
+  assert mosaic_mlp.resident_warpgroups(96, 384) == 3      # ConvNeXt-T / convfirst_t C=96
+  assert mosaic_mlp.resident_warpgroups(64, 256) == 3
+  assert mosaic_mlp.resident_warpgroups(128, 512) == 0
+  assert mosaic_mlp.resident_warpgroups(96, 384, max_wg=2) == 2
+  z = jax.ShapeDtypeStruct((401408, 96), jnp.bfloat16)
+  w1, b1, w2, b2 = jnp.zeros((96, 384)), jnp.zeros((384,)), jnp.zeros((384, 96)), jnp.zeros((96,))
+  _lower_for_cuda(lambda z: mosaic_mlp.fused_mlp(z, z, w1, b1, w2, b2, resident=True), z)
+  a = _mlp_inputs(7, 64, 192, 768)
+  with pytest.raises(NotImplementedError, match="resident=True.*C=192"):
+    mosaic_mlp.fused_mlp(**a, resident=True, interpret=True)
+  with pytest.raises(ValueError, match="two different kernels"):
+    mosaic_mlp.fused_mlp(**_mlp_inputs(7, 64, 64, 256), resident=True, pipelined=True,
+                         interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,c,e,kw", [
+    (2 * 56 * 56 + 3, 96, 384, {}),                                    # 3 warpgroups
+    (5 * 7 * 7, 64, 256, dict(act="silu", normalize=False, select_zero_rows=True)),
+    (64 * 132 * 3 * 2 + 64, 96, 384, dict(act="silu", normalize=False)),  # 3 tiles more
+])                                                                     # than one round
+def test_compiled_resident_kernel_on_gpu(m, c, e, kw):
+  """The resident-weight kernel compiled (3 compute warpgroups at C=96 and 64), padded row
+  counts, more tiles than warpgroups in flight (each walks several), the row-mask select,
+  against the float32 reference and the 64-row streaming kernel."""
+  if mosaic_mlp.device_unsupported_reason(False) is not None:
+    pytest.skip(mosaic_mlp.device_unsupported_reason(False))
+  a = _mlp_inputs(c + 2, m, c, e)
+  if kw.get("select_zero_rows"):
+    a["row_scale"] = (jnp.arange(m) % 4 != 0).astype(jnp.float32)
+  assert mosaic_mlp.resident_warpgroups(c, e) == 3
+  got = mosaic_mlp.fused_mlp(**a, resident=True, **kw)
+  ref_kw = {k: v for k, v in kw.items() if k != "select_zero_rows"}
+  want = mosaic_mlp.fused_mlp_reference(**{k: v.astype(jnp.float32) for k, v in a.items()},
+                                        **ref_kw)
+  assert _rel(got, want) < BF16_TOL
+  np.testing.assert_array_equal(got, mosaic_mlp.fused_mlp(**a, resident=False, **kw))
 
 
 def test_interpreter_warns_about_async_cpu_dispatch(monkeypatch):

@@ -286,8 +286,8 @@ def test_compiled_kernel_on_gpu(shape, block_m):
     (130, 64, 256, dict(act="silu", normalize=False, select_zero_rows=True)),
 ])
 def test_resident_kernel_matches_reference(m, c, e, kw, monkeypatch):
-  """The resident-weight kernel (one persistent CTA here, so each warpgroup walks several
-  64-row tiles and one finds none left) against the reference and, exactly, against the
+  """The resident-weight kernel (one persistent CTA here, whose one interpreted compute
+  warpgroup walks every 64-row tile) against the reference and, exactly, against the
   streaming 64-row kernel."""
   monkeypatch.setattr(mosaic_mlp, "_sm_count", lambda: 1)
   a = _mlp_inputs(c + 5, m, c, e)
@@ -319,6 +319,7 @@ def test_resident_kernel_choice_and_limits():
   assert mosaic_mlp.resident_warpgroups(64, 256) == 3
   assert mosaic_mlp.resident_warpgroups(128, 512) == 0
   assert mosaic_mlp.resident_warpgroups(96, 384, max_wg=2) == 2
+  assert mosaic_mlp.resident_warpgroups(96, 384, h_in_smem=True) == 2
   z = jax.ShapeDtypeStruct((401408, 96), jnp.bfloat16)
   w1, b1, w2, b2 = jnp.zeros((96, 384)), jnp.zeros((384,)), jnp.zeros((384, 96)), jnp.zeros((96,))
   _lower_for_cuda(lambda z: mosaic_mlp.fused_mlp(z, z, w1, b1, w2, b2, resident=True), z)

@@ -180,10 +180,12 @@ def test_convnext_block_forward_through_split(shape, pipelined, expand_ws, monke
   """The public entry point with the split Mosaic forward (the default tiles at C=384;
   odd H and W, batch 1 and 2, drop-path scale per sample; ``mosaic_pipelined`` and
   ``mosaic_expand_ws`` reach the expand kernel, the latter from EXPAND_WS_MIN_ROWS rows)."""
+  # (split_mlp is called from the un-jitted mosaic.forward: its spy sees every call, where
+  # one inside split_mlp's jit would miss calls its trace cache answers)
   seen = []
-  real = mosaic_split.expand_call
-  monkeypatch.setattr(mosaic_split, "expand_call",
-                      lambda *a, **k: seen.append(k["ws_slots"]) or real(*a, **k))
+  real = mosaic_split.split_mlp
+  monkeypatch.setattr(mosaic_split, "split_mlp",
+                      lambda *a, **k: seen.append(k["expand_ws_slots"]) or real(*a, **k))
   if expand_ws:
     rows = shape[0] * shape[1] * shape[2]
     monkeypatch.setattr(convnext_mosaic, "EXPAND_WS_MIN_ROWS", rows + 1)

@@ -343,14 +343,19 @@ def _mbconv_expand(xr, params: MBConvBlockParams, mask, expand_block_m: int | No
                    ws_slots: int | None, kw: dict) -> jax.Array:
   """h = silu(x @ W1 + mask * b1) on the padded rows: the warp-specialised expand kernel
   with ``ws_slots`` W1^T slots per compute warpgroup (None: ``EXPAND_WS_SLOTS`` where that
-  fits shared memory, else 0), or (0) the single-warpgroup one with ``expand_block_m`` rows
-  per CTA (None: 128 where they fit shared memory)."""
+  fits shared memory, else 0; 0 in the interpreter), or (0) the single-warpgroup one with
+  ``expand_block_m`` rows per CTA (None: 128 where they fit shared memory)."""
   c, e = params.fc1_kernel.shape
   common = dict(cb=mosaic_split._column_block(c), act="silu", normalize=False, eps=1e-6,
                 stages=2, bias_row_mask=mask, **kw)
   if ws_slots is None:
-    ws_slots = EXPAND_WS_SLOTS if expand_block_m is None and EXPAND_WS_SLOTS and (
-        mosaic_split.choose_ws_tiles(c, e, EXPAND_WS_SLOTS, row_mask=True)) else 0
+    # Not by default in the interpreter: its compute warpgroups wait at once on loads the
+    # TMA warpgroup issues, the pattern that hung the interpreted resident MLP kernel on a
+    # 2-core machine (warpgroups blocked in barrier_wait holding the host threads the
+    # issuing warpgroup needs); the explicit-slot tests still interpret it.
+    ws_slots = EXPAND_WS_SLOTS if (expand_block_m is None and EXPAND_WS_SLOTS
+                                   and kw.get("interpret") is None and (
+        mosaic_split.choose_ws_tiles(c, e, EXPAND_WS_SLOTS, row_mask=True))) else 0
   if ws_slots:
     tiles = mosaic_split.choose_ws_tiles(c, e, ws_slots, row_mask=True)
     if tiles is None:

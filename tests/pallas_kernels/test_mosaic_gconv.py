@@ -168,9 +168,9 @@ def test_mbconv_rows_keep_the_border_zero():
 
 def test_mbconv_expand_kernel_choice(monkeypatch):
   """The expand kernel MBConv blocks run: the warp-specialised one by default where it fits
-  shared memory (convfirst_t's C=384, and the small widths the interpreter tests above run),
-  the single-warpgroup one at C=768 or when ``expand_block_m`` / ``expand_ws_slots=0`` ask
-  for it; both give the reference's block."""
+  shared memory when compiled (convfirst_t's C=384, and C=64), the single-warpgroup one at
+  C=768, in the interpreter, or when ``expand_block_m`` / ``expand_ws_slots=0`` ask for
+  it; both give the reference's block."""
   from pallas_kernels import mosaic_split
   seen = []
   real = mosaic_split.expand_call
@@ -187,7 +187,7 @@ def test_mbconv_expand_kernel_choice(monkeypatch):
   p = _mbconv(64, 256, seed=9)
   want = mbconv_block_reference(x.astype(jnp.float32), p)
   for kw, slots in ((dict(expand_ws_slots=0), 0), (dict(expand_block_m=128), 0),
-                    (dict(expand_ws_slots=2), 2)):
+                    (dict(expand_ws_slots=2), 2), ({}, 0)):
     got = mg.mbconv_stage_forward(x, (p,), interpret=True, **kw)
     assert seen.pop() == slots
     assert _rel(got, want) < BF16_TOL

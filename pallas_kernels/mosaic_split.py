@@ -133,6 +133,19 @@ def _normalise_in_place(z_smem, zb_smem, *, normalize: bool, eps: float):
   plgpu.commit_smem()
 
 
+def _expand_refs(refs, has_zb: bool, row_mask: bool, normalize: bool):
+  """(zb_gmem or None, w1t_gmem, b1_gmem, mask_gmem or None, h_gmem) from an expand
+  kernel's refs after z_gmem."""
+  refs = list(refs)
+  zb_gmem = refs.pop(0) if has_zb else None
+  w1t_gmem, b1_gmem = refs.pop(0), refs.pop(0)
+  mask_gmem = refs.pop(0) if row_mask else None
+  (h_gmem,) = refs
+  if normalize and not has_zb:
+    raise ValueError("the normalising expand kernel needs zb")
+  return zb_gmem, w1t_gmem, b1_gmem, mask_gmem, h_gmem
+
+
 def _expand_kernel(z_gmem, *refs, e: int, hc: int, act: str, normalize: bool, eps: float,
                    stages: int, bm: int, staging: int = 2, pipelined: bool = False,
                    row_mask: bool = False, has_zb: bool = True):
@@ -148,13 +161,8 @@ def _expand_kernel(z_gmem, *refs, e: int, hc: int, act: str, normalize: bool, ep
   while the first slice's bias + activation + store run -- and then the second (wait_n=0).
   Every wgmma is retired inside its step, so the weight slots need no delayed release.
   Measured slower than the serial form on an H100 (see ``split_mlp``); off by default."""
-  refs = list(refs)
-  zb_gmem = refs.pop(0) if has_zb else None
-  w1t_gmem, b1_gmem = refs.pop(0), refs.pop(0)
-  mask_gmem = refs.pop(0) if row_mask else None
-  (h_gmem,) = refs
-  if normalize and not has_zb:
-    raise ValueError("the normalising expand kernel needs zb")
+  zb_gmem, w1t_gmem, b1_gmem, mask_gmem, h_gmem = _expand_refs(refs, has_zb, row_mask,
+                                                                normalize)
   dtype = z_gmem.dtype
   n_cb, _, cb = w1t_gmem.shape
   rows = pl.ds(lax.axis_index("m") * bm, bm)
@@ -279,13 +287,8 @@ def _expand_kernel_ws(z_gmem, *refs, e: int, hc: int, act: str, normalize: bool,
   out in turn (16 KiB less shared memory at hc=64, which C=384 with LayerNorm needs).
 
   refs as ``_expand_kernel``'s, except b1_gmem: (E // hc, hc) f32."""
-  refs = list(refs)
-  zb_gmem = refs.pop(0) if has_zb else None
-  w1t_gmem, b1_gmem = refs.pop(0), refs.pop(0)
-  mask_gmem = refs.pop(0) if row_mask else None
-  (h_gmem,) = refs
-  if normalize and not has_zb:
-    raise ValueError("the normalising expand kernel needs zb")
+  zb_gmem, w1t_gmem, b1_gmem, mask_gmem, h_gmem = _expand_refs(refs, has_zb, row_mask,
+                                                                normalize)
   dtype = z_gmem.dtype
   n_cb, _, cb = w1t_gmem.shape
   n_chunks = e // hc

@@ -45,7 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import mosaic_mlp
+from pallas_kernels import mosaic_gemm, mosaic_mlp
 from pallas_kernels.mosaic_mlp import _WG, _activate, _interpret_params, _transforms
 
 BLOCK_M = 64
@@ -507,13 +507,14 @@ def project_call(h, res, rs, w2, b2, *, bn, kc, stages, bm=BLOCK_M, select_zero_
                                              "block_n", "stages", "project_stages",
                                              "col_block", "expand_block_m",
                                              "project_block_m", "expand_pipelined",
-                                             "expand_ws_slots", "interpret"))
+                                             "expand_ws_slots", "expand_gemm",
+                                             "interpret"))
 def split_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str = "gelu",
               normalize: bool = True, eps: float = 1e-6, hidden_chunk: int | None = None,
               block_n: int | None = None, stages: int = 2, project_stages: int = 3,
               col_block: int | None = None, expand_block_m: int = BLOCK_M,
               project_block_m: int = BLOCK_M, expand_pipelined: bool = False,
-              expand_ws_slots: int = 0, interpret=False):
+              expand_ws_slots: int = 0, expand_gemm: bool = False, interpret=False):
   """y = res + row_scale * (act(norm(z + z_bias) @ w1 + b1) @ w2 + b2) over rows, as
   ``mosaic_mlp.fused_mlp`` (same arguments and result), in two kernels.
 
@@ -532,7 +533,11 @@ def split_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
   expand_ws_slots: > 0 runs the warp-specialised expand kernel (``_expand_kernel_ws``: 128
   rows per CTA, two compute warpgroups on alternate hidden slices of ``hidden_chunk``, this
   many W1^T slots each; ``expand_block_m``, ``stages`` and ``expand_pipelined`` do not apply
-  to it; hidden_chunk None: 64, or 32 where 64 does not fit shared memory)."""
+  to it; hidden_chunk None: 64, or 32 where 64 does not fit shared memory).
+  expand_gemm: the expand as ``mosaic_gemm.expand`` instead (a K-streaming GEMM, 128 x 192
+  output tiles, the LayerNorm in its epilogue from row statistics XLA computes first);
+  hidden_chunk, stages, col_block, expand_block_m, expand_pipelined and expand_ws_slots do
+  not apply to it.  Faster at C=768, slower at C=384 with LayerNorm (module docstring)."""
   m, c, e = mosaic_mlp.check_mlp_args(z, res, w1, b1, w2, b2)
   reason = unsupported_reason(m, c, e, z.dtype, stages)
   if reason is not None:
@@ -542,6 +547,13 @@ def split_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
   for name, v in (("expand_block_m", expand_block_m), ("project_block_m", project_block_m)):
     if v not in (64, 128):
       raise ValueError(f"{name} must be 64 or 128, got {v}")
+  if expand_gemm and (expand_ws_slots or expand_pipelined):
+    raise ValueError("expand_gemm, expand_ws_slots and expand_pipelined are three different "
+                     "expand kernels: pick one")
+  if expand_gemm:
+    reason = mosaic_gemm.unsupported_reason(m, c, e, z.dtype)
+    if reason is not None:
+      raise NotImplementedError(f"split_mlp(expand_gemm=True): {reason}")
   if expand_ws_slots:
     if expand_pipelined:
       raise ValueError("expand_ws_slots and expand_pipelined are two different expand "
@@ -589,16 +601,21 @@ def split_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
   if project_smem_bytes(bn, kc, project_stages, bm=project_block_m) > SMEM_BYTES:
     raise ValueError(f"block_n={bn} with {project_stages} stages and project_block_m="
                      f"{project_block_m} does not fit shared memory")
-  z, res, zb, rs = mosaic_mlp.row_inputs(z, res, z_bias, row_scale,
-                                         max(expand_block_m, project_block_m))
+  z, res, zb, rs = mosaic_mlp.row_inputs(
+      z, res, z_bias, row_scale,
+      max(expand_block_m, project_block_m, mosaic_gemm.BLOCK_M if expand_gemm else 0))
   m_pad = z.shape[0]
   params = dict(compiler_params=plgpu.CompilerParams(approx_math=True),
                 interpret=_interpret_params(interpret))
-  h = expand_call(z, zb, w1, b1, hc=hc, cb=cb, act=act, normalize=normalize, eps=eps,
-                  stages=stages, bm=expand_block_m,
-                  staging=choose_staging(c, step, stages, expand_block_m),
-                  pipelined=expand_pipelined, ws_slots=expand_ws_slots,
-                  ws_staging_halves=ws_halves if expand_ws_slots else 2, **params)
+  if expand_gemm:
+    h = mosaic_gemm.expand(z, zb, w1, b1, act=act, normalize=normalize, eps=eps,
+                           interpret=interpret)
+  else:
+    h = expand_call(z, zb, w1, b1, hc=hc, cb=cb, act=act, normalize=normalize, eps=eps,
+                    stages=stages, bm=expand_block_m,
+                    staging=choose_staging(c, step, stages, expand_block_m),
+                    pipelined=expand_pipelined, ws_slots=expand_ws_slots,
+                    ws_staging_halves=ws_halves if expand_ws_slots else 2, **params)
   y = project_call(h, res, rs, w2, b2, bn=bn, kc=kc, stages=project_stages,
                    bm=project_block_m, **params)
   return y[:m] if m_pad != m else y

@@ -54,7 +54,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import mosaic_mlp, mosaic_split
+from pallas_kernels import mosaic_gemm, mosaic_mlp, mosaic_split
 from pallas_kernels.convfirst_block.mosaic import default_mlp_block_m
 from pallas_kernels.convfirst_block.pallas_triton import block_diagonal_conv_weight
 from pallas_kernels.convfirst_block.reference import (
@@ -337,15 +337,31 @@ def _project_tile(c: int) -> tuple[int, int]:
 # 0.247 (256); the 9-block stage 2.576 vs 2.720 ms, 4.691 vs 5.023 (2 slots of 32-wide
 # slices: 2.840 / 5.250, slower).
 EXPAND_WS_SLOTS = 1
+# MBConv expands where the warp-specialised kernel does not fit (C=768) run mosaic_gemm.py's
+# K-streaming GEMM by default when compiled (``_mbconv_expand``'s ``gemm=None``).
+EXPAND_GEMM = True
 
 
 def _mbconv_expand(xr, params: MBConvBlockParams, mask, expand_block_m: int | None,
-                   ws_slots: int | None, kw: dict) -> jax.Array:
+                   ws_slots: int | None, kw: dict, gemm: bool | None = None) -> jax.Array:
   """h = silu(x @ W1 + mask * b1) on the padded rows: the warp-specialised expand kernel
   with ``ws_slots`` W1^T slots per compute warpgroup (None: ``EXPAND_WS_SLOTS`` where that
   fits shared memory, else 0; 0 in the interpreter), or (0) the single-warpgroup one with
-  ``expand_block_m`` rows per CTA (None: 128 where they fit shared memory)."""
+  ``expand_block_m`` rows per CTA (None: 128 where they fit shared memory).  ``gemm``: the
+  K-streaming GEMM of mosaic_gemm.py instead (rows a multiple of 128); None: where neither
+  ``ws_slots`` nor ``expand_block_m`` is given, the warp-specialised kernel does not fit
+  (C=768) and the kernel is compiled (silu expand at 7x7x768, batch 128: 0.087 vs 0.126
+  ms for the single-warpgroup kernel; 256: 0.151 vs 0.244; H100 2026-11-28)."""
   c, e = params.fc1_kernel.shape
+  if gemm is None:
+    gemm = (EXPAND_GEMM and ws_slots is None and expand_block_m is None and kw.get("interpret") is None
+            and not mosaic_split.choose_ws_tiles(c, e, EXPAND_WS_SLOTS, row_mask=True)
+            and xr.shape[0] % mosaic_gemm.BLOCK_M == 0
+            and mosaic_gemm.unsupported_reason(xr.shape[0], c, e, xr.dtype) is None)
+  if gemm:
+    return mosaic_gemm.expand(xr, None, params.fc1_kernel, params.fc1_bias, act="silu",
+                              normalize=False, bias_row_mask=mask,
+                              interpret=kw.get("interpret"))
   common = dict(cb=mosaic_split._column_block(c), act="silu", normalize=False, eps=1e-6,
                 stages=2, bias_row_mask=mask, **kw)
   if ws_slots is None:
@@ -379,7 +395,8 @@ def _mbconv_expand(xr, params: MBConvBlockParams, mask, expand_block_m: int | No
 def mbconv_rows(xr: jax.Array, params: MBConvBlockParams, layout: PaddedRows, mask: jax.Array,
                 *, chunk: int = 32, gconv_block_m: int = 256, gconv_per_cta: int = 0,
                 gconv_stages: int = 2, expand_block_m: int | None = None,
-                expand_ws_slots: int | None = None, interpret=False) -> jax.Array:
+                expand_ws_slots: int | None = None, expand_gemm: bool | None = None,
+                interpret=False) -> jax.Array:
   """The MBConv block x + fc2(silu(gconv(silu(fc1(x) + b1)) + b0)) + b2 on padded rows:
   (layout.total, C) -> (layout.total, C), zero at every row that is not a real pixel, so a
   stage of blocks can chain in the layout.  ``mask`` = ``row_mask(layout)``.
@@ -387,7 +404,8 @@ def mbconv_rows(xr: jax.Array, params: MBConvBlockParams, layout: PaddedRows, ma
   Three kernels over all ``layout.total`` rows: the split expand kernel
   (``mosaic_split``; its warp-specialised form where it fits, ``EXPAND_WS_SLOTS``, unless
   ``expand_block_m`` asks for the single-warpgroup one or ``expand_ws_slots`` says
-  otherwise) with its bias scaled by the row mask, so rows off the pixels (x = 0)
+  otherwise, or mosaic_gemm.py's GEMM: ``expand_gemm``, None = ``_mbconv_expand``'s rule)
+  with its bias scaled by the row mask, so rows off the pixels (x = 0)
   give silu(0) = 0 -- the conv's zero padding; the grouped conv kernel above; the split
   project kernel with the row mask as its row scale, so rows off the
   pixels come out as their residual, 0.  The 4C-wide h and g each make one bf16 DRAM round
@@ -395,7 +413,7 @@ def mbconv_rows(xr: jax.Array, params: MBConvBlockParams, layout: PaddedRows, ma
   c = xr.shape[1]
   kw = dict(compiler_params=plgpu.CompilerParams(approx_math=True),
             interpret=_interpret_params(interpret))
-  hr = _mbconv_expand(xr, params, mask, expand_block_m, expand_ws_slots, kw)
+  hr = _mbconv_expand(xr, params, mask, expand_block_m, expand_ws_slots, kw, expand_gemm)
   g = grouped_conv_rows(hr, params.conv_kernel, params.conv_bias, layout, act="silu",
                         chunk=chunk, block_m=gconv_block_m, per_cta=gconv_per_cta,
                         stages=gconv_stages, interpret=interpret)
@@ -425,14 +443,15 @@ def row_overhead(n: int, h: int, w: int) -> float:
 
 @functools.partial(jax.jit, static_argnames=("chunk", "gconv_block_m", "gconv_per_cta",
                                              "gconv_stages", "expand_block_m",
-                                             "expand_ws_slots", "interpret"))
+                                             "expand_ws_slots", "expand_gemm", "interpret"))
 def mbconv_stage_forward(x: jax.Array, params: tuple[MBConvBlockParams, ...], *,
                          chunk: int = 32, gconv_block_m: int = 256, gconv_per_cta: int = 0,
                          gconv_stages: int = 2, expand_block_m: int | None = None,
-                         expand_ws_slots: int | None = None, interpret=False) -> jax.Array:
+                         expand_ws_slots: int | None = None, expand_gemm: bool | None = None,
+                         interpret=False) -> jax.Array:
   """A chain of MBConv blocks (k = 3) through ``mbconv_rows``: x enters the padded-row layout
   once, every block runs in it (each block's output is the next one's input, zero off the
-  pixels), and the real pixels come out once."""
+  pixels), and the real pixels come out once.  ``expand_gemm``: ``mbconv_rows``'."""
   if not params:
     return x
   for p in params:
@@ -444,7 +463,7 @@ def mbconv_stage_forward(x: jax.Array, params: tuple[MBConvBlockParams, ...], *,
   return _chain_in_layout(x, params, functools.partial(
       mbconv_rows, chunk=chunk, gconv_block_m=gconv_block_m, gconv_per_cta=gconv_per_cta,
       gconv_stages=gconv_stages, expand_block_m=expand_block_m,
-      expand_ws_slots=expand_ws_slots, interpret=interpret))
+      expand_ws_slots=expand_ws_slots, expand_gemm=expand_gemm, interpret=interpret))
 
 
 def _chain_in_layout(x, params, block_rows):

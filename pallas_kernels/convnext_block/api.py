@@ -75,6 +75,7 @@ def _forward(x, params, dps, eps, tiles, interpret):
                           block_n=tiles.mosaic_block_n or None,
                           pipelined=tiles.mosaic_pipelined,
                           expand_ws=tiles.mosaic_expand_ws,
+                          expand_gemm=tiles.mosaic_expand_gemm,
                           dwconv_tiles=dw_tiles, interpret=interpret)
   return pallas_triton.forward(x, params, dps, eps=eps, tiles=tiles, interpret=interpret)
 

@@ -84,6 +84,12 @@ class ConvNeXtTiles:
   # batch 256 4% faster, 2026-11-27; the training step tied, 7,049 vs 7,098 img/s, so the
   # training forward keeps the other kernel); off in the heuristic (timed on an H100 only).
   mosaic_expand_ws: int = 0
+  # "mosaic_split", inference forward: the expand as mosaic_gemm.py's K-streaming GEMM
+  # (128 x 192 output tiles, two compute warpgroups + a TMA warpgroup, the LayerNorm in its
+  # epilogue from XLA's row statistics); overrides mosaic_expand_ws.  On in the H100 table
+  # at C=768 (expand 0.105 vs 0.141 ms at 7x7x768, batch 128; 0.182 vs 0.274 at 256; H100
+  # 2026-11-28); slower at C=384 with LayerNorm (0.140 vs 0.120), so off there.
+  mosaic_expand_gemm: bool = False
   # The depthwise conv before the Mosaic kernels, and in "hybrid" differentiated calls its
   # forward and input gradient (dwconv.depthwise_conv(conv=...)): "pallas" = dwconv_triton.py
   # (default tiles; 1.4-2.0x XLA's conv on an H100, 2026-11-26), "xla" = XLA's conv.
@@ -284,7 +290,7 @@ TUNED: dict[tuple[int, str, str], ConvNeXtTiles] = {
         bwd_hidden=32, bwd_warps=8, wgrad_rows=64, wgrad_hidden=16, wgrad_warps=8,
         dw_pixels=128, dw_channels=32, auto="hybrid", fwd_kernel="mosaic_split",
         mosaic_stages=2, mosaic_project_block_m=128, mosaic_block_n=192,
-        mosaic_dwconv_wgrad="pallas_columns"),
+        mosaic_dwconv_wgrad="pallas_columns", mosaic_expand_gemm=True),
 }
 
 _CACHE_ENV = "CONVFIRST_JAX_TUNING_CACHE"
@@ -373,7 +379,10 @@ MOSAIC_SPLIT_CANDIDATES = [dict(fwd_kernel="mosaic_split", mosaic_stages=st,
                                (2, 3, 128, 0, "xla"))] + [
     dict(fwd_kernel="mosaic_split", mosaic_stages=2, mosaic_project_stages=3,
          mosaic_project_block_m=128, mosaic_block_n=192, mosaic_dwconv="pallas",
-         mosaic_expand_ws=1)]
+         mosaic_expand_ws=1),
+    dict(fwd_kernel="mosaic_split", mosaic_stages=2, mosaic_project_stages=3,
+         mosaic_project_block_m=128, mosaic_block_n=192, mosaic_dwconv="pallas",
+         mosaic_expand_gemm=True)]
 
 
 def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]] | None = None,
@@ -443,6 +452,7 @@ def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]
               project_stages=t.mosaic_project_stages,
               project_block_m=t.mosaic_project_block_m, block_n=t.mosaic_block_n or None,
               pipelined=t.mosaic_pipelined, expand_ws=t.mosaic_expand_ws,
+              expand_gemm=t.mosaic_expand_gemm,
               dwconv_tiles=(None if t.mosaic_dwconv == "xla"
                             else dwconv_triton.default_tiles(x.shape[2]))),
           (x, params, dps), best, include_current=False)

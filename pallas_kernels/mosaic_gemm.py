@@ -1,0 +1,311 @@
+"""The split form's two kernels as K-streaming, warp-specialised GEMMs (Mosaic GPU, Hopper).
+
+    h = act(LN(z + zb) @ W1 + b1)        ``expand``   (M, E) in z's dtype
+    y = res + row_scale * (h @ W2 + b2)  ``project``  (M, C)
+
+The same two functions as ``mosaic_split``'s expand and project kernels, tiled as GEMMs
+instead.  ``mosaic_split._expand_kernel`` keeps a CTA's whole (rows x C) z tile in shared
+memory, LayerNorms it there and streams (hc x C) slices of W1^T past it, hc = 64 (32 at
+C=768): every wgmma is 64 x hc x C with both operands in shared memory, which at N = 64
+reads as many bytes per multiply-add as shared memory delivers, and a 64-row CTA fills an
+SM's shared memory alone, so its bias + activation leave the tensor cores idle.  At C=384
+/ 768 it ran at ~250 TFLOP/s while a plain GEMM of the same shape ran at 380-510
+(H100, 2026-11-28, ``devtmp`` probe: expand 14x14x384 batch 128 0.13 ms vs 0.069-0.078).
+
+Here a CTA owns a (128 x ``tn``) output tile and streams (64 x ``tk``) tiles of the left
+operand and (``tk`` x ``tn``) tiles of the right one through ``stages`` shared-memory
+slots: warpgroup 2 only issues the TMA copies, warpgroups 0 and 1 each multiply their
+64-row half against the shared right tile (wgmma 64 x tn x tk, one kept in flight) and run
+the epilogue on their (64 x tn) float32 accumulator.  The LayerNorm cannot be applied to
+the left operand on its way into the tensor cores, so it moves to the epilogue:
+
+    LN(z + zb) @ W1 = rstd * ((z + zb) @ W1 - mean * colsum(W1))
+                    = rstd * (z @ W1 + zb @ W1) - rstd * mean * colsum(W1)
+
+with mean and rstd of z + zb per row from one small XLA reduction over z before the kernel
+(reads z once: 19 MB at 14x14x384, batch 128), and zb @ W1 and colsum(W1) computed from
+the bfloat16 W1 the tensor cores see, in float32, so the identity holds to float32
+rounding.  z enters the matmul as it is in DRAM (bfloat16) instead of normalised and
+rounded to bfloat16 again, so this form rounds once less than ``mosaic_split``'s.  Its
+float32 cancellation (acc - mean colsum) costs ~|mean| / std ulps of float32, negligible
+unless a row's mean is ~1e4 of its spread.
+
+Limits: bfloat16/float16, rows a multiple of 128 (the wrappers pad), the contraction a
+multiple of ``tk`` (64), the output width a multiple of ``tn`` (64..256, a multiple of 64).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels import mosaic_mlp
+from pallas_kernels.mosaic_mlp import _WG, _activation, _interpret_params, _transforms
+
+BLOCK_M = 128  # rows per CTA: two compute warpgroups of 64
+TK = 64        # contraction per pipeline step
+SMEM_BYTES = 227 * 1024
+_TN_CHOICES = (256, 192, 128, 64)
+
+
+def smem_bytes(tn: int, stages: int, itemsize: int = 2, tk: int = TK) -> int:
+  """Shared memory of one CTA: ``stages`` slots of (128 x tk) and (tk x tn), two (64 x tn)
+  output / residual tiles, the vectors; + 2 KiB for barriers and alignment."""
+  return (itemsize * (stages * (BLOCK_M * tk + tk * tn) + BLOCK_M * tn)
+          + 4 * (3 * tn + 2 * BLOCK_M) + 2048)
+
+
+def choose_tiles(n: int, k: int, *, tn: int | None = None,
+                 stages: int | None = None) -> tuple[int, int] | None:
+  """(tn, stages): the widest output tile dividing ``n`` (at most 192: a 64 x 256 float32
+  accumulator leaves the epilogue too few registers) with the deepest pipeline (at most 4,
+  at most k / tk steps) that fits shared memory; None if none does."""
+  for t in ([tn] if tn else [t for t in _TN_CHOICES if t <= 192]):
+    if n % t:
+      continue
+    for s in ([stages] if stages else (4, 3, 2)):
+      if smem_bytes(t, s) <= SMEM_BYTES:
+        return t, max(min(s, k // TK), 1)  # (1 only where there is one step)
+  return None
+
+
+def unsupported_reason(m: int, k: int, n: int, dtype) -> str | None:
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return (f"the Mosaic GPU GEMM kernels take bfloat16/float16 activations (wgmma "
+            f"operands), got {jnp.dtype(dtype).name}")
+  if k % TK:
+    return f"the contraction ({k}) must be a multiple of {TK}"
+  if n % 64:
+    return f"the output width ({n}) must be a multiple of 64"
+  if m <= 0:
+    return f"no rows (M={m})"
+  return None
+
+
+def _kernel(a_gmem, b_gmem, colv_gmem, rowv_gmem, res_gmem, out_gmem, *, tn: int,
+            stages: int, mode: str, act: str, select_zero_rows: bool):
+  """One (128 x tn) output tile (grid axes "m", "n"; ``num_threads=3``, axis "wg").
+
+  mode "expand": colv (3, N) = (zb @ W1, colsum W1, b1) and rowv (2, M) = (rstd,
+  rstd * mean), out = act(rstd * (acc + colv0) - rowv1 * colv1 + colv2); or colv (1, N) =
+  b1 (+ zb @ W1) and rowv None: out = act(acc + colv0); or colv (1, N) = b1 and rowv
+  (1, M) = a row mask: out = act(acc + mask * b1).  mode "project": colv (1, N) =
+  b2, rowv (1, M) = row_scale, res (M, N): out = res + row_scale * (acc + b2).  res_gmem is
+  None in "expand"."""
+  dtype = a_gmem.dtype
+  k = a_gmem.shape[1]
+  n_k = k // TK
+  n_col = colv_gmem.shape[0]
+  n_row = rowv_gmem.shape[0] if rowv_gmem is not None else 0
+  project = mode == "project"
+  r0 = lax.axis_index("m") * BLOCK_M
+  cols = pl.ds(lax.axis_index("n") * tn, tn)
+
+  # vec_bars: colv, then rowv's two 64-row halves, then res's (one barrier per TMA copy)
+  n_vec = 1 + 2 * bool(n_row) + 2 * project
+
+  def body(a_smem, b_smem, out_smem, colv_smem, a_bars, b_bars, consumed, vec_bars, *extra):
+    rowv_smem = extra[0] if n_row else None
+
+    def _compute(wgi):
+      def mm(acc_ref):
+        @pl.loop(0, n_k)
+        def _step(kk):
+          s = lax.rem(kk, stages)
+          plgpu.barrier_wait(a_bars.at[2 * s + wgi])
+          plgpu.barrier_wait(b_bars.at[s])
+          plgpu.wgmma(acc_ref, a_smem.at[s, wgi], b_smem.at[s])
+          plgpu.wgmma_wait(1)  # the previous step's wgmma is done: release its slot
+
+          @pl.when(kk > 0)
+          def _():
+            plgpu.barrier_arrive(consumed.at[lax.rem(kk + stages - 1, stages)])
+
+        plgpu.wgmma_wait(0)
+        plgpu.barrier_arrive(consumed.at[(n_k - 1) % stages])
+        return acc_ref[...]
+
+      acc = pl.run_scoped(mm, plgpu.ACC((64, tn), jnp.float32))
+      plgpu.barrier_wait(vec_bars.at[0])
+      if n_row:
+        plgpu.barrier_wait(vec_bars.at[1 + wgi])
+      if project:
+        plgpu.barrier_wait(vec_bars.at[3 + wgi])
+        mosaic_mlp._residual_out(acc, colv_smem.at[0], rowv_smem.at[wgi, 0],
+                                 out_smem.at[wgi],
+                                 out_gmem.at[pl.ds(r0 + 64 * wgi, 64), cols],
+                                 select_zero_rows)
+        return
+
+      def col(i):
+        v = plgpu.load(colv_smem.at[i], layout=_WG.reduce(0))
+        return lax.broadcast_in_dim(v, (64, tn), [1])
+
+      def row(i):
+        v = plgpu.load(rowv_smem.at[wgi, i], layout=_WG.reduce(1))
+        return lax.broadcast_in_dim(v, (64, tn), [0])
+
+      if n_col == 3:    # LayerNorm: rstd * (acc + zb W1) - rstd mean colsum(W1) + b1
+        h = row(0) * (acc + col(0)) - row(1) * col(1) + col(2)
+      elif n_row:       # the bias scaled per row (a row mask)
+        h = acc + row(0) * col(0)
+      else:
+        h = acc + col(0)
+      out_smem.at[wgi][...] = _activation(h, act).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(out_smem.at[wgi], out_gmem.at[pl.ds(r0 + 64 * wgi, 64), cols])
+      plgpu.wait_smem_to_gmem(0)
+
+    def _memory():
+      plgpu.copy_gmem_to_smem(colv_gmem.at[:, cols], colv_smem, vec_bars.at[0])
+      for r in range(2):
+        if n_row:
+          plgpu.copy_gmem_to_smem(rowv_gmem.at[:, pl.ds(r0 + 64 * r, 64)], rowv_smem.at[r],
+                                  vec_bars.at[1 + r])
+        if project:
+          plgpu.copy_gmem_to_smem(res_gmem.at[pl.ds(r0 + 64 * r, 64), cols], out_smem.at[r],
+                                  vec_bars.at[3 + r])
+
+      @pl.loop(0, n_k)
+      def _issue(kk):
+        s = lax.rem(kk, stages)
+
+        @pl.when(kk >= stages)
+        def _():
+          plgpu.barrier_wait(consumed.at[s])  # step kk - stages is done with slot s
+
+        for r in range(2):
+          plgpu.copy_gmem_to_smem(a_gmem.at[pl.ds(r0 + 64 * r, 64), pl.ds(kk * TK, TK)],
+                                  a_smem.at[s, r], a_bars.at[2 * s + r])
+        plgpu.copy_gmem_to_smem(b_gmem.at[pl.ds(kk * TK, TK), cols], b_smem.at[s],
+                                b_bars.at[s])
+
+      # Observe the last steps' "consumed" phases too, so that every phase this warpgroup
+      # waits on is drained before the barriers are freed.
+      for kk in range(max(n_k - stages, 0), n_k):
+        plgpu.barrier_wait(consumed.at[kk % stages])
+
+    mosaic_mlp._warp_roles(_compute, _memory)
+
+  pl.run_scoped(
+      body,
+      plgpu.SMEM((stages, 2, 64, TK), dtype, transforms=_transforms(TK, dtype)),
+      plgpu.SMEM((stages, TK, tn), dtype, transforms=_transforms(tn, dtype)),
+      plgpu.SMEM((2, 64, tn), dtype, transforms=_transforms(tn, dtype)),
+      plgpu.SMEM((n_col, tn), jnp.float32),
+      plgpu.Barrier(num_barriers=2 * stages),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+      plgpu.Barrier(num_barriers=n_vec),
+      *([plgpu.SMEM((2, n_row, 64), jnp.float32)] if n_row else []),
+      collective_axes="wg",
+  )
+
+
+def _call(a, b, colv, rowv, res, *, n: int, tn: int, stages: int, mode: str, act: str,
+          select_zero_rows: bool, out_dtype, interpret):
+  m = a.shape[0]
+  return plgpu.kernel(
+      functools.partial(_kernel, tn=tn, stages=stages, mode=mode, act=act,
+                        select_zero_rows=select_zero_rows),
+      out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
+      grid=(m // BLOCK_M, n // tn), grid_names=("m", "n"), num_threads=3, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=_interpret_params(interpret),
+  )(a, b, colv, rowv, res)
+
+
+def _check_tiles(m: int, k: int, n: int, dtype, tn, stages, what: str):
+  reason = unsupported_reason(m, k, n, dtype)
+  if reason is not None:
+    raise NotImplementedError(f"mosaic_gemm.{what}: {reason}")
+  if m % BLOCK_M:
+    raise ValueError(f"mosaic_gemm.{what}: rows ({m}) must be a multiple of {BLOCK_M} (pad "
+                     f"them)")
+  if tn is not None and (tn % 64 or n % tn or tn > 256):
+    raise ValueError(f"mosaic_gemm.{what}: tn={tn} must be a multiple of 64 dividing {n}, "
+                     f"at most 256")
+  if stages is not None and stages < 2:
+    # a slot is released one step late (one wgmma stays in flight), so with one slot the
+    # TMA warpgroup would wait for a release that waits for its next load
+    raise ValueError(f"mosaic_gemm.{what}: stages must be >= 2, got {stages}")
+  tiles = choose_tiles(n, k, tn=tn, stages=stages)
+  if tiles is None or smem_bytes(*tiles) > SMEM_BYTES:
+    raise ValueError(f"mosaic_gemm.{what}: tn={tn}, stages={stages} do not fit shared "
+                     f"memory ({SMEM_BYTES} bytes) for N={n}")
+  return tiles
+
+
+def row_stats(z, zb, eps: float):
+  """(rstd, rstd * mean) of each row of z + zb in float32, in one pass over z: the sums
+  of d and d^2 for d = z + zb - (z + zb)[:, :1] (shifted by each row's first element, so
+  that a large common offset does not cancel)."""
+  zf = z.astype(jnp.float32) + zb.astype(jnp.float32)
+  d = zf - zf[:, :1]
+  c = z.shape[1]
+  s1 = d.sum(axis=1) * (1.0 / c)
+  var = (d * d).sum(axis=1) * (1.0 / c) - s1 * s1
+  mean = zf[:, 0] + s1
+  rstd = lax.rsqrt(jnp.maximum(var, 0.0) + eps)
+  return rstd, rstd * mean
+
+
+def expand(z, zb, w1, b1, *, act: str = "gelu", normalize: bool = True, eps: float = 1e-6,
+           bias_row_mask=None, tn: int | None = None, stages: int | None = None,
+           interpret=False):
+  """h = act(norm(z + zb) @ w1 + b1): z (M, C) bfloat16/float16 with M a multiple of 128,
+  w1 (C, E) (cast to z's dtype), zb (C,) or None, b1 (E,); h in z's dtype.  ``normalize``:
+  a LayerNorm without affine (``eps``), applied in the epilogue (module docstring).
+  ``bias_row_mask`` (M,): act(z @ w1 + mask * b1) instead (zb None, no normalisation), as
+  ``mosaic_split.expand_call``'s, for rows that must give act(0) where z and mask are 0."""
+  m, c = z.shape
+  e = w1.shape[1]
+  if act not in mosaic_mlp.ACTIVATIONS:
+    raise ValueError(f"activation must be one of {mosaic_mlp.ACTIVATIONS}, got {act!r}")
+  if bias_row_mask is not None and (normalize or zb is not None):
+    raise ValueError("mosaic_gemm.expand: bias_row_mask is for zb=None, normalize=False")
+  tn, stages = _check_tiles(m, c, e, z.dtype, tn, stages, "expand")
+  w1b = w1.astype(z.dtype)
+  w1f = w1b.astype(jnp.float32)
+  hi = lax.Precision.HIGHEST
+  c1 = (jnp.zeros((e,), jnp.float32) if zb is None
+        else jnp.dot(zb.astype(jnp.float32), w1f, precision=hi))
+  b1 = b1.astype(jnp.float32)
+  if bias_row_mask is not None:
+    if bias_row_mask.shape != (m,):
+      raise ValueError(f"mosaic_gemm.expand: bias_row_mask must be ({m},), got "
+                       f"{bias_row_mask.shape}")
+    colv, rowv = b1[None], bias_row_mask.astype(jnp.float32)[None]
+  elif normalize:
+    if zb is None:
+      zb = jnp.zeros((c,), jnp.float32)
+    rstd, nm = row_stats(z, zb, eps)
+    colv = jnp.stack([c1, w1f.sum(axis=0), b1])
+    rowv = jnp.stack([rstd, nm])
+  else:
+    colv, rowv = (b1 + c1)[None], None
+  return _call(z, w1b, colv, rowv, None, n=e, tn=tn, stages=stages, mode="expand", act=act,
+               select_zero_rows=False, out_dtype=z.dtype, interpret=interpret)
+
+
+def project(h, w2, b2, res, row_scale=None, *, tn: int | None = None,
+            stages: int | None = None, select_zero_rows: bool = False, interpret=False):
+  """y = res + row_scale * (h @ w2 + b2): h (M, E) with M a multiple of 128, w2 (E, C),
+  res (M, C) in h's dtype, row_scale (M,) or None (ones); y in res's dtype.
+  ``select_zero_rows``: exactly res where row_scale == 0, whatever h holds there."""
+  m, e = h.shape
+  c = w2.shape[1]
+  tn, stages = _check_tiles(m, e, c, h.dtype, tn, stages, "project")
+  if res.shape != (m, c) or res.dtype != h.dtype:
+    raise ValueError(f"mosaic_gemm.project: res must be {(m, c)} {h.dtype}, got {res.shape} "
+                     f"{res.dtype}")
+  rs = (jnp.ones((m,), jnp.float32) if row_scale is None
+        else row_scale.astype(jnp.float32))
+  return _call(h, w2.astype(h.dtype), b2.astype(jnp.float32)[None], rs[None], res, n=c,
+               tn=tn, stages=stages, mode="project", act="identity",
+               select_zero_rows=select_zero_rows, out_dtype=res.dtype, interpret=interpret)

@@ -30,8 +30,24 @@ rounded to bfloat16 again, so this form rounds once less than ``mosaic_split``'s
 float32 cancellation (acc - mean colsum) costs ~|mean| / std ulps of float32, negligible
 unless a row's mean is ~1e4 of its spread.
 
+Measured (H100, bf16, 2026-11-28, benchmarks/RESULTS.md): expand with LayerNorm + GELU at
+7x7x768 0.105 / 0.182 ms vs the split kernel's 0.141 / 0.274 (batch 128 / 256), SiLU 0.087
+/ 0.151 vs 0.126 / 0.244; at 14x14x384 with LayerNorm 0.140 vs 0.120 (slower: the
+statistics pass and the longer epilogue), SiLU a tie; the project tied the split kernel
+(0.085-0.129 vs 0.068-0.135 across shapes and tiles).  Used by default: the ConvNeXt H100
+table's C=768 entry (``mosaic_expand_gemm``; ConvNeXt block forward 7x7x768 0.189 vs 0.236
+ms, XLA 0.286) and MBConv blocks (``mosaic_gconv.EXPAND_GEMM`` at C=768,
+``PROJECT_GEMM``), compiled only.  What would make the epilogue cheaper: persistent CTAs
+whose two compute warpgroups work on different tiles, so one's epilogue overlaps the
+other's wgmmas (here both run their epilogues at once and the tensor cores idle), and the
+row statistics accumulated from the streamed z tiles instead of a separate pass.
+
 Limits: bfloat16/float16, rows a multiple of 128 (the wrappers pad), the contraction a
-multiple of ``tk`` (64), the output width a multiple of ``tn`` (64..256, a multiple of 64).
+multiple of ``tk`` (64), the output width a multiple of ``tn`` (64..256, a multiple of 64),
+at least two pipeline slots where there are two or more contraction steps.  Runs in the
+Mosaic GPU interpreter (``interpret=True``); the models use it only when compiled (its
+compute warpgroups wait on another warpgroup's loads, the pattern that hung the
+interpreter on a 2-core machine inside a model forward; see mosaic_mlp.py).
 """
 
 from __future__ import annotations

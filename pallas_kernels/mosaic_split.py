@@ -26,6 +26,10 @@ a pipelined GEMM with the block's element-wise work fused into its prologue or e
   0.133 ms at 14x14x384 E4, batch 128, H100 2026-11-27), ConvNeXt's C=384 inference forward
   from 32,768 rows.
 
+* expand / project as K-streaming GEMMs (``split_mlp(expand_gemm=, project_gemm=)``:
+  mosaic_gemm.py): 128 x 192 output tiles, both operands streamed, the LayerNorm in the
+  expand's epilogue; the expand default at C=768 (ConvNeXt's H100 table, MBConv).
+
 The E-wide activation makes exactly one round trip through DRAM, in z's dtype: compared
 with the fused kernel, 2 * M * E * 2 bytes of extra traffic and no repeated matmul work.
 Measured (ConvNeXt-T stage 3, 14x14x384, batch 128, bf16, 2026-11-26): expand 0.13 ms,
@@ -508,13 +512,14 @@ def project_call(h, res, rs, w2, b2, *, bn, kc, stages, bm=BLOCK_M, select_zero_
                                              "col_block", "expand_block_m",
                                              "project_block_m", "expand_pipelined",
                                              "expand_ws_slots", "expand_gemm",
-                                             "interpret"))
+                                             "project_gemm", "interpret"))
 def split_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str = "gelu",
               normalize: bool = True, eps: float = 1e-6, hidden_chunk: int | None = None,
               block_n: int | None = None, stages: int = 2, project_stages: int = 3,
               col_block: int | None = None, expand_block_m: int = BLOCK_M,
               project_block_m: int = BLOCK_M, expand_pipelined: bool = False,
-              expand_ws_slots: int = 0, expand_gemm: bool = False, interpret=False):
+              expand_ws_slots: int = 0, expand_gemm: bool = False,
+              project_gemm: bool = False, interpret=False):
   """y = res + row_scale * (act(norm(z + z_bias) @ w1 + b1) @ w2 + b2) over rows, as
   ``mosaic_mlp.fused_mlp`` (same arguments and result), in two kernels.
 
@@ -537,7 +542,10 @@ def split_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
   expand_gemm: the expand as ``mosaic_gemm.expand`` instead (a K-streaming GEMM, 128 x 192
   output tiles, the LayerNorm in its epilogue from row statistics XLA computes first);
   hidden_chunk, stages, col_block, expand_block_m, expand_pipelined and expand_ws_slots do
-  not apply to it.  Faster at C=768, slower at C=384 with LayerNorm (module docstring)."""
+  not apply to it.  Faster at C=768, slower at C=384 with LayerNorm (module docstring).
+  project_gemm: the project as ``mosaic_gemm.project`` (128-row CTAs of two compute
+  warpgroups + a TMA warpgroup, ``block_n`` wide, ``project_stages`` slots;
+  project_block_m does not apply)."""
   m, c, e = mosaic_mlp.check_mlp_args(z, res, w1, b1, w2, b2)
   reason = unsupported_reason(m, c, e, z.dtype, stages)
   if reason is not None:
@@ -550,10 +558,11 @@ def split_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
   if expand_gemm and (expand_ws_slots or expand_pipelined):
     raise ValueError("expand_gemm, expand_ws_slots and expand_pipelined are three different "
                      "expand kernels: pick one")
-  if expand_gemm:
-    reason = mosaic_gemm.unsupported_reason(m, c, e, z.dtype)
+  for flag, (k_, n_) in (("expand_gemm", (c, e)), ("project_gemm", (e, c))):
+    reason = (mosaic_gemm.unsupported_reason(m, k_, n_, z.dtype)
+              if (expand_gemm if flag == "expand_gemm" else project_gemm) else None)
     if reason is not None:
-      raise NotImplementedError(f"split_mlp(expand_gemm=True): {reason}")
+      raise NotImplementedError(f"split_mlp({flag}=True): {reason}")
   if expand_ws_slots:
     if expand_pipelined:
       raise ValueError("expand_ws_slots and expand_pipelined are two different expand "
@@ -603,7 +612,8 @@ def split_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
                      f"{project_block_m} does not fit shared memory")
   z, res, zb, rs = mosaic_mlp.row_inputs(
       z, res, z_bias, row_scale,
-      max(expand_block_m, project_block_m, mosaic_gemm.BLOCK_M if expand_gemm else 0))
+      max(expand_block_m, project_block_m,
+          mosaic_gemm.BLOCK_M if expand_gemm or project_gemm else 0))
   m_pad = z.shape[0]
   params = dict(compiler_params=plgpu.CompilerParams(approx_math=True),
                 interpret=_interpret_params(interpret))
@@ -616,6 +626,10 @@ def split_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
                     staging=choose_staging(c, step, stages, expand_block_m),
                     pipelined=expand_pipelined, ws_slots=expand_ws_slots,
                     ws_staging_halves=ws_halves if expand_ws_slots else 2, **params)
-  y = project_call(h, res, rs, w2, b2, bn=bn, kc=kc, stages=project_stages,
-                   bm=project_block_m, **params)
+  if project_gemm:
+    y = mosaic_gemm.project(h, w2, b2, res, rs, tn=bn, stages=project_stages,
+                            interpret=interpret)
+  else:
+    y = project_call(h, res, rs, w2, b2, bn=bn, kc=kc, stages=project_stages,
+                     bm=project_block_m, **params)
   return y[:m] if m_pad != m else y

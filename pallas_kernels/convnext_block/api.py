@@ -76,6 +76,7 @@ def _forward(x, params, dps, eps, tiles, interpret):
                           pipelined=tiles.mosaic_pipelined,
                           expand_ws=tiles.mosaic_expand_ws,
                           expand_gemm=tiles.mosaic_expand_gemm,
+                          project_gemm=tiles.mosaic_project_gemm,
                           dwconv_tiles=dw_tiles, interpret=interpret)
   return pallas_triton.forward(x, params, dps, eps=eps, tiles=tiles, interpret=interpret)
 

@@ -65,7 +65,8 @@ def forward(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | None = N
             dwconv_tiles: dwconv_triton.DwconvTiles | None = None, split: bool = False,
             project_stages: int = 3, project_block_m: int = 64, block_n: int | None = None,
             pipelined: bool = False, expand_ws: int = 0, expand_gemm: bool = False,
-            resident: bool | None = None, interpret: bool = False) -> jax.Array:
+            project_gemm: bool = False, resident: bool | None = None,
+            interpret: bool = False) -> jax.Array:
   """``dwconv_tiles``: None runs XLA's depthwise conv, else the Pallas-Triton one
   (dwconv_triton.py) with these tiles.  ``split``: the pointwise half as the two kernels of
   mosaic_split.py (any C multiple of 64; ``block_m`` and ``h_in_smem`` do not apply)
@@ -76,7 +77,8 @@ def forward(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | None = N
   each activation runs).  ``expand_ws``: the split form's ``expand_ws_slots`` (its
   warp-specialised expand kernel; 0: off), applied from ``EXPAND_WS_MIN_ROWS`` rows
   (N H W) per call.  ``expand_gemm``: the split form's ``expand_gemm`` (its expand as
-  the K-streaming GEMM of mosaic_gemm.py).  ``resident``: the one-kernel form's ``fused_mlp(resident=)`` (None:
+  the K-streaming GEMM of mosaic_gemm.py), ``project_gemm`` likewise for its project
+  kernel.  ``resident``: the one-kernel form's ``fused_mlp(resident=)`` (None:
   its default, the resident-weight kernel wherever the weights fit)."""
   n, h, w, c = x.shape
   if dwconv_tiles is None:
@@ -94,7 +96,7 @@ def forward(x: jax.Array, params: ConvNeXtBlockParams, dps: jax.Array | None = N
         project_stages=project_stages, project_block_m=project_block_m, block_n=block_n,
         expand_pipelined=pipelined,
         expand_ws_slots=0 if expand_gemm or rows < EXPAND_WS_MIN_ROWS else expand_ws,
-        expand_gemm=expand_gemm, interpret=interpret)
+        expand_gemm=expand_gemm, project_gemm=project_gemm, interpret=interpret)
     return y.reshape(n, h, w, c)
   y = mosaic_mlp.fused_mlp(
       z.reshape(rows, c), x.reshape(rows, c), w1, b1, w2, b2, z_bias=params.dw_bias,

@@ -90,6 +90,11 @@ class ConvNeXtTiles:
   # at C=768 (expand 0.105 vs 0.141 ms at 7x7x768, batch 128; 0.182 vs 0.274 at 256; H100
   # 2026-11-28); slower at C=384 with LayerNorm (0.140 vs 0.120), so off there.
   mosaic_expand_gemm: bool = False
+  # "mosaic_split", inference forward: the project as mosaic_gemm.py's GEMM (128 rows x
+  # mosaic_block_n per CTA, two compute warpgroups, mosaic_project_stages slots).  Off in
+  # the H100 table: block forwards tied (14x14x384 0.236 / 0.394 ms vs 0.233 / 0.398 at
+  # batch 128 / 256; 7x7x768 0.186 / 0.304 vs 0.183 / 0.310; H100 2026-11-28).
+  mosaic_project_gemm: bool = False
   # The depthwise conv before the Mosaic kernels, and in "hybrid" differentiated calls its
   # forward and input gradient (dwconv.depthwise_conv(conv=...)): "pallas" = dwconv_triton.py
   # (default tiles; 1.4-2.0x XLA's conv on an H100, 2026-11-26), "xla" = XLA's conv.
@@ -163,7 +168,9 @@ def heuristic_tiles(c: int, dtype) -> ConvNeXtTiles:
   forward and, when differentiated, XLA's block with the Pallas depthwise conv and its
   kernel gradient (the H100 table's C=768 entry: on an H200, 2026-11-26, 7x7x768, batch 128,
   forward 0.271 ms vs XLA 0.289, forward + backward 0.714 vs 0.868 -- the old heuristic, XLA's
-  block with the grouped kernel gradient, 0.847); XLA above (the split form's tiles do not
+  block with the grouped kernel gradient, 0.847), its inference expand as mosaic_gemm.py's
+  GEMM (timed on an H100 only, 2026-11-28: 0.105 vs 0.141 ms at 7x7x768; the kernel's
+  advantage -- wider wgmmas, both operands streamed -- is not specific to that part); XLA above (the split form's tiles do not
   fit shared memory there, and the Triton forward is slower than XLA's) and for other
   dtypes above 512.  Differentiated calls: the Mosaic forward + backward up to C=256
   (``mosaic_backward``: 1.55-1.6x XLA's block on an H100), XLA's block above (the split
@@ -174,7 +181,7 @@ def heuristic_tiles(c: int, dtype) -> ConvNeXtTiles:
                          bwd_pixels=32, bwd_hidden=32, bwd_warps=8, wgrad_rows=64,
                          wgrad_hidden=16, wgrad_warps=8, fwd_kernel="mosaic_split",
                          mosaic_stages=2, mosaic_dwconv_wgrad="pallas_columns", auto="hybrid",
-                         **_project_tile(c))
+                         mosaic_expand_gemm=True, **_project_tile(c))
   return dataclasses.replace(_heuristic_tiles(c), auto="hybrid" if c <= 512 else "xla")
 
 
@@ -382,7 +389,10 @@ MOSAIC_SPLIT_CANDIDATES = [dict(fwd_kernel="mosaic_split", mosaic_stages=st,
          mosaic_expand_ws=1),
     dict(fwd_kernel="mosaic_split", mosaic_stages=2, mosaic_project_stages=3,
          mosaic_project_block_m=128, mosaic_block_n=192, mosaic_dwconv="pallas",
-         mosaic_expand_gemm=True)]
+         mosaic_expand_gemm=True),
+    dict(fwd_kernel="mosaic_split", mosaic_stages=2, mosaic_project_stages=4,
+         mosaic_block_n=192, mosaic_dwconv="pallas", mosaic_expand_gemm=True,
+         mosaic_project_gemm=True)]
 
 
 def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]] | None = None,
@@ -452,7 +462,7 @@ def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]
               project_stages=t.mosaic_project_stages,
               project_block_m=t.mosaic_project_block_m, block_n=t.mosaic_block_n or None,
               pipelined=t.mosaic_pipelined, expand_ws=t.mosaic_expand_ws,
-              expand_gemm=t.mosaic_expand_gemm,
+              expand_gemm=t.mosaic_expand_gemm, project_gemm=t.mosaic_project_gemm,
               dwconv_tiles=(None if t.mosaic_dwconv == "xla"
                             else dwconv_triton.default_tiles(x.shape[2]))),
           (x, params, dps), best, include_current=False)

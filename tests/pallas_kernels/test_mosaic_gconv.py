@@ -150,6 +150,38 @@ def test_mbconv_forward_matches_reference(shape, e):          # reads the zero b
   assert _rel(got, want) < BF16_TOL
 
 
+def test_mbconv_project_kernel_choice(monkeypatch):
+  """MBConv blocks project through mosaic_gemm's GEMM by default when compiled
+  (``PROJECT_GEMM``), through the split project kernel with it off or in the interpreter."""
+  from pallas_kernels import mosaic_gemm, mosaic_split
+  seen = []
+  for mod, name in ((mosaic_gemm, "project"), (mosaic_split, "project_call")):
+    real = getattr(mod, name)
+    monkeypatch.setattr(mod, name, lambda *a, real=real, name=name, **k:
+                        seen.append(name) or real(*a, **k))
+  lay = mg.padded_rows(16, 7, 7)
+  xr = jax.ShapeDtypeStruct((lay.total, 384), jnp.bfloat16)
+  p = jax.tree.map(jnp.zeros_like, _mbconv(384, 1536))
+  for on, want in ((True, "project"), (False, "project_call")):
+    monkeypatch.setattr(mg, "PROJECT_GEMM", on)
+    jax.eval_shape(lambda xr: mg.mbconv_rows(xr, p, lay, mg.row_mask(lay)), xr)
+    assert seen.pop() == want
+  monkeypatch.setattr(mg, "PROJECT_GEMM", True)
+  x = jax.random.normal(jax.random.key(2), (2, 3, 3, 64)).astype(jnp.bfloat16)
+  mg.mbconv_forward(x, _mbconv(64, 128, seed=3), interpret=True)
+  assert seen.pop() == "project_call"
+
+
+def test_mbconv_forward_through_the_gemm_kernels():
+  """Both mosaic_gemm kernels in the MBConv block (expand with the row-masked bias, project
+  with the row mask as row scale and select_zero_rows), odd H and W, chained twice."""
+  x = jax.random.normal(jax.random.key(3), (3, 5, 3, 64)).astype(jnp.bfloat16)
+  ps = (_mbconv(64, 256, seed=4), _mbconv(64, 256, seed=5))
+  got = mg.mbconv_stage_forward(x, ps, expand_gemm=True, project_gemm=True, interpret=True)
+  want = mbconv_block_reference(mbconv_block_reference(x.astype(jnp.float32), ps[0]), ps[1])
+  assert _rel(got, want) < BF16_TOL
+
+
 def test_mbconv_rows_keep_the_border_zero():
   """mbconv_rows returns exact zeros off the real pixels, so blocks can chain in the layout;
   two chained blocks match two reference blocks."""
@@ -168,26 +200,33 @@ def test_mbconv_rows_keep_the_border_zero():
 
 def test_mbconv_expand_kernel_choice(monkeypatch):
   """The expand kernel MBConv blocks run: the warp-specialised one by default where it fits
-  shared memory when compiled (convfirst_t's C=384, and C=64), the single-warpgroup one at
-  C=768, in the interpreter, or when ``expand_block_m`` / ``expand_ws_slots=0`` ask for
-  it; both give the reference's block."""
-  from pallas_kernels import mosaic_split
+  shared memory when compiled (convfirst_t's C=384, and C=64), mosaic_gemm's GEMM at C=768
+  when compiled (``EXPAND_GEMM``; the single-warpgroup kernel with it off), the
+  single-warpgroup one in the interpreter, or when ``expand_block_m`` /
+  ``expand_ws_slots=0`` ask for it; all give the reference's block."""
+  from pallas_kernels import mosaic_gemm, mosaic_split
   seen = []
   real = mosaic_split.expand_call
   monkeypatch.setattr(mosaic_split, "expand_call",
                       lambda *a, **k: seen.append(k.get("ws_slots", 0)) or real(*a, **k))
-  for c, slots in ((384, mg.EXPAND_WS_SLOTS), (768, 0), (64, mg.EXPAND_WS_SLOTS)):
+  real_gemm = mosaic_gemm.expand
+  monkeypatch.setattr(mosaic_gemm, "expand",
+                      lambda *a, **k: seen.append("gemm") or real_gemm(*a, **k))
+  for c, slots, gemm in ((384, mg.EXPAND_WS_SLOTS, True), (768, "gemm", True), (768, 0, False),
+                         (64, mg.EXPAND_WS_SLOTS, True)):
+    monkeypatch.setattr(mg, "EXPAND_GEMM", gemm)
     lay = mg.padded_rows(16, 7, 7)
     xr = jax.ShapeDtypeStruct((lay.total, c), jnp.bfloat16)
     p = jax.tree.map(jnp.zeros_like, _mbconv(c, 4 * c))
     jax.eval_shape(lambda xr: mg.mbconv_rows(xr, p, lay, mg.row_mask(lay)), xr)
     assert seen.pop() == slots
+  monkeypatch.setattr(mg, "EXPAND_GEMM", True)
   assert mg.EXPAND_WS_SLOTS == 1
   x = jax.random.normal(jax.random.key(5), (3, 3, 5, 64)).astype(jnp.bfloat16)
   p = _mbconv(64, 256, seed=9)
   want = mbconv_block_reference(x.astype(jnp.float32), p)
   for kw, slots in ((dict(expand_ws_slots=0), 0), (dict(expand_block_m=128), 0),
-                    (dict(expand_ws_slots=2), 2), ({}, 0)):
+                    (dict(expand_ws_slots=2), 2), ({}, 0), (dict(expand_gemm=True), "gemm")):
     got = mg.mbconv_stage_forward(x, (p,), interpret=True, **kw)
     assert seen.pop() == slots
     assert _rel(got, want) < BF16_TOL

@@ -100,12 +100,16 @@ def test_project_matches_reference(m, e, c, tn, stages, zero_rows):
                                   np.asarray(res[::7], np.float32))
 
 
-@pytest.mark.parametrize("m,c,e,act,normalize", [(100, 128, 256, "gelu", True),
-                                                 (130, 64, 192, "silu", False)])
-def test_split_mlp_with_the_gemm_expand(m, c, e, act, normalize):
-  """split_mlp(expand_gemm=True): rows padded to 128, the project kernel unchanged."""
+@pytest.mark.parametrize("m,c,e,act,normalize,kw", [
+    (100, 128, 256, "gelu", True, dict(expand_gemm=True)),
+    (130, 64, 192, "silu", False, dict(expand_gemm=True, project_gemm=True)),
+    (70, 128, 128, "gelu", True, dict(project_gemm=True, project_stages=2)),
+])
+def test_split_mlp_with_the_gemm_kernels(m, c, e, act, normalize, kw):
+  """split_mlp(expand_gemm= / project_gemm=True): rows padded to 128, either kernel or
+  both replaced."""
   check_against_reference(mosaic_split.split_mlp, _inputs(m + e, m, c, e), act, normalize,
-                          expand_gemm=True, block_n=64)
+                          block_n=64, **kw)
 
 
 def test_gemm_expand_has_no_races():

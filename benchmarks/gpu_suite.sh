@@ -20,6 +20,7 @@
 #   bash benchmarks/gpu_suite.sh cfstage   # ConvFirst stages in the padded-row layout + convfirst_t
 #   MODEL=convnext_tiny bash benchmarks/gpu_suite.sh compare  # xla vs auto step, 2 processes each
 #   SHAPES=56x96 bash benchmarks/gpu_suite.sh wgrad  # depthwise kernel-gradient kernels vs XLA
+#   bash benchmarks/gpu_suite.sh gemm      # GEMM forms of the split kernels: GPU tests, kernels
 # Results go to $OUT (or ./out) as JSON / PNG / logs; a short summary is printed last.
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -139,6 +140,13 @@ PY
       2>&1 | tail -3
     timeout 380 python3 -m benchmarks.mosaic_gconv --parts conv,mbconv --json "$OUT/mosaic_gconv.json" \
       2>&1 | grep -v cuda_timer | tail -12
+    ;;
+  gemm)
+    log "mosaic_gemm (the split form's kernels as K-streaming GEMMs): GPU tests, then kernels"
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/pallas_kernels/test_mosaic_gemm.py \
+      2>&1 | tail -3
+    timeout 380 python3 -m benchmarks.mosaic_gemm --json "$OUT/mosaic_gemm.json" 2>&1 \
+      | grep -v cuda_timer | tail -40
     ;;
   cfstage)
     log "ConvFirst stages in the padded-row layout: GPU tests, stages vs XLA, convfirst_t img/s"

@@ -78,9 +78,10 @@ def smem_bytes(tn: int, stages: int, itemsize: int = 2, tk: int = TK) -> int:
 
 def choose_tiles(n: int, k: int, *, tn: int | None = None,
                  stages: int | None = None) -> tuple[int, int] | None:
-  """(tn, stages): the widest output tile dividing ``n`` (at most 192: a 64 x 256 float32
-  accumulator leaves the epilogue too few registers) with the deepest pipeline (at most 4,
-  at most k / tk steps) that fits shared memory; None if none does."""
+  """(tn, stages): the widest output tile dividing ``n`` (at most 192 unless asked: 256 fits
+  only two slots and ran slower, 0.143 / 0.117 vs 0.140 / 0.105 ms for the LayerNorm
+  expand at 14x14x384 / 7x7x768, batch 128, H100 2026-11-28) with the deepest pipeline (at
+  most 4, at most k / tk steps) that fits shared memory; None if none does."""
   for t in ([tn] if tn else [t for t in _TN_CHOICES if t <= 192]):
     if n % t:
       continue
@@ -251,7 +252,7 @@ def _check_tiles(m: int, k: int, n: int, dtype, tn, stages, what: str):
     # TMA warpgroup would wait for a release that waits for its next load
     raise ValueError(f"mosaic_gemm.{what}: stages must be >= 2, got {stages}")
   tiles = choose_tiles(n, k, tn=tn, stages=stages)
-  if tiles is None or smem_bytes(*tiles) > SMEM_BYTES:
+  if tiles is None:
     raise ValueError(f"mosaic_gemm.{what}: tn={tn}, stages={stages} do not fit shared "
                      f"memory ({SMEM_BYTES} bytes) for N={n}")
   return tiles

@@ -558,9 +558,9 @@ def split_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str =
   if expand_gemm and (expand_ws_slots or expand_pipelined):
     raise ValueError("expand_gemm, expand_ws_slots and expand_pipelined are three different "
                      "expand kernels: pick one")
-  for flag, (k_, n_) in (("expand_gemm", (c, e)), ("project_gemm", (e, c))):
-    reason = (mosaic_gemm.unsupported_reason(m, k_, n_, z.dtype)
-              if (expand_gemm if flag == "expand_gemm" else project_gemm) else None)
+  for on, flag, k_, n_ in ((expand_gemm, "expand_gemm", c, e),
+                           (project_gemm, "project_gemm", e, c)):
+    reason = mosaic_gemm.unsupported_reason(m, k_, n_, z.dtype) if on else None
     if reason is not None:
       raise NotImplementedError(f"split_mlp({flag}=True): {reason}")
   if expand_ws_slots:

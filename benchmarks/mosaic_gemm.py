@@ -42,15 +42,6 @@ def _rel(a, b) -> float:
   return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
-def _expand_reference(z, zb, w1, b1, act, normalize):
-  x = z.astype(f32) + zb
-  if normalize:
-    mu = x.mean(1, keepdims=True)
-    x = (x - mu) * jax.lax.rsqrt(((x - mu) ** 2).mean(1, keepdims=True) + 1e-6)
-  h = jnp.dot(x, w1.astype(jnp.bfloat16).astype(f32), precision="highest") + b1
-  return jax.nn.gelu(h, approximate=False) if act == "gelu" else jax.nn.silu(h)
-
-
 def _split_expand(z, zb, w1, b1, *, act, normalize, ws, interpret):
   c, e = w1.shape
   params = dict(compiler_params=mosaic_split.plgpu.CompilerParams(approx_math=True),
@@ -102,7 +93,8 @@ def run(m: int, c: int, args, case: str) -> list[dict]:
 
   for act, normalize in (("gelu", True),) if it else (("gelu", True), ("silu", False)):
     kind = "expand LN+GELU" if normalize else "expand SiLU"
-    ref = _expand_reference(zs[0], zb, w1, b1, act, normalize)
+    ref = mosaic_mlp.expand_reference(zs[0], w1.astype(jnp.bfloat16), b1, z_bias=zb, act=act,
+                                      normalize=normalize)
     z_sets = [(z,) for z in zs]
     for ws in (False, True):
       # (not interpreted: its compute warpgroups wait at once on another warpgroup's loads,

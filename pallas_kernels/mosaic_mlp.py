@@ -849,20 +849,32 @@ def _warn_if_async_cpu_dispatch():
         "computation (tests/conftest.py does).", RuntimeWarning, stacklevel=3)
 
 
-def fused_mlp_reference(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None,
-                        act: str = "gelu", normalize: bool = True, eps: float = 1e-6):
-  """The same function in float32 jnp (the kernel's definition)."""
+def expand_reference(z, w1, b1, *, z_bias=None, act: str = "gelu", normalize: bool = True,
+                     eps: float = 1e-6, bias_row_mask=None):
+  """act(norm(z + z_bias) @ w1 + b1) in float32 jnp (the first half of
+  ``fused_mlp_reference``; with ``bias_row_mask`` (M,) the bias is scaled per row, as the
+  MBConv expand kernels do).  The matmul at HIGHEST precision (not tf32 on a GPU)."""
   f32 = jnp.float32
   z = z.astype(f32) + (0.0 if z_bias is None else z_bias.astype(f32))
   if normalize:
     mean = z.mean(-1, keepdims=True)
     var = jnp.square(z - mean).mean(-1, keepdims=True)
     z = (z - mean) * lax.rsqrt(var + eps)
-  h = z @ w1.astype(f32) + b1.astype(f32)
-  h = jax.nn.gelu(h, approximate=False) if act == "gelu" else jax.nn.silu(h)
+  b1 = b1.astype(f32)
+  if bias_row_mask is not None:
+    b1 = bias_row_mask.astype(f32)[:, None] * b1
+  h = jnp.dot(z, w1.astype(f32), precision=lax.Precision.HIGHEST) + b1
+  return jax.nn.gelu(h, approximate=False) if act == "gelu" else jax.nn.silu(h)
+
+
+def fused_mlp_reference(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None,
+                        act: str = "gelu", normalize: bool = True, eps: float = 1e-6):
+  """The same function in float32 jnp (the kernel's definition)."""
+  f32 = jnp.float32
+  h = expand_reference(z, w1, b1, z_bias=z_bias, act=act, normalize=normalize, eps=eps)
   out = h @ w2.astype(f32) + b2.astype(f32)
   if row_scale is not None:
     out = out * row_scale.astype(f32)[:, None]
   if res is None:
-    return out.astype(z.dtype)
+    return out
   return (res.astype(f32) + out).astype(res.dtype)

@@ -25,14 +25,10 @@ from tests.pallas_kernels.test_mosaic_mlp import _mlp_inputs as _inputs
 f32 = jnp.float32
 
 
-def _expand_reference(z, zb, w1, b1, act, normalize, mask=None, eps=1e-6):
-  x = z.astype(f32) + (0.0 if zb is None else zb)
-  if normalize:
-    mu = x.mean(1, keepdims=True)
-    x = (x - mu) * jax.lax.rsqrt(((x - mu) ** 2).mean(1, keepdims=True) + eps)
-  bias = b1 if mask is None else mask[:, None] * b1
-  h = jnp.dot(x, w1.astype(jnp.bfloat16).astype(f32), precision="highest") + bias
-  return jax.nn.gelu(h, approximate=False) if act == "gelu" else jax.nn.silu(h)
+def _expand_reference(z, zb, w1, b1, act, normalize, mask=None):
+  """The float32 reference with the weights as the kernels see them (z's dtype)."""
+  return mosaic_mlp.expand_reference(z, w1.astype(z.dtype), b1, z_bias=zb, act=act,
+                                     normalize=normalize, bias_row_mask=mask)
 
 
 @pytest.mark.parametrize("m,c,e,act,normalize,tn,stages", [

@@ -6,15 +6,17 @@ forms (``mosaic_gemm``) and XLA's plain GEMMs, kernel level, on the GPU.
 At ConvNeXt-T's wide stage shapes (14x14x384 and 7x7x768, E = 4C, M = batch x H x W rows),
 bfloat16: the expand with LayerNorm + GELU (ConvNeXt) and with SiLU and no LayerNorm
 (MBConv), each by the split kernel (its default hidden slices; at C=384 also its
-warp-specialised form), by ``mosaic_gemm.expand`` at several (tn, slots), and by XLA as a
-plain GEMM (no bias, no activation: a yardstick, not an equivalent); then the project (y =
-res + row_scale (h W2 + b2)) likewise.  Each variant is checked against the float32
-reference (max |y - ref| / max |ref|; bf16 output rounding is ~2-4e-3) before it is timed.
-Times: median of ``--iters`` samples of ``--reps`` back-to-back calls alternating two
-random inputs, synchronised (pallas_kernels.timing).  A variant that fails prints its
-error and the run goes on.  The table is printed last.  ``--smoke`` runs one tiny shape
-in the Mosaic GPU interpreter (CPU; values only, the times mean nothing; one GEMM tile, no
-warp-specialised split expand, no SiLU expand).
+warp-specialised form), by ``mosaic_gemm.expand`` at several (tn, slots), one CTA per tile
+or persistent CTAs, and by XLA as a plain GEMM (no bias, no activation: a yardstick, not an
+equivalent); then the project (y = res + row_scale (h W2 + b2)) likewise.  Each variant is
+checked against the float32 reference (max |y - ref| / max |ref|; bf16 output rounding is
+~2-4e-3) before it is timed.  Times: median of ``--iters`` samples of ``--reps``
+back-to-back calls alternating two random inputs, synchronised (pallas_kernels.timing).  A
+variant that fails prints its error and the run goes on.  The table is printed last
+(~4.5 minutes on an H100 for batches 128 and 256 with ``--iters 20``).  ``--smoke`` runs
+one tiny shape in the Mosaic GPU interpreter (CPU; values only, the times mean nothing;
+one GEMM tile per CTA and 3 persistent CTAs, no warp-specialised split expand, no SiLU
+expand).
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ from pallas_kernels.timing import median_ms
 
 f32 = jnp.float32
 SHAPES = ((14, 384), (7, 768))                    # (H = W, C) with E = 4C
-GEMM_TILES = ((192, 4), (128, 4), (192, 3), (256, 2))   # (tn, slots); those not dividing skip
+# (tn, slots, persistent CTAs); tiles not dividing the width are skipped
+GEMM_TILES = ((192, 4, False), (128, 4, False), (192, 4, True), (128, 4, True),
+              (256, 3, True), (192, 3, True))
+SMOKE_TILES = ((128, 2, False), (128, 2, True))
 
 
 def _rel(a, b) -> float:
@@ -77,7 +82,12 @@ def run(m: int, c: int, args, case: str) -> list[dict]:
   w2, b2 = n(ks[9], (e, c)) * e ** -0.5, n(ks[10], (c,)) * 0.1
   rs = jax.random.uniform(ks[0], (m,)) + 0.5
   it = args.interpret
-  tiles = ((128, 2),) if it else GEMM_TILES
+  tiles = SMOKE_TILES if it else GEMM_TILES
+  ctas = 3 if it else None  # (the interpreted smoke run: several tiles per persistent CTA)
+
+  def label(tn, st, persistent):
+    return f"gemm tn{tn} x{st}" + (" persistent" if persistent else "")
+
   rows = []
 
   def time(kind, impl, fn, arg_sets, ref=None):
@@ -104,22 +114,23 @@ def run(m: int, c: int, args, case: str) -> list[dict]:
       time(kind, "split (ws)" if ws else "split", jax.jit(functools.partial(
           _split_expand, zb=zb, w1=w1, b1=b1, act=act, normalize=normalize, ws=ws,
           interpret=it)), z_sets, ref)
-    for tn, st in tiles:
+    for tn, st, per in tiles:
       if e % tn == 0:
-        time(kind, f"gemm tn{tn} x{st}", jax.jit(functools.partial(
+        time(kind, label(tn, st, per), jax.jit(functools.partial(
             mosaic_gemm.expand, zb=zb, w1=w1, b1=b1, act=act, normalize=normalize, tn=tn,
-            stages=st, interpret=it)), z_sets, ref)
+            stages=st, persistent=per, ctas=ctas, interpret=it)), z_sets, ref)
   ref = res[0].astype(f32) + rs[:, None] * (
       jnp.dot(hs[0].astype(f32), w2.astype(jnp.bfloat16).astype(f32), precision="highest")
       + b2)
   p_sets = list(zip(hs, res))
   time("project", "split 128 rows", jax.jit(functools.partial(
       lambda h, r: _split_project(h, r, rs, w2, b2, interpret=it))), p_sets, ref)
-  for tn, st in tiles:
+  for tn, st, per in tiles:
     if c % tn == 0:
-      time("project", f"gemm tn{tn} x{st}", jax.jit(lambda h, r, tn=tn, st=st:
-           mosaic_gemm.project(h, w2, b2, r, rs, tn=tn, stages=st, interpret=it)),
-           p_sets, ref)
+      time("project", label(tn, st, per), jax.jit(
+          lambda h, r, tn=tn, st=st, per=per: mosaic_gemm.project(
+              h, w2, b2, r, rs, tn=tn, stages=st, persistent=per, ctas=ctas, interpret=it)),
+          p_sets, ref)
   if not it:
     plain = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=f32).astype(jnp.bfloat16))
     time("expand (plain GEMM)", "xla", plain, [(z, w1.astype(jnp.bfloat16)) for z in zs])

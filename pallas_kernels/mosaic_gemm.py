@@ -30,17 +30,29 @@ rounded to bfloat16 again, so this form rounds once less than ``mosaic_split``'s
 float32 cancellation (acc - mean colsum) costs ~|mean| / std ulps of float32, negligible
 unless a row's mean is ~1e4 of its spread.
 
-Measured (H100, bf16, 2026-11-28, benchmarks/RESULTS.md): expand with LayerNorm + GELU at
-7x7x768 0.105 / 0.182 ms vs the split kernel's 0.141 / 0.274 (batch 128 / 256), SiLU 0.087
-/ 0.151 vs 0.126 / 0.244; at 14x14x384 with LayerNorm 0.140 vs 0.120 (slower: the
-statistics pass and the longer epilogue), SiLU a tie; the project tied the split kernel
-(0.085-0.129 vs 0.068-0.135 across shapes and tiles).  Used by default: the ConvNeXt H100
-table's C=768 entry (``mosaic_expand_gemm``; ConvNeXt block forward 7x7x768 0.189 vs 0.236
-ms, XLA 0.286) and MBConv blocks (``mosaic_gconv.EXPAND_GEMM`` at C=768,
-``PROJECT_GEMM``), compiled only.  What would make the epilogue cheaper: persistent CTAs
-whose two compute warpgroups work on different tiles, so one's epilogue overlaps the
-other's wgmmas (here both run their epilogues at once and the tensor cores idle), and the
-row statistics accumulated from the streamed z tiles instead of a separate pass.
+With ``persistent`` (the default, ``PERSISTENT``) one CTA per SM walks the tiles
+(``_kernel_persistent``): the TMA warpgroup's operand stream runs on across tile
+boundaries, so the next tile's first slots fill during this tile's epilogue, and output
+tiles leave without a wait for the store -- per tile, the pipeline fill and the store no
+longer idle the tensor cores, though the two compute warpgroups still run their epilogues
+at the same time.
+
+Measured (H100, bf16, 2026-11-28, benchmarks/RESULTS.md), ms at batch 128 / 256, one CTA
+per tile -> persistent (``benchmarks.mosaic_gemm``, one process): expand with LayerNorm +
+GELU at 7x7x768 0.101 / 0.184 -> 0.087 / 0.157 (the split kernel 0.145 / 0.276), SiLU
+0.086 / 0.150 -> 0.068 / 0.125; at 14x14x384 with LayerNorm 0.155 / 0.273 -> 0.131 /
+0.212 (the warp-specialised split kernel 0.142 / 0.196), SiLU 0.108 / 0.201 -> 0.084 /
+0.161 (0.129 / 0.183); the project at 7x7x768 0.072 / 0.104 -> 0.063 / 0.099, at 14x14x384
+0.073 / 0.134 -> 0.071 / 0.125 (split 0.080 / 0.139).  XLA's plain GEMM of the same
+shapes (no epilogue): expand 0.066 / 0.120 and 0.083 / 0.138, project 0.076 / 0.121 and
+0.067 / 0.127.  Used by default (compiled only): the ConvNeXt H100 table's C=768 expand
+(``mosaic_expand_gemm``; block forward 7x7x768 0.166 / 0.295 ms vs 0.189 / 0.333 with
+one CTA per tile, XLA 0.276 / 0.518) and C=384 project (``mosaic_project_gemm``), and
+MBConv blocks' expand and project (``mosaic_gconv.EXPAND_GEMM``, ``PROJECT_GEMM``).  What
+would make the epilogue cheaper still: compute warpgroups on different tiles, so one's
+epilogue overlaps the other's wgmmas, and the row statistics accumulated from the streamed
+z tiles instead of a separate pass (why the LayerNorm expand still trails the
+warp-specialised split kernel at C=384, batch 256).
 
 Limits: bfloat16/float16, rows a multiple of 128 (the wrappers pad), the contraction a
 multiple of ``tk`` (64), the output width a multiple of ``tn`` (64..256, a multiple of 64),
@@ -67,17 +79,21 @@ BLOCK_M = 128  # rows per CTA: two compute warpgroups of 64
 TK = 64        # contraction per pipeline step
 SMEM_BYTES = 227 * 1024
 _TN_CHOICES = (256, 192, 128, 64)
+# persistent=None: persistent CTAs (``_kernel_persistent``) or one CTA per tile (``_kernel``)
+PERSISTENT = True
 
 
-def smem_bytes(tn: int, stages: int, itemsize: int = 2, tk: int = TK) -> int:
+def smem_bytes(tn: int, stages: int, itemsize: int = 2, tk: int = TK,
+               persistent: bool = False) -> int:
   """Shared memory of one CTA: ``stages`` slots of (128 x tk) and (tk x tn), two (64 x tn)
-  output / residual tiles, the vectors; + 2 KiB for barriers and alignment."""
+  output / residual tiles, the vectors (two slots of them when ``persistent``); + 2 KiB for
+  barriers and alignment."""
   return (itemsize * (stages * (BLOCK_M * tk + tk * tn) + BLOCK_M * tn)
-          + 4 * (3 * tn + 2 * BLOCK_M) + 2048)
+          + 4 * (1 + persistent) * (3 * tn + 2 * BLOCK_M) + 2048)
 
 
-def choose_tiles(n: int, k: int, *, tn: int | None = None,
-                 stages: int | None = None) -> tuple[int, int] | None:
+def choose_tiles(n: int, k: int, *, tn: int | None = None, stages: int | None = None,
+                 persistent: bool = False) -> tuple[int, int] | None:
   """(tn, stages): the widest output tile dividing ``n`` (at most 192 unless asked: 256 fits
   only two slots and ran slower, 0.143 / 0.117 vs 0.140 / 0.105 ms for the LayerNorm
   expand at 14x14x384 / 7x7x768, batch 128, H100 2026-11-28) with the deepest pipeline (at
@@ -86,7 +102,7 @@ def choose_tiles(n: int, k: int, *, tn: int | None = None,
     if n % t:
       continue
     for s in ([stages] if stages else (4, 3, 2)):
-      if smem_bytes(t, s) <= SMEM_BYTES:
+      if smem_bytes(t, s, persistent=persistent) <= SMEM_BYTES:
         return t, max(min(s, k // TK), 1)  # (1 only where there is one step)
   return None
 
@@ -102,6 +118,29 @@ def unsupported_reason(m: int, k: int, n: int, dtype) -> str | None:
   if m <= 0:
     return f"no rows (M={m})"
   return None
+
+
+def _expand_epilogue(acc, colv_smem, rowv_smem, act: str):
+  """The expand's output tile in float32 from its (64 x tn) accumulator: colv_smem (n_col,
+  tn), rowv_smem (n_row, 64) or None (``_kernel``'s modes)."""
+  rows, tn = acc.shape
+  n_col = colv_smem.shape[0]
+
+  def col(i):
+    v = plgpu.load(colv_smem.at[i], layout=_WG.reduce(0))
+    return lax.broadcast_in_dim(v, (rows, tn), [1])
+
+  def row(i):
+    v = plgpu.load(rowv_smem.at[i], layout=_WG.reduce(1))
+    return lax.broadcast_in_dim(v, (rows, tn), [0])
+
+  if n_col == 3:                 # LayerNorm: rstd * (acc + zb W1) - rstd mean colsum(W1) + b1
+    h = row(0) * (acc + col(0)) - row(1) * col(1) + col(2)
+  elif rowv_smem is not None:    # the bias scaled per row (a row mask)
+    h = acc + row(0) * col(0)
+  else:
+    h = acc + col(0)
+  return _activation(h, act)
 
 
 def _kernel(a_gmem, b_gmem, colv_gmem, rowv_gmem, res_gmem, out_gmem, *, tn: int,
@@ -159,21 +198,8 @@ def _kernel(a_gmem, b_gmem, colv_gmem, rowv_gmem, res_gmem, out_gmem, *, tn: int
                                  select_zero_rows)
         return
 
-      def col(i):
-        v = plgpu.load(colv_smem.at[i], layout=_WG.reduce(0))
-        return lax.broadcast_in_dim(v, (64, tn), [1])
-
-      def row(i):
-        v = plgpu.load(rowv_smem.at[wgi, i], layout=_WG.reduce(1))
-        return lax.broadcast_in_dim(v, (64, tn), [0])
-
-      if n_col == 3:    # LayerNorm: rstd * (acc + zb W1) - rstd mean colsum(W1) + b1
-        h = row(0) * (acc + col(0)) - row(1) * col(1) + col(2)
-      elif n_row:       # the bias scaled per row (a row mask)
-        h = acc + row(0) * col(0)
-      else:
-        h = acc + col(0)
-      out_smem.at[wgi][...] = _activation(h, act).astype(dtype)
+      h = _expand_epilogue(acc, colv_smem, rowv_smem.at[wgi] if n_row else None, act)
+      out_smem.at[wgi][...] = h.astype(dtype)
       plgpu.commit_smem()
       plgpu.copy_smem_to_gmem(out_smem.at[wgi], out_gmem.at[pl.ds(r0 + 64 * wgi, 64), cols])
       plgpu.wait_smem_to_gmem(0)
@@ -224,20 +250,191 @@ def _kernel(a_gmem, b_gmem, colv_gmem, rowv_gmem, res_gmem, out_gmem, *, tn: int
   )
 
 
+def _kernel_persistent(a_gmem, b_gmem, colv_gmem, rowv_gmem, res_gmem, out_gmem, *, tn: int,
+                       stages: int, mode: str, act: str, select_zero_rows: bool,
+                       n_ctas: int):
+  """``_kernel``'s tiles walked by ``n_ctas`` persistent CTAs (grid axis "sm"): CTA p owns
+  tiles p, p + n_ctas, ... of the row-major (M / 128) x (N / tn) tile grid.
+
+  The TMA warpgroup's operand stream runs on across tile boundaries (global step g = local
+  tile i * k steps + k, slot g mod ``stages``), so it loads the next tile's first steps
+  while the compute warpgroups run this tile's epilogue, and the output tiles leave by TMA
+  without waiting (a warpgroup waits for its previous store to have read its staging tile
+  only before writing the tile again).  The per-tile vectors (colv, rowv) have two slots,
+  refilled once both compute warpgroups have released them (``vec_free``); the project's
+  residual tile is loaded into the staging tile by its compute warpgroup itself, once the
+  previous store has read it, during the first contraction step."""
+  dtype = a_gmem.dtype
+  m, k = a_gmem.shape
+  n = out_gmem.shape[1]
+  n_k = k // TK
+  n_n = n // tn
+  n_tiles = (m // BLOCK_M) * n_n
+  per_cta = -(-n_tiles // n_ctas)
+  n_col = colv_gmem.shape[0]
+  n_row = rowv_gmem.shape[0] if rowv_gmem is not None else 0
+  project = mode == "project"
+  cta = lax.axis_index("sm")
+  n_vec = 1 + 2 * bool(n_row)  # barriers per vector slot: colv, rowv's two 64-row halves
+
+  def tile(i):
+    t = cta + i * n_ctas
+    return t, (t // n_n) * BLOCK_M, pl.ds(lax.rem(t, n_n) * tn, tn)
+
+  def n_local():  # tiles of this CTA
+    return (n_tiles - cta + n_ctas - 1) // n_ctas
+
+  def body(a_smem, b_smem, out_smem, colv_smem, a_bars, b_bars, consumed, vec_bars,
+           vec_free, *extra):
+    rowv_smem = extra[0] if n_row else None
+    res_bars = extra[-1] if project else None
+
+    def _compute(wgi):
+      @pl.loop(0, per_cta)
+      def _tile(i):
+        t, r0, cols = tile(i)
+        rows = pl.ds(r0 + 64 * wgi, 64)
+        vs = lax.rem(i, 2)
+
+        @pl.when(t < n_tiles)
+        def _():
+          def mm(acc_ref):
+            @pl.loop(0, n_k)
+            def _step(kk):
+              g = i * n_k + kk
+              s = lax.rem(g, stages)
+              plgpu.barrier_wait(a_bars.at[2 * s + wgi])
+              plgpu.barrier_wait(b_bars.at[s])
+              plgpu.wgmma(acc_ref, a_smem.at[s, wgi], b_smem.at[s])
+              plgpu.wgmma_wait(1)  # the previous step's wgmma is done: release its slot
+
+              @pl.when(kk > 0)
+              def _():
+                plgpu.barrier_arrive(consumed.at[lax.rem(g + stages - 1, stages)])
+
+              if project:
+                @pl.when(kk == 0)
+                def _():  # the residual into the staging tile, once the last store read it
+                  plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                  plgpu.copy_gmem_to_smem(res_gmem.at[rows, cols], out_smem.at[wgi],
+                                          res_bars.at[wgi])
+
+            plgpu.wgmma_wait(0)
+            plgpu.barrier_arrive(consumed.at[lax.rem(i * n_k + n_k - 1, stages)])
+            return acc_ref[...]
+
+          acc = pl.run_scoped(mm, plgpu.ACC((64, tn), jnp.float32))
+          plgpu.barrier_wait(vec_bars.at[n_vec * vs])
+          if n_row:
+            plgpu.barrier_wait(vec_bars.at[n_vec * vs + 1 + wgi])
+          if project:
+            plgpu.barrier_wait(res_bars.at[wgi])
+            mosaic_mlp._residual_out(acc, colv_smem.at[vs, 0], rowv_smem.at[vs, wgi, 0],
+                                     out_smem.at[wgi], out_gmem.at[rows, cols],
+                                     select_zero_rows, wait=False)
+          else:
+            h = _expand_epilogue(acc, colv_smem.at[vs],
+                                 rowv_smem.at[vs, wgi] if n_row else None, act)
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # the last store read the tile
+            out_smem.at[wgi][...] = h.astype(dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem.at[wgi], out_gmem.at[rows, cols])
+          plgpu.barrier_arrive(vec_free.at[vs])  # (after the stores that used them)
+
+      plgpu.wait_smem_to_gmem(0)
+
+    def _memory():
+      @pl.loop(0, per_cta)
+      def _tile(i):
+        t, r0, cols = tile(i)
+        vs = lax.rem(i, 2)
+
+        @pl.when(t < n_tiles)
+        def _():
+          @pl.when(i >= 2)
+          def _():
+            plgpu.barrier_wait(vec_free.at[vs])  # tile i - 2 is done with slot vs
+
+          plgpu.copy_gmem_to_smem(colv_gmem.at[:, cols], colv_smem.at[vs],
+                                  vec_bars.at[n_vec * vs])
+          if n_row:
+            for r in range(2):
+              plgpu.copy_gmem_to_smem(rowv_gmem.at[:, pl.ds(r0 + 64 * r, 64)],
+                                      rowv_smem.at[vs, r], vec_bars.at[n_vec * vs + 1 + r])
+
+          @pl.loop(0, n_k)
+          def _issue(kk):
+            g = i * n_k + kk
+            s = lax.rem(g, stages)
+
+            @pl.when(g >= stages)
+            def _():
+              plgpu.barrier_wait(consumed.at[s])  # step g - stages is done with slot s
+
+            for r in range(2):
+              plgpu.copy_gmem_to_smem(
+                  a_gmem.at[pl.ds(r0 + 64 * r, 64), pl.ds(kk * TK, TK)], a_smem.at[s, r],
+                  a_bars.at[2 * s + r])
+            plgpu.copy_gmem_to_smem(b_gmem.at[pl.ds(kk * TK, TK), cols], b_smem.at[s],
+                                    b_bars.at[s])
+
+      # Observe the phases not yet waited on (the last steps' slot releases, the last two
+      # tiles' vector releases), so that every arrival has landed before the CTA exits.
+      total = n_local() * n_k
+      for j in range(stages):
+        g = total - stages + j
+
+        @pl.when(g >= 0)
+        def _():
+          plgpu.barrier_wait(consumed.at[lax.rem(g, stages)])
+
+      for j in range(2):
+        i = n_local() - 2 + j
+
+        @pl.when(i >= 0)
+        def _():
+          plgpu.barrier_wait(vec_free.at[lax.rem(i, 2)])
+
+    mosaic_mlp._warp_roles(_compute, _memory)
+
+  pl.run_scoped(
+      body,
+      plgpu.SMEM((stages, 2, 64, TK), dtype, transforms=_transforms(TK, dtype)),
+      plgpu.SMEM((stages, TK, tn), dtype, transforms=_transforms(tn, dtype)),
+      plgpu.SMEM((2, 64, tn), dtype, transforms=_transforms(tn, dtype)),
+      plgpu.SMEM((2, n_col, tn), jnp.float32),
+      plgpu.Barrier(num_barriers=2 * stages),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+      plgpu.Barrier(num_barriers=2 * n_vec),
+      plgpu.Barrier(num_arrivals=2, num_barriers=2),
+      *([plgpu.SMEM((2, 2, n_row, 64), jnp.float32)] if n_row else []),
+      *([plgpu.Barrier(num_barriers=2)] if project else []),
+      collective_axes="wg",
+  )
+
+
 def _call(a, b, colv, rowv, res, *, n: int, tn: int, stages: int, mode: str, act: str,
-          select_zero_rows: bool, out_dtype, interpret):
+          select_zero_rows: bool, out_dtype, persistent: bool, ctas: int | None, interpret):
   m = a.shape[0]
+  common = dict(tn=tn, stages=stages, mode=mode, act=act, select_zero_rows=select_zero_rows)
+  if persistent:
+    n_tiles = (m // BLOCK_M) * (n // tn)
+    n_ctas = max(1, min(ctas or mosaic_mlp._sm_count(), n_tiles))
+    kernel = functools.partial(_kernel_persistent, n_ctas=n_ctas, **common)
+    grid = dict(grid=(n_ctas,), grid_names=("sm",))
+  else:
+    kernel = functools.partial(_kernel, **common)
+    grid = dict(grid=(m // BLOCK_M, n // tn), grid_names=("m", "n"))
   return plgpu.kernel(
-      functools.partial(_kernel, tn=tn, stages=stages, mode=mode, act=act,
-                        select_zero_rows=select_zero_rows),
-      out_type=jax.ShapeDtypeStruct((m, n), out_dtype),
-      grid=(m // BLOCK_M, n // tn), grid_names=("m", "n"), num_threads=3, thread_name="wg",
-      compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=_interpret_params(interpret),
+      kernel, out_type=jax.ShapeDtypeStruct((m, n), out_dtype), num_threads=3,
+      thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=_interpret_params(interpret), **grid,
   )(a, b, colv, rowv, res)
 
 
-def _check_tiles(m: int, k: int, n: int, dtype, tn, stages, what: str):
+def _check_tiles(m: int, k: int, n: int, dtype, tn, stages, what: str,
+                 persistent: bool = False, ctas: int | None = None):
   reason = unsupported_reason(m, k, n, dtype)
   if reason is not None:
     raise NotImplementedError(f"mosaic_gemm.{what}: {reason}")
@@ -251,7 +448,9 @@ def _check_tiles(m: int, k: int, n: int, dtype, tn, stages, what: str):
     # a slot is released one step late (one wgmma stays in flight), so with one slot the
     # TMA warpgroup would wait for a release that waits for its next load
     raise ValueError(f"mosaic_gemm.{what}: stages must be >= 2, got {stages}")
-  tiles = choose_tiles(n, k, tn=tn, stages=stages)
+  if ctas is not None and ctas < 1:
+    raise ValueError(f"mosaic_gemm.{what}: ctas must be >= 1, got {ctas}")
+  tiles = choose_tiles(n, k, tn=tn, stages=stages, persistent=persistent)
   if tiles is None:
     raise ValueError(f"mosaic_gemm.{what}: tn={tn}, stages={stages} do not fit shared "
                      f"memory ({SMEM_BYTES} bytes) for N={n}")
@@ -274,7 +473,7 @@ def row_stats(z, zb, eps: float):
 
 def expand(z, zb, w1, b1, *, act: str = "gelu", normalize: bool = True, eps: float = 1e-6,
            bias_row_mask=None, tn: int | None = None, stages: int | None = None,
-           interpret=False):
+           persistent: bool | None = None, ctas: int | None = None, interpret=False):
   """h = act(norm(z + zb) @ w1 + b1): z (M, C) bfloat16/float16 with M a multiple of 128,
   w1 (C, E) (cast to z's dtype), zb (C,) or None, b1 (E,); h in z's dtype.  ``normalize``:
   a LayerNorm without affine (``eps``), applied in the epilogue (module docstring).
@@ -286,7 +485,8 @@ def expand(z, zb, w1, b1, *, act: str = "gelu", normalize: bool = True, eps: flo
     raise ValueError(f"activation must be one of {mosaic_mlp.ACTIVATIONS}, got {act!r}")
   if bias_row_mask is not None and (normalize or zb is not None):
     raise ValueError("mosaic_gemm.expand: bias_row_mask is for zb=None, normalize=False")
-  tn, stages = _check_tiles(m, c, e, z.dtype, tn, stages, "expand")
+  persistent = PERSISTENT if persistent is None else bool(persistent)
+  tn, stages = _check_tiles(m, c, e, z.dtype, tn, stages, "expand", persistent, ctas)
   w1b = w1.astype(z.dtype)
   w1f = w1b.astype(jnp.float32)
   hi = lax.Precision.HIGHEST
@@ -307,17 +507,20 @@ def expand(z, zb, w1, b1, *, act: str = "gelu", normalize: bool = True, eps: flo
   else:
     colv, rowv = (b1 + c1)[None], None
   return _call(z, w1b, colv, rowv, None, n=e, tn=tn, stages=stages, mode="expand", act=act,
-               select_zero_rows=False, out_dtype=z.dtype, interpret=interpret)
+               select_zero_rows=False, out_dtype=z.dtype, persistent=persistent, ctas=ctas,
+               interpret=interpret)
 
 
 def project(h, w2, b2, res, row_scale=None, *, tn: int | None = None,
-            stages: int | None = None, select_zero_rows: bool = False, interpret=False):
+            stages: int | None = None, select_zero_rows: bool = False,
+            persistent: bool | None = None, ctas: int | None = None, interpret=False):
   """y = res + row_scale * (h @ w2 + b2): h (M, E) with M a multiple of 128, w2 (E, C),
   res (M, C) in h's dtype, row_scale (M,) or None (ones); y in res's dtype.
   ``select_zero_rows``: exactly res where row_scale == 0, whatever h holds there."""
   m, e = h.shape
   c = w2.shape[1]
-  tn, stages = _check_tiles(m, e, c, h.dtype, tn, stages, "project")
+  persistent = PERSISTENT if persistent is None else bool(persistent)
+  tn, stages = _check_tiles(m, e, c, h.dtype, tn, stages, "project", persistent, ctas)
   if res.shape != (m, c) or res.dtype != h.dtype:
     raise ValueError(f"mosaic_gemm.project: res must be {(m, c)} {h.dtype}, got {res.shape} "
                      f"{res.dtype}")
@@ -325,4 +528,5 @@ def project(h, w2, b2, res, row_scale=None, *, tn: int | None = None,
         else row_scale.astype(jnp.float32))
   return _call(h, w2.astype(h.dtype), b2.astype(jnp.float32)[None], rs[None], res, n=c,
                tn=tn, stages=stages, mode="project", act="identity",
-               select_zero_rows=select_zero_rows, out_dtype=res.dtype, interpret=interpret)
+               select_zero_rows=select_zero_rows, out_dtype=res.dtype,
+               persistent=persistent, ctas=ctas, interpret=interpret)

@@ -289,10 +289,11 @@ def _hidden_chunk(acc2_ref, zn_smem, w1t_smem, b1_ref, w2_smem, h_smem, *, act: 
 
 
 def _residual_out(acc, b2_smem, rs_smem, res_smem, out_gmem_rows, select_zero_rows=False,
-                  has_res=True):
+                  has_res=True, wait=True):
   """res_smem <- res + rs * (acc + b2), then TMA it to ``out_gmem_rows``.
   ``select_zero_rows``: rows with rs == 0 get exactly res, even where acc is not finite.
-  ``has_res=False``: no residual (res_smem is only the output staging tile)."""
+  ``has_res=False``: no residual (res_smem is only the output staging tile).  ``wait``:
+  wait for the store to complete (False: the caller waits before reusing res_smem)."""
   rows, c = acc.shape
   b2 = plgpu.load(b2_smem, layout=_WG.reduce(0))
   rs = lax.broadcast_in_dim(plgpu.load(rs_smem, layout=_WG.reduce(1)), (rows, c), [0])
@@ -304,7 +305,8 @@ def _residual_out(acc, b2_smem, rs_smem, res_smem, out_gmem_rows, select_zero_ro
   res_smem[...] = y.astype(res_smem.dtype)  # the residual tile is the output staging tile
   plgpu.commit_smem()
   plgpu.copy_smem_to_gmem(res_smem, out_gmem_rows)
-  plgpu.wait_smem_to_gmem(0)
+  if wait:
+    plgpu.wait_smem_to_gmem(0)
 
 
 def _pipelined_chunks(acc2_ref, zn_smem, w1t_gmem, b1_gmem, w2_gmem, h_smem, *, c: int,

@@ -337,8 +337,11 @@ def _project_tile(c: int) -> tuple[int, int]:
 # 0.247 (256); the 9-block stage 2.576 vs 2.720 ms, 4.691 vs 5.023 (2 slots of 32-wide
 # slices: 2.840 / 5.250, slower).
 EXPAND_WS_SLOTS = 1
-# MBConv expands where the warp-specialised kernel does not fit (C=768) run mosaic_gemm.py's
-# K-streaming GEMM by default when compiled (``_mbconv_expand``'s ``gemm=None``).
+# MBConv expands run mosaic_gemm.py's K-streaming GEMM by default when compiled
+# (``_mbconv_expand``'s ``gemm=None``).  With its persistent CTAs (H100, 2026-11-28, eleventh
+# session) it beat the warp-specialised expand at C=384 too: the 9-block 14x14x384 stage
+# 2.316 vs 2.435 ms (batch 128), 4.313 vs 4.532 (256); before that it ran only where the
+# warp-specialised kernel does not fit (C=768).
 EXPAND_GEMM = True
 # MBConv projects as mosaic_gemm.py's GEMM by default when compiled (``mbconv_rows``'s
 # ``project_gemm=None``): the 9-block 14x14x384 stage 2.464 vs 2.491 ms (batch 128), 4.576
@@ -354,13 +357,14 @@ def _mbconv_expand(xr, params: MBConvBlockParams, mask, expand_block_m: int | No
   fits shared memory, else 0; 0 in the interpreter), or (0) the single-warpgroup one with
   ``expand_block_m`` rows per CTA (None: 128 where they fit shared memory).  ``gemm``: the
   K-streaming GEMM of mosaic_gemm.py instead (rows a multiple of 128); None: where neither
-  ``ws_slots`` nor ``expand_block_m`` is given, the warp-specialised kernel does not fit
-  (C=768) and the kernel is compiled (silu expand at 7x7x768, batch 128: 0.087 vs 0.126
-  ms for the single-warpgroup kernel; 256: 0.151 vs 0.244; H100 2026-11-28)."""
+  ``ws_slots`` nor ``expand_block_m`` is given and the kernel is compiled (``EXPAND_GEMM``;
+  silu expand with persistent CTAs, H100 2026-11-28, ms at batch 128 / 256: 7x7x768 0.068 /
+  0.125 vs 0.132 / 0.253 for the single-warpgroup kernel, 14x14x384 0.084 / 0.161 vs
+  0.129 / 0.183 for the warp-specialised one)."""
   c, e = params.fc1_kernel.shape
   if gemm is None:
-    gemm = (EXPAND_GEMM and ws_slots is None and expand_block_m is None and kw.get("interpret") is None
-            and not mosaic_split.choose_ws_tiles(c, e, EXPAND_WS_SLOTS, row_mask=True)
+    gemm = (EXPAND_GEMM and ws_slots is None and expand_block_m is None
+            and kw.get("interpret") is None
             and xr.shape[0] % mosaic_gemm.BLOCK_M == 0
             and mosaic_gemm.unsupported_reason(xr.shape[0], c, e, xr.dtype) is None)
   if gemm:

@@ -88,12 +88,17 @@ class ConvNeXtTiles:
   # (128 x 192 output tiles, two compute warpgroups + a TMA warpgroup, the LayerNorm in its
   # epilogue from XLA's row statistics); overrides mosaic_expand_ws.  On in the H100 table
   # at C=768 (expand 0.105 vs 0.141 ms at 7x7x768, batch 128; 0.182 vs 0.274 at 256; H100
-  # 2026-11-28); slower at C=384 with LayerNorm (0.140 vs 0.120), so off there.
+  # 2026-11-28); slower at C=384 with LayerNorm (0.140 vs 0.120), so off there.  With
+  # persistent CTAs (eleventh session): 7x7x768 0.087 / 0.157 ms; the 14x14x384 block
+  # forward with it and the GEMM project 0.233 / 0.423 vs 0.236 / 0.401 without (batch
+  # 128 / 256): still off at C=384.
   mosaic_expand_gemm: bool = False
   # "mosaic_split", inference forward: the project as mosaic_gemm.py's GEMM (128 rows x
-  # mosaic_block_n per CTA, two compute warpgroups, mosaic_project_stages slots).  Off in
-  # the H100 table: block forwards tied (14x14x384 0.236 / 0.394 ms vs 0.233 / 0.398 at
-  # batch 128 / 256; 7x7x768 0.186 / 0.304 vs 0.183 / 0.310; H100 2026-11-28).
+  # mosaic_block_n per CTA, two compute warpgroups, mosaic_project_stages slots).  With one
+  # CTA per tile the block forwards tied (14x14x384 0.236 / 0.394 ms vs 0.233 / 0.398 at
+  # batch 128 / 256; 7x7x768 0.186 / 0.304 vs 0.183 / 0.310; H100 2026-11-28); with
+  # persistent CTAs (eleventh session, same day) 14x14x384 0.236 / 0.401 vs 0.238 / 0.418,
+  # so on in the H100 table's C=384 entry, but 7x7x768 0.177 / 0.304 vs 0.166 / 0.295 (off).
   mosaic_project_gemm: bool = False
   # The depthwise conv before the Mosaic kernels, and in "hybrid" differentiated calls its
   # forward and input gradient (dwconv.depthwise_conv(conv=...)): "pallas" = dwconv_triton.py
@@ -291,7 +296,8 @@ TUNED: dict[tuple[int, str, str], ConvNeXtTiles] = {
         fwd_kernel="mosaic_split", mosaic_stages=2, mosaic_project_block_m=128,
         mosaic_block_n=192, mosaic_backward=True, mosaic_bwd_stages=1,
         mosaic_bwd_split_ws=True, mosaic_dwconv_wgrad="pallas_columns",
-        mosaic_bwd_db1_gemm=True, mosaic_bwd_db2_gemm=True, mosaic_expand_ws=1),
+        mosaic_bwd_db1_gemm=True, mosaic_bwd_db2_gemm=True, mosaic_expand_ws=1,
+        mosaic_project_gemm=True),
     (768, "bfloat16", _H100): ConvNeXtTiles(
         fwd_pixels=32, fwd_hidden=32, fwd_warps=8, fwd_stages=2, bwd_pixels=32,
         bwd_hidden=32, bwd_warps=8, wgrad_rows=64, wgrad_hidden=16, wgrad_warps=8,

@@ -15,9 +15,12 @@ def test_smoke_run_writes_rows_and_table(tmp_path, capsys):
   rows = json.loads(out.read_text())["rows"]
   assert [(r["kind"], r["impl"]) for r in rows] == [
       ("expand LN+GELU", "split"), ("expand LN+GELU", "gemm tn128 x2"),
-      ("project", "split 128 rows"), ("project", "gemm tn128 x2")]
+      ("expand LN+GELU", "gemm tn128 x2 persistent"), ("project", "split 128 rows"),
+      ("project", "gemm tn128 x2"), ("project", "gemm tn128 x2 persistent")]
   assert all("error" not in r and r["err"] < 1e-2 and r["ms"] > 0 for r in rows), rows
-  assert "| smoke 256x128 | project | gemm tn128 x2 |" in capsys.readouterr().out
+  printed = capsys.readouterr().out
+  assert "| smoke 256x128 | project | gemm tn128 x2 |" in printed
+  assert "| smoke 256x128 | project | gemm tn128 x2 persistent |" in printed
 
 
 def test_compiled_run_needs_a_hopper_gpu():

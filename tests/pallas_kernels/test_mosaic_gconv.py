@@ -199,9 +199,9 @@ def test_mbconv_rows_keep_the_border_zero():
 
 
 def test_mbconv_expand_kernel_choice(monkeypatch):
-  """The expand kernel MBConv blocks run: the warp-specialised one by default where it fits
-  shared memory when compiled (convfirst_t's C=384, and C=64), mosaic_gemm's GEMM at C=768
-  when compiled (``EXPAND_GEMM``; the single-warpgroup kernel with it off), the
+  """The expand kernel MBConv blocks run: mosaic_gemm's GEMM by default when compiled
+  (``EXPAND_GEMM``); with it off, the warp-specialised one where it fits shared memory
+  (convfirst_t's C=384, and C=64), else the single-warpgroup one (C=768); the
   single-warpgroup one in the interpreter, or when ``expand_block_m`` /
   ``expand_ws_slots=0`` ask for it; all give the reference's block."""
   from pallas_kernels import mosaic_gemm, mosaic_split
@@ -212,8 +212,9 @@ def test_mbconv_expand_kernel_choice(monkeypatch):
   real_gemm = mosaic_gemm.expand
   monkeypatch.setattr(mosaic_gemm, "expand",
                       lambda *a, **k: seen.append("gemm") or real_gemm(*a, **k))
-  for c, slots, gemm in ((384, mg.EXPAND_WS_SLOTS, True), (768, "gemm", True), (768, 0, False),
-                         (64, mg.EXPAND_WS_SLOTS, True)):
+  for c, slots, gemm in ((384, "gemm", True), (768, "gemm", True), (64, "gemm", True),
+                         (384, mg.EXPAND_WS_SLOTS, False), (768, 0, False),
+                         (64, mg.EXPAND_WS_SLOTS, False)):
     monkeypatch.setattr(mg, "EXPAND_GEMM", gemm)
     lay = mg.padded_rows(16, 7, 7)
     xr = jax.ShapeDtypeStruct((lay.total, c), jnp.bfloat16)
@@ -346,8 +347,8 @@ def test_a_nan_image_stays_in_its_image():
 
 def test_mbconv_stage_kernel_choice():
   """None takes the Mosaic form where its layout costs few rows per pixel (convfirst_t's
-  14x14 stage at batch 64+), not at 7x7 or small batches; unsupported calls run block by
-  block; bad arguments name the problem."""
+  14x14 stage at batch 64+, its 7x7 stage at batch 128+), not at small batches; unsupported
+  calls run block by block; bad arguments name the problem."""
   from pallas_kernels.convfirst_block import api
   s = lambda *shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt)
   p384, p768 = _mbconv(384, 1536), _mbconv(768, 3072)
@@ -355,8 +356,10 @@ def test_mbconv_stage_kernel_choice():
   assert mg.row_overhead(128, 14, 14) < api.MOSAIC_STAGE_MAX_ROW_OVERHEAD
   assert kind(s(128, 14, 14, 384), p384) == "mosaic"
   assert kind(s(256, 14, 14, 384), p384) == "mosaic"
-  assert kind(s(128, 7, 7, 768), p768) == "blocks"
-  assert kind(s(128, 7, 7, 768), p768, implementation="pallas") == "mosaic"
+  assert kind(s(128, 7, 7, 768), p768) == "mosaic"
+  assert kind(s(256, 7, 7, 768), p768) == "mosaic"
+  assert kind(s(64, 7, 7, 768), p768) == "blocks"
+  assert kind(s(64, 7, 7, 768), p768, implementation="pallas") == "mosaic"
   assert kind(s(4, 14, 14, 384), p384) == "blocks"
   assert kind(s(128, 14, 14, 384, dt=jnp.float32), p384, implementation="pallas") == "blocks"
   assert kind(s(128, 14, 14, 384), p384, implementation="xla") == "blocks"

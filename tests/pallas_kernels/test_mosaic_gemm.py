@@ -4,7 +4,8 @@ GPU interpreter on CPU, inside split_mlp and MBConv's expand, and compiled on a 
 The interpreter starts every buffer as NaN, so unwritten output tiles fail ``_rel``.  Shapes
 are small but exercise the edges: several CTAs along rows and columns, more contraction
 steps than pipeline slots (slots refilled after the "consumed" barrier) and fewer, a row
-mask, rows with a zero row scale whose h is not finite (``select_zero_rows``)."""
+mask, rows with a zero row scale whose h is not finite (``select_zero_rows``), one CTA per
+tile and persistent CTAs walking several tiles each (an uneven share included)."""
 
 from __future__ import annotations
 
@@ -31,15 +32,20 @@ def _expand_reference(z, zb, w1, b1, act, normalize, mask=None):
                                      normalize=normalize, bias_row_mask=mask)
 
 
-@pytest.mark.parametrize("m,c,e,act,normalize,tn,stages", [
-    (256, 192, 256, "gelu", True, 128, 2),   # 2 x 2 CTAs, 3 steps through 2 slots
-    (128, 192, 128, "silu", False, 64, 2),   # 3 steps through 2 slots, 2 column tiles
-    (128, 64, 192, "gelu", True, 192, 4),    # fewer steps than slots; a 192-wide tile
+@pytest.mark.parametrize("m,c,e,act,normalize,tn,stages,persistent,ctas", [
+    # one CTA per tile: 2 x 2 CTAs, 3 steps through 2 slots
+    (256, 192, 256, "gelu", True, 128, 2, False, None),
+    # one persistent CTA walks 3 column tiles: the slot ring runs on across tiles, the
+    # vector slots are refilled after their release
+    (128, 192, 192, "silu", False, 64, 2, True, 1),
+    (128, 64, 192, "gelu", True, 192, 4, True, None),   # fewer steps than slots; 192 wide
+    (384, 128, 256, "gelu", True, 128, 3, True, 4),     # 6 tiles over 4 CTAs (2, 2, 1, 1)
 ])
-def test_expand_matches_reference(m, c, e, act, normalize, tn, stages):
+def test_expand_matches_reference(m, c, e, act, normalize, tn, stages, persistent, ctas):
   a = _inputs(m + c, m, c, e)
   got = mosaic_gemm.expand(a["z"], a["z_bias"], a["w1"], a["b1"], act=act,
-                           normalize=normalize, tn=tn, stages=stages, interpret=True)
+                           normalize=normalize, tn=tn, stages=stages, persistent=persistent,
+                           ctas=ctas, interpret=True)
   assert got.shape == (m, e) and got.dtype == a["z"].dtype
   want = _expand_reference(a["z"], a["z_bias"], a["w1"], a["b1"], act, normalize)
   assert _rel(got, want) < BF16_TOL
@@ -70,11 +76,13 @@ def test_row_stats_with_a_large_common_offset():
   np.testing.assert_allclose(np.asarray(nm), mean / np.sqrt(var + 1e-6), rtol=1e-5)
 
 
-@pytest.mark.parametrize("m,e,c,tn,stages,zero_rows", [
-    (256, 256, 128, 64, 2, False),   # 2 x 2 CTAs, 4 steps through 2 slots
-    (128, 128, 192, 192, 3, True),   # fewer steps than slots; NaN h at row scale 0
+@pytest.mark.parametrize("m,e,c,tn,stages,zero_rows,persistent,ctas", [
+    (256, 256, 128, 64, 2, False, True, 3),  # 4 tiles over 3 CTAs, 4 steps through 2 slots
+    (128, 128, 192, 192, 3, True, False, None),  # fewer steps than slots; NaN h at scale 0
+    # each of 2 CTAs reloads the residual tile 3 times, once the last store has read it
+    (384, 128, 128, 64, 2, True, True, 2),
 ])
-def test_project_matches_reference(m, e, c, tn, stages, zero_rows):
+def test_project_matches_reference(m, e, c, tn, stages, zero_rows, persistent, ctas):
   ks = jax.random.split(jax.random.key(m + c), 5)
   h = jax.random.normal(ks[0], (m, e)).astype(jnp.bfloat16)
   w2 = jax.random.normal(ks[1], (e, c)) / e ** 0.5
@@ -85,7 +93,8 @@ def test_project_matches_reference(m, e, c, tn, stages, zero_rows):
     rs = rs.at[::7].set(0.0)
     h = h.at[::7].set(jnp.nan)
   got = mosaic_gemm.project(h, w2, b2, res, rs, tn=tn, stages=stages,
-                            select_zero_rows=zero_rows, interpret=True)
+                            select_zero_rows=zero_rows, persistent=persistent, ctas=ctas,
+                            interpret=True)
   assert got.shape == (m, c) and got.dtype == res.dtype
   hf = jnp.where(rs[:, None] == 0, 0.0, h.astype(f32))
   want = res.astype(f32) + rs[:, None] * (
@@ -108,17 +117,40 @@ def test_split_mlp_with_the_gemm_kernels(m, c, e, act, normalize, kw):
                           block_n=64, **kw)
 
 
-def test_gemm_expand_has_no_races():
+@pytest.mark.parametrize("persistent", [False, True])
+def test_gemm_expand_has_no_races(persistent):
   """Race detector: slots refilled by the TMA warpgroup after both compute warpgroups'
-  "consumed" arrivals (3 steps through 2 slots), the two output tiles stored by TMA."""
+  "consumed" arrivals (3 steps through 2 slots), the output tiles stored by TMA; with one
+  persistent CTA over 3 tiles, also the vector slots refilled after their release and each
+  staging tile rewritten after its last store."""
   from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
   ipc.reset_gpu_interpret_mode_state()
-  a = _inputs(5, 128, 192, 128)
-  got = mosaic_gemm.expand(a["z"], a["z_bias"], a["w1"], a["b1"], tn=128, stages=2,
+  a = _inputs(5, 128, 192, 192)
+  got = mosaic_gemm.expand(a["z"], a["z_bias"], a["w1"], a["b1"], tn=64, stages=2,
+                           persistent=persistent, ctas=1,
                            interpret=plgpu.InterpretGPUParams(detect_races=True))
   jax.block_until_ready(got)
   assert not ipc.get_races().races_found
   want = _expand_reference(a["z"], a["z_bias"], a["w1"], a["b1"], "gelu", True)
+  assert _rel(got, want) < BF16_TOL
+
+
+def test_persistent_project_has_no_races():
+  """Race detector: one persistent CTA over 3 tiles, each residual tile loaded into the
+  staging tile once the previous tile's store has read it."""
+  from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
+  ipc.reset_gpu_interpret_mode_state()
+  ks = jax.random.split(jax.random.key(3), 4)
+  h = jax.random.normal(ks[0], (128, 128)).astype(jnp.bfloat16)
+  w2 = jax.random.normal(ks[1], (128, 192)) / 128 ** 0.5
+  b2 = jax.random.normal(ks[2], (192,)) * 0.1
+  res = jax.random.normal(ks[3], (128, 192)).astype(jnp.bfloat16)
+  got = mosaic_gemm.project(h, w2, b2, res, tn=64, stages=2, persistent=True, ctas=1,
+                            interpret=plgpu.InterpretGPUParams(detect_races=True))
+  jax.block_until_ready(got)
+  assert not ipc.get_races().races_found
+  want = res.astype(f32) + jnp.dot(h.astype(f32), w2.astype(jnp.bfloat16).astype(f32),
+                                   precision="highest") + b2
   assert _rel(got, want) < BF16_TOL
 
 
@@ -154,6 +186,8 @@ def test_errors_name_the_problem():
     mosaic_gemm.expand(z[:, :48], None, w1[:48], b1, interpret=True)
   with pytest.raises(ValueError, match="stages must be >= 2"):
     mosaic_gemm.expand(z, None, w1, b1, stages=1, interpret=True)
+  with pytest.raises(ValueError, match="ctas must be >= 1"):
+    mosaic_gemm.expand(z, None, w1, b1, persistent=True, ctas=0, interpret=True)
   with pytest.raises(ValueError, match="tn=96"):
     mosaic_gemm.expand(z, None, w1, b1, tn=96, interpret=True)
   with pytest.raises(ValueError, match="bias_row_mask"):

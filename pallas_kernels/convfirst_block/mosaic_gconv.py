@@ -410,14 +410,15 @@ def mbconv_rows(xr: jax.Array, params: MBConvBlockParams, layout: PaddedRows, ma
   (layout.total, C) -> (layout.total, C), zero at every row that is not a real pixel, so a
   stage of blocks can chain in the layout.  ``mask`` = ``row_mask(layout)``.
 
-  Three kernels over all ``layout.total`` rows: the split expand kernel
-  (``mosaic_split``; its warp-specialised form where it fits, ``EXPAND_WS_SLOTS``, unless
+  Three kernels over all ``layout.total`` rows: the expand (``_mbconv_expand``'s rule:
+  mosaic_gemm.py's GEMM by default when compiled, ``expand_gemm``; else the split kernel of
+  ``mosaic_split``, its warp-specialised form where it fits, ``EXPAND_WS_SLOTS``, unless
   ``expand_block_m`` asks for the single-warpgroup one or ``expand_ws_slots`` says
-  otherwise, or mosaic_gemm.py's GEMM: ``expand_gemm``, None = ``_mbconv_expand``'s rule)
-  with its bias scaled by the row mask, so rows off the pixels (x = 0)
-  give silu(0) = 0 -- the conv's zero padding; the grouped conv kernel above; the split
-  project kernel with the row mask as its row scale, so rows off the
-  pixels come out as their residual, 0.  The 4C-wide h and g each make one bf16 DRAM round
+  otherwise) with its bias scaled by the row mask, so rows off the pixels (x = 0) give
+  silu(0) = 0 -- the conv's zero padding; the grouped conv kernel above; the project
+  (mosaic_gemm.py's GEMM by default when compiled, ``project_gemm``, else the split
+  kernel) with the row mask as its row scale, so rows off the pixels come out as their
+  residual, 0.  The 4C-wide h and g each make one bf16 DRAM round
   trip."""
   c = xr.shape[1]
   kw = dict(compiler_params=plgpu.CompilerParams(approx_math=True),

@@ -478,7 +478,9 @@ def expand(z, zb, w1, b1, *, act: str = "gelu", normalize: bool = True, eps: flo
   w1 (C, E) (cast to z's dtype), zb (C,) or None, b1 (E,); h in z's dtype.  ``normalize``:
   a LayerNorm without affine (``eps``), applied in the epilogue (module docstring).
   ``bias_row_mask`` (M,): act(z @ w1 + mask * b1) instead (zb None, no normalisation), as
-  ``mosaic_split.expand_call``'s, for rows that must give act(0) where z and mask are 0."""
+  ``mosaic_split.expand_call``'s, for rows that must give act(0) where z and mask are 0.
+  ``persistent``: persistent CTAs walking the tiles (None: ``PERSISTENT``) or one CTA per
+  tile; ``ctas``: how many persistent CTAs (None: one per SM, at most one per tile)."""
   m, c = z.shape
   e = w1.shape[1]
   if act not in mosaic_mlp.ACTIVATIONS:
@@ -516,7 +518,8 @@ def project(h, w2, b2, res, row_scale=None, *, tn: int | None = None,
             persistent: bool | None = None, ctas: int | None = None, interpret=False):
   """y = res + row_scale * (h @ w2 + b2): h (M, E) with M a multiple of 128, w2 (E, C),
   res (M, C) in h's dtype, row_scale (M,) or None (ones); y in res's dtype.
-  ``select_zero_rows``: exactly res where row_scale == 0, whatever h holds there."""
+  ``select_zero_rows``: exactly res where row_scale == 0, whatever h holds there.
+  ``persistent``, ``ctas``: as ``expand``'s."""
   m, e = h.shape
   c = w2.shape[1]
   persistent = PERSISTENT if persistent is None else bool(persistent)

@@ -18,10 +18,8 @@ def _cpu_only_jax():
 # same HLO, not what the programs compute (no fast-math either way), and no assertion or
 # tolerance changes; results may differ in the last bits, as between two CPUs.  Set before jax creates its CPU client, which reads
 # XLA_FLAGS once; inherited by the python processes the tests start (tests/train), so the
-# runs compared bit for bit there are compiled alike -- except test_sharding.py's, which
-# replaces XLA_FLAGS on purpose: its bound on the 1- vs 4-device parameter difference is
-# set by Adam-amplified rounding noise as the default optimisation level rounds (at level
-# 0 one convfirst fc1 element lands at 1.05e-4 against 1e-4), and bounds stay as they are.
+# runs compared bit for bit there are compiled alike (test_sharding.py and
+# test_batch_sharding.py replace XLA_FLAGS to force host devices, and set level 0 again).
 # Not on GPU machines, whose kernels we want compiled as they run for real; XLA_FLAGS the
 # caller sets are kept (and can override it: the last occurrence of a flag wins).
 if _cpu_only_jax():

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+from flax import nnx
 
 from tests.train.helpers import CHECKPOINTED_RUN, TINY, run_python, tiny_config
 from train import CheckpointError, TrainConfig, fit
@@ -35,7 +36,8 @@ def test_loss_falls_and_outputs_written(tmp_path):
   best_step = records[-1]["best_step"]
   assert set(records[-1]["checkpoints"]) == {45, best_step}
   # The returned models run and agree with the recorded final accuracy's sign of life.
-  logits = result.model(np.zeros((2, 32, 32, 3), np.float32))
+  # (Jitted: one compilation instead of one per eager op, ~3 s less on a 2-core CPU.)
+  logits = nnx.jit(lambda m, x: m(x))(result.model, np.zeros((2, 32, 32, 3), np.float32))
   assert logits.shape == (2, 10) and result.ema_model is not None
 
 

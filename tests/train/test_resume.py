@@ -15,7 +15,11 @@ from tests.train.helpers import CHECKPOINTED_RUN, REPO, TINY, subprocess_env, ti
 from train import CheckpointError, fit
 from train.metrics import read_metrics
 
-STEPS = 30
+# The killed run is stopped once it has logged step 12 (past the checkpoints at 5 and 10
+# and the evaluation at 10) and resumed from 10, through two more checkpoints and an
+# evaluation, to step 20.  At the kill it still has 8 steps to go (~1.5 s on a 2-core CPU)
+# against a poll every 20 ms below.  (STEPS was 30: 10 more steps in each of two runs.)
+STEPS = 20
 KILL_AFTER = 12
 
 

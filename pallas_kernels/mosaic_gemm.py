@@ -31,14 +31,16 @@ float32 cancellation (acc - mean colsum) costs ~|mean| / std ulps of float32, ne
 unless a row's mean is ~1e4 of its spread.
 
 With ``persistent`` (the default, ``PERSISTENT``) one CTA per SM walks the tiles
-(``_kernel_persistent``): the TMA warpgroup's operand stream runs on across tile
-boundaries, so the next tile's first slots fill during this tile's epilogue, and output
-tiles leave without a wait for the store -- per tile, the pipeline fill and the store no
-longer idle the tensor cores, though the two compute warpgroups still run their epilogues
-at the same time.
+(``_kernel``): the TMA warpgroup's operand stream runs on across tile boundaries, so the
+next tile's first slots fill during this tile's epilogue, and output tiles leave without a
+wait for the store -- per tile, the pipeline fill and the store no longer idle the tensor
+cores, though the two compute warpgroups still run their epilogues at the same time.
+``persistent=False`` runs the same kernel with one CTA per tile.
 
 Measured (H100, bf16, 2026-11-28, benchmarks/RESULTS.md), ms at batch 128 / 256, one CTA
-per tile -> persistent (``benchmarks.mosaic_gemm``, one process): expand with LayerNorm +
+per tile (measured with the earlier per-tile kernel, which differed only in its TMA
+warpgroup loading the project's residual tile) -> persistent (``benchmarks.mosaic_gemm``,
+one process): expand with LayerNorm +
 GELU at 7x7x768 0.101 / 0.184 -> 0.087 / 0.157 (the split kernel 0.145 / 0.276), SiLU
 0.086 / 0.150 -> 0.068 / 0.125; at 14x14x384 with LayerNorm 0.155 / 0.273 -> 0.131 /
 0.212 (the warp-specialised split kernel 0.142 / 0.196), SiLU 0.108 / 0.201 -> 0.084 /
@@ -79,21 +81,19 @@ BLOCK_M = 128  # rows per CTA: two compute warpgroups of 64
 TK = 64        # contraction per pipeline step
 SMEM_BYTES = 227 * 1024
 _TN_CHOICES = (256, 192, 128, 64)
-# persistent=None: persistent CTAs (``_kernel_persistent``) or one CTA per tile (``_kernel``)
+# persistent=None: persistent CTAs (one per SM) walking the tiles, or one CTA per tile
 PERSISTENT = True
 
 
-def smem_bytes(tn: int, stages: int, itemsize: int = 2, tk: int = TK,
-               persistent: bool = False) -> int:
+def smem_bytes(tn: int, stages: int, itemsize: int = 2, tk: int = TK) -> int:
   """Shared memory of one CTA: ``stages`` slots of (128 x tk) and (tk x tn), two (64 x tn)
-  output / residual tiles, the vectors (two slots of them when ``persistent``); + 2 KiB for
-  barriers and alignment."""
+  output / residual tiles, two slots of the vectors; + 2 KiB for barriers and alignment."""
   return (itemsize * (stages * (BLOCK_M * tk + tk * tn) + BLOCK_M * tn)
-          + 4 * (1 + persistent) * (3 * tn + 2 * BLOCK_M) + 2048)
+          + 4 * 2 * (3 * tn + 2 * BLOCK_M) + 2048)
 
 
-def choose_tiles(n: int, k: int, *, tn: int | None = None, stages: int | None = None,
-                 persistent: bool = False) -> tuple[int, int] | None:
+def choose_tiles(n: int, k: int, *, tn: int | None = None,
+                 stages: int | None = None) -> tuple[int, int] | None:
   """(tn, stages): the widest output tile dividing ``n`` (at most 192 unless asked: 256 fits
   only two slots and ran slower, 0.143 / 0.117 vs 0.140 / 0.105 ms for the LayerNorm
   expand at 14x14x384 / 7x7x768, batch 128, H100 2026-11-28) with the deepest pipeline (at
@@ -102,7 +102,7 @@ def choose_tiles(n: int, k: int, *, tn: int | None = None, stages: int | None = 
     if n % t:
       continue
     for s in ([stages] if stages else (4, 3, 2)):
-      if smem_bytes(t, s, persistent=persistent) <= SMEM_BYTES:
+      if smem_bytes(t, s) <= SMEM_BYTES:
         return t, max(min(s, k // TK), 1)  # (1 only where there is one step)
   return None
 
@@ -144,117 +144,21 @@ def _expand_epilogue(acc, colv_smem, rowv_smem, act: str):
 
 
 def _kernel(a_gmem, b_gmem, colv_gmem, rowv_gmem, res_gmem, out_gmem, *, tn: int,
-            stages: int, mode: str, act: str, select_zero_rows: bool):
-  """One (128 x tn) output tile (grid axes "m", "n"; ``num_threads=3``, axis "wg").
+            stages: int, mode: str, act: str, select_zero_rows: bool, n_ctas: int):
+  """(128 x tn) output tiles walked by ``n_ctas`` CTAs (grid axis "sm"; ``num_threads=3``,
+  axis "wg"): CTA p owns tiles p, p + n_ctas, ... of the row-major (M / 128) x (N / tn) tile
+  grid (n_ctas = the number of tiles: one CTA per tile).
 
   mode "expand": colv (3, N) = (zb @ W1, colsum W1, b1) and rowv (2, M) = (rstd,
   rstd * mean), out = act(rstd * (acc + colv0) - rowv1 * colv1 + colv2); or colv (1, N) =
   b1 (+ zb @ W1) and rowv None: out = act(acc + colv0); or colv (1, N) = b1 and rowv
   (1, M) = a row mask: out = act(acc + mask * b1).  mode "project": colv (1, N) =
   b2, rowv (1, M) = row_scale, res (M, N): out = res + row_scale * (acc + b2).  res_gmem is
-  None in "expand"."""
-  dtype = a_gmem.dtype
-  k = a_gmem.shape[1]
-  n_k = k // TK
-  n_col = colv_gmem.shape[0]
-  n_row = rowv_gmem.shape[0] if rowv_gmem is not None else 0
-  project = mode == "project"
-  r0 = lax.axis_index("m") * BLOCK_M
-  cols = pl.ds(lax.axis_index("n") * tn, tn)
+  None in "expand".
 
-  # vec_bars: colv, then rowv's two 64-row halves, then res's (one barrier per TMA copy)
-  n_vec = 1 + 2 * bool(n_row) + 2 * project
-
-  def body(a_smem, b_smem, out_smem, colv_smem, a_bars, b_bars, consumed, vec_bars, *extra):
-    rowv_smem = extra[0] if n_row else None
-
-    def _compute(wgi):
-      def mm(acc_ref):
-        @pl.loop(0, n_k)
-        def _step(kk):
-          s = lax.rem(kk, stages)
-          plgpu.barrier_wait(a_bars.at[2 * s + wgi])
-          plgpu.barrier_wait(b_bars.at[s])
-          plgpu.wgmma(acc_ref, a_smem.at[s, wgi], b_smem.at[s])
-          plgpu.wgmma_wait(1)  # the previous step's wgmma is done: release its slot
-
-          @pl.when(kk > 0)
-          def _():
-            plgpu.barrier_arrive(consumed.at[lax.rem(kk + stages - 1, stages)])
-
-        plgpu.wgmma_wait(0)
-        plgpu.barrier_arrive(consumed.at[(n_k - 1) % stages])
-        return acc_ref[...]
-
-      acc = pl.run_scoped(mm, plgpu.ACC((64, tn), jnp.float32))
-      plgpu.barrier_wait(vec_bars.at[0])
-      if n_row:
-        plgpu.barrier_wait(vec_bars.at[1 + wgi])
-      if project:
-        plgpu.barrier_wait(vec_bars.at[3 + wgi])
-        mosaic_mlp._residual_out(acc, colv_smem.at[0], rowv_smem.at[wgi, 0],
-                                 out_smem.at[wgi],
-                                 out_gmem.at[pl.ds(r0 + 64 * wgi, 64), cols],
-                                 select_zero_rows)
-        return
-
-      h = _expand_epilogue(acc, colv_smem, rowv_smem.at[wgi] if n_row else None, act)
-      out_smem.at[wgi][...] = h.astype(dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(out_smem.at[wgi], out_gmem.at[pl.ds(r0 + 64 * wgi, 64), cols])
-      plgpu.wait_smem_to_gmem(0)
-
-    def _memory():
-      plgpu.copy_gmem_to_smem(colv_gmem.at[:, cols], colv_smem, vec_bars.at[0])
-      for r in range(2):
-        if n_row:
-          plgpu.copy_gmem_to_smem(rowv_gmem.at[:, pl.ds(r0 + 64 * r, 64)], rowv_smem.at[r],
-                                  vec_bars.at[1 + r])
-        if project:
-          plgpu.copy_gmem_to_smem(res_gmem.at[pl.ds(r0 + 64 * r, 64), cols], out_smem.at[r],
-                                  vec_bars.at[3 + r])
-
-      @pl.loop(0, n_k)
-      def _issue(kk):
-        s = lax.rem(kk, stages)
-
-        @pl.when(kk >= stages)
-        def _():
-          plgpu.barrier_wait(consumed.at[s])  # step kk - stages is done with slot s
-
-        for r in range(2):
-          plgpu.copy_gmem_to_smem(a_gmem.at[pl.ds(r0 + 64 * r, 64), pl.ds(kk * TK, TK)],
-                                  a_smem.at[s, r], a_bars.at[2 * s + r])
-        plgpu.copy_gmem_to_smem(b_gmem.at[pl.ds(kk * TK, TK), cols], b_smem.at[s],
-                                b_bars.at[s])
-
-      # Observe the last steps' "consumed" phases too, so that every phase this warpgroup
-      # waits on is drained before the barriers are freed.
-      for kk in range(max(n_k - stages, 0), n_k):
-        plgpu.barrier_wait(consumed.at[kk % stages])
-
-    mosaic_mlp._warp_roles(_compute, _memory)
-
-  pl.run_scoped(
-      body,
-      plgpu.SMEM((stages, 2, 64, TK), dtype, transforms=_transforms(TK, dtype)),
-      plgpu.SMEM((stages, TK, tn), dtype, transforms=_transforms(tn, dtype)),
-      plgpu.SMEM((2, 64, tn), dtype, transforms=_transforms(tn, dtype)),
-      plgpu.SMEM((n_col, tn), jnp.float32),
-      plgpu.Barrier(num_barriers=2 * stages),
-      plgpu.Barrier(num_barriers=stages),
-      plgpu.Barrier(num_arrivals=2, num_barriers=stages),
-      plgpu.Barrier(num_barriers=n_vec),
-      *([plgpu.SMEM((2, n_row, 64), jnp.float32)] if n_row else []),
-      collective_axes="wg",
-  )
-
-
-def _kernel_persistent(a_gmem, b_gmem, colv_gmem, rowv_gmem, res_gmem, out_gmem, *, tn: int,
-                       stages: int, mode: str, act: str, select_zero_rows: bool,
-                       n_ctas: int):
-  """``_kernel``'s tiles walked by ``n_ctas`` persistent CTAs (grid axis "sm"): CTA p owns
-  tiles p, p + n_ctas, ... of the row-major (M / 128) x (N / tn) tile grid.
+  Warpgroup 2 only issues the TMA copies; warpgroups 0 and 1 each multiply their 64-row
+  half of a tile against the shared right-operand tile (wgmma 64 x tn x 64, one kept in
+  flight, a slot released one step late) and run the epilogue on their accumulator.
 
   The TMA warpgroup's operand stream runs on across tile boundaries (global step g = local
   tile i * k steps + k, slot g mod ``stages``), so it loads the next tile's first steps
@@ -417,24 +321,20 @@ def _kernel_persistent(a_gmem, b_gmem, colv_gmem, rowv_gmem, res_gmem, out_gmem,
 def _call(a, b, colv, rowv, res, *, n: int, tn: int, stages: int, mode: str, act: str,
           select_zero_rows: bool, out_dtype, persistent: bool, ctas: int | None, interpret):
   m = a.shape[0]
-  common = dict(tn=tn, stages=stages, mode=mode, act=act, select_zero_rows=select_zero_rows)
-  if persistent:
-    n_tiles = (m // BLOCK_M) * (n // tn)
-    n_ctas = max(1, min(ctas or mosaic_mlp._sm_count(), n_tiles))
-    kernel = functools.partial(_kernel_persistent, n_ctas=n_ctas, **common)
-    grid = dict(grid=(n_ctas,), grid_names=("sm",))
-  else:
-    kernel = functools.partial(_kernel, **common)
-    grid = dict(grid=(m // BLOCK_M, n // tn), grid_names=("m", "n"))
+  n_tiles = (m // BLOCK_M) * (n // tn)
+  n_ctas = max(1, min(ctas or mosaic_mlp._sm_count(), n_tiles)) if persistent else n_tiles
   return plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct((m, n), out_dtype), num_threads=3,
-      thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
-      interpret=_interpret_params(interpret), **grid,
+      functools.partial(_kernel, tn=tn, stages=stages, mode=mode, act=act,
+                        select_zero_rows=select_zero_rows, n_ctas=n_ctas),
+      out_type=jax.ShapeDtypeStruct((m, n), out_dtype), grid=(n_ctas,), grid_names=("sm",),
+      num_threads=3, thread_name="wg",
+      compiler_params=plgpu.CompilerParams(approx_math=True),
+      interpret=_interpret_params(interpret),
   )(a, b, colv, rowv, res)
 
 
 def _check_tiles(m: int, k: int, n: int, dtype, tn, stages, what: str,
-                 persistent: bool = False, ctas: int | None = None):
+                 ctas: int | None = None):
   reason = unsupported_reason(m, k, n, dtype)
   if reason is not None:
     raise NotImplementedError(f"mosaic_gemm.{what}: {reason}")
@@ -450,7 +350,7 @@ def _check_tiles(m: int, k: int, n: int, dtype, tn, stages, what: str,
     raise ValueError(f"mosaic_gemm.{what}: stages must be >= 2, got {stages}")
   if ctas is not None and ctas < 1:
     raise ValueError(f"mosaic_gemm.{what}: ctas must be >= 1, got {ctas}")
-  tiles = choose_tiles(n, k, tn=tn, stages=stages, persistent=persistent)
+  tiles = choose_tiles(n, k, tn=tn, stages=stages)
   if tiles is None:
     raise ValueError(f"mosaic_gemm.{what}: tn={tn}, stages={stages} do not fit shared "
                      f"memory ({SMEM_BYTES} bytes) for N={n}")
@@ -488,7 +388,7 @@ def expand(z, zb, w1, b1, *, act: str = "gelu", normalize: bool = True, eps: flo
   if bias_row_mask is not None and (normalize or zb is not None):
     raise ValueError("mosaic_gemm.expand: bias_row_mask is for zb=None, normalize=False")
   persistent = PERSISTENT if persistent is None else bool(persistent)
-  tn, stages = _check_tiles(m, c, e, z.dtype, tn, stages, "expand", persistent, ctas)
+  tn, stages = _check_tiles(m, c, e, z.dtype, tn, stages, "expand", ctas)
   w1b = w1.astype(z.dtype)
   w1f = w1b.astype(jnp.float32)
   hi = lax.Precision.HIGHEST
@@ -523,7 +423,7 @@ def project(h, w2, b2, res, row_scale=None, *, tn: int | None = None,
   m, e = h.shape
   c = w2.shape[1]
   persistent = PERSISTENT if persistent is None else bool(persistent)
-  tn, stages = _check_tiles(m, e, c, h.dtype, tn, stages, "project", persistent, ctas)
+  tn, stages = _check_tiles(m, e, c, h.dtype, tn, stages, "project", ctas)
   if res.shape != (m, c) or res.dtype != h.dtype:
     raise ValueError(f"mosaic_gemm.project: res must be {(m, c)} {h.dtype}, got {res.shape} "
                      f"{res.dtype}")

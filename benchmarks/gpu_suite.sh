@@ -145,7 +145,7 @@ PY
     log "mosaic_gemm (the split form's kernels as K-streaming GEMMs): GPU tests, then kernels"
     timeout 200 python3 -m pytest -q -p no:cacheprovider -m gpu tests/pallas_kernels/test_mosaic_gemm.py \
       2>&1 | tail -3
-    timeout 380 python3 -m benchmarks.mosaic_gemm --json "$OUT/mosaic_gemm.json" 2>&1 \
+    timeout 380 python3 -m benchmarks.mosaic_gemm --iters 20 --json "$OUT/mosaic_gemm.json" 2>&1 \
       | grep -v cuda_timer | tail -40
     ;;
   cfstage)

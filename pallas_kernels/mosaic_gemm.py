@@ -50,11 +50,23 @@ shapes (no epilogue): expand 0.066 / 0.120 and 0.083 / 0.138, project 0.076 / 0.
 0.067 / 0.127.  Used by default (compiled only): the ConvNeXt H100 table's C=768 expand
 (``mosaic_expand_gemm``; block forward 7x7x768 0.166 / 0.295 ms vs 0.189 / 0.333 with
 one CTA per tile, XLA 0.276 / 0.518) and C=384 project (``mosaic_project_gemm``), and
-MBConv blocks' expand and project (``mosaic_gconv.EXPAND_GEMM``, ``PROJECT_GEMM``).  What
-would make the epilogue cheaper still: compute warpgroups on different tiles, so one's
-epilogue overlaps the other's wgmmas, and the row statistics accumulated from the streamed
-z tiles instead of a separate pass (why the LayerNorm expand still trails the
-warp-specialised split kernel at C=384, batch 256).
+MBConv blocks' expand and project (``mosaic_gconv.EXPAND_GEMM``, ``PROJECT_GEMM``).
+
+The epilogue is what separates the expand from a plain GEMM (H100, 2026-11-28, twelfth
+session, ms at 14x14x384, batch 128 / 256: identity 0.071 / 0.124, SiLU 0.088 / 0.156,
+LayerNorm + GELU 0.117 / 0.206, the last with XLA's row-statistics pass; in another
+call the identity 0.068 / 0.119 against jax's reference Hopper matmul
+(``jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu``: 128 x 192 to 128 x 384 CTAs, with
+and without 2-CTA multicast clusters) at 0.074-0.089 / 0.128-0.187 and XLA at 0.075 /
+0.134 for the plain GEMM, so the main loop itself is at par).  Deferring each tile's epilogue into the next
+tile's main loop (each warpgroup keeping the previous accumulator in registers and
+storing it in 32- or 64-column chunks between its wgmmas) was built and measured in that
+session and not kept: 0.123-0.155 / 0.222-0.266 for LayerNorm + GELU at 192-wide tiles
+(the two accumulators take 192 of the 232 registers), 0.126-0.130 / 0.217-0.220 at 128,
+SiLU 0.083 / 0.148 at best (-6%), and slower at 7x7x768 (identity 0.066 -> 0.089), the
+block and stage times unchanged or worse (benchmarks/RESULTS.md).  Left to try: compute
+warpgroups on different tiles (ping-pong; each streams its own right-operand tiles), and
+the row statistics accumulated from the streamed z tiles instead of a separate pass.
 
 Limits: bfloat16/float16, rows a multiple of 128 (the wrappers pad), the contraction a
 multiple of ``tk`` (64), the output width a multiple of ``tn`` (64..256, a multiple of 64),

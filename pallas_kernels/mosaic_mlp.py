@@ -866,7 +866,15 @@ def expand_reference(z, w1, b1, *, z_bias=None, act: str = "gelu", normalize: bo
   if bias_row_mask is not None:
     b1 = bias_row_mask.astype(f32)[:, None] * b1
   h = jnp.dot(z, w1.astype(f32), precision=lax.Precision.HIGHEST) + b1
-  return jax.nn.gelu(h, approximate=False) if act == "gelu" else jax.nn.silu(h)
+  if act == "gelu":
+    return jax.nn.gelu(h, approximate=False)
+  if act == "gelu_tanh":
+    return jax.nn.gelu(h, approximate=True)
+  if act == "silu":
+    return jax.nn.silu(h)
+  if act == "identity":
+    return h
+  raise ValueError(f"activation must be one of {ACTIVATIONS}, got {act!r}")
 
 
 def fused_mlp_reference(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None,

@@ -159,6 +159,24 @@ def test_gelu_is_the_erf_form():
                                 np.array([0, 0, 0, 50, 1e4, 1e30], np.float32))
 
 
+def test_expand_reference_applies_each_activation():
+  """The kernels' float32 reference applies the activation it is asked for (it used to
+  give SiLU for anything but "gelu", so an identity expand compared against SiLU), and
+  names an unknown one."""
+  z = jax.random.normal(jax.random.key(0), (16, 32))
+  w1 = jax.random.normal(jax.random.key(1), (32, 64)) / 8
+  b1 = jnp.linspace(-1, 1, 64)
+  h = jnp.dot(z, w1, precision="highest") + b1
+  forms = {"identity": h, "silu": jax.nn.silu(h), "gelu": jax.nn.gelu(h, approximate=False),
+           "gelu_tanh": jax.nn.gelu(h, approximate=True)}
+  assert set(forms) == set(mosaic_mlp.ACTIVATIONS)
+  for act, want in forms.items():
+    got = mosaic_mlp.expand_reference(z, w1, b1, act=act, normalize=False)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6, err_msg=act)
+  with pytest.raises(ValueError, match="relu"):
+    mosaic_mlp.expand_reference(z, w1, b1, act="relu")
+
+
 @pytest.mark.parametrize("shape,pipelined", [((2, 5, 7, 96), False), ((1, 3, 5, 192), False),
                                              ((2, 5, 7, 96), True)])
 def test_convnext_block_forward_through_mosaic(shape, pipelined):

@@ -52,6 +52,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import _switches
+
 BLOCK_M = 64  # default rows per CTA: one warpgroup's wgmma M (128: two warpgroups)
 # "gelu_tanh" (tanh approximation) and "identity" exist to time the activation's cost.
 ACTIVATIONS = ("gelu", "silu", "gelu_tanh", "identity")
@@ -684,10 +686,10 @@ def row_inputs(z, res, z_bias, row_scale, block_m: int):
   return z, res, zb, rs
 
 
-@functools.partial(jax.jit, static_argnames=("act", "normalize", "eps", "hidden_chunk",
-                                             "stages", "h_in_smem", "block_m", "pipelined",
-                                             "select_zero_rows", "resident",
-                                             "interpret"))
+@_switches.jit(static_argnames=("act", "normalize", "eps", "hidden_chunk",
+                                "stages", "h_in_smem", "block_m", "pipelined",
+                                "select_zero_rows", "resident",
+                                "interpret"))
 def fused_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str = "gelu",
               normalize: bool = True, eps: float = 1e-6, hidden_chunk: int = 64,
               stages: int = 2, h_in_smem: bool | None = None, block_m: int = BLOCK_M,

@@ -90,7 +90,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import mosaic_mlp
+from pallas_kernels import _switches, mosaic_mlp
 from pallas_kernels.mosaic_mlp import (
     _WG,
     _activation_and_grad,
@@ -622,10 +622,10 @@ def _bwd_inputs(z, g, z_bias, row_scale, block_m: int = BLOCK_M):
   return zb, z, g, rs, m_pad
 
 
-@functools.partial(jax.jit, static_argnames=("act", "normalize", "eps", "hidden_chunk",
-                                             "stages", "col_sums", "with_zn", "zn_ones",
-                                             "h_scales", "block_m", "w2_stages",
-                                             "staging_slots", "interpret"))
+@_switches.jit(static_argnames=("act", "normalize", "eps", "hidden_chunk",
+                                "stages", "col_sums", "with_zn", "zn_ones",
+                                "h_scales", "block_m", "w2_stages",
+                                "staging_slots", "interpret"))
 def fused_mlp_bwd(z, g, w1, b1, w2, *, z_bias=None, row_scale=None, act: str = "gelu",
                   normalize: bool = True,
                   eps: float = 1e-6, hidden_chunk: int = 64, stages: int = 2,
@@ -999,9 +999,9 @@ def _hidden_grad_kernel_ws(z_gmem, g_gmem, rs_gmem, zb_gmem, w1t_gmem, b1_gmem, 
   )
 
 
-@functools.partial(jax.jit, static_argnames=("act", "normalize", "eps", "hidden_chunk",
-                                             "stages", "col_sums", "with_zn", "zn_ones",
-                                             "h_scales", "two_warpgroups", "interpret"))
+@_switches.jit(static_argnames=("act", "normalize", "eps", "hidden_chunk",
+                                "stages", "col_sums", "with_zn", "zn_ones",
+                                "h_scales", "two_warpgroups", "interpret"))
 def hidden_grads(z, g, w1, b1, w2, *, z_bias=None, row_scale=None, act: str = "gelu",
                  normalize: bool = True,
                  eps: float = 1e-6, hidden_chunk: int = 32, stages: int = 2,

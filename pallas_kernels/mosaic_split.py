@@ -49,7 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import mosaic_gemm, mosaic_mlp
+from pallas_kernels import _switches, mosaic_gemm, mosaic_mlp
 from pallas_kernels.mosaic_mlp import _WG, _activate, _interpret_params, _transforms
 
 BLOCK_M = 64
@@ -507,12 +507,12 @@ def project_call(h, res, rs, w2, b2, *, bn, kc, stages, bm=BLOCK_M, select_zero_
   )(h, res, rs, w2.astype(h.dtype), b2.astype(jnp.float32))
 
 
-@functools.partial(jax.jit, static_argnames=("act", "normalize", "eps", "hidden_chunk",
-                                             "block_n", "stages", "project_stages",
-                                             "col_block", "expand_block_m",
-                                             "project_block_m", "expand_pipelined",
-                                             "expand_ws_slots", "expand_gemm",
-                                             "project_gemm", "interpret"))
+@_switches.jit(static_argnames=("act", "normalize", "eps", "hidden_chunk",
+                                "block_n", "stages", "project_stages",
+                                "col_block", "expand_block_m",
+                                "project_block_m", "expand_pipelined",
+                                "expand_ws_slots", "expand_gemm",
+                                "project_gemm", "interpret"))
 def split_mlp(z, res, w1, b1, w2, b2, *, z_bias=None, row_scale=None, act: str = "gelu",
               normalize: bool = True, eps: float = 1e-6, hidden_chunk: int | None = None,
               block_n: int | None = None, stages: int = 2, project_stages: int = 3,

@@ -54,7 +54,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels import mosaic_gemm, mosaic_mlp, mosaic_split
+from pallas_kernels import _switches, mosaic_gemm, mosaic_mlp, mosaic_split
 from pallas_kernels.convfirst_block.mosaic import default_mlp_block_m
 from pallas_kernels.convfirst_block.pallas_triton import block_diagonal_conv_weight
 from pallas_kernels.convfirst_block.reference import (
@@ -281,8 +281,8 @@ def grouped_conv_rows(xr: jax.Array, kernel: jax.Array, bias: jax.Array, layout:
   )(xr, w, bias.astype(jnp.float32))
 
 
-@functools.partial(jax.jit, static_argnames=("act", "chunk", "block_m", "per_cta", "stages",
-                                             "interpret"))
+@_switches.jit(static_argnames=("act", "chunk", "block_m", "per_cta", "stages",
+                                "interpret"))
 def grouped_conv_act(x: jax.Array, kernel: jax.Array, bias: jax.Array, *, act: str = "silu",
                      chunk: int = 32, block_m: int = 256, per_cta: int = 0, stages: int = 2,
                      interpret=False) -> jax.Array:
@@ -458,10 +458,10 @@ def row_overhead(n: int, h: int, w: int) -> float:
   return padded_rows(n, h, w).total / (n * h * w)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "gconv_block_m", "gconv_per_cta",
-                                             "gconv_stages", "expand_block_m",
-                                             "expand_ws_slots", "expand_gemm",
-                                             "project_gemm", "interpret"))
+@_switches.jit(static_argnames=("chunk", "gconv_block_m", "gconv_per_cta",
+                                "gconv_stages", "expand_block_m",
+                                "expand_ws_slots", "expand_gemm",
+                                "project_gemm", "interpret"))
 def mbconv_stage_forward(x: jax.Array, params: tuple[MBConvBlockParams, ...], *,
                          chunk: int = 32, gconv_block_m: int = 256, gconv_per_cta: int = 0,
                          gconv_stages: int = 2, expand_block_m: int | None = None,
@@ -540,8 +540,8 @@ def convfirst_rows(xr: jax.Array, params: ConvFirstBlockParams, layout: PaddedRo
                               resident=mlp_resident, interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "gconv_block_m", "mlp_block_m",
-                                             "mlp_resident", "interpret"))
+@_switches.jit(static_argnames=("chunk", "gconv_block_m", "mlp_block_m",
+                                "mlp_resident", "interpret"))
 def convfirst_stage_forward(x: jax.Array, params: tuple[ConvFirstBlockParams, ...], *,
                             chunk: int = 32, gconv_block_m: int = 256,
                             mlp_block_m: int | None = None,

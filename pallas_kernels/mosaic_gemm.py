@@ -54,24 +54,24 @@ MBConv blocks' expand and project (``mosaic_gconv.EXPAND_GEMM``, ``PROJECT_GEMM`
 
 The epilogue is what separates the expand from a plain GEMM (H100, 2026-11-28, twelfth
 session, ms at 14x14x384, batch 128 / 256: identity 0.071 / 0.124, SiLU 0.088 / 0.156,
-LayerNorm + GELU 0.117 / 0.206, the last with XLA's row-statistics pass; in another
-call the identity 0.068 / 0.119 against jax's reference Hopper matmul
+LayerNorm + GELU 0.117 / 0.206, the last with XLA's row-statistics pass; in another call
+the identity 0.068 / 0.119 against jax's reference Hopper matmul
 (``jax.experimental.pallas.ops.gpu.hopper_matmul_mgpu``: 128 x 192 to 128 x 384 CTAs, with
 and without 2-CTA multicast clusters) at 0.074-0.089 / 0.128-0.187 and XLA at 0.075 /
-0.134 for the plain GEMM, so the main loop itself is at par).  Deferring each tile's epilogue into the next
-tile's main loop (each warpgroup keeping the previous accumulator in registers and
-storing it in 32- or 64-column chunks between its wgmmas) was built and measured in that
-session and not kept: 0.123-0.155 / 0.222-0.266 for LayerNorm + GELU at 192-wide tiles
-(the two accumulators take 192 of the 232 registers), 0.126-0.130 / 0.217-0.220 at 128,
-SiLU 0.083 / 0.148 at best (-6%), and slower at 7x7x768 (identity 0.066 -> 0.089;
-benchmarks/RESULTS.md).  A ping-pong schedule
-(each 128 x tn tile owned by one compute warpgroup, each warpgroup with its own ring of
-operand slots -- two at tn=128, all shared memory allows -- filled by the one TMA
-warpgroup) was built and measured in the same session and not kept either: even the
-identity ran 1.6-1.8x slower (0.112 / 0.199 ms at 14x14x384), one warpgroup's wgmmas alone
-starving on a shallow ring.  Left to try: ping-pong with a TMA producer per ring, packed
-bfloat16x2 activations (half the MUFU work), and the row statistics accumulated from the
-streamed z tiles instead of a separate pass.
+0.134 for the plain GEMM, so the main loop itself is at par). Deferring each tile's
+epilogue into the next tile's main loop (each warpgroup keeping the previous accumulator
+in registers and storing it in 32- or 64-column chunks between its wgmmas) was built and
+measured in that session and not kept: 0.123-0.155 / 0.222-0.266 for LayerNorm + GELU at
+192-wide tiles (the two accumulators take 192 of the 232 registers), 0.126-0.130 /
+0.217-0.220 at 128, SiLU 0.083 / 0.148 at best (-6%), and slower at 7x7x768 (identity
+0.066 -> 0.089; benchmarks/RESULTS.md). A ping-pong schedule (each 128 x tn tile owned by
+one compute warpgroup, each warpgroup with its own ring of operand slots -- two at tn=128,
+all shared memory allows -- filled by the one TMA warpgroup) was built and measured in the
+same session and not kept either: even the identity ran 1.6-1.8x slower (0.112 / 0.199 ms
+at 14x14x384), one warpgroup's wgmmas alone starving on a shallow ring. Left to try:
+ping-pong with a TMA producer per ring, packed bfloat16x2 activations (half the MUFU
+work), and the row statistics accumulated from the streamed z tiles instead of a separate
+pass.
 
 Limits: bfloat16/float16, rows a multiple of 128 (the wrappers pad), the contraction a
 multiple of ``tk`` (64), the output width a multiple of ``tn`` (64..256, a multiple of 64),

@@ -1,6 +1,7 @@
 """Tile sizes for the fused ConvNeXt block kernels: a small table keyed by
-(C, dtype, device kind), a heuristic for anything not in it, and ``retune`` to time
-candidates on the user's GPU and cache the winners in a JSON file.
+(C, dtype, device kind; ``TABLE_ALIASES`` lets a device use another's measured entries),
+a heuristic for anything not in it, and ``retune`` to time candidates on the user's GPU
+and cache the winners in a JSON file (which takes precedence over both).
 
 Why tiles shrink as C grows: the forward kernel holds a (pixels x C) float32 accumulator
 plus the normalised (pixels x C) input in registers for the whole hidden-dimension loop.
@@ -306,6 +307,17 @@ TUNED: dict[tuple[int, str, str], ConvNeXtTiles] = {
         mosaic_dwconv_wgrad="pallas_columns", mosaic_expand_gemm=True),
 }
 
+# Devices that use another device's table entries (the key's device kind), where that was
+# measured to beat the heuristic.  The H200 is the H100 SXM's sm_90 chip (132 SMs, 228 KB
+# of shared memory per SM) with more and faster HBM; on one (2026-11-28, batch 128, bf16,
+# one process per tile source, ``benchmarks.blocks``) the H100 entries ran the block
+# forward + backward at 56x56x96 / 28x28x192 / 14x14x384 in 1.563 / 0.964 / 0.795 ms vs
+# 1.690 / 1.061 / 0.889 with the heuristic (XLA 3.25 / 1.81 / 1.01), the forwards and the
+# C=768 entry within 3%, and ConvNeXt-T's training step (batch 256) at 7,415 vs 6,850 img/s
+# (XLA 3,414).  Other Hopper parts (H100 PCIe / NVL: fewer SMs; GH200) are not aliased --
+# not measured; ``retune`` or the heuristic serves them.
+TABLE_ALIASES: dict[str, str] = {"NVIDIA H200": _H100}
+
 _CACHE_ENV = "CONVFIRST_JAX_TUNING_CACHE"
 
 
@@ -339,8 +351,9 @@ def get_tiles(c: int, dtype, device_kind: str | None = None) -> ConvNeXtTiles:
   if cached:
     fields = {f.name for f in dataclasses.fields(ConvNeXtTiles)}
     return ConvNeXtTiles(**{k: v for k, v in cached.items() if k in fields})
-  if (c, name, kind) in TUNED:
-    return TUNED[(c, name, kind)]
+  table_kind = TABLE_ALIASES.get(kind, kind)
+  if (c, name, table_kind) in TUNED:
+    return TUNED[(c, name, table_kind)]
   return heuristic_tiles(c, dtype)
 
 

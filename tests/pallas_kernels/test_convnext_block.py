@@ -10,6 +10,7 @@ are exercised."""
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -221,6 +222,23 @@ def test_tile_table_lookup():
   t = tuning.get_tiles(96, jnp.bfloat16, device_kind="no such device")
   assert t == tuning.heuristic_tiles(96, jnp.bfloat16)
   assert dataclasses.asdict(t) == t.to_json()
+
+
+def test_tile_table_alias(tmp_path, monkeypatch):
+  """An H200 gets the H100 entries (TABLE_ALIASES), not the heuristic; a retuned entry
+  cached under the H200's own kind still wins over the aliased table."""
+  monkeypatch.setenv("CONVFIRST_JAX_TUNING_CACHE", str(tmp_path / "none.json"))
+  for c in (96, 192, 384, 768):  # (the C=768 entry happens to equal the heuristic)
+    t = tuning.get_tiles(c, jnp.bfloat16, device_kind="NVIDIA H200")
+    assert t == tuning.TUNED[(c, "bfloat16", tuning._H100)], c
+    assert c == 768 or t != tuning.heuristic_tiles(c, jnp.bfloat16), c
+  assert tuning.get_tiles(96, jnp.float32, "NVIDIA H200") == tuning.heuristic_tiles(
+      96, jnp.float32)
+  cache = tmp_path / "tiles.json"
+  mine = dataclasses.replace(tuning.heuristic_tiles(96, jnp.bfloat16), fwd_pixels=32)
+  cache.write_text(json.dumps({"96|bfloat16|NVIDIA H200": mine.to_json()}))
+  monkeypatch.setenv("CONVFIRST_JAX_TUNING_CACHE", str(cache))
+  assert tuning.get_tiles(96, jnp.bfloat16, device_kind="NVIDIA H200") == mine
 
 
 @pytest.mark.gpu

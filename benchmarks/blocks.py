@@ -1,5 +1,6 @@
 """Fused-block benchmarks: XLA vs Pallas, forward and forward+backward, against the
-waterline floor max(FLOPs / peak, min_bytes / bandwidth).
+waterline floor max(FLOPs / peak, min_bytes / bandwidth) (``--ceilings``: the peak and
+bandwidth measured on the GPU that runs it, or an H100's; benchmarks/ceilings.py).
 
     PYTHONPATH=. python3 -m benchmarks.blocks [--blocks convnext,convfirst,convfirst_train]
         [--batch 128] [--dtype bfloat16] [--iters 30] [--json out.json] [--tune]
@@ -35,8 +36,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-PEAK_FLOPS = 680e12  # bf16 dense matmul, H100 SXM, measured with XLA (2026-11-23)
-PEAK_BYTES = 2.0e12  # streaming DRAM bandwidth, H100, measured (2026-11-23)
+from benchmarks import ceilings as ceilings_mod
+
+# The floor's ceilings: the H100 constants until ``main`` resolves --ceilings (see
+# benchmarks/ceilings.py: measured on any GPU other than that H100).
+CEILINGS = ceilings_mod.H100
 
 
 @dataclasses.dataclass
@@ -56,7 +60,7 @@ class BlockCase:
   def floor_ms(self, backward: bool) -> float:
     f = self.flops_fwd + (self.flops_bwd if backward else 0.0)
     b = self.bytes_fwd + (self.bytes_bwd if backward else 0.0)
-    return max(f / PEAK_FLOPS, b / PEAK_BYTES) * 1e3
+    return CEILINGS.floor_s(f, b) * 1e3
 
 
 def convnext_cases(batch: int, dtype, tiles=None, impl: str = "auto"):
@@ -267,13 +271,17 @@ def main(argv=None) -> int:
   ap.add_argument("--tune", action="store_true",
                   help="re-tune the Pallas tiles on this GPU first (cached to JSON)")
   ap.add_argument("--json", default=None)
+  ceilings_mod.add_argument(ap)
   args = ap.parse_args(argv)
   dtype = jnp.dtype(args.dtype)
   device = jax.devices()[0].device_kind
+  global CEILINGS
+  CEILINGS = ceilings_mod.resolve(args.ceilings)
   meta = dict(device=device, date=datetime.datetime.now(datetime.timezone.utc).isoformat(),
               batch=args.batch, dtype=args.dtype, jax=jax.__version__,
               xla_flags=os.environ.get("XLA_FLAGS", ""), convnext_impl=args.convnext_impl,
-              peak_flops=PEAK_FLOPS, peak_bytes_per_s=PEAK_BYTES)
+              peak_flops=CEILINGS.flops, peak_bytes_per_s=CEILINGS.bytes_per_s,
+              ceilings=CEILINGS.source)
   print(f"# {meta}", flush=True)
   from pallas_kernels.convnext_block import tuning
   rows = []
@@ -292,6 +300,7 @@ def main(argv=None) -> int:
       rows.append(row)
       print(json.dumps(row), flush=True)
   print_table(rows)
+  print(CEILINGS.describe())
   if args.json:
     with open(args.json, "w") as f:
       json.dump(dict(meta=meta, rows=rows), f, indent=1)

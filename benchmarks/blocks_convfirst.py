@@ -5,7 +5,8 @@
 
 Rows: ConvFirst 56x56x64 E4, ConvFirst 64x64x64 E6, MBConv 14x14x256 E4, batch 128, bfloat16,
 BatchNorm-folded (inference) blocks, k=3.  For each: XLA fwd ms, Pallas fwd ms, the floor
-max(FLOPs / 680e12, bytes / 2.0e12) (FLOPs of the real grouped conv + both matmuls; bytes =
+max(FLOPs / peak, bytes / bandwidth) (``--ceilings``: measured on the GPU that runs it or
+an H100's, benchmarks/ceilings.py; FLOPs of the real grouped conv + both matmuls; bytes =
 read x + write y + weights once), efficiency = floor / time, and the Pallas output's max
 relative error vs XLA's in the same run (max|pallas - xla| / max|xla|).  ``--sweep`` also
 times alternative ``BlockConfig``s; ``--check`` then runs GPU correctness checks (float32
@@ -34,8 +35,10 @@ from pallas_kernels.convfirst_block.reference import (
     mbconv_block_reference,
 )
 
-PEAK_FLOPS = 680e12
-DRAM_BYTES_PER_S = 2.0e12
+from benchmarks import ceilings as ceilings_mod
+
+# The floor's ceilings: the H100 constants until ``main`` resolves --ceilings.
+CEILINGS = ceilings_mod.H100
 
 SHAPES = [  # (name, kind, H, W, C, E)
     ("ConvFirst 56x56x64 E4", "convfirst", 56, 56, 64, 4),
@@ -89,7 +92,7 @@ def floor_s(kind, n, h, w, c, e, k=3, itemsize=2):
   flops = 2 * pixels * (k * k * 8 * conv_c + 2 * c * hidden)
   weight_bytes = itemsize * (k * k * 8 * conv_c + 2 * c * hidden)
   bytes_ = 2 * pixels * c * itemsize + weight_bytes
-  return max(flops / PEAK_FLOPS, bytes_ / DRAM_BYTES_PER_S), flops, bytes_
+  return CEILINGS.floor_s(flops, bytes_), flops, bytes_
 
 
 def time_fn(fn, inputs, *, calls=20, repeats=7):
@@ -192,10 +195,13 @@ def main(argv=None) -> int:
   p.add_argument("--convfirst-t", action="store_true",
                  help="also time ConvFirstNet-T's stage shapes (C=96, 192; MBConv 384, 768)")
   p.add_argument("--json", default=None)
+  ceilings_mod.add_argument(p)
   args = p.parse_args(argv)
   kinds = tuple(args.kinds.split(","))
   if not set(kinds) <= {"convfirst", "mbconv"}:
     p.error(f"--kinds takes convfirst and/or mbconv, got {args.kinds!r}")
+  global CEILINGS
+  CEILINGS = ceilings_mod.resolve(args.ceilings)
   rows = bench(args.batch, args.sweep, kinds,
                SHAPES + SHAPES_T if args.convfirst_t else SHAPES)
   fails = gpu_checks(kinds) if args.check else 0
@@ -204,7 +210,7 @@ def main(argv=None) -> int:
       json.dump(rows, f, indent=2)
   device = jax.devices()[0].device_kind
   print(f"\nConvFirst/MBConv blocks, bf16, batch {args.batch}, {device}, "
-        f"{time.strftime('%Y-%m-%d')}; floor = max(FLOPs/680T, bytes/2.0TB/s)")
+        f"{time.strftime('%Y-%m-%d')}; {CEILINGS.describe()}")
   print(f"{'block':<24}{'config':<26}{'XLA ms':>8}{'Pallas ms':>10}{'x XLA':>7}"
         f"{'floor ms':>9}{'eff':>6}{'TFLOP/s':>8}{'max rel':>9}")
   for r in rows:

@@ -22,10 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import ceilings as ceilings_mod
 from pallas_kernels.timing import median_seconds
-
-PEAK_FLOPS = 680e12
-PEAK_BYTES = 2.0e12
 
 
 def _time(fn, arg_sets, iters, reps):
@@ -123,7 +121,9 @@ def main(argv=None):
   ap.add_argument("--cases", default="convnext,convfirst")
   ap.add_argument("--no-triton", dest="triton", action="store_false",
                   help="skip the Pallas-Triton kernels (slow to compile)")
+  ceilings_mod.add_argument(ap)
   args = ap.parse_args(argv)
+  ceil = ceilings_mod.resolve(args.ceilings)
   rng = np.random.default_rng(0)
   b = args.batch
   cases = []
@@ -133,13 +133,14 @@ def main(argv=None):
     cases += [_convfirst_case(rng, b, 56, 64, 4), _convfirst_case(rng, b, 64, 64, 6)]
   dev = jax.devices()[0].device_kind
   print(f"device {dev}, jax {jax.__version__}, batch {b}, bf16, "
-        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC", flush=True)
+        f"{datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; {ceil.describe()}",
+        flush=True)
   rows = []
   for case in cases:
     xs = [jnp.asarray(rng.standard_normal(case["shape"]), jnp.bfloat16) for _ in range(2)]
     sets = [(x,) for x in xs]
     row = dict(block=case["name"], shape=case["shape"],
-               floor_ms=max(case["flops"] / PEAK_FLOPS, case["bytes"] / PEAK_BYTES) * 1e3)
+               floor_ms=ceil.floor_s(case["flops"], case["bytes"]) * 1e3)
     row["xla_ms"] = _time(case["xla"], sets, args.iters, args.reps)
     row["conv_ms"] = _time(case["conv"], sets, args.iters, args.reps)
     if args.triton:

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import pytest
 
-from benchmarks import blocks
+from benchmarks import blocks, ceilings
 
 
 def test_convnext_impl_is_checked_and_recorded_choices():
@@ -23,3 +23,27 @@ def test_bad_arguments_are_named(argv, msg, capsys):
   with pytest.raises(SystemExit):
     blocks.main(argv)
   assert msg in capsys.readouterr().err
+
+
+def test_ceilings_follow_the_device():
+  """--ceilings: the H100 constants on request and (as a named stand-in) without a GPU,
+  measured values otherwise; an unknown mode is named."""
+  assert ceilings.resolve("h100") == ceilings.H100
+  auto = ceilings.resolve("auto")
+  assert (auto.flops, auto.bytes_per_s) == (ceilings.H100.flops, ceilings.H100.bytes_per_s)
+  assert "no GPU here" in auto.source
+  measured = ceilings.resolve("measure", matmul_size=64, copy_bytes=1 << 16)
+  assert measured.flops > 0 and measured.bytes_per_s > 0
+  assert measured.flops != ceilings.H100.flops and "measured on this" in measured.source
+  assert measured.floor_s(2e9, 0) == 2e9 / measured.flops
+  assert "TFLOP/s" in measured.describe()
+  with pytest.raises(ValueError, match="ceilings must be one of"):
+    ceilings.resolve("a100")
+
+
+def test_floor_uses_the_resolved_ceilings(monkeypatch):
+  case = blocks.convnext_cases(1, jnp.bfloat16)[0]
+  slow = ceilings.Ceilings(ceilings.H100.flops / 2, ceilings.H100.bytes_per_s / 2, "half")
+  base = case.floor_ms(True)
+  monkeypatch.setattr(blocks, "CEILINGS", slow)
+  assert case.floor_ms(True) == pytest.approx(2 * base)

@@ -19,6 +19,8 @@ import dataclasses
 
 import jax
 
+from convfirst_jax.analysis.devices import get_device, measure_ceilings
+
 H100_KIND = "NVIDIA H100 80GB HBM3"
 MODES = ("auto", "h100", "measure")
 
@@ -37,7 +39,9 @@ class Ceilings:
             f"{self.bytes_per_s / 1e12:.2f} TB/s) ({self.source})")
 
 
-H100 = Ceilings(680e12, 2.0e12, "H100 80GB HBM3 ceilings measured 2026-11-23")
+_H100_MEASURED = get_device("h100-measured")  # the analysis tools' figures, one source
+H100 = Ceilings(_H100_MEASURED.peak("bfloat16"), _H100_MEASURED.dram_bandwidth,
+                "H100 80GB HBM3 ceilings measured 2026-11-23")
 
 
 def resolve(mode: str = "auto", *, matmul_size: int = 8192,
@@ -54,7 +58,6 @@ def resolve(mode: str = "auto", *, matmul_size: int = 8192,
     if jax.default_backend() != "gpu":
       return dataclasses.replace(
           H100, source=f"{H100.source}; no GPU here ({kind}), so the floor is the H100's")
-  from convfirst_jax.analysis.devices import measure_ceilings
   d = measure_ceilings(matmul_size=matmul_size, copy_bytes=copy_bytes)
   return Ceilings(d.peak("bfloat16"), d.dram_bandwidth,
                   f"measured on this {kind}: {matmul_size}^3 bf16 XLA matmul, "

@@ -57,7 +57,7 @@ DEVICES: dict[str, Device] = {
                       "NVIDIA Ada GPU architecture whitepaper"),
     # What the project measured on an H100 80GB on 2026-11-23: XLA bf16 matmul 680 TFLOP/s,
     # streaming kernels 2.0 TB/s (a plain device copy reaches 3.0 TB/s).  The block
-    # benchmarks' floors (benchmarks/blocks.py, blocks_convfirst.py) use the same two.
+    # benchmarks' floors use the same two on that H100 (benchmarks/ceilings.py).
     "h100-measured": Device("NVIDIA H100 80GB, measured ceilings (2026-11-23)",
                             _peaks(680.0, 51.0), 2.0e12,
                             "measured on an H100 80GB, 2026-11-23: XLA bf16 matmul, "

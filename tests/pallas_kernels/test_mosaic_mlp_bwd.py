@@ -12,6 +12,7 @@ activations (wgmma); the block's float32 path is the Triton/XLA one, tested else
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -127,7 +128,7 @@ def test_mlp_with_grad_matches_jax_grad(dtype, tol):
     y = mosaic_mlp_bwd.mlp_with_grad(*args[:6], z_bias=args[6], row_scale=args[7],
                                      interpret=True)
     return jnp.sum(y.astype(jnp.float32) * dy.astype(jnp.float32))
-  got = jax.grad(loss, argnums=tuple(range(8)))(*args)
+  got = jax.jit(jax.grad(loss, argnums=tuple(range(8))))(*args)
   want = _reference_grads(a, dy, "gelu", True, tuple(range(8)))
   for name, x, y, arg in zip(ARGS, got, want, args):
     assert x.shape == arg.shape and x.dtype == arg.dtype, name
@@ -150,12 +151,13 @@ def test_mlp_with_grad_constant_row_scale_and_silu():
     y = mosaic_mlp_bwd.mlp_with_grad(z, a["res"], w1, a["b1"], w2, a["b2"], row_scale=rs,
                                      act="silu", normalize=False, interpret=True, **kw)
     return jnp.sum(y.astype(f32) * dy.astype(f32))
-  got = jax.grad(loss, argnums=(0, 1, 2))(a["w1"], a["w2"], a["z"])
+  got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(a["w1"], a["w2"], a["z"])
   want = _reference_grads(dict(a, z_bias=jnp.zeros((c,))), dy, "silu", False, (2, 4, 0))
   for x, y in zip(got, want):
     assert _rel(x, y) < 1e-2
   # (and dW1 from XLA's own normalisation of z rather than the kernel's zn)
-  got_none = jax.grad(lambda w1: loss(w1, a["w2"], a["z"], rs=None, bwd_zn=False))(a["w1"])
+  got_none = jax.jit(jax.grad(lambda w1: loss(w1, a["w2"], a["z"], rs=None, bwd_zn=False)))(
+      a["w1"])
   want_none = _reference_grads(dict(a, z_bias=jnp.zeros((c,)), row_scale=jnp.ones((m,))), dy,
                                "silu", False, 2)
   assert _rel(got_none, want_none) < 1e-2
@@ -189,7 +191,7 @@ def test_two_warpgroup_split_backward(stages):
     y = mosaic_mlp_bwd.mlp_with_grad(*args[:6], z_bias=args[6], row_scale=args[7], split=True,
                                      bwd_split_ws=True, bwd_stages=stages, interpret=True)
     return jnp.sum(y.astype(f32) * dy.astype(f32))
-  got = jax.grad(loss, argnums=tuple(range(8)))(*args)
+  got = jax.jit(jax.grad(loss, argnums=tuple(range(8))))(*args)
   want = _reference_grads(a, dy, "gelu", True, tuple(range(8)))
   for name, x, y in zip(ARGS, got, want):
     assert _rel(x, y) < 1e-2, (name, _rel(x, y))
@@ -245,7 +247,7 @@ def test_split_backward_kernel_and_gradients():
     y = mosaic_mlp_bwd.mlp_with_grad(*args[:6], z_bias=args[6], row_scale=args[7], split=True,
                                      interpret=True)
     return jnp.sum(y.astype(f32) * dy.astype(f32))
-  got = jax.grad(loss, argnums=tuple(range(8)))(*args)
+  got = jax.jit(jax.grad(loss, argnums=tuple(range(8))))(*args)
   want = _reference_grads(a, dy, "gelu", True, tuple(range(8)))
   for name, x, y in zip(ARGS, got, want):
     assert _rel(x, y) < 1e-2, (name, _rel(x, y))
@@ -253,7 +255,7 @@ def test_split_backward_kernel_and_gradients():
   # scales on chip (h scaled, g = dy); every other gradient still matches the reference
   rs = a["row_scale"].at[:7].set(0.0)
   const = dict(a, row_scale=rs)
-  got = jax.grad(lambda *v: loss(*v[:7], rs), argnums=tuple(range(7)))(*args[:7])
+  got = jax.jit(jax.grad(lambda *v: loss(*v[:7], rs), argnums=tuple(range(7))))(*args[:7])
   want = _reference_grads(const, dy, "gelu", True, tuple(range(7)))
   for name, x, y in zip(ARGS, got, want):
     assert _rel(x, y) < 1e-2, (name, _rel(x, y))
@@ -322,22 +324,22 @@ def test_db1_from_the_dw1_gemm(kw, no_rs):
                                      bwd_db1_gemm=True, bwd_db2_gemm=True, interpret=True,
                                      **kw)
     return jnp.sum(y.astype(f32) * dy.astype(f32))
-  got = jax.grad(loss, argnums=tuple(range(8)))(*args)
+  got = jax.jit(jax.grad(loss, argnums=tuple(range(8))))(*args)
   want = _reference_grads(a, dy, "gelu", True, tuple(range(8)))
   for name, x, y in zip(ARGS, got, want):
     assert x.shape == y.shape, name
     assert _rel(x, y) < 1e-2, (name, _rel(x, y))
   rs = a["row_scale"].at[::4].set(0.0)  # constant: h and da scaled on chip
-  got = jax.grad(lambda *v: loss(*v[:7], rs), argnums=(2, 3, 4, 5))(*args[:7])
+  got = jax.jit(jax.grad(lambda *v: loss(*v[:7], rs), argnums=(2, 3, 4, 5)))(*args[:7])
   want = _reference_grads(dict(a, row_scale=rs), dy, "gelu", True, (2, 3, 4, 5))
   for x, y in zip(got, want):
     assert _rel(x, y) < 1e-2
   if not no_rs:
     return
   ones = jnp.ones_like(rs)  # no row scale: ones written after h
-  got = jax.grad(lambda *v: jnp.sum(mosaic_mlp_bwd.mlp_with_grad(
+  got = jax.jit(jax.grad(lambda *v: jnp.sum(mosaic_mlp_bwd.mlp_with_grad(
       *v[:6], z_bias=v[6], bwd_db1_gemm=True, bwd_db2_gemm=True, interpret=True,
-      **kw).astype(f32) * dy.astype(f32)), argnums=(4, 5))(*args[:7])
+      **kw).astype(f32) * dy.astype(f32)), argnums=(4, 5)))(*args[:7])
   want = _reference_grads(dict(a, row_scale=ones), dy, "gelu", True, (4, 5))
   for x, y in zip(got, want):
     assert _rel(x, y) < 1e-2
@@ -387,7 +389,7 @@ def test_without_residual(kw):
                                        row_scale=kw_["row_scale"], act="silu", normalize=False)
     return jnp.sum(y * dy.astype(f32))
   argnums = tuple(range(len(names)))
-  got = jax.grad(loss, argnums=argnums)(*[a[k] for k in names])
+  got = jax.jit(jax.grad(loss, argnums=argnums))(*[a[k] for k in names])
   want = jax.grad(ref_loss, argnums=argnums)(*[a[k] for k in names])
   for name, x, y in zip(names, got, want):
     assert _rel(x, y) < 1e-2, (name, _rel(x, y))
@@ -513,13 +515,17 @@ def test_convnext_block_training_path(shape, perturb_dps, db1, bwd_block_m):
                                      tiles=tiles)
   ref = lambda x, p, d: convnext_block_reference(x, p, d)
   xf, gf = x.astype(jnp.float32), g.astype(jnp.float32)
+  # Each side jitted whole: one compilation instead of one per eager op of the backward.
   if perturb_dps:
-    y, vjp = jax.vjp(f, x, p, d)
-    want_y, vjp_ref = jax.vjp(ref, xf, p, d)
+    run = lambda f, g, *primals: (lambda yv: [yv[0], *jax.tree.leaves(yv[1](g))])(
+        jax.vjp(f, *primals))
+    got = jax.jit(functools.partial(run, f))(g, x, p, d)
+    want = jax.jit(functools.partial(run, ref))(gf, xf, p, d)
   else:
-    y, vjp = jax.vjp(lambda x, p: f(x, p, d), x, p)
-    want_y, vjp_ref = jax.vjp(lambda x, p: ref(x, p, d), xf, p)
-  got, want = [y, *jax.tree.leaves(vjp(g))], [want_y, *jax.tree.leaves(vjp_ref(gf))]
+    run = lambda f, g, x, p, d: (lambda yv: [yv[0], *jax.tree.leaves(yv[1](g))])(
+        jax.vjp(lambda x, p: f(x, p, d), x, p))
+    got = jax.jit(functools.partial(run, f))(g, x, p, d)
+    want = jax.jit(functools.partial(run, ref))(gf, xf, p, d)
   assert len(got) == (12 if perturb_dps else 11)
   for a, b in zip(got, want):
     assert a.shape == b.shape

@@ -8,7 +8,9 @@ Why processes: on Hopper, XLA's own training step is bimodal between processes w
 default CUDA-graph command buffers (ConvNeXt-T, batch 128, one H100, 2026-11-27: 59.3, 49.1
 and 33.4 ms per step in three processes; 34.2, 33.6 and 34.3 ms with
 ``XLA_FLAGS=--xla_gpu_enable_command_buffer=``), so one process per implementation can
-overstate a speed-up by 1.8x.  Each round runs every implementation once (``python -m
+overstate a speed-up by 1.8x.  The flag is not neutral on every GPU: on an H200
+(2026-11-28, batch 256, one process each) XLA's step took 75.0 ms with it and 54.2 ms
+without, so compare with several processes at the defaults first.  Each round runs every implementation once (``python -m
 train.throughput`` in a subprocess, same flags), the order reversed every other round so
 that slow drift (clocks, temperature) does not favour one side.  Reported per
 implementation: each process's synchronised img/s, the median and the best, and the
@@ -186,7 +188,8 @@ def main(argv=None) -> int:
   if unstable:
     print(f"\nwarning: {', '.join(unstable)} varied by more than {a.spread_warn:.2f}x between "
           f"processes; XLA's default command buffers can do that on Hopper -- run more "
-          f"processes or pass --xla-flags=--xla_gpu_enable_command_buffer=")
+          f"processes (--xla-flags=--xla_gpu_enable_command_buffer= steadied XLA on an "
+          f"H100 but slowed it on an H200)")
   if a.json:
     with open(a.json, "w") as f:
       json.dump({"args": {k: v for k, v in vars(a).items() if k != "json"},

@@ -13,8 +13,9 @@ number of steps dispatched back to back (one sync at the end), and prints one li
 XLA's own step varies between processes on Hopper: with XLA's default CUDA-graph command
 buffers, ConvNeXt-T's XLA step at batch 128 took 59.3, 49.1 and 33.4 ms in three processes
 on one H100 (2026-11-27), and 34.2, 33.6 and 34.3 ms in three with
-``XLA_FLAGS=--xla_gpu_enable_command_buffer=``.  Compare implementations over several
-processes (or with that flag); the result records the XLA_FLAGS it ran with.
+``XLA_FLAGS=--xla_gpu_enable_command_buffer=``; on an H200 (2026-11-28, batch 256) the
+same flag made XLA's step slower, 75.0 vs 54.2 ms.  Compare implementations over several
+processes; the result records the XLA_FLAGS it ran with.
 """
 
 from __future__ import annotations

@@ -95,7 +95,9 @@ def run(m: int, c: int, args, case: str) -> list[dict]:
     try:
       if ref is not None:
         row["err"] = _rel(fn(*arg_sets[0]), ref)
-      row["ms"] = median_ms(fn, arg_sets, args.iters, args.reps)
+      # (interpreted smoke run: one argument set, so one warm-up call instead of two)
+      row["ms"] = median_ms(fn, arg_sets[:1] if args.interpret else arg_sets, args.iters,
+                            args.reps)
     except Exception as ex:  # reported, not fatal
       row["error"] = f"{type(ex).__name__}: {str(ex).splitlines()[0][:200]}"
     rows.append(row)

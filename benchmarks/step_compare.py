@@ -10,13 +10,13 @@ and 33.4 ms per step in three processes; 34.2, 33.6 and 34.3 ms with
 ``XLA_FLAGS=--xla_gpu_enable_command_buffer=``), so one process per implementation can
 overstate a speed-up by 1.8x.  The flag is not neutral on every GPU: on an H200
 (2026-11-28, batch 256, one process each) XLA's step took 75.0 ms with it and 54.2 ms
-without, so compare with several processes at the defaults first.  Each round runs every implementation once (``python -m
-train.throughput`` in a subprocess, same flags), the order reversed every other round so
-that slow drift (clocks, temperature) does not favour one side.  Reported per
-implementation: each process's synchronised img/s, the median and the best, and the
-spread (best / worst); ratios against the first implementation use the medians (and the
-bests).  A spread above ``--spread-warn`` is flagged: compare with more processes or with
-the flag above.  Extra ``XLA_FLAGS`` for every process: ``--xla-flags``, e.g.
+without, so compare with several processes at the defaults first.  Each round runs every
+implementation once (``python -m train.throughput`` in a subprocess, same flags), the
+order reversed every other round so that slow drift (clocks, temperature) does not favour
+one side.  Reported per implementation: each process's synchronised img/s, the median and
+the best, and the spread (best / worst); ratios against the first implementation use the
+medians (and the bests).  A spread above ``--spread-warn`` is flagged: compare with more
+processes (or, on an H100, with the flag above).  Extra ``XLA_FLAGS`` for every process: ``--xla-flags``, e.g.
 
     python -m benchmarks.step_compare --impls xla,auto \
         --xla-flags=--xla_gpu_enable_command_buffer=

@@ -515,17 +515,16 @@ def test_convnext_block_training_path(shape, perturb_dps, db1, bwd_block_m):
                                      tiles=tiles)
   ref = lambda x, p, d: convnext_block_reference(x, p, d)
   xf, gf = x.astype(jnp.float32), g.astype(jnp.float32)
+
+  def value_and_grads(fn, g, x, p, d):
+    if perturb_dps:
+      y, vjp = jax.vjp(fn, x, p, d)
+    else:
+      y, vjp = jax.vjp(lambda x, p: fn(x, p, d), x, p)
+    return [y, *jax.tree.leaves(vjp(g))]
   # Each side jitted whole: one compilation instead of one per eager op of the backward.
-  if perturb_dps:
-    run = lambda f, g, *primals: (lambda yv: [yv[0], *jax.tree.leaves(yv[1](g))])(
-        jax.vjp(f, *primals))
-    got = jax.jit(functools.partial(run, f))(g, x, p, d)
-    want = jax.jit(functools.partial(run, ref))(gf, xf, p, d)
-  else:
-    run = lambda f, g, x, p, d: (lambda yv: [yv[0], *jax.tree.leaves(yv[1](g))])(
-        jax.vjp(lambda x, p: f(x, p, d), x, p))
-    got = jax.jit(functools.partial(run, f))(g, x, p, d)
-    want = jax.jit(functools.partial(run, ref))(gf, xf, p, d)
+  got = jax.jit(functools.partial(value_and_grads, f))(g, x, p, d)
+  want = jax.jit(functools.partial(value_and_grads, ref))(gf, xf, p, d)
   assert len(got) == (12 if perturb_dps else 11)
   for a, b in zip(got, want):
     assert a.shape == b.shape

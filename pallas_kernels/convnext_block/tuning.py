@@ -13,6 +13,7 @@ L2, and tensor-core dots with M >= 64)."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Callable
@@ -534,8 +535,11 @@ def retune(x_shape, dtype=jnp.bfloat16, candidates: tuple[list[dict], list[dict]
   return best, timings
 
 
+@functools.partial(jax.jit, static_argnames=("c", "hidden_ratio", "k"))
 def reference_params(key, c: int, hidden_ratio: int = 4, k: int = 7):
-  """Random block parameters (gamma O(1) so the branch is visible in comparisons)."""
+  """Random block parameters (gamma O(1) so the branch is visible in comparisons).  Jitted:
+  one program per (c, hidden_ratio, k) rather than an eager program per parameter shape
+  (on XLA:CPU each costs ~0.1 s to compile, which the CPU tests paid at every width)."""
   from pallas_kernels.convnext_block.reference import ConvNeXtBlockParams
   ks = jax.random.split(key, 9)
   hdim = hidden_ratio * c

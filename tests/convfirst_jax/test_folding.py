@@ -8,6 +8,7 @@ from flax import nnx
 
 import convfirst_jax as cj
 from convfirst_jax.convfirst import FoldedConvFirstBlock, FoldedMBConvBlock
+from tests import rand
 
 
 @pytest.mark.parametrize("name,kernel_size", [("convfirst_atto", 3), ("convfirst_atto", 5)])
@@ -16,7 +17,7 @@ def test_folded_matches_eval_mode(name, kernel_size, randomise_batchnorm):
   randomise_batchnorm(model)
   model.eval()
   folded = cj.fold_batchnorm(model)
-  x = jax.random.normal(jax.random.key(1), (2, 35, 33, 3))
+  x = rand.normal(jax.random.key(1), (2, 35, 33, 3))
   ref = np.asarray(model(x))
   out = np.asarray(folded(x))
   assert np.abs(ref).max() > 1e-2   # not a trivially small output

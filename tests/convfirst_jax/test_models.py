@@ -8,12 +8,13 @@ from flax import nnx
 
 import convfirst_jax as cj
 from convfirst_jax.convnext import ConvNeXt
+from tests import rand
 
 SMALL = ["convnext_atto", "convnext_femto", "convfirst_atto", "convfirst_nano"]
 
 
 def _images(n=2, size=32, seed=0, c=3):
-  return jax.random.normal(jax.random.key(seed), (n, size, size, c), jnp.float32)
+  return rand.normal(jax.random.key(seed), (n, size, size, c), jnp.float32)
 
 
 @pytest.mark.parametrize("name", cj.list_models())
@@ -162,10 +163,10 @@ def test_patch_conv_matches_nnx_conv(dtype, tol):
   from convfirst_jax.layers import PatchConv
   kw = dict(strides=(4, 4), padding="VALID", dtype=dtype, rngs=nnx.Rngs(0))
   patch, conv = PatchConv(3, 16, (4, 4), **kw), nnx.Conv(3, 16, (4, 4), **kw)
-  conv.bias[...] = jax.random.normal(jax.random.key(1), (16,))
+  conv.bias[...] = rand.normal(jax.random.key(1), (16,))
   patch.kernel[...], patch.bias[...] = conv.kernel[...], conv.bias[...]
-  x = jax.random.normal(jax.random.key(2), (2, 20, 28, 3), jnp.float32)
-  g = jax.random.normal(jax.random.key(3), (2, 5, 7, 16), jnp.float32)
+  x = rand.normal(jax.random.key(2), (2, 20, 28, 3), jnp.float32)
+  g = rand.normal(jax.random.key(3), (2, 5, 7, 16), jnp.float32)
 
   def value_and_grads(layer):
     gd, st = nnx.split(layer)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import convfirst_jax as cj
+from tests import rand
 
 TINY = {"depths": [1, 1, 1, 1], "dims": [16, 32, 64, 128]}
 
@@ -36,12 +37,12 @@ def test_predictor_matches_the_model():
   run = jax.jit(lambda m, x: m(x))
   model = cj.create_model("convnext_atto", num_classes=10, rngs=0, **TINY)
   model.eval()
-  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  x = rand.normal(jax.random.key(1), (2, 32, 32, 3))
   np.testing.assert_array_equal(np.asarray(cj.predictor(model)(x)), np.asarray(run(model, x)))
   net = cj.create_model("convfirst_atto", num_classes=10, rngs=0)
   net.eval()
   folded = cj.fold_batchnorm(net)
-  x = jax.random.normal(jax.random.key(2), (1, 64, 64, 3))
+  x = rand.normal(jax.random.key(2), (1, 64, 64, 3))
   np.testing.assert_array_equal(np.asarray(cj.predictor(folded)(x)),
                                 np.asarray(run(folded, x)))
 
@@ -50,7 +51,7 @@ def test_predictor_with_a_mesh():
   """mesh=: the same logits (two devices: tests/pallas_kernels/test_batch_sharding.py)."""
   model = cj.create_model("convnext_atto", num_classes=10, rngs=0, **TINY)
   model.eval()
-  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  x = rand.normal(jax.random.key(1), (2, 32, 32, 3))
   mesh = jax.make_mesh((1,), ("data",))
   np.testing.assert_array_equal(np.asarray(cj.predictor(model, mesh)(x)),
                                 np.asarray(cj.predictor(model)(x)))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import batchnorm as bn
+from tests import rand
 
 
 def reference(z, scale, bias, eps=1e-5, act=None):
@@ -21,12 +22,12 @@ def reference(z, scale, bias, eps=1e-5, act=None):
 
 def _inputs(m, c, dtype, seed=0):
   k = jax.random.split(jax.random.key(seed), 5)
-  z = (jax.random.normal(k[0], (m, c)) * 2 + 0.7).astype(dtype)
-  scale = 1 + 0.3 * jax.random.normal(k[1], (c,))
-  bias = 0.2 * jax.random.normal(k[2], (c,))
-  cot = jax.random.normal(k[3], (m, c))
+  z = (rand.normal(k[0], (m, c)) * 2 + 0.7).astype(dtype)
+  scale = 1 + 0.3 * rand.normal(k[1], (c,))
+  bias = 0.2 * rand.normal(k[2], (c,))
+  cot = rand.normal(k[3], (m, c))
   # Cotangents of the statistics too (zero in training; the VJP must still be exact).
-  cot_stats = jax.random.normal(k[4], (2, c))
+  cot_stats = rand.normal(k[4], (2, c))
   return z, scale, bias, cot, cot_stats
 
 

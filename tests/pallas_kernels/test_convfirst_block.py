@@ -21,6 +21,7 @@ from pallas_kernels.convfirst_block import (
     mbconv_stage,
 )
 from pallas_kernels.convfirst_block import convfirst_stage, pallas_triton
+from tests import rand
 
 # Norm-relative error ||out - ref|| / ||ref||: float32 kernels do exact float32 dots; with
 # bfloat16 operands and intermediates the error is a few 1e-3.
@@ -32,7 +33,7 @@ def _params(kind, key, c, k, expansion=4):
   hidden = c * expansion
   ks = jax.random.split(key, 6)
   conv_c = c if kind == "convfirst" else hidden
-  normal = jax.random.normal
+  normal = rand.normal
   conv = (normal(ks[0], (k, k, 8, conv_c)) / np.sqrt(8 * k * k),
           0.1 * normal(ks[1], (conv_c,)))
   fc1 = (normal(ks[2], (c, hidden)) / np.sqrt(c), 0.1 * normal(ks[3], (hidden,)))
@@ -72,7 +73,7 @@ def test_forward_matches_reference(kind, c, k, nhw, bf16):
   kernel, reference = KERNELS[kind]
   seed = 1000 * c + 10 * k + (kind == "mbconv")
   kx, kp = jax.random.split(jax.random.key(seed))
-  x = jax.random.normal(kx, (*nhw, c), jnp.float32)
+  x = rand.normal(kx, (*nhw, c), jnp.float32)
   params = _params(kind, kp, c, k)
   poison = lambda dtype: jnp.full(x.shape, jnp.nan, dtype)
 
@@ -97,7 +98,7 @@ def test_non_power_of_two_hidden_and_expansion_6():
   for kind, c, e in (("convfirst", 64, 6), ("convfirst", 40, 4), ("mbconv", 40, 6)):
     kernel, reference = KERNELS[kind]
     kx, kp = jax.random.split(jax.random.key(c * e))
-    x = jax.random.normal(kx, (1, 4, 9, c), jnp.float32)
+    x = rand.normal(kx, (1, 4, 9, c), jnp.float32)
     params = _params(kind, kp, c, 3, expansion=e)
     out = kernel(x, params, output_init=jnp.full(x.shape, jnp.nan), interpret=True)
     assert _rel_err(out, reference(x, params)) < F32_TOL, (kind, c, e)
@@ -107,8 +108,8 @@ def test_block_diagonal_weight_matches_grouped_conv():
   # The dense block-diagonal tiles reproduce the grouped conv exactly (float32).
   kx, kw = jax.random.split(jax.random.key(3))
   c, k = 48, 3
-  x = jax.random.normal(kx, (1, 4, 4, c))
-  w = jax.random.normal(kw, (k, k, 8, c))
+  x = rand.normal(kx, (1, 4, 4, c))
+  w = rand.normal(kw, (k, k, 8, c))
   dense = pallas_triton.block_diagonal_conv_weight(w, 16, c, jnp.float32)
   # Placing tile j's (16 x 16) block at rows and columns j*16.. gives the grouped conv's
   # (C, C) per-tap matrix.
@@ -124,7 +125,7 @@ def test_block_diagonal_weight_matches_grouped_conv():
 
 
 def test_dispatch(monkeypatch):
-  x = jax.random.normal(jax.random.key(0), (1, 3, 3, 32))
+  x = rand.normal(jax.random.key(0), (1, 3, 3, 32))
   params = _params("convfirst", jax.random.key(1), 32, 3)
   ref = convfirst_block_reference(x, params)
   on_gpu = jax.default_backend() == "gpu"
@@ -164,7 +165,7 @@ def test_folded_model_pallas_matches_xla(monkeypatch, randomise_batchnorm):
                       functools.partial(mbconv_stage, interpret=True))
   monkeypatch.setattr(pallas_kernels, "convfirst_stage",
                       functools.partial(convfirst_stage, interpret=True))
-  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  x = rand.normal(jax.random.key(1), (2, 32, 32, 3))
   ref = np.asarray(xla(x))
   out = np.asarray(pallas(x))
   assert np.abs(ref).max() > 1e-2
@@ -196,7 +197,7 @@ def test_folded_bf16_model_runs_its_stages_in_the_mosaic_form(monkeypatch,
                       functools.partial(mbconv_stage, interpret=True))
   monkeypatch.setattr(pallas_kernels, "convfirst_stage",
                       functools.partial(convfirst_stage, interpret=True))
-  x = jax.random.normal(jax.random.key(2), (1, 32, 32, 3))
+  x = rand.normal(jax.random.key(2), (1, 32, 32, 3))
   # The two XLA models jitted: one compilation each instead of one per eager op (a few
   # seconds less on a 2-core CPU; both errors below came out the same to the last digit as
   # eagerly).  The Pallas model runs eagerly, as before.

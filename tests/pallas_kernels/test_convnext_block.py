@@ -21,6 +21,7 @@ from jax.experimental import pallas as pl
 from pallas_kernels import _common as cm
 from pallas_kernels import convnext_block, convnext_block_reference
 from pallas_kernels.convnext_block import ConvNeXtBlockParams, tuning
+from tests import rand
 
 FIELDS = ["x", *ConvNeXtBlockParams._fields, "drop_path_scale"]
 # Tiles that split a 9x13 image into several tiles in every kernel (2x8 and 4x4 pixels)
@@ -33,9 +34,9 @@ SMALL_TILES = tuning.ConvNeXtTiles(
 def _inputs(seed, shape, dtype, dps=True):
   kx, kp, kg, kd = jax.random.split(jax.random.key(seed), 4)
   c = shape[-1]
-  x = jax.random.normal(kx, shape, jnp.float32).astype(dtype)
+  x = rand.normal(kx, shape, jnp.float32).astype(dtype)
   params = tuning.reference_params(kp, c)
-  g = jax.random.normal(kg, shape, jnp.float32).astype(dtype)
+  g = rand.normal(kg, shape, jnp.float32).astype(dtype)
   d = (jax.random.uniform(kd, (shape[0],)) + 0.5) if dps else None
   return x, params, g, d
 

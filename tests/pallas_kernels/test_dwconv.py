@@ -11,6 +11,7 @@ import pytest
 
 from pallas_kernels import convnext_block_reference
 from pallas_kernels.convnext_block import dwconv, tuning
+from tests import rand
 
 
 def _plain_autodiff(x, w, g):
@@ -34,9 +35,9 @@ def _rel(a, b):
 @pytest.mark.parametrize("method", ["grouped8", "grouped16", "grouped32", "grouped64"])
 def test_matches_autodiff(shape, k, method, dtype, tol):
   kx, kw, kg = jax.random.split(jax.random.key(0), 3)
-  x = jax.random.normal(kx, shape, jnp.float32).astype(dtype)
-  w = jax.random.normal(kw, (k, k, shape[-1]), jnp.float32) * 0.2
-  g = jax.random.normal(kg, shape, jnp.float32).astype(dtype)
+  x = rand.normal(kx, shape, jnp.float32).astype(dtype)
+  w = rand.normal(kw, (k, k, shape[-1]), jnp.float32) * 0.2
+  g = rand.normal(kg, shape, jnp.float32).astype(dtype)
   want = _plain_autodiff(x, w, g)
   f = jax.jit(lambda a, b, c: (lambda y, vjp: (y, *vjp(c)))(
       *jax.vjp(lambda a_, b_: dwconv.depthwise_conv(a_, b_, wgrad=method), a, b)))
@@ -78,9 +79,9 @@ def test_block_reference_gradients_independent_of_wgrad():
   ("auto" picks it there on a GPU) has the same value and gradients for x and every
   parameter as with XLA's wgrad."""
   kx, kp, kg = jax.random.split(jax.random.key(1), 3)
-  x = jax.random.normal(kx, (2, 7, 7, 64), jnp.float32)
+  x = rand.normal(kx, (2, 7, 7, 64), jnp.float32)
   params = tuning.reference_params(kp, 64)
-  g = jax.random.normal(kg, x.shape, jnp.float32)
+  g = rand.normal(kg, x.shape, jnp.float32)
   out = {}
   for m in ("xla", "grouped64"):
     y, vjp = jax.vjp(lambda a, p: convnext_block_reference(a, p, dw_wgrad=m), x, params)
@@ -109,9 +110,9 @@ def test_pallas_depthwise_conv_matches_xla(shape, k, tiles):
   divide H (halo rows from the neighbouring strips), column tiles, channel padding, bias."""
   from pallas_kernels.convnext_block import dwconv_triton
   kx, kk, kb = jax.random.split(jax.random.key(shape[-1] + k), 3)
-  x = jax.random.normal(kx, shape)
-  kernel = jax.random.normal(kk, (k, k, shape[-1]))
-  bias = jax.random.normal(kb, (shape[-1],))
+  x = rand.normal(kx, shape)
+  kernel = rand.normal(kk, (k, k, shape[-1]))
+  bias = rand.normal(kb, (shape[-1],))
   got = dwconv_triton.depthwise_conv(x, kernel, bias, interpret=True,
                                      tiles=dwconv_triton.DwconvTiles(**tiles))
   want = dwconv._plain(x, kernel) + bias
@@ -131,9 +132,9 @@ def test_pallas_depthwise_conv_compiled_on_gpu(shape):
     pytest.skip("needs a GPU")
   from pallas_kernels.convnext_block import dwconv_triton
   kx, kk, kb = jax.random.split(jax.random.key(shape[-1]), 3)
-  x = jax.random.normal(kx, shape).astype(jnp.bfloat16)
-  kernel = jax.random.normal(kk, (7, 7, shape[-1])) * 0.1
-  bias = jax.random.normal(kb, (shape[-1],))
+  x = rand.normal(kx, shape).astype(jnp.bfloat16)
+  kernel = rand.normal(kk, (7, 7, shape[-1])) * 0.1
+  bias = rand.normal(kb, (shape[-1],))
   want = dwconv._plain(x.astype(jnp.float32), kernel) + bias
   for tiles in (None, dwconv_triton.DwconvTiles(columns=True)):  # the tile kernel, the walk
     got = dwconv_triton.depthwise_conv(x, kernel, bias, tiles=tiles)
@@ -169,9 +170,9 @@ def test_pallas_kernel_gradient_matches_xla(shape, k, tiles):
   float32: halo rows across strips, column tiles with their halo, channel padding; bf16."""
   from pallas_kernels.convnext_block import dwconv_triton
   kx, kw, kg = jax.random.split(jax.random.key(sum(shape) + k), 3)
-  x = jax.random.normal(kx, shape)
-  w = jax.random.normal(kw, (k, k, shape[-1]))
-  g = jax.random.normal(kg, shape)
+  x = rand.normal(kx, shape)
+  w = rand.normal(kw, (k, k, shape[-1]))
+  g = rand.normal(kg, shape)
   want = _plain_autodiff(x, w, g)[2]
   got = dwconv_triton.depthwise_conv_wgrad(x, g, k, interpret=True,
                                            tiles=dwconv_triton.WgradTiles(**tiles))
@@ -205,9 +206,9 @@ def test_pallas_conv_gradients_match_xla(wgrad):
   """depthwise_conv(conv="pallas"): the Pallas forward and its input gradient (the conv with
   mirrored taps) and the chosen weight gradient vs plain XLA autodiff, float32, odd H/W."""
   kx, kw, kg = jax.random.split(jax.random.key(7), 3)
-  x = jax.random.normal(kx, (2, 7, 5, 16))
-  w = jax.random.normal(kw, (7, 7, 16))
-  g = jax.random.normal(kg, (2, 7, 5, 16))
+  x = rand.normal(kx, (2, 7, 5, 16))
+  w = rand.normal(kw, (7, 7, 16))
+  g = rand.normal(kg, (2, 7, 5, 16))
   y, vjp = jax.vjp(lambda a, b: dwconv.depthwise_conv(a, b, wgrad=wgrad, conv="pallas",
                                                       interpret=True), x, w)
   dx, dw = vjp(g)
@@ -227,10 +228,10 @@ def test_conv_and_x_adds_both_cotangents(dtype, tol):
   channel block), vs XLA autodiff of the same function in float32.  A wrong pass-through
   (here: its cotangent dropped or doubled) would fail: that term is as large as the conv's."""
   kx, kw, kg, kr = jax.random.split(jax.random.key(9), 4)
-  x = jax.random.normal(kx, (2, 9, 7, 40)).astype(dtype)
-  w = jax.random.normal(kw, (7, 7, 40)) * 0.1
-  gz = jax.random.normal(kg, x.shape).astype(dtype)
-  gx = jax.random.normal(kr, x.shape).astype(dtype)
+  x = rand.normal(kx, (2, 9, 7, 40)).astype(dtype)
+  w = rand.normal(kw, (7, 7, 40)) * 0.1
+  gz = rand.normal(kg, x.shape).astype(dtype)
+  gx = rand.normal(kr, x.shape).astype(dtype)
   f32 = jnp.float32
   (z, xo), vjp = jax.vjp(lambda a, b: dwconv.depthwise_conv_and_x(a, b, wgrad="pallas",
                                                                   interpret=True), x, w)
@@ -242,7 +243,7 @@ def test_conv_and_x_adds_both_cotangents(dtype, tol):
   assert _rel(dx, dx0 + gx.astype(f32)) < tol
   assert _rel(dw, dw0) < tol
   # with a bias: added to z, and its gradient (gz summed over pixels) from the same pass
-  b = jax.random.normal(kr, (40,)) * 0.5
+  b = rand.normal(kr, (40,)) * 0.5
   (zb, _), vjp_b = jax.vjp(lambda a, b_, c_: dwconv.depthwise_conv_and_x(
       a, b_, c_, wgrad="pallas", interpret=True), x, w, b)
   dxb, dwb, db = vjp_b((gz, gx))
@@ -268,8 +269,8 @@ def test_pallas_conv_column_sums(tiles):
   with 4-row strips, 4-wide tiles, 16-channel blocks) -- and the conv unchanged."""
   from pallas_kernels.convnext_block import dwconv_triton
   kx, kw = jax.random.split(jax.random.key(5))
-  x = jax.random.normal(kx, (2, 9, 7, 40))
-  w = jax.random.normal(kw, (7, 7, 40)) * 0.1
+  x = rand.normal(kx, (2, 9, 7, 40))
+  w = rand.normal(kw, (7, 7, 40)) * 0.1
   t = None if tiles is None else dwconv_triton.DwconvTiles(**tiles)
   y, sums = dwconv_triton.depthwise_conv(x, w, tiles=t, col_sums=True, interpret=True)
   y0 = dwconv_triton.depthwise_conv(x, w, tiles=t, interpret=True)
@@ -288,9 +289,9 @@ def test_pallas_conv_gradients_compiled_on_gpu():
     pytest.skip("needs a GPU")
   for shape in ((2, 56, 56, 96), (4, 7, 7, 768)):
     kx, kw, kg = jax.random.split(jax.random.key(shape[-1]), 3)
-    x = jax.random.normal(kx, shape).astype(jnp.bfloat16)
-    w = jax.random.normal(kw, (7, 7, shape[-1])) * 0.1
-    g = jax.random.normal(kg, shape).astype(jnp.bfloat16)
+    x = rand.normal(kx, shape).astype(jnp.bfloat16)
+    w = rand.normal(kw, (7, 7, shape[-1])) * 0.1
+    g = rand.normal(kg, shape).astype(jnp.bfloat16)
     y0, dx0, dw0 = _plain_autodiff(x.astype(jnp.float32), w, g.astype(jnp.float32))
     for wgrad in ("auto", "pallas", "pallas_columns"):
       y, vjp = jax.vjp(lambda a, b: dwconv.depthwise_conv(a, b, conv="pallas", wgrad=wgrad),
@@ -328,10 +329,10 @@ def test_column_walk_conv_residual_and_bad_tiles():
   interpreter); its tile checks name the problem."""
   from pallas_kernels.convnext_block import dwconv_triton
   kx, kw, kb, kr = jax.random.split(jax.random.key(11), 4)
-  x = jax.random.normal(kx, (2, 6, 9, 32))
-  w = jax.random.normal(kw, (7, 7, 32)) * 0.1
-  b = jax.random.normal(kb, (32,))
-  r = jax.random.normal(kr, x.shape)
+  x = rand.normal(kx, (2, 6, 9, 32))
+  w = rand.normal(kw, (7, 7, 32)) * 0.1
+  b = rand.normal(kb, (32,))
+  r = rand.normal(kr, x.shape)
   want = dwconv_triton.depthwise_conv(x, w, b, r, interpret=True)
   for prefetch in (False, True):             # the residual is one of the prefetched loads
     cols = dwconv_triton.DwconvTiles(columns=True, strip=3, rows=3, unroll=2, prefetch=prefetch)

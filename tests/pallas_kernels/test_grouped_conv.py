@@ -20,6 +20,7 @@ import convfirst_jax as cj
 import pallas_kernels
 from pallas_kernels.convfirst_block import GroupedConvConfig, grouped_conv, grouped_conv_reference
 from pallas_kernels.convfirst_block import grouped_conv_triton as gct
+from tests import rand
 
 F32_TOL = 1e-5
 BF16_TOL = 1e-2
@@ -34,9 +35,9 @@ def _rel_err(out, ref):
 def _inputs(shape, k, seed):
   kx, kw, kg = jax.random.split(jax.random.key(seed), 3)
   c = shape[-1]
-  x = jax.random.normal(kx, shape, jnp.float32)
-  w = jax.random.normal(kw, (k, k, 8, c), jnp.float32) / np.sqrt(8 * k * k)
-  g = jax.random.normal(kg, shape, jnp.float32)
+  x = rand.normal(kx, shape, jnp.float32)
+  w = rand.normal(kw, (k, k, 8, c), jnp.float32) / np.sqrt(8 * k * k)
+  g = rand.normal(kg, shape, jnp.float32)
   return x, w, g
 
 
@@ -190,7 +191,7 @@ def test_model_uses_pallas_layer_in_eval_and_training_kernels_in_training(
   monkeypatch.setattr(pallas_kernels, "convfirst_block_train", recorded)
   monkeypatch.setattr(pallas_kernels, "mbconv_block_train", recorded_mb)
   monkeypatch.setattr(pallas_kernels, "batch_norm_act", recorded_bn)
-  x = jax.random.normal(jax.random.key(1), (2, 32, 32, 3))
+  x = rand.normal(jax.random.key(1), (2, 32, 32, 3))
 
   def model(impl):
     m = cj.ConvFirstNet(depths=(1, 1, 1, 1), dims=(32, 32, 48, 64), num_classes=3,

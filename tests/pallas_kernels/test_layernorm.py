@@ -7,15 +7,16 @@ import numpy as np
 import pytest
 
 from pallas_kernels import layernorm as ln
+from tests import rand
 
 
 def _inputs(shape, dtype, seed=0):
   k = jax.random.split(jax.random.key(seed), 4)
   c = shape[-1]
-  x = (jax.random.normal(k[0], shape) * 3 + 1.5).astype(dtype)
-  scale = 1 + 0.3 * jax.random.normal(k[1], (c,))
-  bias = 0.2 * jax.random.normal(k[2], (c,))
-  dy = jax.random.normal(k[3], shape).astype(dtype)
+  x = (rand.normal(k[0], shape) * 3 + 1.5).astype(dtype)
+  scale = 1 + 0.3 * rand.normal(k[1], (c,))
+  bias = 0.2 * rand.normal(k[2], (c,))
+  dy = rand.normal(k[3], shape).astype(dtype)
   return x, scale, bias, dy
 
 

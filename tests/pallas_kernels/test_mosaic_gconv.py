@@ -20,14 +20,15 @@ from pallas_kernels.convfirst_block.reference import (
 )
 
 from tests.pallas_kernels.test_mosaic_mlp import BF16_TOL, _rel
+from tests import rand
 
 
 def _inputs(shape, seed=0, dtype=jnp.bfloat16):
   kx, kw, kb = jax.random.split(jax.random.key(seed), 3)
   c = shape[-1]
-  x = jax.random.normal(kx, shape).astype(dtype)
-  w = jax.random.normal(kw, (3, 3, 8, c)) * (72 ** -0.5)
-  b = 0.1 * jax.random.normal(kb, (c,))
+  x = rand.normal(kx, shape).astype(dtype)
+  w = rand.normal(kw, (3, 3, 8, c)) * (72 ** -0.5)
+  b = 0.1 * rand.normal(kb, (c,))
   return x, w, b
 
 
@@ -127,12 +128,12 @@ def test_errors_name_the_problem():
 def _mbconv(c, e, seed=0):
   ks = jax.random.split(jax.random.key(seed), 6)
   return MBConvBlockParams(
-      fc1_kernel=jax.random.normal(ks[0], (c, e)) * c ** -0.5,
-      fc1_bias=0.5 * jax.random.normal(ks[1], (e,)),
-      conv_kernel=jax.random.normal(ks[2], (3, 3, 8, e)) * 72 ** -0.5,
-      conv_bias=0.1 * jax.random.normal(ks[3], (e,)),
-      fc2_kernel=jax.random.normal(ks[4], (e, c)) * e ** -0.5,
-      fc2_bias=0.1 * jax.random.normal(ks[5], (c,)))
+      fc1_kernel=rand.normal(ks[0], (c, e)) * c ** -0.5,
+      fc1_bias=0.5 * rand.normal(ks[1], (e,)),
+      conv_kernel=rand.normal(ks[2], (3, 3, 8, e)) * 72 ** -0.5,
+      conv_bias=0.1 * rand.normal(ks[3], (e,)),
+      fc2_kernel=rand.normal(ks[4], (e, c)) * e ** -0.5,
+      fc2_bias=0.1 * rand.normal(ks[5], (c,)))
 
 
 @pytest.mark.parametrize("shape,e", [((2, 5, 7, 64), 256),    # odd H, W; one image group
@@ -142,7 +143,7 @@ def test_mbconv_forward_matches_reference(shape, e):          # reads the zero b
   """The three-kernel MBConv block (expand with the row-masked bias, grouped conv, project
   with the row mask as row scale) vs the float32 reference; a nonzero fc1 bias makes the
   border rows' h nonzero unless the mask works."""
-  x = jax.random.normal(jax.random.key(shape[0]), shape).astype(jnp.bfloat16)
+  x = rand.normal(jax.random.key(shape[0]), shape).astype(jnp.bfloat16)
   p = _mbconv(shape[-1], e, seed=sum(shape))
   got = mg.mbconv_forward(x, p, interpret=True)
   want = mbconv_block_reference(x.astype(jnp.float32), p)
@@ -167,7 +168,7 @@ def test_mbconv_project_kernel_choice(monkeypatch):
     jax.eval_shape(lambda xr: mg.mbconv_rows(xr, p, lay, mg.row_mask(lay)), xr)
     assert seen.pop() == want
   monkeypatch.setattr(mg, "PROJECT_GEMM", True)
-  x = jax.random.normal(jax.random.key(2), (2, 3, 3, 64)).astype(jnp.bfloat16)
+  x = rand.normal(jax.random.key(2), (2, 3, 3, 64)).astype(jnp.bfloat16)
   mg.mbconv_forward(x, _mbconv(64, 128, seed=3), interpret=True)
   assert seen.pop() == "project_call"
 
@@ -175,7 +176,7 @@ def test_mbconv_project_kernel_choice(monkeypatch):
 def test_mbconv_forward_through_the_gemm_kernels():
   """Both mosaic_gemm kernels in the MBConv block (expand with the row-masked bias, project
   with the row mask as row scale and select_zero_rows), odd H and W."""
-  x = jax.random.normal(jax.random.key(3), (3, 5, 3, 64)).astype(jnp.bfloat16)
+  x = rand.normal(jax.random.key(3), (3, 5, 3, 64)).astype(jnp.bfloat16)
   p = _mbconv(64, 256, seed=4)
   got = mg.mbconv_stage_forward(x, (p,), expand_gemm=True, project_gemm=True,
                                 interpret=True)
@@ -185,7 +186,7 @@ def test_mbconv_forward_through_the_gemm_kernels():
 def test_mbconv_rows_keep_the_border_zero():
   """mbconv_rows returns exact zeros off the real pixels, so blocks can chain in the layout;
   two chained blocks match two reference blocks."""
-  x = jax.random.normal(jax.random.key(7), (2, 4, 5, 64)).astype(jnp.bfloat16)
+  x = rand.normal(jax.random.key(7), (2, 4, 5, 64)).astype(jnp.bfloat16)
   p, q = _mbconv(64, 128, seed=1), _mbconv(64, 128, seed=2)
   lay = mg.padded_rows(2, 4, 5)
   mask = mg.row_mask(lay)
@@ -223,7 +224,7 @@ def test_mbconv_expand_kernel_choice(monkeypatch):
     assert seen.pop() == slots
   monkeypatch.setattr(mg, "EXPAND_GEMM", True)
   assert mg.EXPAND_WS_SLOTS == 1
-  x = jax.random.normal(jax.random.key(5), (3, 3, 5, 64)).astype(jnp.bfloat16)
+  x = rand.normal(jax.random.key(5), (3, 3, 5, 64)).astype(jnp.bfloat16)
   p = _mbconv(64, 256, seed=9)
   want = mbconv_block_reference(x.astype(jnp.float32), p)
   for kw, slots in ((dict(expand_ws_slots=0), 0), (dict(expand_block_m=128), 0),
@@ -233,8 +234,9 @@ def test_mbconv_expand_kernel_choice(monkeypatch):
     assert _rel(got, want) < BF16_TOL
   with pytest.raises(ValueError, match="expand_ws_slots=1 does not fit"):
     lay = mg.padded_rows(8, 7, 7)
+    p768 = jax.tree.map(jnp.zeros_like, _mbconv(768, 3072))
     jax.eval_shape(lambda xr: mg.mbconv_rows(
-        xr, jax.tree.map(jnp.zeros_like, _mbconv(768, 3072)), lay, mg.row_mask(lay),
+        xr, p768, lay, mg.row_mask(lay),
         expand_ws_slots=1), jax.ShapeDtypeStruct((lay.total, 768), jnp.bfloat16))
 
 
@@ -291,7 +293,7 @@ def test_mbconv_kernels_lower_for_cuda(shape):
 def test_mbconv_block_forward_kernel_mosaic():
   """The public entry point runs the Mosaic form only when asked for by name."""
   from pallas_kernels.convfirst_block import mbconv_block
-  x = jax.random.normal(jax.random.key(3), (2, 3, 5, 64)).astype(jnp.bfloat16)
+  x = rand.normal(jax.random.key(3), (2, 3, 5, 64)).astype(jnp.bfloat16)
   p = _mbconv(64, 128, seed=4)
   got = mbconv_block(x, p, implementation="pallas", interpret=True, forward_kernel="mosaic")
   assert _rel(got, mbconv_block_reference(x.astype(jnp.float32), p)) < BF16_TOL
@@ -314,7 +316,7 @@ def test_mbconv_stage_chains_blocks_in_the_layout():
   """mbconv_stage with implementation="pallas": three blocks in the Mosaic form (one layout
   pass in, one out) match three reference blocks; "xla" is the reference chain."""
   from pallas_kernels.convfirst_block import api
-  x = jax.random.normal(jax.random.key(11), (3, 5, 3, 64)).astype(jnp.bfloat16)
+  x = rand.normal(jax.random.key(11), (3, 5, 3, 64)).astype(jnp.bfloat16)
   ps = [_mbconv(64, 128, seed=s) for s in (5, 6, 7)]
   assert api.mbconv_stage_kernel(x, ps, implementation="pallas", interpret=True) == "mosaic"
   got = api.mbconv_stage(x, ps, implementation="pallas", interpret=True)
@@ -333,8 +335,8 @@ def test_mbconv_stage_chains_blocks_in_the_layout():
 def test_a_nan_image_stays_in_its_image():
   """A NaN pixel in image 0 makes image 0 NaN and nothing else, over three chained blocks
   (image 8 shares image 0's border rows' neighbourhood in the layout)."""
-  x = jax.random.normal(jax.random.key(12), (9, 3, 3, 64)).astype(jnp.bfloat16)
-  x = x.at[0, 1, 1, 5].set(jnp.nan)
+  x = rand.normal(jax.random.key(12), (9, 3, 3, 64)).astype(jnp.bfloat16)
+  x[0, 1, 1, 5] = np.nan
   ps = [_mbconv(64, 128, seed=s) for s in (1, 2, 3)]
   got = np.asarray(mg.mbconv_stage_forward(x, tuple(ps), interpret=True).astype(jnp.float32))
   want = x.astype(jnp.float32)
@@ -379,7 +381,7 @@ def test_compiled_mbconv_stage_on_gpu():
   if mosaic_mlp.device_unsupported_reason(False) is not None:
     pytest.skip(mosaic_mlp.device_unsupported_reason(False))
   from pallas_kernels.convfirst_block import api
-  x = jax.random.normal(jax.random.key(1), (16, 14, 14, 384)).astype(jnp.bfloat16)
+  x = rand.normal(jax.random.key(1), (16, 14, 14, 384)).astype(jnp.bfloat16)
   ps = [_mbconv(384, 1536, seed=s) for s in range(3)]
   got = api.mbconv_stage(x, ps, implementation="pallas")
   want = x.astype(jnp.float32)
@@ -394,7 +396,7 @@ def test_compiled_mbconv_on_gpu(shape):
   """The three compiled kernels at convfirst_t's MBConv widths (E=4)."""
   if mosaic_mlp.device_unsupported_reason(False) is not None:
     pytest.skip(mosaic_mlp.device_unsupported_reason(False))
-  x = jax.random.normal(jax.random.key(shape[-1]), shape).astype(jnp.bfloat16)
+  x = rand.normal(jax.random.key(shape[-1]), shape).astype(jnp.bfloat16)
   p = _mbconv(shape[-1], 4 * shape[-1], seed=shape[0])
   got = mg.mbconv_forward(x, p)
   assert _rel(got, mbconv_block_reference(x.astype(jnp.float32), p)) < BF16_TOL
@@ -406,12 +408,12 @@ def test_compiled_mbconv_on_gpu(shape):
 def _convfirst(c, e, seed=0):
   ks = jax.random.split(jax.random.key(seed), 6)
   return ConvFirstBlockParams(
-      conv_kernel=jax.random.normal(ks[0], (3, 3, 8, c)) * 72 ** -0.5,
-      conv_bias=0.5 * jax.random.normal(ks[1], (c,)),
-      fc1_kernel=jax.random.normal(ks[2], (c, e)) * c ** -0.5,
-      fc1_bias=0.5 * jax.random.normal(ks[3], (e,)),
-      fc2_kernel=jax.random.normal(ks[4], (e, c)) * e ** -0.5,
-      fc2_bias=0.1 * jax.random.normal(ks[5], (c,)))
+      conv_kernel=rand.normal(ks[0], (3, 3, 8, c)) * 72 ** -0.5,
+      conv_bias=0.5 * rand.normal(ks[1], (c,)),
+      fc1_kernel=rand.normal(ks[2], (c, e)) * c ** -0.5,
+      fc1_bias=0.5 * rand.normal(ks[3], (e,)),
+      fc2_kernel=rand.normal(ks[4], (e, c)) * e ** -0.5,
+      fc2_bias=0.1 * rand.normal(ks[5], (c,)))
 
 
 def _chain(ref, x, ps):
@@ -428,7 +430,7 @@ def test_convfirst_stage_matches_reference(shape, e, n_blocks):
   with the row mask) vs float32 reference blocks; the nonzero conv and fc biases would make
   the border rows nonzero, and reach the next block's conv, unless the mask works (chains
   of two and three blocks: test_convfirst_stage_api_and_kernel_choice and the NaN test)."""
-  x = jax.random.normal(jax.random.key(shape[0]), shape).astype(jnp.bfloat16)
+  x = rand.normal(jax.random.key(shape[0]), shape).astype(jnp.bfloat16)
   ps = tuple(_convfirst(shape[-1], e, seed=sum(shape) + i) for i in range(n_blocks))
   got = mg.convfirst_stage_forward(x, ps, interpret=True)
   assert got.shape == x.shape and got.dtype == x.dtype
@@ -438,7 +440,7 @@ def test_convfirst_stage_matches_reference(shape, e, n_blocks):
 def test_convfirst_rows_keep_the_border_zero_with_two_warpgroups():
   """convfirst_rows returns exact zeros off the real pixels with the 128-row (two compute
   warpgroups) MLP kernel too -- the default at 128 < C <= 256."""
-  x = jax.random.normal(jax.random.key(8), (3, 4, 3, 160)).astype(jnp.bfloat16)
+  x = rand.normal(jax.random.key(8), (3, 4, 3, 160)).astype(jnp.bfloat16)
   p = _convfirst(160, 128, seed=3)
   assert mg.default_mlp_block_m(160, 640) == 128 and mg.default_mlp_block_m(96, 384) == 64
   lay = mg.padded_rows(3, 4, 3)
@@ -456,8 +458,8 @@ def test_a_nan_image_stays_in_its_image_convfirst():
   image does (the MLP kernel selects exact zeros at the border rows whatever the conv left
   there; multiplying by the row mask instead lets the NaN reach image 8 at the third
   block, through the border row the two images' groups share)."""
-  x = jax.random.normal(jax.random.key(13), (9, 3, 3, 32)).astype(jnp.bfloat16)
-  x = x.at[0, 1, 1, 5].set(jnp.nan)
+  x = rand.normal(jax.random.key(13), (9, 3, 3, 32)).astype(jnp.bfloat16)
+  x[0, 1, 1, 5] = np.nan
   ps = tuple(_convfirst(32, 128, seed=s) for s in (1, 2, 3))
   got = np.asarray(mg.convfirst_stage_forward(x, ps, interpret=True).astype(jnp.float32))
   assert np.isnan(got[0]).any()
@@ -472,7 +474,7 @@ def test_convfirst_stage_api_and_kernel_choice():
   pixel and C <= 128; unsupported calls go block by block; bad arguments name the
   problem."""
   from pallas_kernels.convfirst_block import api
-  x = jax.random.normal(jax.random.key(21), (2, 3, 5, 32)).astype(jnp.bfloat16)
+  x = rand.normal(jax.random.key(21), (2, 3, 5, 32)).astype(jnp.bfloat16)
   ps = [_convfirst(32, 128, seed=s) for s in (4, 5)]
   got = api.convfirst_stage(x, ps, implementation="pallas", interpret=True)
   assert _rel(got, _chain(convfirst_block_reference, x.astype(jnp.float32), ps)) < BF16_TOL
@@ -525,7 +527,7 @@ def test_compiled_convfirst_stage_on_gpu(shape):
   if mosaic_mlp.device_unsupported_reason(False) is not None:
     pytest.skip(mosaic_mlp.device_unsupported_reason(False))
   from pallas_kernels.convfirst_block import api
-  x = jax.random.normal(jax.random.key(2), shape).astype(jnp.bfloat16)
+  x = rand.normal(jax.random.key(2), shape).astype(jnp.bfloat16)
   ps = [_convfirst(shape[-1], 4 * shape[-1], seed=s) for s in range(3)]
   got = api.convfirst_stage(x, ps, implementation="pallas")
   assert _rel(got, _chain(convfirst_block_reference, x.astype(jnp.float32), ps)) < BF16_TOL

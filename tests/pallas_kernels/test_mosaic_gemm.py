@@ -22,6 +22,7 @@ from pallas_kernels.convfirst_block import mosaic_gconv
 
 from tests.pallas_kernels.test_mosaic_mlp import BF16_TOL, _rel, check_against_reference
 from tests.pallas_kernels.test_mosaic_mlp import _mlp_inputs as _inputs
+from tests import rand
 
 f32 = jnp.float32
 
@@ -67,7 +68,7 @@ def test_row_stats_with_a_large_common_offset():
   """The one-pass statistics are shifted by each row's first element: a row offset of 300
   with unit spread (z in float32 here, so the offset itself is exact) keeps rstd and the
   mean to float32 precision (an unshifted E[x^2] - E[x]^2 loses ~1e-5 x 300^2 of the 1)."""
-  z = jax.random.normal(jax.random.key(0), (64, 384)) + 300.0
+  z = rand.normal(jax.random.key(0), (64, 384)) + 300.0
   zb = jnp.linspace(-1, 1, 384)
   rstd, nm = mosaic_gemm.row_stats(z, zb, 1e-6)
   x = np.asarray(z, np.float64) + np.asarray(zb, np.float64)
@@ -84,14 +85,14 @@ def test_row_stats_with_a_large_common_offset():
 ])
 def test_project_matches_reference(m, e, c, tn, stages, zero_rows, persistent, ctas):
   ks = jax.random.split(jax.random.key(m + c), 5)
-  h = jax.random.normal(ks[0], (m, e)).astype(jnp.bfloat16)
-  w2 = jax.random.normal(ks[1], (e, c)) / e ** 0.5
-  b2 = jax.random.normal(ks[2], (c,)) * 0.1
-  res = jax.random.normal(ks[3], (m, c)).astype(jnp.bfloat16)
+  h = rand.normal(ks[0], (m, e)).astype(jnp.bfloat16)
+  w2 = rand.normal(ks[1], (e, c)) / e ** 0.5
+  b2 = rand.normal(ks[2], (c,)) * 0.1
+  res = rand.normal(ks[3], (m, c)).astype(jnp.bfloat16)
   rs = jax.random.uniform(ks[4], (m,)) + 0.5
   if zero_rows:
     rs = rs.at[::7].set(0.0)
-    h = h.at[::7].set(jnp.nan)
+    h[::7] = np.nan
   got = mosaic_gemm.project(h, w2, b2, res, rs, tn=tn, stages=stages,
                             select_zero_rows=zero_rows, persistent=persistent, ctas=ctas,
                             interpret=True)
@@ -141,10 +142,10 @@ def test_persistent_project_has_no_races():
   from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call as ipc
   ipc.reset_gpu_interpret_mode_state()
   ks = jax.random.split(jax.random.key(3), 4)
-  h = jax.random.normal(ks[0], (128, 128)).astype(jnp.bfloat16)
-  w2 = jax.random.normal(ks[1], (128, 192)) / 128 ** 0.5
-  b2 = jax.random.normal(ks[2], (192,)) * 0.1
-  res = jax.random.normal(ks[3], (128, 192)).astype(jnp.bfloat16)
+  h = rand.normal(ks[0], (128, 128)).astype(jnp.bfloat16)
+  w2 = rand.normal(ks[1], (128, 192)) / 128 ** 0.5
+  b2 = rand.normal(ks[2], (192,)) * 0.1
+  res = rand.normal(ks[3], (128, 192)).astype(jnp.bfloat16)
   got = mosaic_gemm.project(h, w2, b2, res, tn=64, stages=2, persistent=True, ctas=1,
                             interpret=plgpu.InterpretGPUParams(detect_races=True))
   jax.block_until_ready(got)
@@ -160,11 +161,11 @@ def test_mbconv_expand_through_the_gemm():
   c, e, m = 64, 256, 256
   ks = jax.random.split(jax.random.key(8), 4)
   mask = (jax.random.uniform(ks[0], (m,)) > 0.3).astype(f32)
-  x = (jax.random.normal(ks[1], (m, c)) * mask[:, None]).astype(jnp.bfloat16)
+  x = (rand.normal(ks[1], (m, c)) * mask[:, None]).astype(jnp.bfloat16)
 
   class P:  # the two fields the helper reads
-    fc1_kernel = jax.random.normal(ks[2], (c, e)) / c ** 0.5
-    fc1_bias = jax.random.normal(ks[3], (e,)) * 0.1
+    fc1_kernel = rand.normal(ks[2], (c, e)) / c ** 0.5
+    fc1_bias = rand.normal(ks[3], (e,)) * 0.1
 
   kw = dict(compiler_params=plgpu.CompilerParams(approx_math=True),
             interpret=mosaic_mlp._interpret_params(True))
@@ -229,8 +230,8 @@ def test_compiled_gemm_kernels_on_gpu(m, c, e, act, normalize):
                                         act=act, normalize=normalize)
   assert _rel(got, want) < BF16_TOL
   mp = -(-m // 128) * 128
-  h = jax.random.normal(jax.random.key(1), (mp, e)).astype(jnp.bfloat16)
-  res = jax.random.normal(jax.random.key(2), (mp, c)).astype(jnp.bfloat16)
+  h = rand.normal(jax.random.key(1), (mp, e)).astype(jnp.bfloat16)
+  res = rand.normal(jax.random.key(2), (mp, c)).astype(jnp.bfloat16)
   y = mosaic_gemm.project(h, a["w2"], a["b2"], res)
   want = res.astype(f32) + jnp.dot(h.astype(f32), a["w2"].astype(f32),
                                    precision="highest") + a["b2"]

@@ -29,6 +29,7 @@ from pallas_kernels.convfirst_block.api import convfirst_forward_kernel
 from pallas_kernels.convfirst_block.reference import convfirst_block_reference
 from pallas_kernels.convnext_block import api, tuning
 from pallas_kernels.convnext_block import mosaic as convnext_mosaic
+from tests import rand
 
 BF16_TOL = 1e-2
 
@@ -42,7 +43,7 @@ def _rel(a, b):
 
 def _mlp_inputs(seed, m, c, e, dtype=jnp.bfloat16):
   k = jax.random.split(jax.random.key(seed), 8)
-  n = jax.random.normal
+  n = rand.normal
   return dict(
       z=(n(k[0], (m, c)) * 2 + 0.5).astype(dtype), res=n(k[1], (m, c)).astype(dtype),
       w1=(n(k[2], (c, e)) / c ** 0.5).astype(dtype), b1=n(k[3], (e,)) * 0.1,
@@ -163,8 +164,8 @@ def test_expand_reference_applies_each_activation():
   """The kernels' float32 reference applies the activation it is asked for (it used to
   give SiLU for anything but "gelu", so an identity expand compared against SiLU), and
   names an unknown one."""
-  z = jax.random.normal(jax.random.key(0), (16, 32))
-  w1 = jax.random.normal(jax.random.key(1), (32, 64)) / 8
+  z = rand.normal(jax.random.key(0), (16, 32))
+  w1 = rand.normal(jax.random.key(1), (32, 64)) / 8
   b1 = jnp.linspace(-1, 1, 64)
   h = jnp.dot(z, w1, precision="highest") + b1
   forms = {"identity": h, "silu": jax.nn.silu(h), "gelu": jax.nn.gelu(h, approximate=False),
@@ -184,7 +185,7 @@ def test_convnext_block_forward_through_mosaic(shape, pipelined):
   stage widths (odd H and W, batch 1 and 2, drop-path scale per sample); the tile field
   ``mosaic_pipelined`` reaches the kernel."""
   kx, kp, kd = jax.random.split(jax.random.key(shape[-1]), 3)
-  x = jax.random.normal(kx, shape).astype(jnp.bfloat16)
+  x = rand.normal(kx, shape).astype(jnp.bfloat16)
   params = tuning.reference_params(kp, shape[-1])
   dps = jax.random.uniform(kd, (shape[0],)) + 0.5
   tiles = tuning.get_tiles(shape[-1], x.dtype)
@@ -220,7 +221,7 @@ def test_convnext_forward_kernel_choice():
 
 def _convfirst_params(key, c, e, k=3):
   ks = jax.random.split(key, 6)
-  n = jax.random.normal
+  n = rand.normal
   return ConvFirstBlockParams(
       conv_kernel=n(ks[0], (k, k, 8, c)) / (8 * k * k) ** 0.5, conv_bias=0.1 * n(ks[1], (c,)),
       fc1_kernel=n(ks[2], (c, e * c)) / c ** 0.5, fc1_bias=0.1 * n(ks[3], (e * c,)),
@@ -230,7 +231,7 @@ def _convfirst_params(key, c, e, k=3):
 @pytest.mark.parametrize("shape,k,e", [((1, 5, 7, 64), 3, 4), ((2, 3, 3, 128), 5, 4)])
 def test_convfirst_block_forward_through_mosaic(shape, k, e):
   kx, kp = jax.random.split(jax.random.key(k), 2)
-  x = jax.random.normal(kx, shape).astype(jnp.bfloat16)
+  x = rand.normal(kx, shape).astype(jnp.bfloat16)
   params = _convfirst_params(kp, shape[-1], e, k)
   assert convfirst_mosaic.unsupported_reason(x.shape, params, x.dtype) is None
   assert convfirst_forward_kernel(x, params, True) == "mosaic"
@@ -286,7 +287,7 @@ def test_compiled_kernel_on_gpu(shape, block_m):
     pytest.skip(mosaic_mlp.device_unsupported_reason(False))
   c = shape[-1]
   kx, kp, kd = jax.random.split(jax.random.key(c), 3)
-  x = jax.random.normal(kx, shape).astype(jnp.bfloat16)
+  x = rand.normal(kx, shape).astype(jnp.bfloat16)
   dps = jax.random.uniform(kd, (shape[0],)) + 0.5
   if c == 64:
     params = _convfirst_params(kp, c, 4)

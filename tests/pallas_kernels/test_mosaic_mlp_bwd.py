@@ -22,6 +22,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels import convnext_block, convnext_block_reference, mosaic_mlp, mosaic_mlp_bwd
 from pallas_kernels.convnext_block import api, tuning
+from tests import rand
 
 ARGS = ("z", "res", "w1", "b1", "w2", "b2", "z_bias", "row_scale")
 
@@ -35,7 +36,7 @@ def _rel(a, b):
 
 def _inputs(seed, m, c, e, dtype=jnp.bfloat16):
   k = jax.random.split(jax.random.key(seed), 9)
-  n = jax.random.normal
+  n = rand.normal
   a = dict(z=(n(k[0], (m, c)) * 2 + 0.5).astype(dtype), res=n(k[1], (m, c)).astype(dtype),
            w1=n(k[2], (c, e)) / c ** 0.5, b1=n(k[3], (e,)) * 0.1,
            w2=n(k[4], (e, c)) / e ** 0.5, b2=n(k[5], (c,)) * 0.1,
@@ -484,8 +485,8 @@ def test_errors_name_the_problem():
 def _block_inputs(seed, shape):
   kx, kp, kg, kd = jax.random.split(jax.random.key(seed), 4)
   c = shape[-1]
-  x = jax.random.normal(kx, shape, jnp.float32).astype(jnp.bfloat16)
-  g = jax.random.normal(kg, shape, jnp.float32).astype(jnp.bfloat16)
+  x = rand.normal(kx, shape, jnp.float32).astype(jnp.bfloat16)
+  g = rand.normal(kg, shape, jnp.float32).astype(jnp.bfloat16)
   d = jax.random.uniform(kd, (shape[0],)) + 0.5
   return x, tuning.reference_params(kp, c), g, d
 
@@ -754,7 +755,7 @@ def _two_warpgroup_column_sums(x, rounds: int, interpret: bool):
 
 
 def _check_two_warpgroup_column_sums(interpret: bool):
-  x = jax.random.normal(jax.random.key(0), (2, 64, 128), jnp.float32)
+  x = rand.normal(jax.random.key(0), (2, 64, 128), jnp.float32)
   got = np.asarray(_two_warpgroup_column_sums(x, 16, interpret))
   want = np.broadcast_to(np.asarray(x, np.float64).sum(1)[:, None, :], got.shape)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)

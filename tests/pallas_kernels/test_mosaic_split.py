@@ -30,6 +30,7 @@ from tests.pallas_kernels.test_mosaic_mlp import (
     check_race_free,
 )
 from tests.pallas_kernels.test_mosaic_mlp import _mlp_inputs as _inputs
+from tests import rand
 
 
 @pytest.mark.parametrize("m,c,e,act,normalize,kw", [
@@ -71,9 +72,9 @@ def test_warp_specialised_expand_matches_the_single_warpgroup_kernel():
   """Same slices, same bias row mask (MBConv's use): both expand kernels give the same h."""
   m, c, e = 256, 128, 512
   ks = jax.random.split(jax.random.key(11), 4)
-  z = jax.random.normal(ks[0], (m, c)).astype(jnp.bfloat16)
-  w1 = jax.random.normal(ks[1], (c, e)) / c ** 0.5
-  b1 = jax.random.normal(ks[2], (e,))
+  z = rand.normal(ks[0], (m, c)).astype(jnp.bfloat16)
+  w1 = rand.normal(ks[1], (c, e)) / c ** 0.5
+  b1 = rand.normal(ks[2], (e,))
   mask = (jax.random.uniform(ks[3], (m,)) > 0.4).astype(jnp.float32)
   kw = dict(hc=64, cb=128, act="silu", normalize=False, eps=1e-6, stages=2, bm=128,
             bias_row_mask=mask, interpret=mosaic_mlp._interpret_params(True))
@@ -199,7 +200,7 @@ def test_convnext_block_forward_through_split(shape, pipelined, expand_ws, monke
     monkeypatch.setattr(convnext_mosaic, "EXPAND_WS_MIN_ROWS", rows)
   c = shape[-1]
   kx, kp, kd = jax.random.split(jax.random.key(c), 3)
-  x = jax.random.normal(kx, shape).astype(jnp.bfloat16)
+  x = rand.normal(kx, shape).astype(jnp.bfloat16)
   params = tuning.reference_params(kp, c)
   dps = jax.random.uniform(kd, (shape[0],)) + 0.5
   tiles = dataclasses.replace(tuning.get_tiles(c, x.dtype), fwd_kernel="mosaic_split",
@@ -249,7 +250,7 @@ def test_compiled_split_kernels_on_gpu(shape):
     pytest.skip(mosaic_mlp.device_unsupported_reason(False))
   c = shape[-1]
   kx, kp, kd = jax.random.split(jax.random.key(c), 3)
-  x = jax.random.normal(kx, shape).astype(jnp.bfloat16)
+  x = rand.normal(kx, shape).astype(jnp.bfloat16)
   params = tuning.reference_params(kp, c)
   dps = jax.random.uniform(kd, (shape[0],)) + 0.5
   got = convnext_mosaic.forward(x, params, dps, split=True, stages=2)
@@ -297,7 +298,7 @@ def test_public_block_forward_on_gpu(shape):
     pytest.skip(mosaic_mlp.device_unsupported_reason(False))
   c = shape[-1]
   kx, kp, kd = jax.random.split(jax.random.key(c + 1), 3)
-  x = jax.random.normal(kx, shape).astype(jnp.bfloat16)
+  x = rand.normal(kx, shape).astype(jnp.bfloat16)
   params = tuning.reference_params(kp, c)
   dps = jax.random.uniform(kd, (shape[0],)) + 0.5
   tiles = tuning.get_tiles(c, x.dtype)

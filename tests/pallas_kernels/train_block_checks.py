@@ -28,24 +28,32 @@ def value_and_grads(block_train, x, params, dps, dy, implementation, interpret=F
   return y, stats, gx, gp
 
 
-def compare(got, want, tol, zero_grad_fields=()):
+def compare(got, want, tol, zero_grad_fields=(), baseline=None):
   """Every output of ``value_and_grads`` within ``tol`` (``rel``); parameter gradients
   that are zero in exact arithmetic (``zero_grad_fields``: rounding noise on both sides)
-  are compared to the scale of the other parameters' gradients instead."""
-  y, stats, gx, gp = got
-  y0, stats0, gx0, gp0 = want
-  assert y.shape == y0.shape
-  assert rel(y, y0) < tol
-  for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(stats0)):
-    assert rel(a, b) < tol
-  assert rel(gx, gx0) < tol
-  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(gp0))
-  for field, a, b in zip(gp._fields, gp, gp0):
-    assert a.shape == b.shape and a.dtype == b.dtype, field
-    if field in zero_grad_fields:
-      assert float(jnp.abs(a - b).max()) < tol * scale, field
+  are compared to the scale of the other parameters' gradients instead.
+
+  ``baseline``: the same outputs from XLA's block in the dtype under test; each output may
+  then be off by up to 1.25x XLA's own error where that exceeds ``tol``.  A bfloat16 block
+  on a handful of pixels has BatchNorm statistics of a few samples, and its gradients can
+  be off by more than 2% wherever they are computed (MBConv, C=512, 2x1x3 pixels: XLA's
+  bfloat16 conv-kernel gradient 3.0% from the float32 one, the kernels' 2.2%; 2026-11-28)."""
+  leaves = lambda r: [r[0], *jax.tree.leaves(r[1]), r[2], *r[3]]
+  names = ["y"] + [f"stats[{i}]" for i in range(len(jax.tree.leaves(want[1])))] + ["dx"] + [
+      f"d{f}" for f in want[3]._fields]
+  limits = [tol] * len(names)
+  if baseline is not None:
+    limits = [max(tol, 1.25 * rel(c, b)) for c, b in zip(leaves(baseline), leaves(want))]
+  zero = {f"d{f}" for f in zero_grad_fields}
+  scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(want[3]))
+  params = {f"d{f}" for f in want[3]._fields}
+  for name, a, b, limit in zip(names, leaves(got), leaves(want), limits):
+    assert a.shape == b.shape, name
+    assert name not in params or a.dtype == b.dtype, name
+    if name in zero:
+      assert float(jnp.abs(a - b).max()) < limit * scale, name
     else:
-      assert rel(a, b) < tol, field
+      assert rel(a, b) < limit, (name, rel(a, b), limit)
 
 
 def compare_layer_runs(got, want, n_stats):

@@ -3,9 +3,9 @@
 On XLA:CPU every eager jax op compiles a program per shape and dtype (~15-30 ms each;
 ``jax.random.normal`` ~0.1 s with its lowering), and the kernel tests draw inputs and
 parameters of hundreds of distinct shapes and scale or round them eagerly: in a profiled
-run of the kernel tests (2026-11-28) 748 ``jax.random.normal`` programs took 72 s and the
-small eager ops around them (multiply, add, astype, ...) much of a further ~200 s, of
-~1,350 worker-seconds.  ``normal`` takes ``jax.random.normal``'s arguments and gives the
+run of the kernel tests (2026-11-28) 748 ``jax.random.normal`` programs took 72 s of
+~1,350 worker-seconds, and eager multiply / add / astype programs (from these inputs and
+from the references) ~100 s more.  ``normal`` takes ``jax.random.normal``'s arguments and gives the
 same distribution from one compiled program of a fixed size (run once per 2^16 values,
 the key folded with the chunk index), and returns a numpy array, so that scaling and
 rounding it (``0.1 * normal(k, s)``, ``.astype(jnp.bfloat16)``) stays in numpy; jax

@@ -39,17 +39,16 @@ def compare(got, want, tol, zero_grad_fields=(), baseline=None):
   be off by more than 2% wherever they are computed (MBConv, C=512, 2x1x3 pixels: XLA's
   bfloat16 conv-kernel gradient 3.0% from the float32 one, the kernels' 2.2%; 2026-11-28)."""
   leaves = lambda r: [r[0], *jax.tree.leaves(r[1]), r[2], *r[3]]
-  names = ["y"] + [f"stats[{i}]" for i in range(len(jax.tree.leaves(want[1])))] + ["dx"] + [
-      f"d{f}" for f in want[3]._fields]
+  grads = [f"d{f}" for f in want[3]._fields]
+  names = ["y", *(f"stats[{i}]" for i in range(len(jax.tree.leaves(want[1])))), "dx", *grads]
   limits = [tol] * len(names)
   if baseline is not None:
     limits = [max(tol, 1.25 * rel(c, b)) for c, b in zip(leaves(baseline), leaves(want))]
   zero = {f"d{f}" for f in zero_grad_fields}
   scale = max(float(jnp.abs(g).max()) for g in jax.tree.leaves(want[3]))
-  params = {f"d{f}" for f in want[3]._fields}
   for name, a, b, limit in zip(names, leaves(got), leaves(want), limits):
     assert a.shape == b.shape, name
-    assert name not in params or a.dtype == b.dtype, name
+    assert name not in grads or a.dtype == b.dtype, name
     if name in zero:
       assert float(jnp.abs(a - b).max()) < limit * scale, name
     else:

@@ -16,7 +16,8 @@ order reversed every other round so that slow drift (clocks, temperature) does n
 one side.  Reported per implementation: each process's synchronised img/s, the median and
 the best, and the spread (best / worst); ratios against the first implementation use the
 medians (and the bests).  A spread above ``--spread-warn`` is flagged: compare with more
-processes (or, on an H100, with the flag above).  Extra ``XLA_FLAGS`` for every process: ``--xla-flags``, e.g.
+processes (or, on an H100, with the flag above).  Extra ``XLA_FLAGS`` for every process:
+``--xla-flags``, e.g.
 
     python -m benchmarks.step_compare --impls xla,auto \
         --xla-flags=--xla_gpu_enable_command_buffer=

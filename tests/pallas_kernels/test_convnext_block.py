@@ -34,9 +34,9 @@ SMALL_TILES = tuning.ConvNeXtTiles(
 def _inputs(seed, shape, dtype, dps=True):
   kx, kp, kg, kd = jax.random.split(jax.random.key(seed), 4)
   c = shape[-1]
-  x = rand.normal(kx, shape, jnp.float32).astype(dtype)
+  x = rand.normal(kx, shape, dtype)
   params = tuning.reference_params(kp, c)
-  g = rand.normal(kg, shape, jnp.float32).astype(dtype)
+  g = rand.normal(kg, shape, dtype)
   d = (jax.random.uniform(kd, (shape[0],)) + 0.5) if dps else None
   return x, params, g, d
 

@@ -35,9 +35,9 @@ def _rel(a, b):
 @pytest.mark.parametrize("method", ["grouped8", "grouped16", "grouped32", "grouped64"])
 def test_matches_autodiff(shape, k, method, dtype, tol):
   kx, kw, kg = jax.random.split(jax.random.key(0), 3)
-  x = rand.normal(kx, shape, jnp.float32).astype(dtype)
+  x = rand.normal(kx, shape, dtype)
   w = rand.normal(kw, (k, k, shape[-1]), jnp.float32) * 0.2
-  g = rand.normal(kg, shape, jnp.float32).astype(dtype)
+  g = rand.normal(kg, shape, dtype)
   want = _plain_autodiff(x, w, g)
   f = jax.jit(lambda a, b, c: (lambda y, vjp: (y, *vjp(c)))(
       *jax.vjp(lambda a_, b_: dwconv.depthwise_conv(a_, b_, wgrad=method), a, b)))

@@ -485,8 +485,8 @@ def test_errors_name_the_problem():
 def _block_inputs(seed, shape):
   kx, kp, kg, kd = jax.random.split(jax.random.key(seed), 4)
   c = shape[-1]
-  x = rand.normal(kx, shape, jnp.float32).astype(jnp.bfloat16)
-  g = rand.normal(kg, shape, jnp.float32).astype(jnp.bfloat16)
+  x = rand.normal(kx, shape, jnp.bfloat16)
+  g = rand.normal(kg, shape, jnp.bfloat16)
   d = jax.random.uniform(kd, (shape[0],)) + 0.5
   return x, tuning.reference_params(kp, c), g, d
 

@@ -21,6 +21,8 @@
 #   MODEL=convnext_tiny bash benchmarks/gpu_suite.sh compare  # xla vs auto step, 2 processes each
 #   SHAPES=56x96 bash benchmarks/gpu_suite.sh wgrad  # depthwise kernel-gradient kernels vs XLA
 #   bash benchmarks/gpu_suite.sh gemm      # GEMM forms of the split kernels: GPU tests, kernels
+#   MODEL=convfirst_t bash benchmarks/gpu_suite.sh dispatch  # block_impl=None at batch 1-32:
+#                                          # each stage's forms, then the model xla vs auto
 # Results go to $OUT (or ./out) as JSON / PNG / logs; a short summary is printed last.
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -196,6 +198,15 @@ PY
     timeout 560 python3 -m benchmarks.dwconv_wgrad --shapes "${SHAPES:-56x96,28x192,14x384,7x768}" \
       --jsonl "$OUT/dwconv_wgrad.jsonl" 2>&1 | grep -v cuda_timer | tail -8
     ;;
-  *) echo "usage: $0 train|analysis|scaling|convfirst|models|mosaic|dwconv|pipelined|mosaic_train|retune|profile|layernorm|gconv|cfstage|compare|wgrad" >&2
+  dispatch)
+    # Stages alone (GPU time), then the whole model (what a user sees); one process each,
+    # nothing else running: at these batches synchronised model times are host-bound.
+    log "block_impl=None at small batches, ${MODEL:-convfirst_t}: stage forms, then xla vs auto"
+    timeout 300 python3 -m benchmarks.dispatch --models "${MODEL:-convfirst_t}" \
+      --batches 1,4,16,32 --json "$OUT/dispatch.jsonl" 2>&1 | grep -v cuda_timer | tail -20
+    timeout 240 python3 -m benchmarks.models --models "${MODEL:-convfirst_t}" --batches 1,4,16,32 \
+      --impls xla,auto --json "$OUT/models_dispatch.json" 2>&1 | grep -v cuda_timer | tail -8
+    ;;
+  *) echo "usage: $0 train|analysis|scaling|convfirst|models|mosaic|dwconv|pipelined|mosaic_train|ws|retune|profile|layernorm|gconv|gemm|cfstage|compare|wgrad|dispatch" >&2
      exit 2 ;;
 esac

@@ -11,9 +11,10 @@ implementation that is not supported for a model prints n/a.  ``--impls`` takes 
 pallas (every block that has a Pallas kernel uses it) and auto (``block_impl=None``: each
 block picks what was measured faster; e.g. ConvFirstNet's folded ConvFirst and MBConv
 stages run the Mosaic ``convfirst_stage`` / ``mbconv_stage`` on a Hopper GPU in bfloat16
-where their padded-row layout is cheap enough -- convfirst_t's 56x56 and 28x28 stages at
-batches filling 8-image groups, its 14x14 stage from batch 64 -- and XLA otherwise, its
-7x7 stage included).
+where their padded-row layout is cheap enough -- from batch 16, convfirst_t's 56x56 and
+14x14 stages in that layout and its 28x28 stage block by block with the Mosaic MLP kernel --
+and XLA otherwise: its 7x7 stage, and every stage below 16 images, where the whole models
+were measured slower with Pallas blocks; see ``pallas_kernels/convfirst_block/api.py``).
 """
 
 from __future__ import annotations

@@ -14,7 +14,9 @@ MBConv stages go through ``mbconv_stage``, which on a Hopper GPU runs the three-
 form (``mosaic_gconv``: 1.23x XLA's 9-block 14x14x384 stage, H100 2026-11-27) where its
 padded row layout is cheap enough (``mbconv_stage_kernel``); ConvFirst stages go through
 ``convfirst_stage``, which runs each block as the tensor-core grouped conv + the fused MLP
-kernel in the same layout (``convfirst_stage_kernel``).
+kernel in the same layout (``convfirst_stage_kernel``).  Under None both stage functions run
+XLA below ``MIN_STAGE_BATCH_FOR_PALLAS`` (16) images per device, where whole models were
+measured slower with any Pallas form.
 """
 
 from __future__ import annotations
@@ -170,6 +172,27 @@ def mbconv_block(x: jax.Array, params: MBConvBlockParams, *,
 MOSAIC_STAGE_MAX_ROW_OVERHEAD = 1.40
 
 
+# implementation=None runs a whole stage (``convfirst_stage`` / ``mbconv_stage``: every form,
+# the padded-row chain and the per-block kernels alike) in XLA below this many images per
+# device.  H200, 2026-11-28 (benchmarks/RESULTS.md, "Small batches"): each stage alone,
+# timed on the GPU in a compiled loop, mostly ran faster in a Pallas form even at batch 1
+# (convfirst_t's 56x56x96 stage 0.089 ms block by block vs XLA 0.112), but the whole folded
+# models lost with those forms at batches 1-8 -- convfirst_t 0.89 / 0.96 / 0.90 / 0.85x XLA's
+# images/s at batch 1 / 2 / 4 / 8 (one call synchronised at a time), convfirst_nano 0.80 /
+# 0.63 / 0.74 / 0.91x, convfirst_atto 0.62x at batch 1 -- and won from batch 16 (convfirst_t
+# 1.09 / 1.09x at batch 16 in two runs, 1.22x at 32; convfirst_nano 0.90 / 1.03x at 16,
+# 1.13 / 1.15x back to back).  Where the GPU time a stage saves is a few microseconds per
+# kernel, what the Pallas calls cost around them inside a model (host launches, XLA's
+# fusions and command buffers split at each custom call) is larger.
+MIN_STAGE_BATCH_FOR_PALLAS = 16
+
+
+def _small_stage(x, implementation) -> bool:
+  """True where implementation=None keeps this stage in XLA (``MIN_STAGE_BATCH_FOR_PALLAS``)."""
+  return (implementation is None
+          and _sharding.local_batch(x.shape[0]) < MIN_STAGE_BATCH_FOR_PALLAS)
+
+
 def _stage_kernel(x, params, implementation, interpret, unsupported_reason,
                   layout_under_none) -> str:
   """"mosaic" or "blocks" for a stage (``mbconv_stage_kernel``, ``convfirst_stage_kernel``):
@@ -178,7 +201,7 @@ def _stage_kernel(x, params, implementation, interpret, unsupported_reason,
   if implementation not in (None, *IMPLEMENTATIONS):
     raise ValueError(
         f"implementation must be one of None, {IMPLEMENTATIONS}, got {implementation!r}")
-  if implementation == "xla" or not params:
+  if implementation == "xla" or not params or _small_stage(x, implementation):
     return "blocks"
   reason = mosaic_mlp.device_unsupported_reason(interpret) or next(
       (r for p in params if (r := unsupported_reason(x.shape, p, x.dtype)) is not None), None)
@@ -200,6 +223,8 @@ def _stage(x, params, implementation, interpret, name, conv_channels, stage_kern
   if stage_kernel(x, params, implementation=implementation, interpret=interpret) == "mosaic":
     return _sharding.map_batch(lambda x, ps: stage_forward(x, ps, interpret=interpret),
                                (x,), (params,), batch=x.shape[0])
+  if _small_stage(x, implementation):
+    implementation = "xla"
   for p in params:
     x = block(x, p, implementation=implementation, interpret=interpret)
   return x
@@ -213,7 +238,8 @@ def mbconv_stage_kernel(x, params: Sequence[MBConvBlockParams], *,
   "xla": "blocks".  "pallas": "mosaic" where the Mosaic form supports the call (Hopper GPU
   or interpret=True, bfloat16/float16, k = 3, C and E multiples of 64), else "blocks" (the
   Pallas-Triton kernel, which raises NotImplementedError for what it does not cover).
-  None: "mosaic" where supported and ``mosaic_gconv.row_overhead`` is at most
+  None: "mosaic" where supported, the batch per device is at least
+  ``MIN_STAGE_BATCH_FOR_PALLAS`` and ``mosaic_gconv.row_overhead`` is at most
   ``MOSAIC_STAGE_MAX_ROW_OVERHEAD``, else "blocks" (XLA on a GPU)."""
   return _stage_kernel(
       x, params, implementation, interpret, mosaic_gconv.mbconv_unsupported_reason,
@@ -227,7 +253,9 @@ def mbconv_stage(x: jax.Array, params: Sequence[MBConvBlockParams], *,
   Where ``mbconv_stage_kernel`` says "mosaic", x enters the Mosaic form's padded-row layout
   once, each block is three Mosaic GPU kernels on it (expand + SiLU, the tensor-core
   grouped conv + SiLU, project + residual; ``mosaic_gconv.mbconv_rows``) and the pixels
-  come out once; otherwise each block is one ``mbconv_block(x, p, implementation=...)``."""
+  come out once; otherwise each block is one ``mbconv_block(x, p, implementation=...)`` (with
+  implementation=None, ``implementation="xla"`` below ``MIN_STAGE_BATCH_FOR_PALLAS`` images
+  per device)."""
   return _stage(x, params, implementation, interpret, "mbconv_stage",
                 lambda p: p.fc1_kernel.shape[-1], mbconv_stage_kernel,
                 mosaic_gconv.mbconv_stage_forward, mbconv_block)
@@ -256,7 +284,8 @@ def convfirst_stage_kernel(x, params: Sequence[ConvFirstBlockParams], *,
   also only where ``mosaic_gconv.row_overhead`` is at most
   ``MOSAIC_CONVFIRST_STAGE_MAX_ROW_OVERHEAD``, C is at most
   ``MOSAIC_CONVFIRST_STAGE_MAX_C`` and the stage has at least ``MIN_ROWS_FOR_PALLAS``
-  pixels per device -- else "blocks"."""
+  pixels and ``MIN_STAGE_BATCH_FOR_PALLAS`` images per device -- else "blocks" (under None
+  below that batch the blocks run in XLA)."""
   return _stage_kernel(
       x, params, implementation, interpret, mosaic_gconv.convfirst_unsupported_reason,
       lambda n, h, w, c: (n * h * w >= MIN_ROWS_FOR_PALLAS and c <= MOSAIC_CONVFIRST_STAGE_MAX_C
@@ -272,7 +301,9 @@ def convfirst_stage(x: jax.Array, params: Sequence[ConvFirstBlockParams], *,
   block is two Mosaic GPU kernels on it (the tensor-core grouped conv + bias, then the
   fused expand / SiLU / project / residual kernel with the row mask;
   ``mosaic_gconv.convfirst_rows``) and the pixels come out once; otherwise each block is
-  one ``convfirst_block(x, p, implementation=...)``."""
+  one ``convfirst_block(x, p, implementation=...)`` (with
+  implementation=None, ``implementation="xla"`` below ``MIN_STAGE_BATCH_FOR_PALLAS`` images
+  per device)."""
   return _stage(x, params, implementation, interpret, "convfirst_stage",
                 lambda p: x.shape[-1], convfirst_stage_kernel,
                 mosaic_gconv.convfirst_stage_forward, convfirst_block)

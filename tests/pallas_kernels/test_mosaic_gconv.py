@@ -349,8 +349,9 @@ def test_a_nan_image_stays_in_its_image():
 
 def test_mbconv_stage_kernel_choice():
   """None takes the Mosaic form where its layout costs few rows per pixel (convfirst_t's
-  14x14 stage at batch 64+, its 7x7 stage at batch 128+), not at small batches; unsupported
-  calls run block by block; bad arguments name the problem."""
+  14x14 stage at batch 16+, its 7x7 stage at batch 128+) and the batch is at least
+  MIN_STAGE_BATCH_FOR_PALLAS, not at small batches; unsupported calls run block by block;
+  bad arguments name the problem."""
   from pallas_kernels.convfirst_block import api
   s = lambda *shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt)
   p384, p768 = _mbconv(384, 1536), _mbconv(768, 3072)
@@ -363,6 +364,11 @@ def test_mbconv_stage_kernel_choice():
   assert kind(s(64, 7, 7, 768), p768) == "blocks"
   assert kind(s(64, 7, 7, 768), p768, implementation="pallas") == "mosaic"
   assert kind(s(4, 14, 14, 384), p384) == "blocks"
+  assert api.MIN_STAGE_BATCH_FOR_PALLAS == 16
+  assert kind(s(16, 14, 14, 384), p384) == "mosaic"
+  assert mg.row_overhead(8, 28, 28) < api.MOSAIC_STAGE_MAX_ROW_OVERHEAD
+  assert kind(s(8, 28, 28, 384), p384) == "blocks"     # few rows per pixel, but batch < 16
+  assert kind(s(8, 28, 28, 384), p384, implementation="pallas") == "mosaic"
   assert kind(s(128, 14, 14, 384, dt=jnp.float32), p384, implementation="pallas") == "blocks"
   assert kind(s(128, 14, 14, 384), p384, implementation="xla") == "blocks"
   p5 = p384._replace(conv_kernel=jnp.zeros((5, 5, 8, 1536)))
@@ -468,11 +474,11 @@ def test_a_nan_image_stays_in_its_image_convfirst():
   assert _rel(got[1:], want[1:]) < BF16_TOL
 
 
-def test_convfirst_stage_api_and_kernel_choice():
+def test_convfirst_stage_api_and_kernel_choice(monkeypatch):
   """convfirst_stage: "pallas" runs the layout form and matches the reference chain, "xla"
   is the reference chain; None takes the layout form at large inputs with few rows per
-  pixel and C <= 128; unsupported calls go block by block; bad arguments name the
-  problem."""
+  pixel and C <= 128, and runs every block in XLA below MIN_STAGE_BATCH_FOR_PALLAS images;
+  unsupported calls go block by block; bad arguments name the problem."""
   from pallas_kernels.convfirst_block import api
   x = rand.normal(jax.random.key(21), (2, 3, 5, 32)).astype(jnp.bfloat16)
   ps = [_convfirst(32, 128, seed=s) for s in (4, 5)]
@@ -491,6 +497,20 @@ def test_convfirst_stage_api_and_kernel_choice():
   assert kind(s(256, 28, 28, 192), p192, implementation="pallas") == "mosaic"
   assert kind(s(1, 56, 56, 96), p96) == "blocks"        # 8 image slots for one image
   assert kind(s(1, 56, 56, 96), p96, implementation="pallas") == "mosaic"
+  assert kind(s(8, 56, 56, 96), p96) == "blocks"        # few rows per pixel, but batch < 16
+  assert kind(s(16, 56, 56, 96), p96) == "mosaic"
+  assert kind(s(8, 56, 56, 96), p96, implementation="pallas") == "mosaic"
+  # Block by block, None passes "xla" to every block below MIN_STAGE_BATCH_FOR_PALLAS (even
+  # where the block alone would pick its kernel), and None from there on.
+  monkeypatch.setattr(api, "MIN_ROWS_FOR_PALLAS", 0)
+  asked = []
+  monkeypatch.setattr(api, "convfirst_block",
+                      lambda x, p, implementation, interpret: asked.append(implementation) or x)
+  api.convfirst_stage(x, ps, interpret=True)
+  assert asked == ["xla", "xla"]
+  monkeypatch.setattr(api, "MIN_STAGE_BATCH_FOR_PALLAS", 2)
+  api.convfirst_stage(x, ps, interpret=True)
+  assert asked == ["xla", "xla", None, None]
   assert kind(s(128, 56, 56, 96), p96, implementation="xla") == "blocks"
   assert kind(s(128, 56, 56, 96, dt=jnp.float32), p96, implementation="pallas") == "blocks"
   p5 = p96._replace(conv_kernel=jnp.zeros((5, 5, 8, 96)))

@@ -168,7 +168,11 @@ def mbconv_block(x: jax.Array, params: MBConvBlockParams, *,
 # layouts), the 7x7x768 one lost at 1.55 (an older layout).  2026-11-28 (eleventh session,
 # the persistent GEMM expand / project kernels): the 7x7x768 stage of 3 blocks at 1.39 /
 # 1.35 rows per pixel (batch 128 / 256) 0.694 / 1.182 ms vs XLA 0.714 / 1.379, so 1.40
-# takes it; 14x14 at batch 32 (1.27) and 7x7 at batch 64 (1.47) are unmeasured.
+# takes it; 7x7 at batch 64 (1.47) is unmeasured.  H200, 2026-11-28 (fifteenth session,
+# ``benchmarks.dispatch``): the 9-block 14x14x384 stage alone at batch 16 (1.39 rows per
+# pixel) 0.504 vs XLA 0.592 ms, at 32 (1.27) 0.880 vs 0.953; and with 1.30 here (XLA for
+# that stage at batch 16) whole models were slower at batch 16: convfirst_t 1.690 vs 1.529
+# ms, convfirst_nano 1.059 vs 1.000.
 MOSAIC_STAGE_MAX_ROW_OVERHEAD = 1.40
 
 

@@ -55,7 +55,7 @@ from pallas_kernels.timing import median_ms
 
 from benchmarks.blocks_convfirst import make_params, norm_rel
 
-FORMS = ("xla", "blocks", "stage")
+FORMS = api.STAGE_FORMS
 
 
 def stage_shapes(model: str, image_size: int):
@@ -73,21 +73,9 @@ def stage_shapes(model: str, image_size: int):
   return out
 
 
-def none_pick(kind, x, params) -> str:
-  """The form ``implementation=None`` runs for this stage input on this backend."""
-  if api._small_stage(x, None):
-    return "xla"
-  if kind == "mbconv":
-    if api.mbconv_stage_kernel(x, params) == "mosaic":
-      return "stage"
-    return "blocks" if api._use_pallas(None, x, params[0], False, "mbconv_block") else "xla"
-  if api.convfirst_stage_kernel(x, params) == "mosaic":
-    return "stage"
-  return "blocks" if api._use_pallas(None, x, params[0], False, "convfirst_block") else "xla"
-
-
 def forms(kind, params):
-  """{form: function of x} for every form of this stage."""
+  """{form: function of x} for every form of this stage (``api.STAGE_FORMS``; the Pallas
+  ones raise NotImplementedError, naming why, where they cannot run)."""
   ref = convfirst_block_reference if kind == "convfirst" else mbconv_block_reference
 
   def chain(x, block):
@@ -112,19 +100,6 @@ def repeated(fn, n: int):
   return jax.jit(lambda x: jax.lax.fori_loop(0, n, lambda i, x: fn(x), x))
 
 
-def unsupported(kind, form, x, params) -> str | None:
-  """Why ``form`` cannot run this stage here, or None."""
-  if form == "xla":
-    return None
-  if form == "stage":
-    check = (mosaic_gconv.convfirst_unsupported_reason if kind == "convfirst"
-             else mosaic_gconv.mbconv_unsupported_reason)
-    from pallas_kernels import mosaic_mlp
-    return mosaic_mlp.device_unsupported_reason(False) or next(
-        (r for p in params if (r := check(x.shape, p, x.dtype)) is not None), None)
-  return api._pallas_unsupported_reason(x, params[0], False, "convfirst_block")
-
-
 def measure(model, batch, stage, kind, hwc, depth, e, k, args, key):
   kx, kp = jax.random.split(key)
   params = tuple(make_params(kind, kk, hwc[2], e, k) for kk in jax.random.split(kp, depth))
@@ -142,16 +117,14 @@ def measure(model, batch, stage, kind, hwc, depth, e, k, args, key):
   row = dict(model=model, batch=batch, stage=stage, kind=kind, shape=[batch, *hwc],
              blocks=depth, expansion=e, k=k, pixels=batch * hwc[0] * hwc[1],
              row_overhead=mosaic_gconv.row_overhead(batch, hwc[0], hwc[1]),
-             none_picks=none_pick(kind, xs[0][0], params), ms={}, err={}, skipped={})
+             none_picks=api.stage_form(kind, xs[0][0], params), ms={}, err={}, skipped={})
   t0 = time.perf_counter()
   for form, fn in forms(kind, params).items():
-    reason = unsupported(kind, form, xs[0][0], params)
-    if reason is not None:
-      row["skipped"][form] = reason[:160]
-      continue
     try:
       row["err"][form] = norm_rel(jax.jit(fn)(*xs[0]), ref)
       row["ms"][form] = median_ms(repeated(fn, args.chain), xs, args.iters, 1) / args.chain
+    except NotImplementedError as exc:  # the form does not cover this call; says why
+      row["skipped"][form] = str(exc)[:160]
     except Exception as exc:  # reported in the row, not fatal to the sweep
       row["skipped"][form] = f"{type(exc).__name__}: {str(exc)[:160]}"
   if row["ms"]:

@@ -217,20 +217,43 @@ def _stage_kernel(x, params, implementation, interpret, unsupported_reason,
   return "mosaic"
 
 
-def _stage(x, params, implementation, interpret, name, conv_channels, stage_kernel,
-           stage_forward, block):
-  """A stage of blocks: ``stage_forward`` (the padded-row chain, per device) where
-  ``stage_kernel`` says "mosaic", else ``block`` applied with each params in turn."""
+STAGE_FORMS = ("xla", "blocks", "stage")
+
+
+def stage_form(kind: str, x, params, *, implementation: str | None = None,
+               interpret: bool = False) -> str:
+  """How ``convfirst_stage`` (kind "convfirst") or ``mbconv_stage`` ("mbconv") runs this
+  call: "stage" (the padded-row Mosaic chain, where ``*_stage_kernel`` says "mosaic"),
+  "blocks" (one ``*_block`` call per block that runs its Pallas kernel -- for "pallas",
+  which raises there what a block does not support) or "xla" (every block the XLA
+  reference).  ``x`` may be a ``jax.ShapeDtypeStruct``."""
+  if kind not in ("convfirst", "mbconv"):
+    raise ValueError(f"kind must be 'convfirst' or 'mbconv', got {kind!r}")
+  stage_kernel = convfirst_stage_kernel if kind == "convfirst" else mbconv_stage_kernel
+  params = tuple(params)
+  if stage_kernel(x, params, implementation=implementation, interpret=interpret) == "mosaic":
+    return "stage"
+  if implementation == "pallas":
+    return "blocks"
+  if (implementation == "xla" or not params or _small_stage(x, implementation)
+      or not _use_pallas(None, x, params[0], interpret, f"{kind}_block")):
+    return "xla"
+  return "blocks"
+
+
+def _stage(x, params, implementation, interpret, kind, conv_channels, stage_forward, block):
+  """A stage of blocks as ``stage_form`` says: ``stage_forward`` (the padded-row chain, per
+  device), or ``block`` applied with each params in turn."""
   params = tuple(params)
   for p in params:
-    _check(x, p, conv_channels(p), name)
-  if stage_kernel(x, params, implementation=implementation, interpret=interpret) == "mosaic":
+    _check(x, p, conv_channels(p), f"{kind}_stage")
+  form = stage_form(kind, x, params, implementation=implementation, interpret=interpret)
+  if form == "stage":
     return _sharding.map_batch(lambda x, ps: stage_forward(x, ps, interpret=interpret),
                                (x,), (params,), batch=x.shape[0])
-  if _small_stage(x, implementation):
-    implementation = "xla"
   for p in params:
-    x = block(x, p, implementation=implementation, interpret=interpret)
+    x = block(x, p, implementation="xla" if form == "xla" else implementation,
+              interpret=interpret)
   return x
 
 
@@ -260,9 +283,9 @@ def mbconv_stage(x: jax.Array, params: Sequence[MBConvBlockParams], *,
   come out once; otherwise each block is one ``mbconv_block(x, p, implementation=...)`` (with
   implementation=None, ``implementation="xla"`` below ``MIN_STAGE_BATCH_FOR_PALLAS`` images
   per device)."""
-  return _stage(x, params, implementation, interpret, "mbconv_stage",
-                lambda p: p.fc1_kernel.shape[-1], mbconv_stage_kernel,
-                mosaic_gconv.mbconv_stage_forward, mbconv_block)
+  return _stage(x, params, implementation, interpret, "mbconv",
+                lambda p: p.fc1_kernel.shape[-1], mosaic_gconv.mbconv_stage_forward,
+                mbconv_block)
 
 
 # implementation=None runs a ConvFirst stage in the Mosaic padded-row form when its kernels
@@ -308,6 +331,6 @@ def convfirst_stage(x: jax.Array, params: Sequence[ConvFirstBlockParams], *,
   one ``convfirst_block(x, p, implementation=...)`` (with
   implementation=None, ``implementation="xla"`` below ``MIN_STAGE_BATCH_FOR_PALLAS`` images
   per device)."""
-  return _stage(x, params, implementation, interpret, "convfirst_stage",
-                lambda p: x.shape[-1], convfirst_stage_kernel,
-                mosaic_gconv.convfirst_stage_forward, convfirst_block)
+  return _stage(x, params, implementation, interpret, "convfirst",
+                lambda p: x.shape[-1], mosaic_gconv.convfirst_stage_forward,
+                convfirst_block)

@@ -500,6 +500,18 @@ def test_convfirst_stage_api_and_kernel_choice(monkeypatch):
   assert kind(s(8, 56, 56, 96), p96) == "blocks"        # few rows per pixel, but batch < 16
   assert kind(s(16, 56, 56, 96), p96) == "mosaic"
   assert kind(s(8, 56, 56, 96), p96, implementation="pallas") == "mosaic"
+  form = lambda x, p, kind="convfirst", **kw: api.stage_form(kind, x, [p], interpret=True, **kw)
+  assert form(s(8, 56, 56, 96), p96) == "xla"
+  assert form(s(16, 56, 56, 96), p96) == "stage"
+  assert form(s(16, 28, 28, 192), p192) == "blocks"
+  assert form(s(8, 56, 56, 96), p96, implementation="pallas") == "stage"
+  assert form(s(8, 28, 28, 192, dt=jnp.float32), p192, implementation="pallas") == "blocks"
+  assert form(s(16, 56, 56, 96), p96, implementation="xla") == "xla"
+  p768 = _mbconv(768, 3072)
+  assert form(s(16, 7, 7, 768), p768, "mbconv") == "xla"   # 784 pixels: no block kernel
+  assert form(s(128, 7, 7, 768), p768, "mbconv") == "stage"
+  with pytest.raises(ValueError, match="kind must be"):
+    form(s(16, 56, 56, 96), p96, "convnext")
   # Block by block, None passes "xla" to every block below MIN_STAGE_BATCH_FOR_PALLAS (even
   # where the block alone would pick its kernel), and None from there on.
   monkeypatch.setattr(api, "MIN_ROWS_FOR_PALLAS", 0)

@@ -45,7 +45,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from convfirst_jax import registry
 from pallas_kernels.convfirst_block import api, mosaic_gconv
@@ -105,21 +104,14 @@ def measure(model, batch, stage, kind, hwc, depth, e, k, args, key):
   params = tuple(make_params(kind, kk, hwc[2], e, k) for kk in jax.random.split(kp, depth))
   xs = [(jax.random.normal(kk, (batch, *hwc), jnp.bfloat16),)
         for kk in jax.random.split(kx, 2)]
-  ref_block = convfirst_block_reference if kind == "convfirst" else mbconv_block_reference
-
-  @jax.jit
-  def reference(x):
-    for p in params:
-      x = ref_block(x, p)
-    return x
-
-  ref = reference(xs[0][0].astype(jnp.float32))
+  fns = forms(kind, params)
+  ref = jax.jit(fns["xla"])(xs[0][0].astype(jnp.float32))  # the reference chain in float32
   row = dict(model=model, batch=batch, stage=stage, kind=kind, shape=[batch, *hwc],
              blocks=depth, expansion=e, k=k, pixels=batch * hwc[0] * hwc[1],
              row_overhead=mosaic_gconv.row_overhead(batch, hwc[0], hwc[1]),
              none_picks=api.stage_form(kind, xs[0][0], params), ms={}, err={}, skipped={})
   t0 = time.perf_counter()
-  for form, fn in forms(kind, params).items():
+  for form, fn in fns.items():
     try:
       row["err"][form] = norm_rel(jax.jit(fn)(*xs[0]), ref)
       row["ms"][form] = median_ms(repeated(fn, args.chain), xs, args.iters, 1) / args.chain
